@@ -1,0 +1,265 @@
+//! The GPU layer: device setup, buffers, readback, the WGSL preprocessor,
+//! kernels (pipeline + bind-group layout) and programs (recorded dispatch
+//! lists). Model code above this layer never calls wgpu directly.
+
+mod kernel;
+mod program;
+
+pub use kernel::{preprocess, BindKind, Kernel};
+pub use program::{Program, Recorder};
+
+use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+/// How to pick the adapter.
+#[derive(Debug, Clone)]
+pub struct GpuOptions {
+    pub backends: wgpu::Backends,
+    /// Index into the adapters of `backends` (native only), None = best.
+    pub adapter_index: Option<usize>,
+    /// Use `shader-f16` when the adapter has it (otherwise f16 weights are read as packed u32).
+    pub allow_shader_f16: bool,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            #[cfg(not(target_arch = "wasm32"))]
+            backends: wgpu::Backends::PRIMARY,
+            #[cfg(target_arch = "wasm32")]
+            backends: wgpu::Backends::BROWSER_WEBGPU,
+            adapter_index: None,
+            allow_shader_f16: true,
+        }
+    }
+}
+
+/// Parse a backend name as the CLI accepts it.
+pub fn parse_backends(name: &str) -> Option<wgpu::Backends> {
+    Some(match name {
+        "auto" => GpuOptions::default().backends,
+        "vulkan" => wgpu::Backends::VULKAN,
+        "metal" => wgpu::Backends::METAL,
+        "dx12" => wgpu::Backends::DX12,
+        "gl" => wgpu::Backends::GL,
+        "webgpu" => wgpu::Backends::BROWSER_WEBGPU,
+        _ => return None,
+    })
+}
+
+/// A device, its queue and what it can do.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    /// Kernels read f16 weights as native `f16` (true) or as packed `u32` pairs.
+    pub shader_f16: bool,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+/// One line per adapter: what `hymba info` prints.
+pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
+    format!("{} ({:?}, {:?}, driver {} {})", info.name, info.backend, info.device_type, info.driver, info.driver_info)
+}
+
+impl Gpu {
+    /// Lists the adapters of the given backends (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends,
+            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+        });
+        pollster::block_on(instance.enumerate_adapters(backends))
+    }
+
+    pub async fn new(opts: &GpuOptions) -> Result<Gpu> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: opts.backends,
+            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+        });
+        let adapter = match opts.adapter_index {
+            #[cfg(not(target_arch = "wasm32"))]
+            Some(i) => {
+                let mut all = instance.enumerate_adapters(opts.backends).await;
+                let n = all.len();
+                if i >= n {
+                    return Err(Error::NoAdapter(format!("adapter index {i} requested but only {n} adapter(s) were found for backends {:?}", opts.backends)));
+                }
+                all.swap_remove(i)
+            }
+            _ => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::NoAdapter(format!("{e} (backends {:?})", opts.backends)))?,
+        };
+        Self::from_adapter(adapter, opts).await
+    }
+
+    pub async fn from_adapter(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Gpu> {
+        let info = adapter.get_info();
+        let available = adapter.features();
+        let mut features = wgpu::Features::empty();
+        let shader_f16 = opts.allow_shader_f16 && available.contains(wgpu::Features::SHADER_F16);
+        if shader_f16 {
+            features |= wgpu::Features::SHADER_F16;
+        }
+        if available.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            features |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("hymba"),
+                required_features: features,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(e.to_string());
+        }));
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            shader_f16,
+            errors,
+        })
+    }
+
+    /// Returns the first uncaptured GPU error since the last check, as an `Err`.
+    pub fn check_errors(&self) -> Result<()> {
+        let mut e = self.errors.lock().unwrap();
+        if e.is_empty() {
+            Ok(())
+        } else {
+            let msg = e.join("; ");
+            e.clear();
+            Err(Error::Gpu(msg))
+        }
+    }
+
+    fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes > self.limits.max_storage_buffer_binding_size as u64 {
+            return Err(Error::GpuLimit {
+                what: what.to_string(),
+                needed: bytes,
+                limit: self.limits.max_storage_buffer_binding_size as u64,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        if bytes > self.limits.max_buffer_size {
+            return Err(Error::GpuLimit {
+                what: what.to_string(),
+                needed: bytes,
+                limit: self.limits.max_buffer_size,
+                limit_name: "max_buffer_size",
+            });
+        }
+        Ok(())
+    }
+
+    /// A storage buffer of `bytes` (rounded up to 16), zero-initialised.
+    pub fn buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = bytes.max(16).div_ceil(16) * 16;
+        self.check_size(label, size)?;
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let buf = self.buffer(label, bytes.len() as u64)?;
+        if !bytes.is_empty() {
+            let padded = bytes.len().div_ceil(4) * 4;
+            if padded == bytes.len() {
+                self.queue.write_buffer(&buf, 0, bytes);
+            } else {
+                let mut v = bytes.to_vec();
+                v.resize(padded, 0);
+                self.queue.write_buffer(&buf, 0, &v);
+            }
+        }
+        Ok(buf)
+    }
+
+    pub fn write<T: bytemuck::Pod>(&self, buf: &wgpu::Buffer, offset_bytes: u64, data: &[T]) {
+        self.queue.write_buffer(buf, offset_bytes, bytemuck::cast_slice(data));
+    }
+
+    /// Copies `len_bytes` from `buf` at `offset` back to the CPU.
+    pub async fn read_bytes(&self, buf: &wgpu::Buffer, offset: u64, len_bytes: u64) -> Result<Vec<u8>> {
+        let len = len_bytes.div_ceil(4) * 4;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: len.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, offset, &staging, 0, len);
+        self.queue.submit([enc.finish()]);
+        let out = self.map_read(&staging, len).await?;
+        Ok(out[..len_bytes as usize].to_vec())
+    }
+
+    /// Maps a MAP_READ buffer and copies out its first `len` bytes.
+    pub async fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        let slice = staging.slice(..len);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+        let r = rx.await.map_err(|_| Error::Gpu("readback was dropped".into()))?;
+        r.map_err(|e| Error::Gpu(format!("buffer map failed: {e}")))?;
+        let data = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("buffer map failed: {e}")))?.to_vec();
+        staging.unmap();
+        self.check_errors()?;
+        Ok(data)
+    }
+
+    pub async fn read_f32(&self, buf: &wgpu::Buffer, offset_elems: u64, n: u64) -> Result<Vec<f32>> {
+        let b = self.read_bytes(buf, offset_elems * 4, n * 4).await?;
+        Ok(bytemuck::cast_slice(&b).to_vec())
+    }
+
+    pub async fn read_u32(&self, buf: &wgpu::Buffer, offset_elems: u64, n: u64) -> Result<Vec<u32>> {
+        let b = self.read_bytes(buf, offset_elems * 4, n * 4).await?;
+        Ok(bytemuck::cast_slice(&b).to_vec())
+    }
+
+    /// Waits for all submitted work (native); a no-op future on the web.
+    pub async fn finish(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+        #[cfg(target_arch = "wasm32")]
+        {
+            let (tx, rx) = futures_channel::oneshot::channel();
+            self.queue.on_submitted_work_done(move || {
+                let _ = tx.send(());
+            });
+            let _ = rx.await;
+        }
+        self.check_errors()
+    }
+}

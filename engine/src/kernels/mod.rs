@@ -1,0 +1,380 @@
+//! One Rust constructor and one recording function per WGSL kernel family.
+//! Each wrapper owns its pipelines (through [`Kernel`]) and knows its dispatch
+//! size; parameter structs mirror the WGSL `Params` structs field by field,
+//! with explicit offsets and strides so views need no copies.
+
+use crate::error::Result;
+use crate::gpu::{BindKind, Gpu, Kernel, Recorder};
+use bytemuck::{Pod, Zeroable};
+use std::sync::Arc;
+
+#[cfg(test)]
+mod tests;
+
+pub const SRC_MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
+pub const SRC_RMSNORM: &str = include_str!("../../../shaders/rmsnorm.wgsl");
+pub const SRC_EMBED: &str = include_str!("../../../shaders/embed.wgsl");
+pub const SRC_ROPE: &str = include_str!("../../../shaders/rope.wgsl");
+pub const SRC_ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
+pub const SRC_CONV1D: &str = include_str!("../../../shaders/conv1d.wgsl");
+pub const SRC_SCAN: &str = include_str!("../../../shaders/scan.wgsl");
+pub const SRC_MERGE: &str = include_str!("../../../shaders/merge.wgsl");
+pub const SRC_SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
+pub const SRC_SAMPLE: &str = include_str!("../../../shaders/sample.wgsl");
+
+/// Storage type of a weight matrix on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+}
+
+impl WeightDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::F32 => "f32",
+            WeightDtype::F16 => "f16",
+        }
+    }
+}
+
+/// A weight matrix [rows, cols] on the GPU, rows padded to a multiple of 8 elements with zeros.
+pub struct Matrix {
+    pub buf: wgpu::Buffer,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: WeightDtype,
+}
+
+impl Matrix {
+    pub fn padded_cols(cols: usize) -> usize {
+        cols.div_ceil(8) * 8
+    }
+    pub fn kp4(&self) -> u32 {
+        (Self::padded_cols(self.cols) / 4) as u32
+    }
+    pub fn bytes(&self) -> u64 {
+        (self.rows * Self::padded_cols(self.cols) * self.dtype.bytes()) as u64
+    }
+    /// Uploads a row-major [rows, cols] f32 matrix, converting to `dtype`.
+    pub fn upload(gpu: &Gpu, label: &str, data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> Result<Matrix> {
+        assert_eq!(data.len(), rows * cols);
+        let kp = Self::padded_cols(cols);
+        let buf = match dtype {
+            WeightDtype::F32 => {
+                let mut v = vec![0f32; rows * kp];
+                for r in 0..rows {
+                    v[r * kp..r * kp + cols].copy_from_slice(&data[r * cols..(r + 1) * cols]);
+                }
+                gpu.upload(label, &v)?
+            }
+            WeightDtype::F16 => {
+                let mut v = vec![half::f16::ZERO; rows * kp];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        v[r * kp + c] = half::f16::from_f32(data[r * cols + c]);
+                    }
+                }
+                gpu.upload(label, &v)?
+            }
+        };
+        Ok(Matrix { buf, rows, cols, dtype })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct MatmulParams {
+    pub rows: u32,
+    pub m: u32,
+    pub k: u32,
+    pub kp4: u32,
+    pub x_off: u32,
+    pub x_stride: u32,
+    pub y_off: u32,
+    pub y_stride: u32,
+    pub accumulate: u32,
+    pub has_bias: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct RmsNormParams {
+    pub rows: u32,
+    pub width: u32,
+    pub x_off: u32,
+    pub x_stride: u32,
+    pub y_off: u32,
+    pub y_stride: u32,
+    pub eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct EmbedParams {
+    pub rows: u32,
+    pub n_meta: u32,
+    pub d: u32,
+    pub kp4: u32,
+    pub ids_off: u32,
+    pub vocab: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct RopeParams {
+    pub rows: u32,
+    pub n_heads: u32,
+    pub d_qk: u32,
+    pub d_v: u32,
+    pub p_off: u32,
+    pub p_stride: u32,
+    pub q_col: u32,
+    pub v_col: u32,
+    pub pos0: u32,
+    pub n_meta: u32,
+    pub ring: u32,
+    pub cap: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct AttentionParams {
+    pub rows: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub d_qk: u32,
+    pub d_v: u32,
+    pub q_off: u32,
+    pub q_stride: u32,
+    pub out_off: u32,
+    pub out_stride: u32,
+    pub pos0: u32,
+    pub n_meta: u32,
+    pub ring: u32,
+    pub cap: u32,
+    pub window: u32,
+    pub scale: f32,
+}
+
+pub const NO_WINDOW: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct ConvParams {
+    pub rows: u32,
+    pub d: u32,
+    pub k: u32,
+    pub x_off: u32,
+    pub x_stride: u32,
+    pub has_bias: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct ScanParams {
+    pub rows: u32,
+    pub d: u32,
+    pub n: u32,
+    pub xp_stride: u32,
+    pub b_col: u32,
+    pub c_col: u32,
+    pub z_off: u32,
+    pub z_stride: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct MergeParams {
+    pub rows: u32,
+    pub width: u32,
+    pub eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct SwigluParams {
+    pub count: u32,
+    pub groups_x: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct SampleParams {
+    pub vocab: u32,
+    pub mode: u32,
+    pub top_k: u32,
+    pub seed: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub penalty: f32,
+    pub logits_off: u32,
+}
+
+/// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
+pub const GEMV_MAX_ROWS: usize = 4;
+
+/// Every pipeline the engine uses, compiled once per device.
+pub struct Kernels {
+    gemv_f32: Arc<Kernel>,
+    gemm_f32: Arc<Kernel>,
+    gemv_f16: Arc<Kernel>,
+    gemm_f16: Arc<Kernel>,
+    embed_f32: Arc<Kernel>,
+    embed_f16: Arc<Kernel>,
+    rmsnorm: Arc<Kernel>,
+    rmsnorm_inplace: Arc<Kernel>,
+    rope_q: Arc<Kernel>,
+    store_kv: Arc<Kernel>,
+    attention: Arc<Kernel>,
+    conv: Arc<Kernel>,
+    conv_state: Arc<Kernel>,
+    scan: Arc<Kernel>,
+    merge: Arc<Kernel>,
+    swiglu: Arc<Kernel>,
+    sample: Arc<Kernel>,
+    /// A small buffer bound where a kernel's optional input is absent.
+    dummy: wgpu::Buffer,
+}
+
+use BindKind::{Read as R, ReadWrite as RW, Uniform as U};
+
+impl Kernels {
+    pub fn new(gpu: &Gpu) -> Result<Kernels> {
+        let k = |file: &str, src: &str, defs: &[&str], entry: &str, b: &[BindKind]| -> Result<Arc<Kernel>> { Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?)) };
+        Ok(Kernels {
+            gemv_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemv", &[U, R, R, R, RW])?,
+            gemm_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemm", &[U, R, R, R, RW])?,
+            gemv_f16: k("matmul.wgsl", SRC_MATMUL, &[], "gemv", &[U, R, R, R, RW])?,
+            gemm_f16: k("matmul.wgsl", SRC_MATMUL, &[], "gemm", &[U, R, R, R, RW])?,
+            embed_f32: k("embed.wgsl", SRC_EMBED, &["W_F32"], "main", &[U, R, R, R, RW])?,
+            embed_f16: k("embed.wgsl", SRC_EMBED, &[], "main", &[U, R, R, R, RW])?,
+            rmsnorm: k("rmsnorm.wgsl", SRC_RMSNORM, &[], "main", &[U, R, R, RW])?,
+            rmsnorm_inplace: k("rmsnorm.wgsl", SRC_RMSNORM, &["INPLACE"], "main", &[U, R, RW])?,
+            rope_q: k("rope.wgsl", SRC_ROPE, &[], "main", &[U, R, RW])?,
+            store_kv: k("rope.wgsl", SRC_ROPE, &["STORE_KV"], "main", &[U, R, R, RW, RW])?,
+            attention: k("attention.wgsl", SRC_ATTENTION, &[], "main", &[U, R, R, R, RW])?,
+            conv: k("conv1d.wgsl", SRC_CONV1D, &[], "main", &[U, R, R, R, RW])?,
+            conv_state: k("conv1d.wgsl", SRC_CONV1D, &["STATE"], "main", &[U, R, RW])?,
+            scan: k("scan.wgsl", SRC_SCAN, &[], "main", &[U, R, R, R, R, R, RW, RW])?,
+            merge: k("merge.wgsl", SRC_MERGE, &[], "main", &[U, R, R, R, RW])?,
+            swiglu: k("swiglu.wgsl", SRC_SWIGLU, &[], "main", &[U, R, RW])?,
+            sample: k("sample.wgsl", SRC_SAMPLE, &[], "main", &[U, R, RW, RW])?,
+            dummy: gpu.buffer("dummy", 16)?,
+        })
+    }
+
+    /// Y[rows, m] (+)= X[rows, k] W^T (+ bias). X at `x_off` with row stride `x_stride`, Y likewise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(&self, rec: &mut Recorder, x: &wgpu::Buffer, x_off: usize, x_stride: usize, w: &Matrix, bias: Option<&wgpu::Buffer>, y: &wgpu::Buffer, y_off: usize, y_stride: usize, rows: usize, accumulate: bool) -> Result<()> {
+        let p = MatmulParams {
+            rows: rows as u32,
+            m: w.rows as u32,
+            k: w.cols as u32,
+            kp4: w.kp4(),
+            x_off: x_off as u32,
+            x_stride: x_stride as u32,
+            y_off: y_off as u32,
+            y_stride: y_stride as u32,
+            accumulate: accumulate as u32,
+            has_bias: bias.is_some() as u32,
+        };
+        let b = bias.unwrap_or(&self.dummy);
+        if rows <= GEMV_MAX_ROWS {
+            let k = if w.dtype == WeightDtype::F32 { &self.gemv_f32 } else { &self.gemv_f16 };
+            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(8) as u32, rows as u32, 1])
+        } else {
+            let k = if w.dtype == WeightDtype::F32 { &self.gemm_f32 } else { &self.gemm_f16 };
+            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
+        }
+    }
+
+    /// Row-wise RMSNorm; `x == None` normalizes `y` in place (x_off/x_stride ignored).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm(&self, rec: &mut Recorder, x: Option<(&wgpu::Buffer, usize, usize)>, w: &wgpu::Buffer, y: &wgpu::Buffer, y_off: usize, y_stride: usize, rows: usize, width: usize, eps: f32) -> Result<()> {
+        let (x_off, x_stride) = x.map(|x| (x.1, x.2)).unwrap_or((y_off, y_stride));
+        let p = RmsNormParams {
+            rows: rows as u32,
+            width: width as u32,
+            x_off: x_off as u32,
+            x_stride: x_stride as u32,
+            y_off: y_off as u32,
+            y_stride: y_stride as u32,
+            eps,
+        };
+        match x {
+            Some((xb, _, _)) => rec.dispatch(&self.rmsnorm, &p, &[w, xb, y], [rows as u32, 1, 1]),
+            None => rec.dispatch(&self.rmsnorm_inplace, &p, &[w, y], [rows as u32, 1, 1]),
+        }
+    }
+
+    /// out[rows, d] = meta rows then embeddings of `ids[ids_off..]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn embed(&self, rec: &mut Recorder, ids: &wgpu::Buffer, ids_off: usize, table: &Matrix, meta: &wgpu::Buffer, n_meta: usize, out: &wgpu::Buffer, rows: usize) -> Result<()> {
+        let p = EmbedParams {
+            rows: rows as u32,
+            n_meta: n_meta as u32,
+            d: table.cols as u32,
+            kp4: table.kp4(),
+            ids_off: ids_off as u32,
+            vocab: table.rows as u32,
+        };
+        let k = if table.dtype == WeightDtype::F32 { &self.embed_f32 } else { &self.embed_f16 };
+        rec.dispatch(k, &p, &[ids, &table.buf, meta, out], [table.cols.div_ceil(64) as u32, rows as u32, 1])
+    }
+
+    /// Rotates the query block of the in_proj output in place.
+    pub fn rope_q(&self, rec: &mut Recorder, cs: &wgpu::Buffer, pbuf: &wgpu::Buffer, p: RopeParams) -> Result<()> {
+        let half = p.d_qk / 2;
+        rec.dispatch(&self.rope_q, &p, &[cs, pbuf], [(p.n_heads * half).div_ceil(64), p.rows, 1])
+    }
+
+    /// Rotates new keys and writes keys and values into the cache.
+    pub fn store_kv(&self, rec: &mut Recorder, cs: &wgpu::Buffer, pbuf: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, p: RopeParams) -> Result<()> {
+        let w = (p.d_qk / 2).max(p.d_v);
+        rec.dispatch(&self.store_kv, &p, &[cs, pbuf, k, v], [w.div_ceil(64), p.rows, p.n_heads])
+    }
+
+    pub fn attention(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, p: AttentionParams) -> Result<()> {
+        rec.dispatch(&self.attention, &p, &[pbuf, k, v, out], [p.n_heads, p.rows, 1])
+    }
+
+    /// Causal depthwise conv + silu, then the conv-state update.
+    pub fn conv(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, wb: &wgpu::Buffer, state: &wgpu::Buffer, xc: &wgpu::Buffer, p: ConvParams) -> Result<()> {
+        rec.dispatch(&self.conv, &p, &[pbuf, wb, state, xc], [p.d.div_ceil(64), p.rows, 1])?;
+        rec.dispatch(&self.conv_state, &p, &[pbuf, state], [p.d.div_ceil(64), 1, 1])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan(&self, rec: &mut Recorder, xc: &wgpu::Buffer, dtr: &wgpu::Buffer, xp: &wgpu::Buffer, pbuf: &wgpu::Buffer, consts: &wgpu::Buffer, state: &wgpu::Buffer, y: &wgpu::Buffer, p: ScanParams) -> Result<()> {
+        rec.dispatch(&self.scan, &p, &[xc, dtr, xp, pbuf, consts, state, y], [p.d.div_ceil(64), 1, 1])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge(&self, rec: &mut Recorder, att: &wgpu::Buffer, ssm: &wgpu::Buffer, w: &wgpu::Buffer, out: &wgpu::Buffer, rows: usize, width: usize, eps: f32) -> Result<()> {
+        let p = MergeParams {
+            rows: rows as u32,
+            width: width as u32,
+            eps,
+        };
+        rec.dispatch(&self.merge, &p, &[att, ssm, w, out], [rows as u32, 1, 1])
+    }
+
+    pub fn swiglu(&self, rec: &mut Recorder, gate: &wgpu::Buffer, up: &wgpu::Buffer, count: usize) -> Result<()> {
+        let groups = count.div_ceil(256) as u32;
+        let gx = groups.min(32768);
+        let gy = groups.div_ceil(gx);
+        let p = SwigluParams { count: count as u32, groups_x: gx };
+        rec.dispatch(&self.swiglu, &p, &[up, gate], [gx, gy, 1])
+    }
+
+    pub fn sample(&self, rec: &mut Recorder, logits: &wgpu::Buffer, seen: &wgpu::Buffer, state: &wgpu::Buffer, p: SampleParams) -> Result<()> {
+        rec.dispatch(&self.sample, &p, &[logits, seen, state], [1, 1, 1])
+    }
+}

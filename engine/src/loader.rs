@@ -1,0 +1,274 @@
+//! Reading a Hugging Face Hymba checkpoint: `config.json`, one
+//! `model.safetensors` or sharded files with `model.safetensors.index.json`.
+//!
+//! Every tensor's presence, dtype and shape is checked against the config
+//! before anything touches the GPU. Natively the files are memory-mapped; on
+//! wasm (no filesystem) they come in as byte buffers.
+
+use crate::config::HymbaConfig;
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::collections::HashMap;
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    BF16,
+    F16,
+    F32,
+}
+
+enum Storage {
+    #[cfg(not(target_arch = "wasm32"))]
+    Mmap(memmap2::Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            #[cfg(not(target_arch = "wasm32"))]
+            Storage::Mmap(m) => m,
+            Storage::Bytes(b) => b,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: StoredDtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// A checkpoint whose tensors have been located and validated.
+pub struct Checkpoint {
+    pub config: HymbaConfig,
+    files: Vec<(String, Storage)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+/// The tensor names and shapes a config requires (spec §2).
+pub fn expected_tensors(c: &HymbaConfig) -> Vec<(String, Vec<usize>)> {
+    let d = c.hidden;
+    let di = c.d_inner;
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+    if c.n_meta > 0 {
+        v.push(("model.memory_tokens".into(), vec![c.n_meta, d]));
+    }
+    v.push(("model.final_layernorm.weight".into(), vec![d]));
+    for i in 0..c.n_layers {
+        let p = format!("model.layers.{i}.");
+        let mut add = |s: &str, shape: Vec<usize>| v.push((format!("{p}{s}"), shape));
+        add("input_layernorm.weight", vec![d]);
+        add("mamba.in_proj.weight", vec![c.in_proj_rows(i), d]);
+        add("mamba.conv1d.weight", vec![di, 1, c.d_conv]);
+        if c.conv_bias {
+            add("mamba.conv1d.bias", vec![di]);
+        }
+        add("mamba.x_proj.0.weight", vec![c.x_proj_rows(), di]);
+        add("mamba.dt_proj.0.weight", vec![di, c.dt_rank]);
+        add("mamba.dt_proj.0.bias", vec![di]);
+        add("mamba.A_log.0", vec![di, c.d_state]);
+        add("mamba.D.0", vec![di]);
+        if c.inner_norms {
+            add("mamba.dt_layernorm.weight", vec![c.dt_rank]);
+            add("mamba.B_layernorm.weight", vec![c.d_state]);
+            add("mamba.C_layernorm.weight", vec![c.d_state]);
+        }
+        add("mamba.pre_avg_layernorm1.weight", vec![di]);
+        add("mamba.pre_avg_layernorm2.weight", vec![di]);
+        add("mamba.out_proj.weight", vec![d, di]);
+        add("pre_moe_layernorm.weight", vec![d]);
+        add("moe.experts.0.gate_proj.weight", vec![c.intermediate, d]);
+        add("moe.experts.0.up_proj.weight", vec![c.intermediate, d]);
+        add("moe.experts.0.down_proj.weight", vec![d, c.intermediate]);
+    }
+    if !c.raw.tie_word_embeddings {
+        v.push(("lm_head.weight".into(), vec![c.vocab_size, d]));
+    }
+    v
+}
+
+impl Checkpoint {
+    /// Open a model directory (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open_dir(dir: &std::path::Path) -> Result<Checkpoint> {
+        let dir_s = dir.display().to_string();
+        if !dir.is_dir() {
+            return Err(Error::MissingFile {
+                dir: dir_s,
+                what: "such directory".into(),
+            });
+        }
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::MissingFile { dir: dir_s, what: "config.json".into() });
+        }
+        let cfg_text = read_to_string(&cfg_path)?;
+        let config = HymbaConfig::from_json_str(&cfg_text, &cfg_path.display().to_string())?;
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let mut names: Vec<String> = Vec::new();
+        if single.is_file() {
+            names.push("model.safetensors".into());
+        } else if index.is_file() {
+            let text = read_to_string(&index)?;
+            names = shard_names(&text, &index.display().to_string())?;
+        } else {
+            return Err(Error::MissingFile {
+                dir: dir_s,
+                what: "model.safetensors (nor model.safetensors.index.json)".into(),
+            });
+        }
+        let mut files = Vec::new();
+        for n in names {
+            let p = dir.join(&n);
+            let f = std::fs::File::open(&p).map_err(|e| Error::Io {
+                path: p.display().to_string(),
+                source: e,
+            })?;
+            // SAFETY: the file is opened read-only and we only read from the map;
+            // a concurrent truncation by another process is outside our control.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::Io {
+                path: p.display().to_string(),
+                source: e,
+            })?;
+            files.push((p.display().to_string(), Storage::Mmap(map)));
+        }
+        Self::from_storage(config, files)
+    }
+
+    /// Build from in-memory files: `config.json` text and (name, bytes) safetensors files.
+    pub fn from_bytes(config_json: &str, files: Vec<(String, Vec<u8>)>) -> Result<Checkpoint> {
+        let config = HymbaConfig::from_json_str(config_json, "config.json")?;
+        let files = files.into_iter().map(|(n, b)| (n, Storage::Bytes(b))).collect();
+        Self::from_storage(config, files)
+    }
+
+    fn from_storage(config: HymbaConfig, files: Vec<(String, Storage)>) -> Result<Checkpoint> {
+        let mut tensors = HashMap::new();
+        for (fi, (name, st)) in files.iter().enumerate() {
+            let bytes = st.bytes();
+            let parsed = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+                file: name.clone(),
+                msg: e.to_string(),
+            })?;
+            let base = bytes.as_ptr() as usize;
+            for (tname, view) in parsed.tensors() {
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::BF16 => StoredDtype::BF16,
+                    safetensors::Dtype::F16 => StoredDtype::F16,
+                    safetensors::Dtype::F32 => StoredDtype::F32,
+                    other => {
+                        if expected_name(&config, &tname) {
+                            return Err(Error::Dtype {
+                                name: tname,
+                                found: format!("{other:?}"),
+                            });
+                        }
+                        continue;
+                    }
+                };
+                let data = view.data();
+                let start = data.as_ptr() as usize - base;
+                tensors.insert(
+                    tname,
+                    TensorEntry {
+                        file: fi,
+                        dtype,
+                        shape: view.shape().to_vec(),
+                        start,
+                        end: start + data.len(),
+                    },
+                );
+            }
+        }
+        let ck = Checkpoint { config, files, tensors };
+        ck.validate()?;
+        Ok(ck)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let files = self.files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", ");
+        for (name, shape) in expected_tensors(&self.config) {
+            let t = self.tensors.get(&name).ok_or_else(|| Error::MissingTensor {
+                name: name.clone(),
+                files: files.clone(),
+            })?;
+            if t.shape != shape {
+                return Err(Error::Shape {
+                    name,
+                    found: t.shape.clone(),
+                    expected: shape,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn dtype(&self, name: &str) -> Option<StoredDtype> {
+        self.tensors.get(name).map(|t| t.dtype)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// Total bytes of the tensors as stored.
+    pub fn stored_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| (t.end - t.start) as u64).sum()
+    }
+
+    fn raw(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            files: self.files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", "),
+        })?;
+        Ok((t, &self.files[t.file].1.bytes()[t.start..t.end]))
+    }
+
+    /// A tensor widened to f32 (exact for bf16/f16).
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (t, b) = self.raw(name)?;
+        Ok(match t.dtype {
+            StoredDtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            StoredDtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+            StoredDtype::F16 => b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        })
+    }
+}
+
+fn expected_name(c: &HymbaConfig, name: &str) -> bool {
+    expected_tensors(c).iter().any(|(n, _)| n == name)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn read_to_string(p: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(p).map_err(|e| Error::Io {
+        path: p.display().to_string(),
+        source: e,
+    })
+}
+
+/// The distinct shard file names listed in a `model.safetensors.index.json`.
+pub fn shard_names(index_json: &str, path: &str) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(index_json).map_err(|e| Error::Config {
+        path: path.to_string(),
+        msg: e.to_string(),
+    })?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
+        path: path.to_string(),
+        msg: "no \"weight_map\" object".into(),
+    })?;
+    let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}

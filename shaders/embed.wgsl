@@ -1,0 +1,49 @@
+// Embedding gather with meta-token prepend:
+//   out[r, :] = meta[r, :]                     for r < n_meta      (learned meta tokens)
+//   out[r, :] = table[ids[ids_off + r - n_meta], :]  otherwise      (token embeddings)
+// Grid: (ceil(d / 64), rows, 1). Token ids are validated on the CPU or produced by the sampler.
+
+struct Params {
+    rows: u32,
+    n_meta: u32,   // leading rows taken from the meta tokens
+    d: u32,        // hidden size
+    kp4: u32,      // row stride of the table in vec4 units
+    ids_off: u32,  // offset into ids of the first token
+    vocab: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// ids: [*] u32 token ids.
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+#ifdef W_F32
+// table: [vocab, kp4] vec4<f32> (embed_tokens, row-major).
+@group(0) @binding(2) var<storage, read> table: array<vec4<f32>>;
+fn w4(i: u32) -> vec4<f32> { return table[i]; }
+#else
+#ifdef SHADER_F16
+@group(0) @binding(2) var<storage, read> table: array<vec4<f16>>;
+fn w4(i: u32) -> vec4<f32> { return vec4<f32>(table[i]); }
+#else
+@group(0) @binding(2) var<storage, read> table: array<vec2<u32>>;
+fn w4(i: u32) -> vec4<f32> { let v = table[i]; return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
+#endif
+#endif
+// meta: [n_meta_total, d] f32 meta tokens, row-major.
+@group(0) @binding(3) var<storage, read> meta: array<f32>;
+// out: [rows, d] f32 hidden states.
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let e = gid.x;
+    let r = gid.y;
+    if (e >= p.d || r >= p.rows) { return; }
+    var v: f32;
+    if (r < p.n_meta) {
+        v = meta[r * p.d + e];
+    } else {
+        let id = min(ids[p.ids_off + r - p.n_meta], p.vocab - 1u);
+        v = w4(id * p.kp4 + e / 4u)[e % 4u];
+    }
+    out[r * p.d + e] = v;
+}

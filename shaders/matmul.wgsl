@@ -1,0 +1,151 @@
+// Matrix products against a weight matrix: Y[t, m] (+)= sum_k X[t, k] * W[m, k] (+ bias[m]).
+//
+// Entry points:
+//   gemv  - few rows (decode): one workgroup of 256 threads = 8 rows of W x 32 threads per row,
+//           grid (ceil(m / 8), rows).
+//   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
+//           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
+// Variants (defines): W_F32 (f32 weights) or f16 weights, read as native f16 when SHADER_F16
+// is set and as packed u32 pairs (unpack2x16float) otherwise. Accumulation is always f32.
+
+struct Params {
+    rows: u32,       // T: rows of X and Y
+    m: u32,          // output features = rows of W
+    k: u32,          // input features
+    kp4: u32,        // row stride of W in vec4 units (K padded to a multiple of 8, zero-filled)
+    x_off: u32,      // element offset of X[0, 0]
+    x_stride: u32,   // elements between rows of X
+    y_off: u32,      // element offset of Y[0, 0]
+    y_stride: u32,   // elements between rows of Y
+    accumulate: u32, // 1: Y += result (residual add), 0: Y = result
+    has_bias: u32,   // 1: add bias[m]
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// X: [rows, x_stride] f32, row-major, starting at x_off.
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+#ifdef W_F32
+// W: [m, kp4] vec4<f32>, row-major (PyTorch Linear layout [out, in]).
+@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
+fn w4(i: u32) -> vec4<f32> { return w[i]; }
+#else
+#ifdef SHADER_F16
+// W: [m, kp4] vec4<f16>, row-major.
+@group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
+fn w4(i: u32) -> vec4<f32> { return vec4<f32>(w[i]); }
+#else
+// W: [m, kp4] four halves packed in two u32, row-major.
+@group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;
+fn w4(i: u32) -> vec4<f32> { let v = w[i]; return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
+#endif
+#endif
+// bias: [m] f32 (bound to a dummy buffer when has_bias = 0).
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+// Y: [rows, y_stride] f32, row-major, starting at y_off.
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+fn store(t: u32, m: u32, v: f32) {
+    var r = v;
+    if (p.has_bias != 0u) { r += bias[m]; }
+    let i = p.y_off + t * p.y_stride + m;
+    if (p.accumulate != 0u) { r += y[i]; }
+    y[i] = r;
+}
+
+fn xk(base: u32, k: u32) -> f32 {
+    if (k < p.k) { return x[base + k]; }
+    return 0.0;
+}
+
+const TPR: u32 = 32u;   // threads per row of W
+const RPW: u32 = 8u;    // rows of W per workgroup
+var<workgroup> red: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let r = li / TPR;
+    let lane = li % TPR;
+    let row = wid.x * RPW + r;
+    let t = wid.y;
+    var acc = 0.0;
+    if (row < p.m) {
+        let xb = p.x_off + t * p.x_stride;
+        let wb = row * p.kp4;
+        let n4 = (p.k + 3u) / 4u;
+        for (var c = lane; c < n4; c += TPR) {
+            let kk = c * 4u;
+            var xv: vec4<f32>;
+            if (kk + 3u < p.k) {
+                xv = vec4<f32>(x[xb + kk], x[xb + kk + 1u], x[xb + kk + 2u], x[xb + kk + 3u]);
+            } else {
+                xv = vec4<f32>(xk(xb, kk), xk(xb, kk + 1u), xk(xb, kk + 2u), xk(xb, kk + 3u));
+            }
+            acc += dot(w4(wb + c), xv);
+        }
+    }
+    red[li] = acc;
+    workgroupBarrier();
+    for (var s = TPR / 2u; s > 0u; s = s >> 1u) {
+        if (lane < s) { red[li] += red[li + s]; }
+        workgroupBarrier();
+    }
+    if (lane == 0u && row < p.m) { store(t, row, red[li]); }
+}
+
+const BT: u32 = 64u;
+const BM: u32 = 64u;
+const BK: u32 = 16u;
+var<workgroup> xs: array<f32, 1024>; // [BK][BT]
+var<workgroup> ws: array<f32, 1024>; // [BK][BM]
+
+@compute @workgroup_size(16, 16)
+fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let m0 = wid.x * BM;
+    let t0 = wid.y * BT;
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; }
+    let kw = p.kp4 * 4u;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        for (var i = 0u; i < 4u; i++) {
+            let e = li + i * 256u;
+            let r = e / BK;
+            let kk = e % BK;
+            let t = t0 + r;
+            let k = k0 + kk;
+            var v = 0.0;
+            if (t < p.rows && k < p.k) { v = x[p.x_off + t * p.x_stride + k]; }
+            xs[kk * BT + r] = v;
+        }
+        {
+            let r = li / 4u;
+            let c = li % 4u;
+            let m = m0 + r;
+            let k = k0 + c * 4u;
+            var v = vec4<f32>(0.0);
+            if (m < p.m && k < kw) { v = w4(m * p.kp4 + k / 4u); }
+            ws[(c * 4u) * BM + r] = v.x;
+            ws[(c * 4u + 1u) * BM + r] = v.y;
+            ws[(c * 4u + 2u) * BM + r] = v.z;
+            ws[(c * 4u + 3u) * BM + r] = v.w;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            let a = vec4<f32>(xs[kk * BT + lid.y * 4u], xs[kk * BT + lid.y * 4u + 1u], xs[kk * BT + lid.y * 4u + 2u], xs[kk * BT + lid.y * 4u + 3u]);
+            let b = vec4<f32>(ws[kk * BM + lid.x * 4u], ws[kk * BM + lid.x * 4u + 1u], ws[kk * BM + lid.x * 4u + 2u], ws[kk * BM + lid.x * 4u + 3u]);
+            for (var i = 0u; i < 4u; i++) {
+                acc[i * 4u] += a[i] * b.x;
+                acc[i * 4u + 1u] += a[i] * b.y;
+                acc[i * 4u + 2u] += a[i] * b.z;
+                acc[i * 4u + 3u] += a[i] * b.w;
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let t = t0 + lid.y * 4u + i;
+        for (var j = 0u; j < 4u; j++) {
+            let m = m0 + lid.x * 4u + j;
+            if (t < p.rows && m < p.m) { store(t, m, acc[i * 4u + j]); }
+        }
+    }
+}

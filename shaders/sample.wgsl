@@ -1,0 +1,181 @@
+// Picks the next token on the GPU, so a decode step reads back only a token id:
+//   repetition penalty (tokens marked in `seen`: l > 0 ? l / penalty : l * penalty),
+//   then greedy argmax (lowest id on ties), or sampling: temperature, top-k (ties kept),
+//   top-p (smallest set of highest tokens with mass >= p), then an inverse-CDF draw in id
+//   order with u = hash(seed, step). Thresholds are found by bitwise search over
+//   order-preserving u32 keys of the logits, so nothing is sorted.
+// One workgroup of 256 threads. Grid: (1, 1, 1).
+
+struct Params {
+    vocab: u32,
+    mode: u32,        // 0 greedy, 1 sample
+    top_k: u32,       // 0 = off
+    seed: u32,
+    temperature: f32,
+    top_p: f32,       // >= 1 = off
+    penalty: f32,     // 1 = off
+    logits_off: u32,  // element offset of the logits row
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// logits: [vocab] f32 at logits_off.
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+// seen: [vocab] u32, 1 where the token occurred (prompt and generated); the choice is marked.
+@group(0) @binding(2) var<storage, read_write> seen: array<u32>;
+// st: [0] chosen token id (read by the next step's embedding), [1] tokens sampled so far.
+@group(0) @binding(3) var<storage, read_write> st: array<u32>;
+
+const WG: u32 = 256u;
+var<workgroup> rf: array<f32, 256>;
+var<workgroup> ru: array<u32, 256>;
+
+fn adj(i: u32) -> f32 {
+    var l = logits[p.logits_off + i];
+    if (p.penalty != 1.0 && seen[i] != 0u) {
+        if (l > 0.0) { l = l / p.penalty; } else { l = l * p.penalty; }
+    }
+    return l;
+}
+
+fn okey(f: f32) -> u32 {
+    let b = bitcast<u32>(f);
+    if ((b & 0x80000000u) != 0u) { return ~b; }
+    return b | 0x80000000u;
+}
+
+fn pcg(v: u32) -> u32 {
+    let s = v * 747796405u + 2891336453u;
+    let w = ((s >> ((s >> 28u) + 4u)) ^ s) * 277803737u;
+    return (w >> 22u) ^ w;
+}
+
+fn sum_f(li: u32, v: f32) -> f32 {
+    rf[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) { rf[li] += rf[li + s]; }
+        workgroupBarrier();
+    }
+    let r = rf[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn sum_u(li: u32, v: u32) -> u32 {
+    ru[li] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) { ru[li] += ru[li + s]; }
+        workgroupBarrier();
+    }
+    let r = ru[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) li: u32) {
+    let V = p.vocab;
+    // Greedy: argmax, lowest index among equal maxima.
+    var best = -3.4e38;
+    var bi = 0xffffffffu;
+    for (var i = li; i < V; i += WG) {
+        let l = adj(i);
+        if (bi == 0xffffffffu || l > best) { best = l; bi = i; }
+    }
+    rf[li] = best;
+    ru[li] = bi;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (li < s) {
+            let ob = ru[li + s];
+            if (ob != 0xffffffffu && (ru[li] == 0xffffffffu || rf[li + s] > rf[li] || (rf[li + s] == rf[li] && ob < ru[li]))) {
+                rf[li] = rf[li + s];
+                ru[li] = ob;
+            }
+        }
+        workgroupBarrier();
+    }
+    let lmax = rf[0];
+    var chosen = ru[0];
+    workgroupBarrier();
+
+    if (p.mode == 1u) {
+        let inv_t = 1.0 / p.temperature;
+        // top-k: largest key threshold keeping at least k tokens.
+        var tk = 0u;
+        if (p.top_k > 0u && p.top_k < V) {
+            for (var b = 0u; b < 32u; b++) {
+                let cand = tk | (1u << (31u - b));
+                var c = 0u;
+                for (var i = li; i < V; i += WG) { if (okey(adj(i)) >= cand) { c++; } }
+                if (sum_u(li, c) >= p.top_k) { tk = cand; }
+            }
+        }
+        var thr = tk;
+        if (p.top_p < 1.0) {
+            var z = 0.0;
+            for (var i = li; i < V; i += WG) {
+                let l = adj(i);
+                if (okey(l) >= tk) { z += exp((l - lmax) * inv_t); }
+            }
+            let total = sum_f(li, z);
+            var tp = 0u;
+            for (var b = 0u; b < 32u; b++) {
+                let cand = tp | (1u << (31u - b));
+                let th = max(cand, tk);
+                var m = 0.0;
+                for (var i = li; i < V; i += WG) {
+                    let l = adj(i);
+                    if (okey(l) >= th) { m += exp((l - lmax) * inv_t); }
+                }
+                if (sum_f(li, m) >= p.top_p * total) { tp = cand; }
+            }
+            thr = max(tk, tp);
+        }
+        // Inverse-CDF draw over kept tokens in id order; each thread owns a contiguous chunk.
+        let per = (V + WG - 1u) / WG;
+        let lo = li * per;
+        let hi = min(V, lo + per);
+        var cs = 0.0;
+        for (var i = lo; i < hi; i++) {
+            let l = adj(i);
+            if (okey(l) >= thr) { cs += exp((l - lmax) * inv_t); }
+        }
+        rf[li] = cs;
+        workgroupBarrier();
+        if (li == 0u) {
+            var total = 0.0;
+            for (var j = 0u; j < WG; j++) { total += rf[j]; }
+            let r = pcg(p.seed ^ pcg(st[1] + 0x9e3779b9u));
+            let target = (f32(r >> 8u) / 16777216.0) * total;
+            var cum = 0.0;
+            var pick = chosen;
+            var found = false;
+            for (var j = 0u; j < WG && !found; j++) {
+                if (cum + rf[j] > target) {
+                    let a = j * per;
+                    let e = min(V, a + per);
+                    for (var i = a; i < e; i++) {
+                        let l = adj(i);
+                        if (okey(l) >= thr) {
+                            pick = i;
+                            cum += exp((l - lmax) * inv_t);
+                            if (cum > target) { found = true; break; }
+                        }
+                    }
+                } else {
+                    cum += rf[j];
+                }
+            }
+            ru[0] = pick;
+        }
+        workgroupBarrier();
+        chosen = ru[0];
+    }
+    if (li == 0u) {
+        st[0] = chosen;
+        st[1] = st[1] + 1u;
+        seen[chosen] = 1u;
+    }
+}

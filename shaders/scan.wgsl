@@ -1,0 +1,70 @@
+// Mamba branch, selective scan (one thread per channel c of d_inner, N = d_state states each):
+//   dt      = softplus(dt_raw[t, c] + dt_bias[c])            (identity above 20, as torch)
+//   h[n]    = exp(dt * A[c, n]) * h[n] + dt * B[t, n] * xc[t, c]
+//   y[t, c] = (sum_n C[t, n] * h[n] + D[c] * xc[t, c]) * silu(z[t, c])
+// A = -exp(A_log) is precomputed. B and C are the (RMS-normed) slices of the x_proj output,
+// shared by all channels. The same kernel runs a prompt chunk (rows > 1) and one decode step.
+// Grid: (ceil(d_inner / 64), 1, 1).
+
+struct Params {
+    rows: u32,
+    d: u32,          // d_inner
+    n: u32,          // d_state
+    xp_stride: u32,  // x_proj output row width (dt_rank + 2 * d_state)
+    b_col: u32,      // column of B in an x_proj row
+    c_col: u32,      // column of C
+    z_off: u32,      // element offset of z of row 0 in the in_proj output
+    z_stride: u32,   // in_proj output row width
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// xc: [rows, d] f32 conv output (post-silu).
+@group(0) @binding(1) var<storage, read> xc: array<f32>;
+// dtr: [rows, d] f32 dt_proj output without bias.
+@group(0) @binding(2) var<storage, read> dtr: array<f32>;
+// xp: [rows, xp_stride] f32 x_proj output (dt | B | C), normed.
+@group(0) @binding(3) var<storage, read> xp: array<f32>;
+// pbuf: [rows, z_stride] f32 in_proj output (gate z).
+@group(0) @binding(4) var<storage, read> pbuf: array<f32>;
+// consts: A [d, n] (= -exp(A_log)), then dt_bias [d], then D [d]; all f32.
+@group(0) @binding(5) var<storage, read> consts: array<f32>;
+// state: [d, n] f32 SSM state, updated in place.
+@group(0) @binding(6) var<storage, read_write> state: array<f32>;
+// y: [rows, d] f32 SSM branch output.
+@group(0) @binding(7) var<storage, read_write> y: array<f32>;
+
+fn log1p_(u: f32) -> f32 {
+    let v = 1.0 + u;
+    if (v == 1.0) { return u; }
+    return log(v) * (u / (v - 1.0));
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.d) { return; }
+    var h: array<f32, 64>;
+    var a: array<f32, 64>;
+    for (var i = 0u; i < p.n; i++) {
+        h[i] = state[c * p.n + i];
+        a[i] = consts[c * p.n + i];
+    }
+    let dtb = consts[p.d * p.n + c];
+    let dd = consts[p.d * p.n + p.d + c];
+    for (var t = 0u; t < p.rows; t++) {
+        var dt = dtr[t * p.d + c] + dtb;
+        if (dt <= 20.0) { dt = log1p_(exp(dt)); }
+        let xv = xc[t * p.d + c];
+        let xb = t * p.xp_stride;
+        var acc = 0.0;
+        for (var i = 0u; i < p.n; i++) {
+            let hn = exp(dt * a[i]) * h[i] + dt * xp[xb + p.b_col + i] * xv;
+            h[i] = hn;
+            acc += xp[xb + p.c_col + i] * hn;
+        }
+        acc += dd * xv;
+        let z = pbuf[p.z_off + t * p.z_stride + c];
+        y[t * p.d + c] = acc * (z / (1.0 + exp(-z)));
+    }
+    for (var i = 0u; i < p.n; i++) { state[c * p.n + i] = h[i]; }
+}
