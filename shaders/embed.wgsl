@@ -28,8 +28,8 @@ fn w4(i: u32) -> vec4<f32> { return vec4<f32>(table[i]); }
 fn w4(i: u32) -> vec4<f32> { let v = table[i]; return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
 #endif
 #endif
-// meta: [n_meta_total, d] f32 meta tokens, row-major.
-@group(0) @binding(3) var<storage, read> meta: array<f32>;
+// meta_tokens: [n_meta_total, d] f32 meta tokens, row-major.
+@group(0) @binding(3) var<storage, read> meta_tokens: array<f32>;
 // out: [rows, d] f32 hidden states.
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -40,7 +40,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (e >= p.d || r >= p.rows) { return; }
     var v: f32;
     if (r < p.n_meta) {
-        v = meta[r * p.d + e];
+        v = meta_tokens[r * p.d + e];
     } else {
         let id = min(ids[p.ids_off + r - p.n_meta], p.vocab - 1u);
         v = w4(id * p.kp4 + e / 4u)[e % 4u];

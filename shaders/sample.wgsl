@@ -148,12 +148,12 @@ fn main(@builtin(local_invocation_index) li: u32) {
             var total = 0.0;
             for (var j = 0u; j < WG; j++) { total += rf[j]; }
             let r = pcg(p.seed ^ pcg(st[1] + 0x9e3779b9u));
-            let target = (f32(r >> 8u) / 16777216.0) * total;
+            let goal = (f32(r >> 8u) / 16777216.0) * total;
             var cum = 0.0;
             var pick = chosen;
             var found = false;
             for (var j = 0u; j < WG && !found; j++) {
-                if (cum + rf[j] > target) {
+                if (cum + rf[j] > goal) {
                     let a = j * per;
                     let e = min(V, a + per);
                     for (var i = a; i < e; i++) {
@@ -161,7 +161,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
                         if (okey(l) >= thr) {
                             pick = i;
                             cum += exp((l - lmax) * inv_t);
-                            if (cum > target) { found = true; break; }
+                            if (cum > goal) { found = true; break; }
                         }
                     }
                 } else {

@@ -1,0 +1,618 @@
+//! Each kernel against a plain CPU computation on random data, with sizes that
+//! are not multiples of the workgroup sizes. Outputs are poisoned with NaN first
+//! so that elements a kernel fails to write show up.
+
+use super::*;
+use crate::gpu::{Gpu, GpuOptions, Recorder};
+use crate::sampling::{sample_cpu, SamplingParams};
+use std::sync::OnceLock;
+
+pub(crate) struct Rng(u64);
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+    }
+    pub fn next_u32(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 16) as u32
+    }
+    /// Uniform in [-1, 1).
+    pub fn f(&mut self) -> f32 {
+        (self.next_u32() as f32 / 4294967296.0) * 2.0 - 1.0
+    }
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * scale).collect()
+    }
+}
+
+fn env() -> &'static (Gpu, Kernels) {
+    static ENV: OnceLock<(Gpu, Kernels)> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let gpu = pollster::block_on(Gpu::new(&GpuOptions::default())).unwrap_or_else(|e| panic!("kernel tests need a GPU adapter (install mesa-vulkan-drivers for a software one): {e}"));
+        let k = Kernels::new(&gpu).expect("kernels compile");
+        (gpu, k)
+    })
+}
+
+fn run(gpu: &Gpu, f: impl FnOnce(&mut Recorder)) {
+    let mut rec = Recorder::new(gpu);
+    f(&mut rec);
+    rec.finish().run(gpu);
+}
+
+fn read(gpu: &Gpu, b: &wgpu::Buffer, n: usize) -> Vec<f32> {
+    pollster::block_on(gpu.read_f32(b, 0, n as u64)).unwrap()
+}
+
+#[track_caller]
+fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let mut worst = (0usize, 0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        assert!(g.is_finite(), "{name}: element {i} is {g} (unwritten or overflow), want {w}");
+        if err > atol + rtol * w.abs() {
+            panic!("{name}: element {i}: got {g}, want {w} (|err| {err})");
+        }
+        if err > worst.1 {
+            worst = (i, err);
+        }
+    }
+}
+
+const NAN: f32 = f32::NAN;
+
+fn matmul_case(dtype: WeightDtype, rows: usize, m: usize, k: usize, bias: bool, accumulate: bool, seed: u64) {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(seed);
+    let x_stride = k + 3;
+    let x_off = 5;
+    let y_stride = m + 2;
+    let y_off = 7;
+    let x = r.vec(x_off + rows * x_stride, 1.0);
+    let w = r.vec(m * k, 0.5);
+    let b = r.vec(m, 0.5);
+    let y0: Vec<f32> = if accumulate { r.vec(y_off + rows * y_stride, 1.0) } else { vec![NAN; y_off + rows * y_stride] };
+    let mat = Matrix::upload(gpu, "w", &w, m, k, dtype).unwrap();
+    let xb = gpu.upload("x", &x).unwrap();
+    let bb = gpu.upload("b", &b).unwrap();
+    let yb = gpu.upload("y", &y0).unwrap();
+    run(gpu, |rec| ks.matmul(rec, &xb, x_off, x_stride, &mat, bias.then_some(&bb), &yb, y_off, y_stride, rows, accumulate).unwrap());
+    let got = read(gpu, &yb, y0.len());
+    let wq: Vec<f32> = match dtype {
+        WeightDtype::F32 => w.clone(),
+        WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+    };
+    for t in 0..rows {
+        for j in 0..m {
+            let mut acc = 0f64;
+            for kk in 0..k {
+                acc += x[x_off + t * x_stride + kk] as f64 * wq[j * k + kk] as f64;
+            }
+            if bias {
+                acc += b[j] as f64;
+            }
+            if accumulate {
+                acc += y0[y_off + t * y_stride + j] as f64;
+            }
+            let g = got[y_off + t * y_stride + j];
+            let want = acc as f32;
+            assert!((g - want).abs() <= 1e-4 + 1e-4 * want.abs(), "matmul {dtype:?} rows {rows} m {m} k {k}: y[{t},{j}] = {g}, want {want}");
+        }
+        // padding between rows must stay untouched
+        for j in m..y_stride {
+            let i = y_off + t * y_stride + j;
+            if i < got.len() && !accumulate {
+                assert!(got[i].is_nan(), "matmul wrote outside its output at {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_gemv_f32() {
+    matmul_case(WeightDtype::F32, 1, 37, 45, false, false, 1);
+    matmul_case(WeightDtype::F32, 3, 133, 100, true, true, 2);
+}
+
+#[test]
+fn matmul_gemv_f16() {
+    matmul_case(WeightDtype::F16, 1, 37, 45, true, false, 3);
+    matmul_case(WeightDtype::F16, 2, 260, 6, false, true, 4);
+}
+
+#[test]
+fn matmul_gemm_f32() {
+    matmul_case(WeightDtype::F32, 70, 37, 45, true, false, 5);
+    matmul_case(WeightDtype::F32, 129, 130, 33, false, true, 6);
+}
+
+#[test]
+fn matmul_gemm_f16() {
+    matmul_case(WeightDtype::F16, 70, 37, 45, true, false, 7);
+    matmul_case(WeightDtype::F16, 5, 65, 100, false, true, 8);
+}
+
+fn rms_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + eps as f64).sqrt();
+    x.iter().zip(w).map(|(&v, &w)| (w as f64 * v as f64 * r) as f32).collect()
+}
+
+#[test]
+fn rmsnorm_rows_and_in_place_slices() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(11);
+    let (rows, width) = (5, 300);
+    let x = r.vec(3 + rows * (width + 1), 2.0);
+    let w = r.vec(width, 1.0);
+    let wb = gpu.upload("w", &w).unwrap();
+    let xb = gpu.upload("x", &x).unwrap();
+    let yb = gpu.upload("y", &vec![NAN; rows * width]).unwrap();
+    run(gpu, |rec| ks.rmsnorm(rec, Some((&xb, 3, width + 1)), &wb, &yb, 0, width, rows, width, 1e-6).unwrap());
+    let got = read(gpu, &yb, rows * width);
+    let mut want = Vec::new();
+    for t in 0..rows {
+        want.extend(rms_ref(&x[3 + t * (width + 1)..3 + t * (width + 1) + width], &w, 1e-6));
+    }
+    assert_close("rmsnorm", &got, &want, 1e-5, 1e-5);
+
+    // In place on a column slice [2, 2+7) of rows of width 20 (like the dt/B/C norms).
+    let (rows, stride, off, width) = (9, 20, 2, 7);
+    let x = r.vec(rows * stride, 3.0);
+    let w = r.vec(width, 1.0);
+    let wb = gpu.upload("w", &w).unwrap();
+    let yb = gpu.upload("y", &x).unwrap();
+    run(gpu, |rec| ks.rmsnorm(rec, None, &wb, &yb, off, stride, rows, width, 1e-6).unwrap());
+    let got = read(gpu, &yb, rows * stride);
+    let mut want = x.clone();
+    for t in 0..rows {
+        let n = rms_ref(&x[t * stride + off..t * stride + off + width], &w, 1e-6);
+        want[t * stride + off..t * stride + off + width].copy_from_slice(&n);
+    }
+    assert_close("rmsnorm in place", &got, &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn embed_with_meta_tokens() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(12);
+    for dtype in [WeightDtype::F32, WeightDtype::F16] {
+        let (vocab, d, n_meta, n_tok) = (53, 70, 3, 6);
+        let table = r.vec(vocab * d, 1.0);
+        let meta = r.vec(n_meta * d, 1.0);
+        let ids: Vec<u32> = vec![9, 9, 0, 52, 17, 1, 4];
+        let tm = Matrix::upload(gpu, "e", &table, vocab, d, dtype).unwrap();
+        let mb = gpu.upload("m", &meta).unwrap();
+        let ib = gpu.upload("ids", &ids).unwrap();
+        let rows = n_meta + n_tok;
+        let ob = gpu.upload("o", &vec![NAN; rows * d]).unwrap();
+        run(gpu, |rec| ks.embed(rec, &ib, 1, &tm, &mb, n_meta, &ob, rows).unwrap());
+        let got = read(gpu, &ob, rows * d);
+        let mut want = meta.clone();
+        for &id in &ids[1..1 + n_tok] {
+            for e in 0..d {
+                let v = table[id as usize * d + e];
+                want.push(if dtype == WeightDtype::F16 { half::f16::from_f32(v).to_f32() } else { v });
+            }
+        }
+        assert_close("embed", &got, &want, 0.0, 0.0);
+    }
+}
+
+fn rope_table(n_pos: usize, half: usize, base: f64) -> Vec<f32> {
+    let mut cs = Vec::new();
+    for p in 0..n_pos {
+        for j in 0..half {
+            let inv = 1.0f32 / (base.powf((2 * j) as f64 / (2 * half) as f64)) as f32;
+            let a = p as f32 * inv;
+            cs.push((a as f64).cos() as f32);
+            cs.push((a as f64).sin() as f32);
+        }
+    }
+    cs
+}
+
+fn rotate(v: &[f32], cs: &[f32], pos: usize) -> Vec<f32> {
+    let half = v.len() / 2;
+    let mut o = v.to_vec();
+    for j in 0..half {
+        let (c, s) = (cs[(pos * half + j) * 2], cs[(pos * half + j) * 2 + 1]);
+        o[j] = v[j] * c - v[j + half] * s;
+        o[j + half] = v[j + half] * c + v[j] * s;
+    }
+    o
+}
+
+#[test]
+fn rope_queries_and_kv_store_into_ring() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(13);
+    let (rows, hq, hkv, dqk, dv) = (7, 3, 2, 12, 20);
+    let (n_meta, ring) = (2, 5);
+    let cap = n_meta + ring;
+    let pos0 = 4; // positions 4..10 wrap the 5-slot ring
+    let width = hq * dqk + hkv * dqk + hkv * dv + 3;
+    let p_off = 2;
+    let pdata = r.vec(p_off + rows * width, 1.0);
+    let cs = rope_table(32, dqk / 2, 1234.5);
+    let csb = gpu.upload("cs", &cs).unwrap();
+    let pb = gpu.upload("p", &pdata).unwrap();
+    let kb = gpu.upload("k", &vec![NAN; hkv * cap * dqk]).unwrap();
+    let vb = gpu.upload("v", &vec![NAN; hkv * cap * dv]).unwrap();
+    let base = RopeParams {
+        rows: rows as u32,
+        n_heads: hq as u32,
+        d_qk: dqk as u32,
+        d_v: dv as u32,
+        p_off: p_off as u32,
+        p_stride: width as u32,
+        q_col: 0,
+        v_col: (hq * dqk + hkv * dqk) as u32,
+        pos0: pos0 as u32,
+        n_meta: n_meta as u32,
+        ring: ring as u32,
+        cap: cap as u32,
+    };
+    run(gpu, |rec| {
+        ks.store_kv(rec, &csb, &pb, &kb, &vb, RopeParams { n_heads: hkv as u32, q_col: (hq * dqk) as u32, ..base }).unwrap();
+        ks.rope_q(rec, &csb, &pb, base).unwrap();
+    });
+    let got_p = read(gpu, &pb, pdata.len());
+    let got_k = read(gpu, &kb, hkv * cap * dqk);
+    let got_v = read(gpu, &vb, hkv * cap * dv);
+    let mut want_p = pdata.clone();
+    let mut want_k = vec![NAN; hkv * cap * dqk];
+    let mut want_v = vec![NAN; hkv * cap * dv];
+    for t in 0..rows {
+        let row = p_off + t * width;
+        let pos = pos0 + t;
+        for h in 0..hq {
+            let q = &pdata[row + h * dqk..row + (h + 1) * dqk];
+            want_p[row + h * dqk..row + (h + 1) * dqk].copy_from_slice(&rotate(q, &cs, pos));
+        }
+        let slot = if pos < n_meta { pos } else { n_meta + (pos - n_meta) % ring };
+        for h in 0..hkv {
+            let k = &pdata[row + hq * dqk + h * dqk..row + hq * dqk + (h + 1) * dqk];
+            want_k[(h * cap + slot) * dqk..(h * cap + slot + 1) * dqk].copy_from_slice(&rotate(k, &cs, pos));
+            let v0 = row + hq * dqk + hkv * dqk + h * dv;
+            want_v[(h * cap + slot) * dv..(h * cap + slot + 1) * dv].copy_from_slice(&pdata[v0..v0 + dv]);
+        }
+    }
+    assert_close("rope q", &got_p, &want_p, 1e-6, 1e-6);
+    // Meta slots were never written (positions start at 4): they stay NaN.
+    for (name, got, want) in [("k cache", &got_k, &want_k), ("v cache", &got_v, &want_v)] {
+        for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+            if w.is_nan() {
+                assert!(g.is_nan(), "{name}: slot element {i} written unexpectedly");
+            } else {
+                assert!((g - w).abs() < 1e-6, "{name}: element {i} got {g} want {w}");
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_ref(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, dqk: usize, dv: usize, qpos: usize, keys: &[usize]) -> Vec<f32> {
+    // k, v indexed by absolute position: [pos][hkv][d]
+    let mut out = vec![0f32; hq * dv];
+    for h in 0..hq {
+        let kh = h / (hq / hkv);
+        let s: Vec<f64> = keys
+            .iter()
+            .map(|&p| (0..dqk).map(|e| q[h * dqk + e] as f64 * k[(p * hkv + kh) * dqk + e] as f64).sum::<f64>() / (dqk as f64).sqrt())
+            .collect();
+        let m = s.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+        for e in 0..dv {
+            out[h * dv + e] = (keys.iter().zip(&s).map(|(&p, &x)| (x - m).exp() / z * v[(p * hkv + kh) * dv + e] as f64).sum::<f64>()) as f32;
+        }
+        let _ = qpos;
+    }
+    out
+}
+
+fn attention_case(window: Option<usize>, seed: u64) {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(seed);
+    let (hq, hkv, dqk, dv) = (6, 2, 16, 40);
+    let n_meta = 3;
+    let total = 150; // positions 0..150
+    let rows = 70; // queries are the last 70 positions
+    let pos0 = total - rows;
+    let ring = match window {
+        Some(w) => w + rows, // the chunk's keys plus the window before it
+        None => total - n_meta,
+    };
+    let cap = n_meta + ring;
+    let kall = r.vec(total * hkv * dqk, 1.0);
+    let vall = r.vec(total * hkv * dv, 1.0);
+    // Fill the cache: meta slots, and ring slots for the positions still held.
+    let mut kc = vec![NAN; hkv * cap * dqk];
+    let mut vc = vec![NAN; hkv * cap * dv];
+    for p in 0..total {
+        if p >= n_meta && p + ring < total {
+            continue; // overwritten in the ring
+        }
+        let s = if p < n_meta { p } else { n_meta + (p - n_meta) % ring };
+        for h in 0..hkv {
+            kc[(h * cap + s) * dqk..(h * cap + s + 1) * dqk].copy_from_slice(&kall[(p * hkv + h) * dqk..(p * hkv + h + 1) * dqk]);
+            vc[(h * cap + s) * dv..(h * cap + s + 1) * dv].copy_from_slice(&vall[(p * hkv + h) * dv..(p * hkv + h + 1) * dv]);
+        }
+    }
+    let q_stride = hq * dqk + 5;
+    let q = r.vec(rows * q_stride, 1.0);
+    let out_stride = hq * dv;
+    let kb = gpu.upload("k", &kc).unwrap();
+    let vb = gpu.upload("v", &vc).unwrap();
+    let qb = gpu.upload("q", &q).unwrap();
+    let ob = gpu.upload("o", &vec![NAN; rows * out_stride]).unwrap();
+    let p = AttentionParams {
+        rows: rows as u32,
+        n_heads: hq as u32,
+        n_kv_heads: hkv as u32,
+        d_qk: dqk as u32,
+        d_v: dv as u32,
+        q_off: 0,
+        q_stride: q_stride as u32,
+        out_off: 0,
+        out_stride: out_stride as u32,
+        pos0: pos0 as u32,
+        n_meta: n_meta as u32,
+        ring: ring as u32,
+        cap: cap as u32,
+        window: window.map(|w| w as u32).unwrap_or(NO_WINDOW),
+        scale: 1.0 / (dqk as f32).sqrt(),
+    };
+    run(gpu, |rec| ks.attention(rec, &qb, &kb, &vb, &ob, p).unwrap());
+    let got = read(gpu, &ob, rows * out_stride);
+    let mut want = Vec::new();
+    for t in 0..rows {
+        let qp = pos0 + t;
+        let keys: Vec<usize> = (0..=qp).filter(|&kp| kp < n_meta || window.is_none_or(|w| qp - kp <= w)).collect();
+        want.extend(attention_ref(&q[t * q_stride..t * q_stride + hq * dqk], &kall, &vall, hq, hkv, dqk, dv, qp, &keys));
+    }
+    assert_close("attention", &got, &want, 2e-5, 1e-4);
+}
+
+#[test]
+fn attention_global_gqa() {
+    attention_case(None, 21);
+}
+
+#[test]
+fn attention_sliding_window_ring_with_meta() {
+    attention_case(Some(17), 22);
+}
+
+#[test]
+fn conv1d_with_state() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(31);
+    let (rows, d, k) = (11, 70, 4);
+    let stride = d + 9;
+    let x_off = 4;
+    let p = r.vec(x_off + rows * stride, 1.0);
+    let w = r.vec(d * k, 0.7);
+    let b = r.vec(d, 0.3);
+    let st = r.vec(d * k, 1.0);
+    let mut wbv = w.clone();
+    wbv.extend(&b);
+    let pb = gpu.upload("p", &p).unwrap();
+    let wb = gpu.upload("wb", &wbv).unwrap();
+    let sb = gpu.upload("s", &st).unwrap();
+    let xb = gpu.upload("xc", &vec![NAN; rows * d]).unwrap();
+    let params = ConvParams {
+        rows: rows as u32,
+        d: d as u32,
+        k: k as u32,
+        x_off: x_off as u32,
+        x_stride: stride as u32,
+        has_bias: 1,
+    };
+    run(gpu, |rec| ks.conv(rec, &pb, &wb, &sb, &xb, params).unwrap());
+    let got = read(gpu, &xb, rows * d);
+    let got_s = read(gpu, &sb, d * k);
+    let mut want = vec![0f32; rows * d];
+    let mut want_s = vec![0f32; d * k];
+    for c in 0..d {
+        let mut seq: Vec<f32> = (0..k).map(|j| st[c * k + j]).collect();
+        seq.extend((0..rows).map(|t| p[x_off + t * stride + c]));
+        for t in 0..rows {
+            let mut acc = b[c] as f64;
+            for j in 0..k {
+                acc += w[c * k + j] as f64 * seq[t + j + 1] as f64;
+            }
+            let a = acc as f32;
+            want[t * d + c] = a / (1.0 + (-a).exp());
+        }
+        for j in 0..k {
+            want_s[c * k + j] = seq[seq.len() - k + j];
+        }
+    }
+    assert_close("conv", &got, &want, 1e-5, 1e-5);
+    assert_close("conv state", &got_s, &want_s, 0.0, 0.0);
+}
+
+#[test]
+fn selective_scan_chunk_and_step() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(41);
+    for rows in [13usize, 1] {
+        let (d, n, rank) = (70, 5, 3);
+        let xs = rank + 2 * n;
+        let zw = 2 * d + 3;
+        let z_off = d + 1;
+        let xc = r.vec(rows * d, 1.0);
+        let dtr: Vec<f32> = (0..rows * d).map(|i| if i == 3 { 25.0 } else { r.f() * 3.0 - 2.0 }).collect();
+        let xp = r.vec(rows * xs, 1.0);
+        let pz = r.vec(rows * zw, 2.0);
+        let a_log: Vec<f32> = (0..d * n).map(|_| r.f() * 1.5).collect();
+        let dtb = r.vec(d, 0.5);
+        let dd = r.vec(d, 1.0);
+        let st = r.vec(d * n, 1.0);
+        let mut consts: Vec<f32> = a_log.iter().map(|&a| -a.exp()).collect();
+        consts.extend(&dtb);
+        consts.extend(&dd);
+        let bx = gpu.upload("xc", &xc).unwrap();
+        let bd = gpu.upload("dt", &dtr).unwrap();
+        let bp = gpu.upload("xp", &xp).unwrap();
+        let bz = gpu.upload("z", &pz).unwrap();
+        let bc = gpu.upload("c", &consts).unwrap();
+        let bs = gpu.upload("s", &st).unwrap();
+        let by = gpu.upload("y", &vec![NAN; rows * d]).unwrap();
+        let params = ScanParams {
+            rows: rows as u32,
+            d: d as u32,
+            n: n as u32,
+            xp_stride: xs as u32,
+            b_col: rank as u32,
+            c_col: (rank + n) as u32,
+            z_off: z_off as u32,
+            z_stride: zw as u32,
+        };
+        run(gpu, |rec| ks.scan(rec, &bx, &bd, &bp, &bz, &bc, &bs, &by, params).unwrap());
+        let got = read(gpu, &by, rows * d);
+        let got_s = read(gpu, &bs, d * n);
+        let mut want = vec![0f32; rows * d];
+        let mut h: Vec<f64> = st.iter().map(|&v| v as f64).collect();
+        for t in 0..rows {
+            for c in 0..d {
+                let mut dt = (dtr[t * d + c] + dtb[c]) as f64;
+                if dt <= 20.0 {
+                    dt = dt.exp().ln_1p();
+                }
+                let x = xc[t * d + c] as f64;
+                let mut y = 0f64;
+                for i in 0..n {
+                    let a = -(a_log[c * n + i] as f64).exp();
+                    h[c * n + i] = (dt * a).exp() * h[c * n + i] + dt * xp[t * xs + rank + i] as f64 * x;
+                    y += xp[t * xs + rank + n + i] as f64 * h[c * n + i];
+                }
+                y += dd[c] as f64 * x;
+                let z = pz[z_off + t * zw + c] as f64;
+                want[t * d + c] = (y * z / (1.0 + (-z).exp())) as f32;
+            }
+        }
+        let want_s: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+        assert_close("scan", &got, &want, 1e-4, 1e-4);
+        assert_close("scan state", &got_s, &want_s, 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn merge_two_norms() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(51);
+    let (rows, width) = (3, 333);
+    let a = r.vec(rows * width, 2.0);
+    let s = r.vec(rows * width, 0.5);
+    let w = r.vec(2 * width, 1.0);
+    let (ba, bs, bw) = (gpu.upload("a", &a).unwrap(), gpu.upload("s", &s).unwrap(), gpu.upload("w", &w).unwrap());
+    let bo = gpu.upload("o", &vec![NAN; rows * width]).unwrap();
+    run(gpu, |rec| ks.merge(rec, &ba, &bs, &bw, &bo, rows, width, 1e-6).unwrap());
+    let got = read(gpu, &bo, rows * width);
+    let mut want = Vec::new();
+    for t in 0..rows {
+        let na = rms_ref(&a[t * width..(t + 1) * width], &w[..width], 1e-6);
+        let ns = rms_ref(&s[t * width..(t + 1) * width], &w[width..], 1e-6);
+        want.extend(na.iter().zip(&ns).map(|(x, y)| (x + y) / 2.0));
+    }
+    assert_close("merge", &got, &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn swiglu_elementwise() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(61);
+    let n = 1000 + 37;
+    let g = r.vec(n, 4.0);
+    let u = r.vec(n, 1.0);
+    let (bg, bu) = (gpu.upload("g", &g).unwrap(), gpu.upload("u", &u).unwrap());
+    run(gpu, |rec| ks.swiglu(rec, &bg, &bu, n).unwrap());
+    let got = read(gpu, &bg, n);
+    let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+    assert_close("swiglu", &got, &want, 1e-6, 1e-5);
+}
+
+#[test]
+fn sampler_matches_cpu_mirror() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(71);
+    let vocab = 1000 + 3;
+    let cases = [
+        SamplingParams::greedy(),
+        SamplingParams { repetition_penalty: 1.3, ..SamplingParams::greedy() },
+        SamplingParams { temperature: 0.8, seed: 7, ..Default::default() },
+        SamplingParams { temperature: 1.0, top_k: 40, seed: 9, ..Default::default() },
+        SamplingParams { temperature: 0.7, top_p: 0.9, seed: 11, ..Default::default() },
+        SamplingParams { temperature: 1.2, top_k: 50, top_p: 0.8, repetition_penalty: 1.2, seed: 13 },
+    ];
+    for (ci, sp) in cases.iter().enumerate() {
+        for trial in 0..4u32 {
+            let logits = r.vec(vocab, 6.0);
+            let mut seen_v = vec![0u32; vocab];
+            // make the argmax a seen token sometimes so the penalty matters
+            let amax = (0..vocab).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+            seen_v[amax] = (trial % 2) as u32;
+            for _ in 0..20 {
+                seen_v[(r.next_u32() as usize) % vocab] = 1;
+            }
+            let step = trial * 3 + 1;
+            let lb = gpu.upload("l", &logits).unwrap();
+            let sb = gpu.upload("seen", &seen_v).unwrap();
+            let stb = gpu.upload("st", &[0xdead_beefu32, step]).unwrap();
+            let p = SampleParams {
+                vocab: vocab as u32,
+                mode: (!sp.is_greedy()) as u32,
+                top_k: sp.top_k,
+                seed: sp.seed32(),
+                temperature: sp.temperature.max(1e-6),
+                top_p: sp.top_p,
+                penalty: sp.repetition_penalty,
+                logits_off: 0,
+            };
+            run(gpu, |rec| ks.sample(rec, &lb, &sb, &stb, p).unwrap());
+            let st = pollster::block_on(gpu.read_u32(&stb, 0, 2)).unwrap();
+            let seen_b: Vec<bool> = seen_v.iter().map(|&s| s != 0).collect();
+            let want = sample_cpu(&logits, &seen_b, sp, step);
+            assert_eq!(st[0], want, "case {ci} trial {trial}: GPU picked {}, CPU {}", st[0], want);
+            assert_eq!(st[1], step + 1);
+            let seen_after = pollster::block_on(gpu.read_u32(&sb, want as u64, 1)).unwrap();
+            assert_eq!(seen_after[0], 1);
+        }
+    }
+}
+
+#[test]
+fn every_kernel_variant_compiles_with_native_f16_too() {
+    // The shared device may lack shader-f16; validate the native-f16 text with naga directly.
+    let all: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("matmul", SRC_MATMUL, vec!["SHADER_F16"]),
+        ("matmul", SRC_MATMUL, vec![]),
+        ("matmul", SRC_MATMUL, vec!["W_F32"]),
+        ("embed", SRC_EMBED, vec!["SHADER_F16"]),
+        ("embed", SRC_EMBED, vec![]),
+        ("embed", SRC_EMBED, vec!["W_F32"]),
+        ("rmsnorm", SRC_RMSNORM, vec![]),
+        ("rmsnorm", SRC_RMSNORM, vec!["INPLACE"]),
+        ("rope", SRC_ROPE, vec![]),
+        ("rope", SRC_ROPE, vec!["STORE_KV"]),
+        ("attention", SRC_ATTENTION, vec![]),
+        ("conv1d", SRC_CONV1D, vec![]),
+        ("conv1d", SRC_CONV1D, vec!["STATE"]),
+        ("scan", SRC_SCAN, vec![]),
+        ("merge", SRC_MERGE, vec![]),
+        ("swiglu", SRC_SWIGLU, vec![]),
+        ("sample", SRC_SAMPLE, vec![]),
+    ];
+    for (file, src, defs) in all {
+        let code = format!("enable f16;\n{}", crate::gpu::preprocess(src, &defs));
+        let module = naga::front::wgsl::parse_str(&code).unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&code)));
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+    }
+}
