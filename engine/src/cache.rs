@@ -1,1 +1,160 @@
-//! todo
+//! Per-sequence state: the Hymba cache (spec §5) plus what the GPU sampler keeps.
+//!
+//! - every layer: the conv state [d_inner, d_conv] (last pre-conv inputs) and
+//!   the SSM state [d_inner, d_state], both f32;
+//! - KV owners only (standalone and producer layers): keys (post-RoPE) and
+//!   values. Global layers have a growing buffer; sliding-window layers a ring
+//!   of `window + prefill chunk` text slots after the meta-token slots. KV
+//!   consumers have no cache of their own and read their producer's.
+//!
+//! Slots: position p < n_meta lives in slot p; text position p in slot
+//! `n_meta + (p - n_meta) % ring`.
+
+use crate::config::{AttentionKind, HymbaConfig};
+use crate::error::Result;
+use crate::gpu::{Gpu, Program};
+
+pub struct KvCache {
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    /// Text slots (ring length for sliding-window layers, capacity for global ones).
+    pub ring: usize,
+    pub global: bool,
+}
+
+impl KvCache {
+    pub fn cap(&self, n_meta: usize) -> usize {
+        n_meta + self.ring
+    }
+}
+
+pub struct LayerState {
+    pub conv: wgpu::Buffer,
+    pub ssm: wgpu::Buffer,
+    pub kv: Option<KvCache>,
+}
+
+/// One conversation or prompt: everything that persists between steps.
+pub struct Sequence {
+    pub(crate) layers: Vec<LayerState>,
+    /// Positions filled so far, meta tokens included.
+    pub(crate) pos: usize,
+    /// User tokens in the cache (prompt and generated), in order.
+    pub(crate) tokens: Vec<u32>,
+    /// [vocab] u32 flags: tokens under the repetition penalty.
+    pub(crate) seen: wgpu::Buffer,
+    /// [0] last chosen / fed token id, [1] tokens sampled so far.
+    pub(crate) tok_state: wgpu::Buffer,
+    /// Prompt ids of the chunk being prefilled.
+    pub(crate) ids: wgpu::Buffer,
+    /// The cached decode-step program and the KV layout generation it was built for.
+    pub(crate) decode: Option<(Program, u64)>,
+    pub(crate) layout_gen: u64,
+    pub(crate) sampled: u32,
+}
+
+impl Sequence {
+    pub(crate) fn new(gpu: &Gpu, cfg: &HymbaConfig, chunk: usize, global_cap: usize) -> Result<Sequence> {
+        let di = cfg.d_inner;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for (i, role) in cfg.layers.iter().enumerate() {
+            let kv = if role.owns_kv() {
+                let (ring, global) = match role.attention {
+                    AttentionKind::Global => (global_cap, true),
+                    AttentionKind::SlidingWindow { window } => (window + chunk, false),
+                };
+                let cap = cfg.n_meta + ring;
+                Some(KvCache {
+                    k: gpu.buffer(&format!("layer {i} keys"), (cfg.n_kv_heads * cap * cfg.d_qk * 4) as u64)?,
+                    v: gpu.buffer(&format!("layer {i} values"), (cfg.n_kv_heads * cap * cfg.d_v * 4) as u64)?,
+                    ring,
+                    global,
+                })
+            } else {
+                None
+            };
+            layers.push(LayerState {
+                conv: gpu.buffer(&format!("layer {i} conv state"), (di * cfg.d_conv * 4) as u64)?,
+                ssm: gpu.buffer(&format!("layer {i} ssm state"), (di * cfg.d_state * 4) as u64)?,
+                kv,
+            });
+        }
+        Ok(Sequence {
+            layers,
+            pos: 0,
+            tokens: Vec::new(),
+            seen: gpu.buffer("seen tokens", (cfg.vocab_size * 4) as u64)?,
+            tok_state: gpu.buffer("token state", 16)?,
+            ids: gpu.buffer("prompt ids", (chunk.max(1) * 4) as u64)?,
+            decode: None,
+            layout_gen: 0,
+            sampled: 0,
+        })
+    }
+
+    /// Positions filled, meta tokens included.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// User tokens in the cache (prompt and generated).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Bytes of GPU memory this sequence's cache occupies (allocated buffer sizes).
+    pub fn cache_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| l.conv.size() + l.ssm.size() + l.kv.as_ref().map(|kv| kv.k.size() + kv.v.size()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Makes sure global layers can hold `positions` positions, growing (and copying) as needed.
+    pub(crate) fn ensure_capacity(&mut self, gpu: &Gpu, cfg: &HymbaConfig, positions: usize, max_text: usize) -> Result<()> {
+        let need_text = positions.saturating_sub(cfg.n_meta);
+        let mut grew = false;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let Some(kv) = l.kv.as_mut() else { continue };
+            if !kv.global || kv.ring >= need_text {
+                continue;
+            }
+            let new_ring = (kv.ring * 2).max(need_text).min(max_text.max(need_text));
+            let old_cap = cfg.n_meta + kv.ring;
+            let new_cap = cfg.n_meta + new_ring;
+            let nk = gpu.buffer(&format!("layer {i} keys"), (cfg.n_kv_heads * new_cap * cfg.d_qk * 4) as u64)?;
+            let nv = gpu.buffer(&format!("layer {i} values"), (cfg.n_kv_heads * new_cap * cfg.d_v * 4) as u64)?;
+            let mut enc = gpu.device.create_command_encoder(&Default::default());
+            for h in 0..cfg.n_kv_heads {
+                enc.copy_buffer_to_buffer(&kv.k, (h * old_cap * cfg.d_qk * 4) as u64, &nk, (h * new_cap * cfg.d_qk * 4) as u64, (old_cap * cfg.d_qk * 4) as u64);
+                enc.copy_buffer_to_buffer(&kv.v, (h * old_cap * cfg.d_v * 4) as u64, &nv, (h * new_cap * cfg.d_v * 4) as u64, (old_cap * cfg.d_v * 4) as u64);
+            }
+            gpu.queue.submit([enc.finish()]);
+            kv.k = nk;
+            kv.v = nv;
+            kv.ring = new_ring;
+            grew = true;
+        }
+        if grew {
+            self.layout_gen += 1;
+            self.decode = None;
+        }
+        Ok(())
+    }
+
+    /// Copies every state buffer of `src` (same layout) into this sequence.
+    pub(crate) fn copy_from(&mut self, gpu: &Gpu, src: &Sequence) {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for (d, s) in self.layers.iter().zip(&src.layers) {
+            enc.copy_buffer_to_buffer(&s.conv, 0, &d.conv, 0, s.conv.size());
+            enc.copy_buffer_to_buffer(&s.ssm, 0, &d.ssm, 0, s.ssm.size());
+            if let (Some(dk), Some(sk)) = (&d.kv, &s.kv) {
+                enc.copy_buffer_to_buffer(&sk.k, 0, &dk.k, 0, sk.k.size().min(dk.k.size()));
+                enc.copy_buffer_to_buffer(&sk.v, 0, &dk.v, 0, sk.v.size().min(dk.v.size()));
+            }
+        }
+        gpu.queue.submit([enc.finish()]);
+        self.pos = src.pos;
+        self.tokens = src.tokens.clone();
+    }
+}

@@ -1,1 +1,705 @@
-//! todo
+//! The Hymba forward pass on the GPU (spec §3): meta tokens, hybrid layers
+//! (attention heads ‖ SSM heads, merged), KV producers and consumers, the
+//! SwiGLU MLP, the final norm and the tied LM head.
+//!
+//! A forward over a chunk of positions is recorded as a list of dispatches
+//! ([`Recorder`]); prompts run in chunks of at most `chunk` positions, decode
+//! steps are one position through a program built once per sequence whose
+//! parameters are rewritten each step.
+
+use crate::cache::Sequence;
+use crate::config::{AttentionKind, HymbaConfig};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder};
+use crate::kernels::{AttentionParams, ConvParams, Kernels, Matrix, RopeParams, SampleParams, ScanParams, WeightDtype, NO_WINDOW};
+use crate::loader::Checkpoint;
+use crate::sampling::SamplingParams;
+use std::sync::Arc;
+
+/// Weight storage choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtypeChoice {
+    /// f32 when the f32 model is small (≤ 1 GiB of weights), f16 otherwise.
+    Auto,
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for DtypeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DtypeChoice::Auto),
+            "f32" => Ok(DtypeChoice::F32),
+            "f16" => Ok(DtypeChoice::F16),
+            _ => Err(format!("unknown dtype {s:?} (expected auto, f32 or f16)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    pub dtype: DtypeChoice,
+    /// Positions per prefill chunk (also sizes the sliding-window ring slack).
+    pub chunk: usize,
+    /// Longest sequence in positions, meta tokens included (default: n_meta + max_position_embeddings).
+    pub max_positions: Option<usize>,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            dtype: DtypeChoice::Auto,
+            chunk: 256,
+            max_positions: None,
+        }
+    }
+}
+
+struct LayerWeights {
+    input_norm: wgpu::Buffer,
+    in_proj: Matrix,
+    /// conv1d weight [d_inner, d_conv] then bias [d_inner].
+    conv: wgpu::Buffer,
+    x_proj: Matrix,
+    /// dt, B, C RMSNorm weights (None when mamba_inner_layernorms is false).
+    inner_norms: Option<(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)>,
+    dt_proj: Matrix,
+    /// A = -exp(A_log) [d_inner, d_state], dt_proj bias [d_inner], D [d_inner].
+    ssm_consts: wgpu::Buffer,
+    /// pre_avg_layernorm1 then pre_avg_layernorm2 weights, [2, d_inner].
+    pre_avg: wgpu::Buffer,
+    out_proj: Matrix,
+    pre_mlp_norm: wgpu::Buffer,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+}
+
+/// Activation buffers for one chunk of rows.
+struct Workspace {
+    h: wgpu::Buffer,
+    u: wgpu::Buffer,
+    p: wgpu::Buffer,
+    att: wgpu::Buffer,
+    xc: wgpu::Buffer,
+    xp: wgpu::Buffer,
+    dt: wgpu::Buffer,
+    y: wgpu::Buffer,
+    m: wgpu::Buffer,
+    gate: wgpu::Buffer,
+    up: wgpu::Buffer,
+    logits: wgpu::Buffer,
+}
+
+/// What a forward returns besides updating the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// Per-layer tensors captured by a traced forward (rows = positions of the call).
+#[derive(Debug, Default, Clone)]
+pub struct Trace {
+    /// hidden[i] = input of layer i, hidden[n_layers] = output of the last layer; [rows, d].
+    pub hidden: Vec<Vec<f32>>,
+    pub attn_out: Vec<Vec<f32>>,
+    pub ssm_out: Vec<Vec<f32>>,
+    pub final_norm: Vec<f32>,
+}
+
+pub struct Model {
+    pub cfg: HymbaConfig,
+    pub gpu: Arc<Gpu>,
+    kernels: Arc<Kernels>,
+    pub dtype: WeightDtype,
+    embed: Matrix,
+    lm_head: Option<Matrix>,
+    meta: wgpu::Buffer,
+    final_norm: wgpu::Buffer,
+    cos_sin: wgpu::Buffer,
+    layers: Vec<LayerWeights>,
+    ws: Workspace,
+    pub chunk: usize,
+    pub max_positions: usize,
+    global_cap0: usize,
+    prefix: Option<Sequence>,
+    weight_bytes: u64,
+}
+
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+impl Model {
+    /// Uploads a validated checkpoint and computes the meta-token prefix.
+    pub async fn load(gpu: Arc<Gpu>, kernels: Arc<Kernels>, ck: &Checkpoint, opts: &ModelOptions, mut progress: impl FnMut(u64, u64)) -> Result<Model> {
+        let cfg = ck.config.clone();
+        let dtype = match opts.dtype {
+            DtypeChoice::F32 => WeightDtype::F32,
+            DtypeChoice::F16 => WeightDtype::F16,
+            DtypeChoice::Auto => {
+                if (cfg.parameter_count() as u64) * 4 <= 1 << 30 {
+                    WeightDtype::F32
+                } else {
+                    WeightDtype::F16
+                }
+            }
+        };
+        let total = ck.stored_bytes();
+        let mut done = 0u64;
+        let mut weight_bytes = 0u64;
+        let g = &*gpu;
+        let tick = |name: &str, wb: &mut u64, bytes: u64| {
+            let _ = name;
+            *wb += bytes;
+        };
+        let mut mat = |name: &str, dt: WeightDtype, done: &mut u64| -> Result<Matrix> {
+            let shape = ck.shape(name).unwrap().to_vec();
+            let rows = shape[0];
+            let cols: usize = shape[1..].iter().product();
+            let data = ck.f32(name)?;
+            *done += (data.len() * 2) as u64;
+            progress((*done).min(total), total);
+            Matrix::upload(g, name, &data, rows, cols, dt)
+        };
+        let vec_f32 = |name: &str| -> Result<wgpu::Buffer> { g.upload(name, &ck.f32(name)?) };
+        let embed = mat("model.embed_tokens.weight", dtype, &mut done)?;
+        tick("embed", &mut weight_bytes, embed.bytes());
+        let lm_head = if cfg.raw.tie_word_embeddings {
+            None
+        } else {
+            let m = mat("lm_head.weight", dtype, &mut done)?;
+            tick("lm_head", &mut weight_bytes, m.bytes());
+            Some(m)
+        };
+        let meta = if cfg.n_meta > 0 { vec_f32("model.memory_tokens")? } else { g.buffer("no meta tokens", 16)? };
+        let final_norm = vec_f32("model.final_layernorm.weight")?;
+        weight_bytes += ((cfg.n_meta + 1) * cfg.hidden * 4) as u64;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("model.layers.{i}.");
+            let n = |s: &str| format!("{p}{s}");
+            let in_proj = mat(&n("mamba.in_proj.weight"), dtype, &mut done)?;
+            let x_proj = mat(&n("mamba.x_proj.0.weight"), WeightDtype::F32, &mut done)?;
+            let dt_proj = mat(&n("mamba.dt_proj.0.weight"), WeightDtype::F32, &mut done)?;
+            let out_proj = mat(&n("mamba.out_proj.weight"), dtype, &mut done)?;
+            let gate = mat(&n("moe.experts.0.gate_proj.weight"), dtype, &mut done)?;
+            let up = mat(&n("moe.experts.0.up_proj.weight"), dtype, &mut done)?;
+            let down = mat(&n("moe.experts.0.down_proj.weight"), dtype, &mut done)?;
+            let mut conv = ck.f32(&n("mamba.conv1d.weight"))?;
+            if cfg.conv_bias {
+                conv.extend(ck.f32(&n("mamba.conv1d.bias"))?);
+            } else {
+                conv.extend(std::iter::repeat_n(0.0, cfg.d_inner));
+            }
+            let mut consts: Vec<f32> = ck.f32(&n("mamba.A_log.0"))?.iter().map(|a| -a.exp()).collect();
+            consts.extend(ck.f32(&n("mamba.dt_proj.0.bias"))?);
+            consts.extend(ck.f32(&n("mamba.D.0"))?);
+            let mut pre_avg = ck.f32(&n("mamba.pre_avg_layernorm1.weight"))?;
+            pre_avg.extend(ck.f32(&n("mamba.pre_avg_layernorm2.weight"))?);
+            let inner_norms = if cfg.inner_norms {
+                Some((vec_f32(&n("mamba.dt_layernorm.weight"))?, vec_f32(&n("mamba.B_layernorm.weight"))?, vec_f32(&n("mamba.C_layernorm.weight"))?))
+            } else {
+                None
+            };
+            let small = (conv.len() + consts.len() + pre_avg.len() + 2 * cfg.hidden + cfg.x_proj_rows()) * 4;
+            weight_bytes += in_proj.bytes() + x_proj.bytes() + dt_proj.bytes() + out_proj.bytes() + gate.bytes() + up.bytes() + down.bytes() + small as u64;
+            layers.push(LayerWeights {
+                input_norm: vec_f32(&n("input_layernorm.weight"))?,
+                in_proj,
+                conv: g.upload(&n("conv"), &conv)?,
+                x_proj,
+                inner_norms,
+                dt_proj,
+                ssm_consts: g.upload(&n("ssm consts"), &consts)?,
+                pre_avg: g.upload(&n("pre_avg"), &pre_avg)?,
+                out_proj,
+                pre_mlp_norm: vec_f32(&n("pre_moe_layernorm.weight"))?,
+                gate,
+                up,
+                down,
+            });
+        }
+        progress(total, total);
+        Self::assemble(gpu, kernels, cfg, dtype, embed, lm_head, meta, final_norm, layers, opts, weight_bytes).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn assemble(gpu: Arc<Gpu>, kernels: Arc<Kernels>, cfg: HymbaConfig, dtype: WeightDtype, embed: Matrix, lm_head: Option<Matrix>, meta: wgpu::Buffer, final_norm: wgpu::Buffer, layers: Vec<LayerWeights>, opts: &ModelOptions, weight_bytes: u64) -> Result<Model> {
+        let chunk = opts.chunk.max(cfg.n_meta).max(1);
+        let max_positions = opts.max_positions.unwrap_or(cfg.n_meta + cfg.max_position_embeddings).max(cfg.n_meta + 1);
+        // RoPE cos/sin table: angles in f32 as the reference computes them.
+        let half = cfg.d_qk / 2;
+        let inv = cfg.rope_inv_freq();
+        let mut cs = Vec::with_capacity(max_positions * half * 2);
+        for pos in 0..max_positions {
+            for &f in inv.iter().take(half) {
+                if cfg.rope {
+                    let a = pos as f32 * f;
+                    cs.push((a as f64).cos() as f32);
+                    cs.push((a as f64).sin() as f32);
+                } else {
+                    cs.push(1.0);
+                    cs.push(0.0);
+                }
+            }
+        }
+        let g = &*gpu;
+        let cos_sin = g.upload("rope cos/sin", &cs)?;
+        let c = chunk;
+        let pw = (0..cfg.n_layers).map(|i| cfg.in_proj_rows(i)).max().unwrap();
+        let ws = Workspace {
+            h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
+            u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
+            p: g.buffer("in_proj out", (c * pw * 4) as u64)?,
+            att: g.buffer("attention out", (c * cfg.d_inner * 4) as u64)?,
+            xc: g.buffer("conv out", (c * cfg.d_inner * 4) as u64)?,
+            xp: g.buffer("x_proj out", (c * cfg.x_proj_rows() * 4) as u64)?,
+            dt: g.buffer("dt", (c * cfg.d_inner * 4) as u64)?,
+            y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
+            m: g.buffer("merged", (c * cfg.d_inner * 4) as u64)?,
+            gate: g.buffer("mlp gate", (c * cfg.intermediate * 4) as u64)?,
+            up: g.buffer("mlp up", (c * cfg.intermediate * 4) as u64)?,
+            logits: g.buffer("logits", (c * cfg.vocab_size * 4) as u64)?,
+        };
+        let global_cap0 = round_up(2 * chunk, 256).min(max_positions - cfg.n_meta).max(1);
+        let mut model = Model {
+            cfg,
+            gpu,
+            kernels,
+            dtype,
+            embed,
+            lm_head,
+            meta,
+            final_norm,
+            cos_sin,
+            layers,
+            ws,
+            chunk,
+            max_positions,
+            global_cap0,
+            prefix: None,
+            weight_bytes,
+        };
+        // The meta-token prefix is a constant of the checkpoint: compute it once.
+        let mut prefix = model.empty_sequence()?;
+        if model.cfg.n_meta > 0 {
+            model.forward(&mut prefix, &[], Logits::None, None).await?;
+        }
+        model.gpu.finish().await?;
+        model.prefix = Some(prefix);
+        Ok(model)
+    }
+
+    /// Bytes of weights on the GPU.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// A sequence with nothing in it (not even the meta tokens).
+    pub fn empty_sequence(&self) -> Result<Sequence> {
+        Sequence::new(&self.gpu, &self.cfg, self.chunk, self.global_cap0)
+    }
+
+    /// A new sequence starting from the precomputed meta-token prefix.
+    pub fn new_sequence(&self) -> Result<Sequence> {
+        let mut s = self.empty_sequence()?;
+        if let Some(p) = &self.prefix {
+            s.copy_from(&self.gpu, p);
+        }
+        Ok(s)
+    }
+
+    /// Resets `seq` to the meta-token prefix (a new conversation) without reallocating.
+    pub fn reset_sequence(&self, seq: &mut Sequence) -> Result<()> {
+        *seq = self.new_sequence()?;
+        Ok(())
+    }
+
+    fn lm_head(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        for &id in ids {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(Error::BadToken { id, vocab: self.cfg.vocab_size });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, seq: &Sequence, extra: usize) -> Result<()> {
+        let meta = if seq.pos == 0 { self.cfg.n_meta } else { 0 };
+        let needed = seq.pos + meta + extra;
+        if needed > self.max_positions {
+            return Err(Error::ContextTooLong {
+                needed,
+                meta: self.cfg.n_meta,
+                limit: self.max_positions,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `ids` through the model, appending them to `seq` (prefill semantics:
+    /// the sliding window covers `window` text positions before each query). A sequence
+    /// with position 0 gets the meta tokens prepended first. Returns logits of the
+    /// requested positions ([n, vocab] row-major; for `Last` just one row).
+    pub async fn forward(&self, seq: &mut Sequence, ids: &[u32], want: Logits, mut trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        self.check_room(seq, ids.len())?;
+        let n_meta_rows = if seq.pos == 0 { self.cfg.n_meta } else { 0 };
+        let total_rows = n_meta_rows + ids.len();
+        if total_rows == 0 {
+            return Ok(Vec::new());
+        }
+        seq.ensure_capacity(&self.gpu, &self.cfg, seq.pos + total_rows, self.max_positions - self.cfg.n_meta)?;
+        // Mark prompt tokens for the repetition penalty.
+        for &id in ids {
+            self.gpu.write(&seq.seen, id as u64 * 4, &[1u32]);
+        }
+        let v = self.cfg.vocab_size;
+        let mut out = Vec::new();
+        let mut row = 0usize; // rows of this call done
+        while row < total_rows {
+            let rows = (total_rows - row).min(self.chunk);
+            let meta_here = n_meta_rows.saturating_sub(row).min(rows);
+            let id_start = row.saturating_sub(n_meta_rows);
+            let id_count = rows - meta_here;
+            if id_count > 0 {
+                self.gpu.write(&seq.ids, 0, &ids[id_start..id_start + id_count]);
+            }
+            let last_chunk = row + rows == total_rows;
+            let chunk_logits = match want {
+                Logits::All => Logits::All,
+                Logits::Last if last_chunk => Logits::Last,
+                _ => Logits::None,
+            };
+            let pos0 = seq.pos;
+            if let Some(tr) = trace.as_deref_mut() {
+                self.forward_traced(seq, pos0, rows, meta_here, tr).await?;
+            } else {
+                let mut rec = Recorder::new(&self.gpu);
+                self.record_chunk(&mut rec, seq, pos0, rows, meta_here, &seq.ids.clone(), 0, false, chunk_logits)?;
+                rec.finish().run(&self.gpu);
+            }
+            seq.pos += rows;
+            match chunk_logits {
+                Logits::All => {
+                    // meta rows have no logits: skip them
+                    let skip = meta_here;
+                    if rows > skip {
+                        if trace.is_some() {
+                            let mut rec = Recorder::new(&self.gpu);
+                            self.record_head(&mut rec, rows, 0, rows)?;
+                            rec.finish().run(&self.gpu);
+                        }
+                        out.extend(self.gpu.read_f32(&self.ws.logits, (skip * v) as u64, ((rows - skip) * v) as u64).await?);
+                    }
+                }
+                Logits::Last => {
+                    if trace.is_some() {
+                        let mut rec = Recorder::new(&self.gpu);
+                        self.record_head(&mut rec, rows, rows - 1, 1)?;
+                        rec.finish().run(&self.gpu);
+                    }
+                    if rows > meta_here {
+                        out.extend(self.gpu.read_f32(&self.ws.logits, 0, v as u64).await?);
+                    }
+                }
+                Logits::None => {}
+            }
+            row += rows;
+        }
+        seq.tokens.extend_from_slice(ids);
+        self.gpu.check_errors()?;
+        Ok(out)
+    }
+
+    /// Final norm + LM head for `n` rows starting at row `first` of the chunk, into logits rows 0..n.
+    fn record_head(&self, rec: &mut Recorder, _rows: usize, first: usize, n: usize) -> Result<()> {
+        let c = &self.cfg;
+        let k = &self.kernels;
+        k.rmsnorm(rec, Some((&self.ws.h, first * c.hidden, c.hidden)), &self.final_norm, &self.ws.u, 0, c.hidden, n, c.hidden, c.eps)?;
+        k.matmul(rec, &self.ws.u, 0, c.hidden, self.lm_head(), None, &self.ws.logits, 0, c.vocab_size, n, false)
+    }
+
+    /// Records one chunk: embedding, every layer, and (optionally) the head.
+    #[allow(clippy::too_many_arguments)]
+    fn record_chunk(&self, rec: &mut Recorder, seq: &Sequence, pos0: usize, rows: usize, meta_rows: usize, ids: &wgpu::Buffer, ids_off: usize, decode: bool, logits: Logits) -> Result<()> {
+        let c = &self.cfg;
+        self.kernels.embed(rec, ids, ids_off, &self.embed, &self.meta, meta_rows, &self.ws.h, rows)?;
+        for l in 0..c.n_layers {
+            self.record_layer(rec, seq, l, pos0, rows, decode)?;
+        }
+        match logits {
+            Logits::None => Ok(()),
+            Logits::All => self.record_head(rec, rows, 0, rows),
+            Logits::Last => self.record_head(rec, rows, rows - 1, 1),
+        }
+    }
+
+    /// One hybrid layer over `rows` positions starting at `pos0`.
+    fn record_layer(&self, rec: &mut Recorder, seq: &Sequence, l: usize, pos0: usize, rows: usize, decode: bool) -> Result<()> {
+        let c = &self.cfg;
+        let k = &self.kernels;
+        let w = &self.layers[l];
+        let ws = &self.ws;
+        let d = c.hidden;
+        let di = c.d_inner;
+        let split = c.in_proj_split(l);
+        let pw = split.total;
+        // Input norm and the fused in_proj (q | k | v | x | z).
+        k.rmsnorm(rec, Some((&ws.h, 0, d)), &w.input_norm, &ws.u, 0, d, rows, d, c.eps)?;
+        k.matmul(rec, &ws.u, 0, d, &w.in_proj, None, &ws.p, 0, pw, rows, false)?;
+        // Attention heads.
+        let src = c.layers[l].kv_source(l);
+        let kv = seq.layers[src].kv.as_ref().expect("KV source layer owns a cache");
+        let cap = kv.cap(c.n_meta);
+        let rope = RopeParams {
+            rows: rows as u32,
+            n_heads: c.n_heads as u32,
+            d_qk: c.d_qk as u32,
+            d_v: c.d_v as u32,
+            p_off: 0,
+            p_stride: pw as u32,
+            q_col: split.q as u32,
+            v_col: split.v.unwrap_or(0) as u32,
+            pos0: pos0 as u32,
+            n_meta: c.n_meta as u32,
+            ring: kv.ring as u32,
+            cap: cap as u32,
+        };
+        if let (Some(kc), Some(_)) = (split.k, split.v) {
+            k.store_kv(rec, &self.cos_sin, &ws.p, &kv.k, &kv.v, RopeParams { n_heads: c.n_kv_heads as u32, q_col: kc as u32, ..rope })?;
+        }
+        k.rope_q(rec, &self.cos_sin, &ws.p, rope)?;
+        let window = match c.layers[l].attention {
+            AttentionKind::Global => NO_WINDOW,
+            // A single-token decode step sees one text position less (the reference trims to window - 1).
+            AttentionKind::SlidingWindow { window } => (if decode { window - 1 } else { window }) as u32,
+        };
+        k.attention(
+            rec,
+            &ws.p,
+            &kv.k,
+            &kv.v,
+            &ws.att,
+            AttentionParams {
+                rows: rows as u32,
+                n_heads: c.n_heads as u32,
+                n_kv_heads: c.n_kv_heads as u32,
+                d_qk: c.d_qk as u32,
+                d_v: c.d_v as u32,
+                q_off: split.q as u32,
+                q_stride: pw as u32,
+                out_off: 0,
+                out_stride: di as u32,
+                pos0: pos0 as u32,
+                n_meta: c.n_meta as u32,
+                ring: kv.ring as u32,
+                cap: cap as u32,
+                window,
+                scale: 1.0 / (c.d_qk as f32).sqrt(),
+            },
+        )?;
+        // SSM heads: conv, x_proj, inner norms, dt_proj, selective scan.
+        let st = &seq.layers[l];
+        k.conv(
+            rec,
+            &ws.p,
+            &w.conv,
+            &st.conv,
+            &ws.xc,
+            ConvParams {
+                rows: rows as u32,
+                d: di as u32,
+                k: c.d_conv as u32,
+                x_off: split.x as u32,
+                x_stride: pw as u32,
+                has_bias: 1,
+            },
+        )?;
+        let xs = c.x_proj_rows();
+        k.matmul(rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, rows, false)?;
+        if let Some((ndt, nb, nc)) = &w.inner_norms {
+            k.rmsnorm(rec, None, ndt, &ws.xp, 0, xs, rows, c.dt_rank, c.eps)?;
+            k.rmsnorm(rec, None, nb, &ws.xp, c.dt_rank, xs, rows, c.d_state, c.eps)?;
+            k.rmsnorm(rec, None, nc, &ws.xp, c.dt_rank + c.d_state, xs, rows, c.d_state, c.eps)?;
+        }
+        k.matmul(rec, &ws.xp, 0, xs, &w.dt_proj, None, &ws.dt, 0, di, rows, false)?;
+        k.scan(
+            rec,
+            &ws.xc,
+            &ws.dt,
+            &ws.xp,
+            &ws.p,
+            &w.ssm_consts,
+            &st.ssm,
+            &ws.y,
+            ScanParams {
+                rows: rows as u32,
+                d: di as u32,
+                n: c.d_state as u32,
+                xp_stride: xs as u32,
+                b_col: c.dt_rank as u32,
+                c_col: (c.dt_rank + c.d_state) as u32,
+                z_off: split.z as u32,
+                z_stride: pw as u32,
+            },
+        )?;
+        // Merge the two kinds of heads, out_proj into the residual.
+        k.merge(rec, &ws.att, &ws.y, &w.pre_avg, &ws.m, rows, di, c.eps)?;
+        k.matmul(rec, &ws.m, 0, di, &w.out_proj, None, &ws.h, 0, d, rows, true)?;
+        // SwiGLU MLP.
+        k.rmsnorm(rec, Some((&ws.h, 0, d)), &w.pre_mlp_norm, &ws.u, 0, d, rows, d, c.eps)?;
+        k.matmul(rec, &ws.u, 0, d, &w.gate, None, &ws.gate, 0, c.intermediate, rows, false)?;
+        k.matmul(rec, &ws.u, 0, d, &w.up, None, &ws.up, 0, c.intermediate, rows, false)?;
+        k.swiglu(rec, &ws.gate, &ws.up, rows * c.intermediate)?;
+        k.matmul(rec, &ws.gate, 0, c.intermediate, &w.down, None, &ws.h, 0, d, rows, true)
+    }
+
+    async fn forward_traced(&self, seq: &mut Sequence, pos0: usize, rows: usize, meta_rows: usize, tr: &mut Trace) -> Result<()> {
+        let c = &self.cfg;
+        let g = &*self.gpu;
+        let n = c.n_layers;
+        if tr.hidden.len() < n + 1 {
+            tr.hidden.resize(n + 1, Vec::new());
+            tr.attn_out.resize(n, Vec::new());
+            tr.ssm_out.resize(n, Vec::new());
+        }
+        let mut rec = Recorder::new(g);
+        self.kernels.embed(&mut rec, &seq.ids, 0, &self.embed, &self.meta, meta_rows, &self.ws.h, rows)?;
+        rec.finish().run(g);
+        for l in 0..n {
+            tr.hidden[l].extend(g.read_f32(&self.ws.h, 0, (rows * c.hidden) as u64).await?);
+            let mut rec = Recorder::new(g);
+            self.record_layer(&mut rec, seq, l, pos0, rows, false)?;
+            rec.finish().run(g);
+            tr.attn_out[l].extend(g.read_f32(&self.ws.att, 0, (rows * c.d_inner) as u64).await?);
+            tr.ssm_out[l].extend(g.read_f32(&self.ws.y, 0, (rows * c.d_inner) as u64).await?);
+        }
+        tr.hidden[n].extend(g.read_f32(&self.ws.h, 0, (rows * c.hidden) as u64).await?);
+        let mut rec = Recorder::new(g);
+        self.kernels.rmsnorm(&mut rec, Some((&self.ws.h, 0, c.hidden)), &self.final_norm, &self.ws.u, 0, c.hidden, rows, c.hidden, c.eps)?;
+        rec.finish().run(g);
+        tr.final_norm.extend(g.read_f32(&self.ws.u, 0, (rows * c.hidden) as u64).await?);
+        Ok(())
+    }
+
+    fn sample_params(&self, sp: &SamplingParams) -> SampleParams {
+        SampleParams {
+            vocab: self.cfg.vocab_size as u32,
+            mode: (!sp.is_greedy()) as u32,
+            top_k: sp.top_k,
+            seed: sp.seed32(),
+            temperature: sp.temperature.max(1e-6),
+            top_p: sp.top_p,
+            penalty: sp.repetition_penalty,
+            logits_off: 0,
+        }
+    }
+
+    /// Samples from the logits of the last forward (row 0 of the logits buffer) on the GPU.
+    pub fn record_sample(&self, seq: &Sequence, sp: &SamplingParams) -> Result<crate::gpu::Program> {
+        let mut rec = Recorder::new(&self.gpu);
+        self.kernels.sample(&mut rec, &self.ws.logits, &seq.seen, &seq.tok_state, self.sample_params(sp))?;
+        Ok(rec.finish())
+    }
+
+    fn record_decode(&self, rec: &mut Recorder, seq: &Sequence, sp: &SamplingParams, sample: bool) -> Result<()> {
+        self.record_chunk(rec, seq, seq.pos, 1, 0, &seq.tok_state, 0, true, Logits::Last)?;
+        if sample {
+            self.kernels.sample(rec, &self.ws.logits, &seq.seen, &seq.tok_state, self.sample_params(sp))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the token that the next decode step consumes (teacher forcing, or the first step after a prefill).
+    pub fn set_next_token(&self, seq: &mut Sequence, id: u32) -> Result<()> {
+        self.check_ids(&[id])?;
+        self.gpu.write(&seq.tok_state, 0, &[id]);
+        self.gpu.write(&seq.seen, id as u64 * 4, &[1u32]);
+        Ok(())
+    }
+
+    /// Encodes one decode step for the token in the sequence's token slot: the whole
+    /// model for one position (single-token window semantics), then, when `sample` is set,
+    /// the GPU sampler, which writes the next token into the slot. Nothing is read back.
+    pub fn submit_decode(&self, seq: &mut Sequence, sp: &SamplingParams, sample: bool) -> Result<()> {
+        self.check_room(seq, 1)?;
+        seq.ensure_capacity(&self.gpu, &self.cfg, seq.pos + 1, self.max_positions - self.cfg.n_meta)?;
+        let key = seq.layout_gen * 2 + sample as u64;
+        let reuse = matches!(&seq.decode, Some((_, k)) if *k == key);
+        if reuse {
+            let mut rec = Recorder::params_only(&self.gpu);
+            self.record_decode(&mut rec, seq, sp, sample)?;
+            let bytes = rec.into_params();
+            let (prog, _) = seq.decode.as_ref().unwrap();
+            prog.update_params(&self.gpu, &bytes);
+            prog.run(&self.gpu);
+        } else {
+            let mut rec = Recorder::new(&self.gpu);
+            self.record_decode(&mut rec, seq, sp, sample)?;
+            let prog = rec.finish();
+            prog.run(&self.gpu);
+            seq.decode = Some((prog, key));
+        }
+        seq.pos += 1;
+        if sample {
+            seq.sampled += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads the token id in the sequence's token slot.
+    pub async fn read_token(&self, seq: &Sequence) -> Result<u32> {
+        Ok(self.gpu.read_u32(&seq.tok_state, 0, 1).await?[0])
+    }
+
+    /// Reads the last logits row computed.
+    pub async fn read_logits(&self) -> Result<Vec<f32>> {
+        self.gpu.read_f32(&self.ws.logits, 0, self.cfg.vocab_size as u64).await
+    }
+
+    /// Teacher-forced decode step: feeds `id`, returns the logits for the next position.
+    pub async fn decode_logits(&self, seq: &mut Sequence, id: u32) -> Result<Vec<f32>> {
+        self.set_next_token(seq, id)?;
+        self.submit_decode(seq, &SamplingParams::greedy(), false)?;
+        seq.tokens.push(id);
+        self.read_logits().await
+    }
+
+    /// Reads back a layer's KV cache as [n_kv_heads, positions, d] with positions in order
+    /// (only positions still held are returned: `first_pos..seq.pos`).
+    pub async fn read_kv(&self, seq: &Sequence, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>, usize)>> {
+        let c = &self.cfg;
+        let Some(kv) = seq.layers[layer].kv.as_ref() else { return Ok(None) };
+        let cap = kv.cap(c.n_meta);
+        let kall = self.gpu.read_f32(&kv.k, 0, (c.n_kv_heads * cap * c.d_qk) as u64).await?;
+        let vall = self.gpu.read_f32(&kv.v, 0, (c.n_kv_heads * cap * c.d_v) as u64).await?;
+        let first_text = seq.pos.saturating_sub(kv.ring).max(c.n_meta);
+        let positions: Vec<usize> = (0..c.n_meta.min(seq.pos)).chain(first_text..seq.pos).collect();
+        let mut ko = Vec::new();
+        let mut vo = Vec::new();
+        for h in 0..c.n_kv_heads {
+            for &p in &positions {
+                let s = if p < c.n_meta { p } else { c.n_meta + (p - c.n_meta) % kv.ring };
+                ko.extend_from_slice(&kall[(h * cap + s) * c.d_qk..(h * cap + s + 1) * c.d_qk]);
+                vo.extend_from_slice(&vall[(h * cap + s) * c.d_v..(h * cap + s + 1) * c.d_v]);
+            }
+        }
+        Ok(Some((ko, vo, first_text)))
+    }
+
+    /// Reads back a layer's conv and SSM states.
+    pub async fn read_ssm_state(&self, seq: &Sequence, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = &self.cfg;
+        let st = &seq.layers[layer];
+        Ok((self.gpu.read_f32(&st.conv, 0, (c.d_inner * c.d_conv) as u64).await?, self.gpu.read_f32(&st.ssm, 0, (c.d_inner * c.d_state) as u64).await?))
+    }
+}
