@@ -1,1 +1,151 @@
+//! Bad input gets a clear error naming the file, tensor, shape or limit — never a panic.
 
+use hymba_engine::loader::Checkpoint;
+use hymba_engine::model::{Logits, Model, ModelOptions};
+use hymba_tests::*;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    repo_root().join("tests/fixtures/c1_global_small")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hymba-loading-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_case(to: &Path) {
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture().join(f), to.join(f)).unwrap();
+    }
+}
+
+/// Rewrites model.safetensors with `edit` applied to (name, dtype, shape, bytes).
+fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> (Dtype, Vec<usize>, Vec<u8>)) {
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let items: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let (d, s, b) = edit(&n, v.dtype(), v.shape().to_vec(), v.data().to_vec());
+            (n, d, s, b)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = items.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), out).unwrap();
+}
+
+fn err_of(dir: &Path) -> String {
+    match Checkpoint::open_dir(dir) {
+        Ok(_) => panic!("{} loaded but should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_directory_and_files() {
+    let e = err_of(Path::new("/nonexistent/hymba-model"));
+    assert!(e.contains("/nonexistent/hymba-model"), "{e}");
+    let d = tmpdir("nocfg");
+    std::fs::copy(fixture().join("model.safetensors"), d.join("model.safetensors")).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("config.json"), "{e}");
+    let d = tmpdir("noweights");
+    std::fs::copy(fixture().join("config.json"), d.join("config.json")).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn truncated_safetensors() {
+    let d = tmpdir("trunc");
+    copy_case(&d);
+    let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+    std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    std::fs::write(d.join("model.safetensors"), &bytes[..5]).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn wrong_shape_names_tensor_and_shapes() {
+    let d = tmpdir("shape");
+    copy_case(&d);
+    rewrite(&d, |n, dt, s, b| {
+        if n == "model.layers.1.mamba.in_proj.weight" {
+            let mut s2 = s.clone();
+            s2[0] -= 1;
+            let row = s[1] * 4;
+            (dt, s2, b[..b.len() - row].to_vec())
+        } else {
+            (dt, s, b)
+        }
+    });
+    let e = err_of(&d);
+    assert!(e.contains("model.layers.1.mamba.in_proj.weight") && e.contains("[415, 64]") && e.contains("[416, 64]"), "{e}");
+}
+
+#[test]
+fn wrong_dtype_names_tensor() {
+    let d = tmpdir("dtype");
+    copy_case(&d);
+    rewrite(&d, |n, dt, s, b| if n == "model.final_layernorm.weight" { (Dtype::I32, s, b) } else { (dt, s, b) });
+    let e = err_of(&d);
+    assert!(e.contains("model.final_layernorm.weight") && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let d = tmpdir("missing");
+    copy_case(&d);
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, TensorView)> = st.tensors().into_iter().filter(|(n, _)| n != "model.layers.2.mamba.D.0").collect();
+    std::fs::write(d.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model.layers.2.mamba.D.0"), "{e}");
+}
+
+#[test]
+fn unsupported_config_is_named() {
+    for (key, val, word) in [
+        ("memory_tokens_interspersed_every", serde_json::json!(2), "memory_tokens_interspersed_every"),
+        ("kq_norm", serde_json::json!("rms"), "kq_norm"),
+        ("num_experts", serde_json::json!(2), "num_experts"),
+        ("global_attn_idx", serde_json::json!([1, 2]), "layer 0"),
+    ] {
+        let d = tmpdir(&format!("cfg-{key}"));
+        copy_case(&d);
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        cfg[key] = val;
+        std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+        let e = err_of(&d);
+        assert!(e.contains(word) && e.contains("config.json"), "{e}");
+    }
+    let d = tmpdir("cfg-garbage");
+    copy_case(&d);
+    std::fs::write(d.join("config.json"), "{ not json").unwrap();
+    assert!(err_of(&d).contains("config.json"));
+}
+
+#[test]
+fn prompt_longer_than_the_model_allows() {
+    let (gpu, kernels) = gpu();
+    let ck = Checkpoint::open_dir(&fixture()).unwrap();
+    let opts = ModelOptions { max_positions: Some(40), ..Default::default() };
+    let model = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {})).unwrap();
+    let mut seq = model.new_sequence().unwrap();
+    let ids = vec![5u32; 33]; // 8 meta + 33 > 40
+    let e = pollster::block_on(model.forward(&mut seq, &ids, Logits::Last, None)).unwrap_err().to_string();
+    assert!(e.contains("41") && e.contains("40"), "{e}");
+    let e = pollster::block_on(model.forward(&mut seq, &[9999], Logits::Last, None)).unwrap_err().to_string();
+    assert!(e.contains("9999") && e.contains("512"), "{e}");
+}
