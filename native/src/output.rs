@@ -1,0 +1,191 @@
+//! `hymba info`: GPU adapters, or a model's layout and memory needs.
+
+use crate::load::open_source;
+use crate::{CliResult, InfoArgs};
+use hymba_engine::config::{AttentionKind, HymbaConfig, KvRole};
+use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu};
+use hymba_engine::kernels::Matrix;
+use hymba_engine::model::ModelOptions;
+
+pub fn human_bytes(b: u64) -> String {
+    let f = b as f64;
+    if f >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.2} GiB", f / (1024.0 * 1024.0 * 1024.0))
+    } else if f >= 1024.0 * 1024.0 {
+        format!("{:.2} MiB", f / (1024.0 * 1024.0))
+    } else if f >= 1024.0 {
+        format!("{:.1} KiB", f / 1024.0)
+    } else {
+        format!("{b} B")
+    }
+}
+
+pub fn info(a: InfoArgs) -> CliResult<()> {
+    match a.model {
+        Some(m) => model_info(&m),
+        None => adapters_info(&a.backend),
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn adapters_info(backend: &str) -> CliResult<()> {
+    let backends = parse_backends(backend).ok_or_else(|| format!("unknown backend {backend}"))?;
+    let adapters = Gpu::adapters(backends);
+    if adapters.is_empty() {
+        return Err(format!(
+            "no GPU adapter found for backends {backends:?}. Install a Vulkan driver; for a software one on Debian/Ubuntu: apt-get install mesa-vulkan-drivers"
+        ));
+    }
+    println!("{} adapter(s) for backends {:?} (use --adapter N to pick one):", adapters.len(), backends);
+    for (i, ad) in adapters.iter().enumerate() {
+        let info = ad.get_info();
+        let f = ad.features();
+        let l = ad.limits();
+        println!("[{i}] {}", describe_adapter(&info));
+        println!(
+            "    features: shader-f16 {}, subgroup {} (sizes {}..{}), timestamp-query {}",
+            yes(f.contains(wgpu::Features::SHADER_F16)),
+            yes(f.contains(wgpu::Features::SUBGROUP)),
+            info.subgroup_min_size,
+            info.subgroup_max_size,
+            yes(f.contains(wgpu::Features::TIMESTAMP_QUERY))
+        );
+        println!(
+            "    limits: max_buffer_size {}, max_storage_buffer_binding_size {}, max_storage_buffers_per_shader_stage {}",
+            human_bytes(l.max_buffer_size),
+            human_bytes(l.max_storage_buffer_binding_size as u64),
+            l.max_storage_buffers_per_shader_stage
+        );
+        println!(
+            "            max_compute_workgroup_storage_size {}, max_compute_invocations_per_workgroup {}, max_compute_workgroups_per_dimension {}",
+            human_bytes(l.max_compute_workgroup_storage_size as u64),
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroups_per_dimension
+        );
+    }
+    Ok(())
+}
+
+/// Bytes of weights on the GPU, counted as `Model::load` counts them.
+pub fn gpu_weight_bytes(c: &HymbaConfig, elem: usize) -> u64 {
+    let mat = |rows: usize, cols: usize, e: usize| (rows * Matrix::padded_cols(cols) * e) as u64;
+    let d = c.hidden;
+    let di = c.d_inner;
+    let mut total = mat(c.vocab_size, d, elem);
+    if !c.raw.tie_word_embeddings {
+        total += mat(c.vocab_size, d, elem);
+    }
+    total += ((c.n_meta + 1) * d * 4) as u64;
+    for i in 0..c.n_layers {
+        total += mat(c.in_proj_rows(i), d, elem)
+            + mat(c.x_proj_rows(), di, 4)
+            + mat(di, c.dt_rank, 4)
+            + mat(d, di, elem)
+            + 2 * mat(c.intermediate, d, elem)
+            + mat(d, c.intermediate, elem);
+        let small = (di * c.d_conv + di) + (di * c.d_state + 2 * di) + 2 * di + 2 * d + c.x_proj_rows();
+        total += (small * 4) as u64;
+    }
+    total
+}
+
+fn buf(bytes: usize) -> u64 {
+    (bytes.max(16).div_ceil(16) * 16) as u64
+}
+
+/// Bytes of one sequence's cache holding `tokens` user tokens, by the engine's allocation
+/// rules (`cache.rs`): conv + SSM state per layer; K and V (f32) per KV-owning layer, a
+/// sliding-window layer holding n_meta + window + chunk slots, a global layer a buffer
+/// that starts at `global_cap0` text slots and doubles as the sequence grows.
+pub fn cache_bytes_at(c: &HymbaConfig, opts: &ModelOptions, tokens: usize) -> u64 {
+    let chunk = opts.chunk.max(c.n_meta).max(1);
+    let max_positions = opts.max_positions.unwrap_or(c.n_meta + c.max_position_embeddings).max(c.n_meta + 1);
+    let max_text = max_positions - c.n_meta;
+    let mut global_ring = (2 * chunk).div_ceil(256) * 256;
+    global_ring = global_ring.min(max_text).max(1);
+    while global_ring < tokens {
+        global_ring = (global_ring * 2).max(tokens).min(max_text.max(tokens));
+    }
+    let mut total = 0u64;
+    for role in &c.layers {
+        total += buf(c.d_inner * c.d_conv * 4) + buf(c.d_inner * c.d_state * 4);
+        if role.owns_kv() {
+            let ring = match role.attention {
+                AttentionKind::Global => global_ring,
+                AttentionKind::SlidingWindow { window } => window + chunk,
+            };
+            let cap = c.n_meta + ring;
+            total += buf(c.n_kv_heads * cap * c.d_qk * 4) + buf(c.n_kv_heads * cap * c.d_v * 4);
+        }
+    }
+    total
+}
+
+fn model_info(spec: &str) -> CliResult<()> {
+    let src = open_source(Some(spec), true)?;
+    let c = &src.checkpoint.config;
+    let opts = ModelOptions::default();
+    let max_positions = c.n_meta + c.max_position_embeddings;
+    println!("model: {}", src.name);
+    println!(
+        "parameters: {} ({:.2} M); stored weights {}",
+        c.parameter_count(),
+        c.parameter_count() as f64 / 1e6,
+        human_bytes(src.checkpoint.stored_bytes())
+    );
+    let f32_bytes = gpu_weight_bytes(c, 4);
+    let f16_bytes = gpu_weight_bytes(c, 2);
+    let auto_f32 = (c.parameter_count() as u64) * 4 <= 1 << 30;
+    println!(
+        "GPU weights: {} as f32, {} as f16 (--dtype auto picks {})",
+        human_bytes(f32_bytes),
+        human_bytes(f16_bytes),
+        if auto_f32 { "f32" } else { "f16" }
+    );
+    println!(
+        "hidden {}, {} layers, {} query heads / {} KV heads (q/k dim {}, v dim {}), SSM inner {} (d_state {}, d_conv {}, dt_rank {}), MLP {}, vocabulary {}",
+        c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.d_qk, c.d_v, c.d_inner, c.d_state, c.d_conv, c.dt_rank, c.intermediate, c.vocab_size
+    );
+    println!(
+        "meta tokens: {} (prepended to every sequence); max positions {} ({} text tokens + meta tokens)",
+        c.n_meta, max_positions, c.max_position_embeddings
+    );
+    println!("bos {}, eos {:?}", c.bos_token_id, c.eos_token_ids);
+    println!("layers:");
+    for (i, role) in c.layers.iter().enumerate() {
+        let att = match role.attention {
+            AttentionKind::Global => "global".to_string(),
+            AttentionKind::SlidingWindow { window } => format!("sliding window {window}"),
+        };
+        let kv = match &role.kv {
+            KvRole::Standalone => "own KV".to_string(),
+            KvRole::Producer { consumers } => format!("KV producer for layers {}", consumers.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")),
+            KvRole::Consumer { producer } => format!("KV consumer of layer {producer}"),
+        };
+        println!("  {i:>2}: {att}, {kv}");
+    }
+    let kv_owner_global = c.layers.iter().filter(|l| l.owns_kv() && l.attention == AttentionKind::Global).count();
+    let per_token = kv_owner_global * c.n_kv_heads * (c.d_qk + c.d_v) * 4;
+    println!(
+        "cache (f32): grows by {} per token ({} KV-owning global layer(s)); sliding-window KV, conv and SSM states are fixed-size (full KV of all {} KV-owning layers would be {} per token)",
+        human_bytes(per_token as u64),
+        kv_owner_global,
+        c.layers.iter().filter(|l| l.owns_kv()).count(),
+        human_bytes(c.kv_bytes_per_position(4) as u64)
+    );
+    let fixed = cache_bytes_at(c, &opts, 1);
+    println!("cache for one sequence (allocated as the engine does, prefill chunk {}):", opts.chunk);
+    println!("  {:>6} tokens: {}", 1, human_bytes(fixed));
+    for n in [1024usize, 4096, 8192] {
+        let note = if n + c.n_meta > max_positions { " (beyond this model's limit)" } else { "" };
+        println!("  {:>6} tokens: {}{}", n, human_bytes(cache_bytes_at(c, &opts, n)), note);
+    }
+    Ok(())
+}
