@@ -135,7 +135,7 @@ struct GenerateArgs {
     /// Encode the prompt without special tokens (no BOS)
     #[arg(long)]
     no_bos: bool,
-    /// Print one JSON object {prompt_ids, ids, text, prompt_tokens, generated_tokens, prefill_tok_s, decode_tok_s, cache_bytes} instead of streaming
+    /// Print one JSON object {prompt_ids, ids, text, prompt_tokens, generated_tokens, prefill_tok_s, decode_tok_s, cache_bytes, stop} instead of streaming (ids: generated only)
     #[arg(long)]
     json: bool,
     #[command(flatten)]

@@ -283,3 +283,52 @@ fn chat_keeps_the_cache_and_prefills_only_new_tokens() {
     // /stats reports the positions in use: meta tokens + everything fed.
     assert!(e.contains(&format!("cache: {} of 1040 positions used", 16 + cached.len() + r[1].0.len() - 1)), "{e}");
 }
+
+#[test]
+fn stop_strings_cut_the_output() {
+    let o = run(&["generate", "--max-tokens", "32", "--stop", "lord", "ROMEO:"]);
+    let out = ok(&o);
+    assert_eq!(out, "\nI know not what, my \n");
+    assert!(text(&o.stderr).contains("stop: stop string"));
+    let v: Value = serde_json::from_str(ok(&run(&["generate", "--max-tokens", "32", "--stop", "lord", "--json", "ROMEO:"])).trim()).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), "\nI know not what, my ");
+    assert_eq!(v["stop"].as_str().unwrap(), "stop string");
+}
+
+#[test]
+fn repo_ids_resolve_from_the_hugging_face_cache_offline() {
+    // A cache laid out as hf-hub writes it, holding the built-in model's files.
+    let home = temp_dir("hf-home");
+    let repo = home.join("hub/models--someone--tiny-hymba");
+    let snap = repo.join("snapshots/0123456789abcdef0123456789abcdef01234567");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef0123456789abcdef01234567").unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(root().join("models/tiny-shakespeare").join(f), snap.join(f)).unwrap();
+    }
+    let o = bin().args(["generate", "--model", "someone/tiny-hymba", "--max-tokens", "8", "--json", "ROMEO:"]).env("HF_HOME", &home).env("HF_HUB_OFFLINE", "1").stdin(Stdio::null()).output().unwrap();
+    let v: Value = serde_json::from_str(ok(&o).trim()).unwrap();
+    assert_eq!(ids(&v["prompt_ids"]), vec![1, 480, 635, 669, 267]);
+    // Not cached and no network: a clear error naming the repo and the cache.
+    let o = bin().args(["generate", "--model", "someone/not-cached", "hi"]).env("HF_HOME", &home).env("HF_ENDPOINT", "http://127.0.0.1:9").stdin(Stdio::null()).output().unwrap();
+    let e = failed(&o);
+    assert!(e.starts_with("error: ") && e.contains("someone/not-cached") && e.contains("cache"), "{e}");
+    std::fs::remove_dir_all(home).ok();
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_a_generation_cleanly() {
+    use std::io::Read;
+    let mut child = bin().args(["generate", "--max-tokens", "1000", "ROMEO:"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until text streams (the generation is running), then interrupt.
+    let mut first = [0u8; 8];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    ok(&o);
+    let err = text(&o.stderr);
+    assert!(err.contains("stop: cancelled") && err.contains("generated tokens:"), "{err}");
+}
