@@ -6,6 +6,8 @@
 // Default entry (forward): grid (ceil(d_inner / 64), rows, 1).
 // Define STATE (state update, run after forward): the state becomes the last K inputs of
 //   (old state ++ this chunk). Grid: (ceil(d_inner / 64), 1, 1).
+// Define STEP (one decode step, rows = 1): forward and state update in one dispatch; each
+//   thread owns one channel's state. Grid: (ceil(d_inner / 64), 1, 1).
 
 struct Params {
     rows: u32,
@@ -19,6 +21,31 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // pbuf: [rows, x_stride] f32 in_proj output (x block at x_off).
 @group(0) @binding(1) var<storage, read> pbuf: array<f32>;
+#ifdef STEP
+// wb: [d, k] f32 conv weights followed by [d] f32 bias.
+@group(0) @binding(2) var<storage, read> wb: array<f32>;
+// state: [d, k] f32 conv state, shifted in place.
+@group(0) @binding(3) var<storage, read_write> state: array<f32>;
+// xc: [1, d] f32 conv output after silu.
+@group(0) @binding(4) var<storage, read_write> xc: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.d) { return; }
+    let xnew = pbuf[p.x_off + c];
+    var acc = 0.0;
+    if (p.has_bias != 0u) { acc = wb[p.d * p.k + c]; }
+    for (var j = 0u; j + 1u < p.k; j++) {
+        let v = state[c * p.k + j + 1u];
+        acc += wb[c * p.k + j] * v;
+        state[c * p.k + j] = v;
+    }
+    acc += wb[c * p.k + p.k - 1u] * xnew;
+    state[c * p.k + p.k - 1u] = xnew;
+    xc[c] = acc / (1.0 + exp(-acc));
+}
+#else
 #ifdef STATE
 // state: [d, k] f32 conv state, updated in place.
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
@@ -60,4 +87,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     xc[t * p.d + c] = acc / (1.0 + exp(-acc));
 }
+#endif
 #endif

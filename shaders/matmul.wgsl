@@ -7,6 +7,11 @@
 //           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
 // Variants (defines): W_F32 (f32 weights) or f16 weights, read as native f16 when SHADER_F16
 // is set and as packed u32 pairs (unpack2x16float) otherwise. Accumulation is always f32.
+// Fused prologues of the decode GEMV (X is transformed while it is read, so the elementwise
+// step needs no dispatch of its own):
+//   PRO_NORM   x' = aux * (x * rsqrt(mean(x^2) + eps))              (input / pre-MLP / final RMSNorm)
+//   PRO_MERGE  x' = (aux[:k] * norm(x) + aux[k:] * norm(x2)) / 2    (hybrid-head merge before out_proj)
+//   PRO_SWIGLU x' = silu(x[:, :k]) * x[:, k:2k]                      (SwiGLU before down_proj)
 
 struct Params {
     rows: u32,       // T: rows of X and Y
@@ -19,30 +24,53 @@ struct Params {
     y_stride: u32,   // elements between rows of Y
     accumulate: u32, // 1: Y += result (residual add), 0: Y = result
     has_bias: u32,   // 1: add bias[m]
+    eps: f32,        // RMSNorm epsilon of the PRO_NORM / PRO_MERGE prologues
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 // X: [rows, x_stride] f32, row-major, starting at x_off.
 @group(0) @binding(1) var<storage, read> x: array<f32>;
+// w4(i): elements 4i..4i+3 of W flattened; w8(i): elements 8i..8i+7 (16-byte loads for f16).
 #ifdef W_F32
 // W: [m, kp4] vec4<f32>, row-major (PyTorch Linear layout [out, in]).
 @group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
 fn w4(i: u32) -> vec4<f32> { return w[i]; }
+fn w8a(i: u32) -> vec4<f32> { return w[2u * i]; }
+fn w8b(i: u32) -> vec4<f32> { return w[2u * i + 1u]; }
 #else
 #ifdef SHADER_F16
 // W: [m, kp4] vec4<f16>, row-major.
 @group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
 fn w4(i: u32) -> vec4<f32> { return vec4<f32>(w[i]); }
+fn w8a(i: u32) -> vec4<f32> { return vec4<f32>(w[2u * i]); }
+fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(w[2u * i + 1u]); }
 #else
-// W: [m, kp4] four halves packed in two u32, row-major.
-@group(0) @binding(2) var<storage, read> w: array<vec2<u32>>;
-fn w4(i: u32) -> vec4<f32> { let v = w[i]; return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
+// W: [m, kp4 / 2] eight halves packed in four u32, row-major.
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+fn w4(i: u32) -> vec4<f32> {
+    let v = w[i / 2u];
+    if ((i & 1u) == 0u) { return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
+    return vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w));
+}
+var<private> w8v: vec4<u32>;
+fn w8a(i: u32) -> vec4<f32> { w8v = w[i]; return vec4<f32>(unpack2x16float(w8v.x), unpack2x16float(w8v.y)); }
+fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x16float(w8v.w)); }
 #endif
 #endif
 // bias: [m] f32 (bound to a dummy buffer when has_bias = 0).
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 // Y: [rows, y_stride] f32, row-major, starting at y_off.
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+#ifdef PRO_NORM
+// aux: [k] f32 RMSNorm weight.
+@group(0) @binding(5) var<storage, read> aux: array<f32>;
+#endif
+#ifdef PRO_MERGE
+// aux: [2, k] f32: pre_avg_layernorm1 weight, then pre_avg_layernorm2 weight.
+@group(0) @binding(5) var<storage, read> aux: array<f32>;
+// x2: [rows, x_stride] f32 SSM-branch output (X is the attention-branch output).
+@group(0) @binding(6) var<storage, read> x2: array<f32>;
+#endif
 
 fn store(t: u32, m: u32, v: f32) {
     var r = v;
@@ -52,14 +80,49 @@ fn store(t: u32, m: u32, v: f32) {
     y[i] = r;
 }
 
-fn xk(base: u32, k: u32) -> f32 {
-    if (k < p.k) { return x[base + k]; }
-    return 0.0;
-}
-
 const TPR: u32 = 32u;   // threads per row of W
 const RPW: u32 = 8u;    // rows of W per workgroup
 var<workgroup> red: array<f32, 256>;
+var<workgroup> red2: array<f32, 256>;
+var<workgroup> scal: array<f32, 2>;
+
+// Sums v (and v2) over the workgroup into scal[0] (and scal[1]) as rsqrt(mean + eps).
+fn norm_scales(li: u32, v: f32, v2: f32) {
+    red[li] = v;
+    red2[li] = v2;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s = s >> 1u) {
+        if (li < s) {
+            red[li] += red[li + s];
+            red2[li] += red2[li + s];
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        scal[0] = inverseSqrt(red[0] / f32(p.k) + p.eps);
+        scal[1] = inverseSqrt(red2[0] / f32(p.k) + p.eps);
+    }
+    workgroupBarrier();
+}
+
+// X[t, k] after the prologue; xb = offset of row t.
+fn xv(xb: u32, k: u32) -> f32 {
+    if (k >= p.k) { return 0.0; }
+#ifdef PRO_NORM
+    return aux[k] * (x[xb + k] * scal[0]);
+#else
+#ifdef PRO_MERGE
+    return (aux[k] * (x[xb + k] * scal[0]) + aux[p.k + k] * (x2[xb + k] * scal[1])) / 2.0;
+#else
+#ifdef PRO_SWIGLU
+    let g = x[xb + k];
+    return (g / (1.0 + exp(-g))) * x[xb + p.k + k];
+#else
+    return x[xb + k];
+#endif
+#endif
+#endif
+}
 
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -67,22 +130,37 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let lane = li % TPR;
     let row = wid.x * RPW + r;
     let t = wid.y;
+    let xb = p.x_off + t * p.x_stride;
+#ifdef PRO_NORM
+    var s1 = 0.0;
+    for (var k = li; k < p.k; k += 256u) { let v = x[xb + k]; s1 += v * v; }
+    norm_scales(li, s1, 0.0);
+#endif
+#ifdef PRO_MERGE
+    var sa = 0.0;
+    var sb = 0.0;
+    for (var k = li; k < p.k; k += 256u) {
+        let a = x[xb + k];
+        let b = x2[xb + k];
+        sa += a * a;
+        sb += b * b;
+    }
+    norm_scales(li, sa, sb);
+#endif
     var acc = 0.0;
     if (row < p.m) {
-        let xb = p.x_off + t * p.x_stride;
-        let wb = row * p.kp4;
-        let n4 = (p.k + 3u) / 4u;
-        for (var c = lane; c < n4; c += TPR) {
-            let kk = c * 4u;
-            var xv: vec4<f32>;
-            if (kk + 3u < p.k) {
-                xv = vec4<f32>(x[xb + kk], x[xb + kk + 1u], x[xb + kk + 2u], x[xb + kk + 3u]);
-            } else {
-                xv = vec4<f32>(xk(xb, kk), xk(xb, kk + 1u), xk(xb, kk + 2u), xk(xb, kk + 3u));
-            }
-            acc += dot(w4(wb + c), xv);
+        let n8 = (p.k + 7u) / 8u;
+        let wb = row * (p.kp4 / 2u);
+        for (var c = lane; c < n8; c += TPR) {
+            let kk = c * 8u;
+            let wa = w8a(wb + c);
+            let wbv = w8b(wb + c);
+            let xa = vec4<f32>(xv(xb, kk), xv(xb, kk + 1u), xv(xb, kk + 2u), xv(xb, kk + 3u));
+            let xc = vec4<f32>(xv(xb, kk + 4u), xv(xb, kk + 5u), xv(xb, kk + 6u), xv(xb, kk + 7u));
+            acc += dot(wa, xa) + dot(wbv, xc);
         }
     }
+    workgroupBarrier();
     red[li] = acc;
     workgroupBarrier();
     for (var s = TPR / 2u; s > 0u; s = s >> 1u) {

@@ -5,6 +5,9 @@
 // A = -exp(A_log) is precomputed. B and C are the (RMS-normed) slices of the x_proj output,
 // shared by all channels. The same kernel runs a prompt chunk (rows > 1) and one decode step.
 // Grid: (ceil(d_inner / 64), 1, 1).
+// Define FUSED_DT (one decode step, rows = 1): the dt / B / C RMSNorms and dt_proj run inside
+//   the kernel (each workgroup normalizes the small x_proj row in workgroup memory, each thread
+//   computes its channel's dt from the dt_proj row), so the SSM branch needs no extra dispatches.
 
 struct Params {
     rows: u32,
@@ -15,13 +18,45 @@ struct Params {
     c_col: u32,      // column of C
     z_off: u32,      // element offset of z of row 0 in the in_proj output
     z_stride: u32,   // in_proj output row width
+    rank: u32,       // FUSED_DT: dt_rank
+    wdt_stride: u32, // FUSED_DT: row stride of dt_proj (elements)
+    eps: f32,        // FUSED_DT: RMSNorm epsilon
+    inner_norms: u32,// FUSED_DT: 1 when the dt/B/C RMSNorms exist
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 // xc: [rows, d] f32 conv output (post-silu).
 @group(0) @binding(1) var<storage, read> xc: array<f32>;
+#ifdef FUSED_DT
+// wdt: [d, wdt_stride] f32 dt_proj weight (row c = channel c).
+@group(0) @binding(2) var<storage, read> wdt: array<f32>;
+// nw: dt_layernorm [rank], B_layernorm [n], C_layernorm [n] weights, concatenated.
+@group(0) @binding(8) var<storage, read> nw: array<f32>;
+var<workgroup> xs: array<f32, 640>;
+var<workgroup> sred: array<f32, 64>;
+fn wsum(li: u32, v: f32) -> f32 {
+    sred[li] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s = s >> 1u) {
+        if (li < s) { sred[li] += sred[li + s]; }
+        workgroupBarrier();
+    }
+    let r = sred[0];
+    workgroupBarrier();
+    return r;
+}
+// Normalizes xs[off..off+width) in place with weights nw[woff..].
+fn norm_slice(li: u32, off: u32, width: u32, woff: u32) {
+    var s = 0.0;
+    for (var i = li; i < width; i += 64u) { let v = xs[off + i]; s += v * v; }
+    let r = inverseSqrt(wsum(li, s) / f32(width) + p.eps);
+    for (var i = li; i < width; i += 64u) { xs[off + i] = nw[woff + i] * (xs[off + i] * r); }
+    workgroupBarrier();
+}
+#else
 // dtr: [rows, d] f32 dt_proj output without bias.
 @group(0) @binding(2) var<storage, read> dtr: array<f32>;
+#endif
 // xp: [rows, xp_stride] f32 x_proj output (dt | B | C), normed.
 @group(0) @binding(3) var<storage, read> xp: array<f32>;
 // pbuf: [rows, z_stride] f32 in_proj output (gate z).
@@ -39,6 +74,36 @@ fn log1p_(u: f32) -> f32 {
     return log(v) * (u / (v - 1.0));
 }
 
+#ifdef FUSED_DT
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let c = gid.x;
+    for (var i = li; i < p.xp_stride; i += 64u) { xs[i] = xp[i]; }
+    workgroupBarrier();
+    if (p.inner_norms != 0u) {
+        norm_slice(li, 0u, p.rank, 0u);
+        norm_slice(li, p.b_col, p.n, p.rank);
+        norm_slice(li, p.c_col, p.n, p.rank + p.n);
+    }
+    if (c >= p.d) { return; }
+    var dt = consts[p.d * p.n + c];
+    var dsum = 0.0;
+    for (var r = 0u; r < p.rank; r++) { dsum += wdt[c * p.wdt_stride + r] * xs[r]; }
+    dt += dsum;
+    if (dt <= 20.0) { dt = log1p_(exp(dt)); }
+    let xv = xc[c];
+    var acc = 0.0;
+    for (var i = 0u; i < p.n; i++) {
+        let a = consts[c * p.n + i];
+        let hn = exp(dt * a) * state[c * p.n + i] + dt * xs[p.b_col + i] * xv;
+        state[c * p.n + i] = hn;
+        acc += xs[p.c_col + i] * hn;
+    }
+    acc += consts[p.d * p.n + p.d + c] * xv;
+    let z = pbuf[p.z_off + c];
+    y[c] = acc * (z / (1.0 + exp(-z)));
+}
+#else
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x;
@@ -68,3 +133,4 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     for (var i = 0u; i < p.n; i++) { state[c * p.n + i] = h[i]; }
 }
+#endif

@@ -65,9 +65,9 @@ struct Tol {
     cache: (f32, f32),
 }
 
-fn run_case(dir: &Path, choice: DtypeChoice, rep: &mut Report) {
+fn run_case(dir: &Path, choice: DtypeChoice, fused: bool, rep: &mut Report) {
     let (gpu, kernels) = gpu();
-    let name = format!("{}[{:?}]", dir.file_name().unwrap().to_string_lossy(), choice);
+    let name = format!("{}[{:?}{}]", dir.file_name().unwrap().to_string_lossy(), choice, if fused { "" } else { ", unfused decode" });
     let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let prompt: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let gen_ids: Vec<u32> = case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -75,7 +75,7 @@ fn run_case(dir: &Path, choice: DtypeChoice, rep: &mut Report) {
     let exp = Expected::load(&dir.join("expected.safetensors"));
     let ck = Checkpoint::open_dir(dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     let cfg = ck.config.clone();
-    let model = pollster::block_on(Model::load(gpu.clone(), kernels.clone(), &ck, &ModelOptions { dtype: choice, ..Default::default() }, |_, _| {})).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = pollster::block_on(Model::load(gpu.clone(), kernels.clone(), &ck, &ModelOptions { dtype: choice, fused_decode: fused, ..Default::default() }, |_, _| {})).unwrap_or_else(|e| panic!("{name}: {e}"));
     let f16 = choice == DtypeChoice::F16;
     // Tolerances: the fixtures' for f32; for f16 weight storage, measured (see README, "Precision").
     let tol = if f16 {
@@ -89,11 +89,13 @@ fn run_case(dir: &Path, choice: DtypeChoice, rep: &mut Report) {
     let n_meta = cfg.n_meta;
 
     // (a) + (b): one no-cache forward with the meta tokens inline, traced.
+    let mut line: String;
+    if fused {
     let mut seq = model.empty_sequence().unwrap();
     let mut trace = Trace::default();
     let logits = pollster::block_on(model.forward(&mut seq, &prompt, Logits::All, Some(&mut trace))).unwrap();
     let e = rep.check(&name, "(a) nocache.logits", &logits, exp.get(k_nocache).unwrap(), tol.logits.0, tol.logits.1);
-    let mut line = format!("{name}: (a) logits max|err| {e:.2e}");
+    line = format!("{name}: (a) logits max|err| {e:.2e}");
     if bf16_run {
         let e2 = rep.check(&name, "(a) bf16 nocache.logits (loose)", &logits, exp.get("nocache.logits").unwrap(), 0.25, 0.05);
         line += &format!(" (vs bf16 run {e2:.2e})");
@@ -109,6 +111,9 @@ fn run_case(dir: &Path, choice: DtypeChoice, rep: &mut Report) {
         }
         worst = worst.max(rep.check(&name, "(b) final_norm", &trace.final_norm, exp.get("nocache.final_norm").unwrap(), tol.hidden.0, tol.hidden.1));
         line += &format!(", (b) hidden/branches max|err| {worst:.2e}");
+    }
+    } else {
+        line = format!("{name}:");
     }
 
     // (c) + (d): prefix cache, prefill, then teacher-forced decode steps.
@@ -199,14 +204,14 @@ fn golden_fixtures() {
     assert!(!cases.is_empty(), "no golden fixtures found");
     let mut rep = Report { failures: Vec::new(), lines: Vec::new() };
     for dir in &cases {
-        for choice in [DtypeChoice::F32, DtypeChoice::F16] {
-            run_case(dir, choice, &mut rep);
+        for (choice, fused) in [(DtypeChoice::F32, true), (DtypeChoice::F32, false), (DtypeChoice::F16, true)] {
+            run_case(dir, choice, fused, &mut rep);
         }
     }
     for l in &rep.lines {
         eprintln!("{l}");
     }
-    eprintln!("{} cases × 2 dtypes checked", cases.len());
+    eprintln!("{} cases × (f32, f32 with unfused decode, f16) checked", cases.len());
     if !rep.failures.is_empty() {
         for f in rep.failures.iter().take(40) {
             eprintln!("FAIL {f}");

@@ -22,7 +22,11 @@ pub fn gpu() -> (Arc<Gpu>, Arc<Kernels>) {
     .clone()
 }
 
+/// The checkout's root: `$HYMBA_REPO_ROOT` when set (test binaries run elsewhere), else from the build.
 pub fn repo_root() -> PathBuf {
+    if let Ok(r) = std::env::var("HYMBA_REPO_ROOT") {
+        return PathBuf::from(r);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 

@@ -1,1 +1,166 @@
-fn main() {}
+//! llama-bench-style measurements of the engine: prompt processing (pp) and
+//! token generation (tg) at several context lengths, on a real checkpoint or
+//! on seeded random weights built from a config.json (full size, no file).
+
+use clap::Parser;
+use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu, GpuOptions};
+use hymba_engine::kernels::Kernels;
+use hymba_engine::loader::Checkpoint;
+use hymba_engine::model::{DtypeChoice, Logits, Model, ModelOptions};
+use hymba_engine::sampling::SamplingParams;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "Benchmark Hymba prefill and decode (pp/tg rows like llama-bench)")]
+struct Args {
+    /// Model directory; without it, random weights from --config.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// config.json for random weights.
+    #[arg(long, default_value = "tests/configs/hymba-1.5b-config.json")]
+    config: std::path::PathBuf,
+    /// Weight storage: f32, f16 or auto (repeatable comma list).
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+    #[arg(long, default_value = "vulkan")]
+    backend: String,
+    /// Prompt length for pp.
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    /// Generated tokens for tg.
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
+    /// Context lengths (tokens) for extra tg rows.
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,8064")]
+    ctx: Vec<usize>,
+    /// Tokens generated for each context row.
+    #[arg(long, default_value_t = 64)]
+    ctx_tg: usize,
+    /// Seconds of warm-up decode before timing.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// Prefill chunk size.
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Save the random model as a Hugging Face folder here and exit.
+    #[arg(long)]
+    save: Option<std::path::PathBuf>,
+}
+
+fn main() {
+    let a = Args::parse();
+    let ck = match &a.model {
+        Some(d) => Checkpoint::open_dir(d).unwrap_or_else(|e| die(e)),
+        None => {
+            let t = Instant::now();
+            let cfg = std::fs::read_to_string(&a.config).unwrap_or_else(|e| die(format!("{}: {e}", a.config.display())));
+            let ck = Checkpoint::random(&cfg, 1234).unwrap_or_else(|e| die(e));
+            eprintln!("random weights from {} in {:.1} s", a.config.display(), t.elapsed().as_secs_f64());
+            ck
+        }
+    };
+    if let Some(dir) = &a.save {
+        ck.save_hf(dir).unwrap_or_else(|e| die(e));
+        eprintln!("saved to {}", dir.display());
+        return;
+    }
+    let backends = parse_backends(&a.backend).unwrap_or_else(|| die("unknown backend"));
+    let gpu = Arc::new(pollster::block_on(Gpu::new(&GpuOptions { backends, ..Default::default() })).unwrap_or_else(|e| die(e)));
+    let kernels = Arc::new(Kernels::new(&gpu).unwrap_or_else(|e| die(e)));
+    let adapter = describe_adapter(&gpu.info);
+    println!("adapter: {adapter}");
+    println!("shader-f16: {}, date: {}", gpu.shader_f16, chrono_like_date());
+    println!("| model | dtype | test | tok/s | ms/token | weights GB/s | notes |");
+    println!("|---|---|---|---|---|---|---|");
+    for dt in a.dtype.split(',') {
+        let choice: DtypeChoice = dt.parse().unwrap_or_else(|e: String| die(e));
+        let t = Instant::now();
+        let model = pollster::block_on(Model::load(gpu.clone(), kernels.clone(), &ck, &ModelOptions { dtype: choice, chunk: a.chunk, ..Default::default() }, |_, _| {})).unwrap_or_else(|e| die(e));
+        let load_s = t.elapsed().as_secs_f64();
+        let wb = model.weight_bytes();
+        let name = a.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("random({})", a.config.file_name().unwrap().to_string_lossy()));
+        eprintln!("{dt}: loaded in {load_s:.1} s, weights {:.3} GB", wb as f64 / 1e9);
+        let vocab = model.cfg.vocab_size as u32;
+        let ids = |n: usize, s: u32| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(s) >> 7) % (vocab - 3) + 3).collect() };
+        let sp = SamplingParams::greedy();
+        // Warm-up: keep the GPU busy so its clock is up.
+        let t = Instant::now();
+        let mut seq = model.new_sequence().unwrap();
+        pollster::block_on(model.forward(&mut seq, &ids(64, 1), Logits::Last, None)).unwrap();
+        while t.elapsed().as_secs_f64() < a.warmup {
+            for _ in 0..16 {
+                model.submit_decode(&mut seq, &sp, true).unwrap();
+            }
+            pollster::block_on(model.gpu.finish()).unwrap();
+            if seq.position() + 64 > model.max_positions {
+                seq = model.new_sequence().unwrap();
+                pollster::block_on(model.forward(&mut seq, &ids(64, 1), Logits::Last, None)).unwrap();
+            }
+        }
+        // pp: prompt processing, best of 3.
+        let mut best = f64::MAX;
+        for r in 0..3 {
+            let mut s = model.new_sequence().unwrap();
+            pollster::block_on(model.gpu.finish()).unwrap();
+            let t = Instant::now();
+            pollster::block_on(model.forward(&mut s, &ids(a.pp, 7 + r), Logits::Last, None)).unwrap();
+            pollster::block_on(model.gpu.finish()).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("| {name} | {dt} | pp{} | {:.0} | {:.3} | | chunk {} |", a.pp, a.pp as f64 / best, best * 1e3 / a.pp as f64, a.chunk);
+        // tg after a pp-length prompt, two ways.
+        let mut rows = vec![(a.pp, a.tg)];
+        rows.extend(a.ctx.iter().map(|&c| (c, a.ctx_tg)));
+        for (ctx, n) in rows {
+            if model.cfg.n_meta + ctx + n + 1 > model.max_positions {
+                println!("| {name} | {dt} | tg{n} @ {ctx} | — | | | exceeds max positions {} |", model.max_positions);
+                continue;
+            }
+            let mut s = model.new_sequence().unwrap();
+            pollster::block_on(model.forward(&mut s, &ids(ctx, 3), Logits::Last, None)).unwrap();
+            model.set_next_token(&mut s, 5).unwrap();
+            // streamed: read each token back before the next step (what generate() does)
+            model.submit_decode(&mut s, &sp, true).unwrap();
+            pollster::block_on(model.read_token(&s)).unwrap();
+            let t = Instant::now();
+            let mut enc = 0.0;
+            for _ in 0..n {
+                let te = Instant::now();
+                model.submit_decode(&mut s, &sp, true).unwrap();
+                enc += te.elapsed().as_secs_f64();
+                pollster::block_on(model.read_token(&s)).unwrap();
+            }
+            let streamed = t.elapsed().as_secs_f64() / n as f64;
+            // queued: submit all steps, wait once (GPU-bound rate)
+            let t = Instant::now();
+            for _ in 0..n {
+                model.submit_decode(&mut s, &sp, true).unwrap();
+            }
+            pollster::block_on(model.gpu.finish()).unwrap();
+            let queued = t.elapsed().as_secs_f64() / n as f64;
+            let disp = s.decode_dispatches();
+            println!(
+                "| {name} | {dt} | tg{n} @ {ctx} (streamed) | {:.1} | {:.3} | {:.0} | {} dispatches/token, CPU encode+submit {:.3} ms/token |",
+                1.0 / streamed,
+                streamed * 1e3,
+                wb as f64 / streamed / 1e9,
+                disp,
+                enc * 1e3 / n as f64
+            );
+            println!("| {name} | {dt} | tg{n} @ {ctx} (queued) | {:.1} | {:.3} | {:.0} | cache {:.1} MiB |", 1.0 / queued, queued * 1e3, wb as f64 / queued / 1e9, s.cache_bytes() as f64 / 1048576.0);
+        }
+        if let Some(r) = model.gpu.device.generate_allocator_report() {
+            println!("gpu allocator: {:.1} MiB allocated, {:.1} MiB reserved", r.total_allocated_bytes as f64 / 1048576.0, r.total_reserved_bytes as f64 / 1048576.0);
+        }
+    }
+}
+
+fn chrono_like_date() -> String {
+    std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+fn die(e: impl std::fmt::Display) -> ! {
+    eprintln!("error: {e}");
+    std::process::exit(1)
+}

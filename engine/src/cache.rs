@@ -97,6 +97,11 @@ impl Sequence {
         self.pos
     }
 
+    /// Dispatches in the cached decode-step program (0 before the first decode step).
+    pub fn decode_dispatches(&self) -> usize {
+        self.decode.as_ref().map(|d| d.0.dispatch_count()).unwrap_or(0)
+    }
+
     /// User tokens in the cache (prompt and generated).
     pub fn tokens(&self) -> &[u32] {
         &self.tokens

@@ -145,6 +145,8 @@ impl LayerRole {
 #[derive(Debug, Clone)]
 pub struct HymbaConfig {
     pub raw: RawConfig,
+    /// The config.json object as read (for saving it back unchanged).
+    pub raw_json: Value,
     pub vocab_size: usize,
     /// Residual width d.
     pub hidden: usize,
@@ -176,14 +178,16 @@ pub struct HymbaConfig {
 
 impl HymbaConfig {
     pub fn from_json_str(text: &str, path: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| Error::Config {
+        let bad = |e: serde_json::Error| Error::Config {
             path: path.to_string(),
             msg: e.to_string(),
-        })?;
-        Self::from_raw(raw, path)
+        };
+        let raw_json: Value = serde_json::from_str(text).map_err(bad)?;
+        let raw: RawConfig = serde_json::from_value(raw_json.clone()).map_err(bad)?;
+        Self::from_raw(raw, raw_json, path)
     }
 
-    pub fn from_raw(raw: RawConfig, path: &str) -> Result<Self> {
+    pub fn from_raw(raw: RawConfig, raw_json: Value, path: &str) -> Result<Self> {
         let bad = |msg: String| Error::Config {
             path: path.to_string(),
             msg,
@@ -375,6 +379,7 @@ impl HymbaConfig {
             bos_token_id: raw.bos_token_id.unwrap_or(1),
             eos_token_ids,
             raw,
+            raw_json,
         })
     }
 

@@ -272,3 +272,102 @@ pub fn shard_names(index_json: &str, path: &str) -> Result<Vec<String>> {
     names.dedup();
     Ok(names)
 }
+
+/// Deterministic pseudo-random numbers for synthetic checkpoints.
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+impl Checkpoint {
+    /// A checkpoint with seeded random weights for `config_json` (bf16, Hymba-like scales:
+    /// norms 1, A_log = log(1..N), D = 1, small projections), built in memory without a file.
+    /// Used for full-size benchmarks and shape checks of configs whose weights are not at hand.
+    pub fn random(config_json: &str, seed: u64) -> Result<Checkpoint> {
+        let config = HymbaConfig::from_json_str(config_json, "config.json")?;
+        let mut rng = SplitMix(seed);
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut tensors = HashMap::new();
+        for (name, shape) in expected_tensors(&config) {
+            let n: usize = shape.iter().product();
+            let fan_in = *shape.last().unwrap() as f32;
+            let start = bytes.len();
+            bytes.reserve(n * 2);
+            let leaf = name.rsplit('.').nth(if name.ends_with(".weight") || name.ends_with(".bias") { 1 } else { 0 }).unwrap_or("");
+            for i in 0..n {
+                let v = if name.contains("layernorm") || name.ends_with("norm.weight") {
+                    1.0 + 0.1 * rng.f()
+                } else if name.contains("A_log") {
+                    ((i % config.d_state) as f32 + 1.0).ln()
+                } else if name.ends_with("mamba.D.0") {
+                    1.0
+                } else if name.contains("dt_proj") && name.ends_with("bias") {
+                    -4.6 + 0.5 * rng.f()
+                } else if leaf == "memory_tokens" || name.contains("embed_tokens") {
+                    0.5 * rng.f()
+                } else {
+                    rng.f() * (3.0 / fan_in).sqrt()
+                };
+                bytes.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
+            }
+            tensors.insert(
+                name,
+                TensorEntry {
+                    file: 0,
+                    dtype: StoredDtype::BF16,
+                    shape,
+                    start,
+                    end: bytes.len(),
+                },
+            );
+        }
+        Ok(Checkpoint {
+            config,
+            files: vec![("<random>".into(), Storage::Bytes(bytes))],
+            tensors,
+        })
+    }
+
+    /// Writes the checkpoint as a Hugging Face folder: `model.safetensors` (bf16) and `config.json`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn save_hf(&self, dir: &std::path::Path) -> Result<()> {
+        let io = |p: &std::path::Path, e: std::io::Error| Error::Io {
+            path: p.display().to_string(),
+            source: e,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for n in names {
+            let v = self.f32(n)?;
+            let b: Vec<u8> = v.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes()).collect();
+            data.push((n.clone(), self.tensors[n].shape.clone(), b));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).expect("consistent tensor")))
+            .collect();
+        let p = dir.join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &p).map_err(|e| Error::Safetensors {
+            file: p.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        let mut cfg = serde_json::to_value(&self.config.raw_json).unwrap_or(serde_json::Value::Null);
+        if let Some(o) = cfg.as_object_mut() {
+            o.insert("torch_dtype".into(), "bfloat16".into());
+        }
+        let cp = dir.join("config.json");
+        std::fs::write(&cp, serde_json::to_string_pretty(&cfg).unwrap()).map_err(|e| io(&cp, e))
+    }
+}

@@ -11,7 +11,7 @@ use crate::cache::Sequence;
 use crate::config::{AttentionKind, HymbaConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
-use crate::kernels::{AttentionParams, ConvParams, Kernels, Matrix, RopeParams, SampleParams, ScanParams, WeightDtype, NO_WINDOW};
+use crate::kernels::{AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams, SampleParams, ScanParams, WeightDtype, NO_WINDOW};
 use crate::loader::Checkpoint;
 use crate::sampling::SamplingParams;
 use std::sync::Arc;
@@ -44,6 +44,9 @@ pub struct ModelOptions {
     pub chunk: usize,
     /// Longest sequence in positions, meta tokens included (default: n_meta + max_position_embeddings).
     pub max_positions: Option<usize>,
+    /// Decode with the fused kernels (8 dispatches per layer); false runs the prompt kernels
+    /// one position at a time (20 dispatches per layer), kept as a cross-check.
+    pub fused_decode: bool,
 }
 
 impl Default for ModelOptions {
@@ -52,6 +55,7 @@ impl Default for ModelOptions {
             dtype: DtypeChoice::Auto,
             chunk: 256,
             max_positions: None,
+            fused_decode: true,
         }
     }
 }
@@ -64,6 +68,8 @@ struct LayerWeights {
     x_proj: Matrix,
     /// dt, B, C RMSNorm weights (None when mamba_inner_layernorms is false).
     inner_norms: Option<(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)>,
+    /// The same three weights concatenated (for the fused decode scan).
+    inner_norms_cat: Option<wgpu::Buffer>,
     dt_proj: Matrix,
     /// A = -exp(A_log) [d_inner, d_state], dt_proj bias [d_inner], D [d_inner].
     ssm_consts: wgpu::Buffer,
@@ -71,8 +77,8 @@ struct LayerWeights {
     pre_avg: wgpu::Buffer,
     out_proj: Matrix,
     pre_mlp_norm: wgpu::Buffer,
-    gate: Matrix,
-    up: Matrix,
+    /// gate_proj rows then up_proj rows: [2 * intermediate, hidden].
+    gate_up: Matrix,
     down: Matrix,
 }
 
@@ -87,8 +93,8 @@ struct Workspace {
     dt: wgpu::Buffer,
     y: wgpu::Buffer,
     m: wgpu::Buffer,
-    gate: wgpu::Buffer,
-    up: wgpu::Buffer,
+    /// [rows, 2 * intermediate]: gate then up.
+    gu: wgpu::Buffer,
     logits: wgpu::Buffer,
 }
 
@@ -125,8 +131,14 @@ pub struct Model {
     pub chunk: usize,
     pub max_positions: usize,
     global_cap0: usize,
+    fused_decode: bool,
     prefix: Option<Sequence>,
     weight_bytes: u64,
+}
+
+/// Whether the fused decode kernels cover this config (x_proj row in workgroup memory).
+fn cfg_fusable(c: &HymbaConfig) -> bool {
+    c.x_proj_rows() <= 640
 }
 
 fn round_up(x: usize, m: usize) -> usize {
@@ -156,22 +168,26 @@ impl Model {
             let _ = name;
             *wb += bytes;
         };
-        let mut mat = |name: &str, dt: WeightDtype, done: &mut u64| -> Result<Matrix> {
-            let shape = ck.shape(name).unwrap().to_vec();
-            let rows = shape[0];
+        // Uploads one matrix, or several with the same columns stacked by rows.
+        let mut mat_rows = |names: &[&str], dt: WeightDtype, done: &mut u64| -> Result<Matrix> {
+            let shape = ck.shape(names[0]).unwrap().to_vec();
             let cols: usize = shape[1..].iter().product();
-            let data = ck.f32(name)?;
+            let mut data = Vec::new();
+            for n in names {
+                data.extend(ck.f32(n)?);
+            }
+            let rows = data.len() / cols;
             *done += (data.len() * 2) as u64;
             progress((*done).min(total), total);
-            Matrix::upload(g, name, &data, rows, cols, dt)
+            Matrix::upload(g, names[0], &data, rows, cols, dt)
         };
         let vec_f32 = |name: &str| -> Result<wgpu::Buffer> { g.upload(name, &ck.f32(name)?) };
-        let embed = mat("model.embed_tokens.weight", dtype, &mut done)?;
+        let embed = mat_rows(&["model.embed_tokens.weight"], dtype, &mut done)?;
         tick("embed", &mut weight_bytes, embed.bytes());
         let lm_head = if cfg.raw.tie_word_embeddings {
             None
         } else {
-            let m = mat("lm_head.weight", dtype, &mut done)?;
+            let m = mat_rows(&["lm_head.weight"], dtype, &mut done)?;
             tick("lm_head", &mut weight_bytes, m.bytes());
             Some(m)
         };
@@ -182,13 +198,12 @@ impl Model {
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}.");
             let n = |s: &str| format!("{p}{s}");
-            let in_proj = mat(&n("mamba.in_proj.weight"), dtype, &mut done)?;
-            let x_proj = mat(&n("mamba.x_proj.0.weight"), WeightDtype::F32, &mut done)?;
-            let dt_proj = mat(&n("mamba.dt_proj.0.weight"), WeightDtype::F32, &mut done)?;
-            let out_proj = mat(&n("mamba.out_proj.weight"), dtype, &mut done)?;
-            let gate = mat(&n("moe.experts.0.gate_proj.weight"), dtype, &mut done)?;
-            let up = mat(&n("moe.experts.0.up_proj.weight"), dtype, &mut done)?;
-            let down = mat(&n("moe.experts.0.down_proj.weight"), dtype, &mut done)?;
+            let in_proj = mat_rows(&[&n("mamba.in_proj.weight")], dtype, &mut done)?;
+            let x_proj = mat_rows(&[&n("mamba.x_proj.0.weight")], WeightDtype::F32, &mut done)?;
+            let dt_proj = mat_rows(&[&n("mamba.dt_proj.0.weight")], WeightDtype::F32, &mut done)?;
+            let out_proj = mat_rows(&[&n("mamba.out_proj.weight")], dtype, &mut done)?;
+            let gate_up = mat_rows(&[&n("moe.experts.0.gate_proj.weight"), &n("moe.experts.0.up_proj.weight")], dtype, &mut done)?;
+            let down = mat_rows(&[&n("moe.experts.0.down_proj.weight")], dtype, &mut done)?;
             let mut conv = ck.f32(&n("mamba.conv1d.weight"))?;
             if cfg.conv_bias {
                 conv.extend(ck.f32(&n("mamba.conv1d.bias"))?);
@@ -205,21 +220,29 @@ impl Model {
             } else {
                 None
             };
+            let inner_norms_cat = if cfg.inner_norms {
+                let mut v = ck.f32(&n("mamba.dt_layernorm.weight"))?;
+                v.extend(ck.f32(&n("mamba.B_layernorm.weight"))?);
+                v.extend(ck.f32(&n("mamba.C_layernorm.weight"))?);
+                Some(g.upload(&n("inner norms"), &v)?)
+            } else {
+                None
+            };
             let small = (conv.len() + consts.len() + pre_avg.len() + 2 * cfg.hidden + cfg.x_proj_rows()) * 4;
-            weight_bytes += in_proj.bytes() + x_proj.bytes() + dt_proj.bytes() + out_proj.bytes() + gate.bytes() + up.bytes() + down.bytes() + small as u64;
+            weight_bytes += in_proj.bytes() + x_proj.bytes() + dt_proj.bytes() + out_proj.bytes() + gate_up.bytes() + down.bytes() + small as u64;
             layers.push(LayerWeights {
                 input_norm: vec_f32(&n("input_layernorm.weight"))?,
                 in_proj,
                 conv: g.upload(&n("conv"), &conv)?,
                 x_proj,
                 inner_norms,
+                inner_norms_cat,
                 dt_proj,
                 ssm_consts: g.upload(&n("ssm consts"), &consts)?,
                 pre_avg: g.upload(&n("pre_avg"), &pre_avg)?,
                 out_proj,
                 pre_mlp_norm: vec_f32(&n("pre_moe_layernorm.weight"))?,
-                gate,
-                up,
+                gate_up,
                 down,
             });
         }
@@ -261,11 +284,11 @@ impl Model {
             dt: g.buffer("dt", (c * cfg.d_inner * 4) as u64)?,
             y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
             m: g.buffer("merged", (c * cfg.d_inner * 4) as u64)?,
-            gate: g.buffer("mlp gate", (c * cfg.intermediate * 4) as u64)?,
-            up: g.buffer("mlp up", (c * cfg.intermediate * 4) as u64)?,
+            gu: g.buffer("mlp gate|up", (c * 2 * cfg.intermediate * 4) as u64)?,
             logits: g.buffer("logits", (c * cfg.vocab_size * 4) as u64)?,
         };
         let global_cap0 = round_up(2 * chunk, 256).min(max_positions - cfg.n_meta).max(1);
+        let cfg_copy = cfg.clone();
         let mut model = Model {
             cfg,
             gpu,
@@ -281,6 +304,7 @@ impl Model {
             chunk,
             max_positions,
             global_cap0,
+            fused_decode: opts.fused_decode && cfg_fusable(&cfg_copy),
             prefix: None,
             weight_bytes,
         };
@@ -505,6 +529,9 @@ impl Model {
                 cap: cap as u32,
                 window,
                 scale: 1.0 / (c.d_qk as f32).sqrt(),
+                k_col: 0,
+                v_col: 0,
+                self_kv: 0,
             },
         )?;
         // SSM heads: conv, x_proj, inner norms, dt_proj, selective scan.
@@ -550,6 +577,10 @@ impl Model {
                 c_col: (c.dt_rank + c.d_state) as u32,
                 z_off: split.z as u32,
                 z_stride: pw as u32,
+                rank: c.dt_rank as u32,
+                wdt_stride: 0,
+                eps: c.eps,
+                inner_norms: c.inner_norms as u32,
             },
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
@@ -557,10 +588,105 @@ impl Model {
         k.matmul(rec, &ws.m, 0, di, &w.out_proj, None, &ws.h, 0, d, rows, true)?;
         // SwiGLU MLP.
         k.rmsnorm(rec, Some((&ws.h, 0, d)), &w.pre_mlp_norm, &ws.u, 0, d, rows, d, c.eps)?;
-        k.matmul(rec, &ws.u, 0, d, &w.gate, None, &ws.gate, 0, c.intermediate, rows, false)?;
-        k.matmul(rec, &ws.u, 0, d, &w.up, None, &ws.up, 0, c.intermediate, rows, false)?;
-        k.swiglu(rec, &ws.gate, &ws.up, rows * c.intermediate)?;
-        k.matmul(rec, &ws.gate, 0, c.intermediate, &w.down, None, &ws.h, 0, d, rows, true)
+        let i2 = 2 * c.intermediate;
+        k.matmul(rec, &ws.u, 0, d, &w.gate_up, None, &ws.gu, 0, i2, rows, false)?;
+        k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
+        k.matmul(rec, &ws.gu, 0, i2, &w.down, None, &ws.h, 0, d, rows, true)
+    }
+
+    /// One decode step of a hybrid layer with fused kernels: 8 dispatches, the attention
+    /// and SSM branches independent of each other.
+    fn record_layer_decode(&self, rec: &mut Recorder, seq: &Sequence, l: usize, pos: usize) -> Result<()> {
+        let c = &self.cfg;
+        let k = &self.kernels;
+        let w = &self.layers[l];
+        let ws = &self.ws;
+        let d = c.hidden;
+        let di = c.d_inner;
+        let split = c.in_proj_split(l);
+        let pw = split.total;
+        k.gemv_pro(rec, &ws.h, 0, d, &w.in_proj, Prologue::Norm(&w.input_norm, c.eps), &ws.p, 0, pw, 1, false)?;
+        let src = c.layers[l].kv_source(l);
+        let kv = seq.layers[src].kv.as_ref().expect("KV source layer owns a cache");
+        let window = match c.layers[l].attention {
+            AttentionKind::Global => NO_WINDOW,
+            AttentionKind::SlidingWindow { window } => (window - 1) as u32,
+        };
+        k.attention_decode(
+            rec,
+            &ws.p,
+            &kv.k,
+            &kv.v,
+            &ws.att,
+            &self.cos_sin,
+            AttentionParams {
+                rows: 1,
+                n_heads: c.n_heads as u32,
+                n_kv_heads: c.n_kv_heads as u32,
+                d_qk: c.d_qk as u32,
+                d_v: c.d_v as u32,
+                q_off: split.q as u32,
+                q_stride: pw as u32,
+                out_off: 0,
+                out_stride: di as u32,
+                pos0: pos as u32,
+                n_meta: c.n_meta as u32,
+                ring: kv.ring as u32,
+                cap: kv.cap(c.n_meta) as u32,
+                window,
+                scale: 1.0 / (c.d_qk as f32).sqrt(),
+                k_col: split.k.unwrap_or(0) as u32,
+                v_col: split.v.unwrap_or(0) as u32,
+                self_kv: split.k.is_some() as u32,
+            },
+        )?;
+        let st = &seq.layers[l];
+        k.conv_step(
+            rec,
+            &ws.p,
+            &w.conv,
+            &st.conv,
+            &ws.xc,
+            ConvParams {
+                rows: 1,
+                d: di as u32,
+                k: c.d_conv as u32,
+                x_off: split.x as u32,
+                x_stride: pw as u32,
+                has_bias: 1,
+            },
+        )?;
+        let xs = c.x_proj_rows();
+        k.matmul(rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, 1, false)?;
+        k.scan_fused(
+            rec,
+            &ws.xc,
+            &w.dt_proj,
+            &ws.xp,
+            &ws.p,
+            &w.ssm_consts,
+            &st.ssm,
+            &ws.y,
+            w.inner_norms_cat.as_ref(),
+            ScanParams {
+                rows: 1,
+                d: di as u32,
+                n: c.d_state as u32,
+                xp_stride: xs as u32,
+                b_col: c.dt_rank as u32,
+                c_col: (c.dt_rank + c.d_state) as u32,
+                z_off: split.z as u32,
+                z_stride: pw as u32,
+                rank: c.dt_rank as u32,
+                wdt_stride: (w.dt_proj.kp4() * 4),
+                eps: c.eps,
+                inner_norms: c.inner_norms as u32,
+            },
+        )?;
+        k.gemv_pro(rec, &ws.att, 0, di, &w.out_proj, Prologue::Merge { w: &w.pre_avg, x2: &ws.y, eps: c.eps }, &ws.h, 0, d, 1, true)?;
+        let i2 = 2 * c.intermediate;
+        k.gemv_pro(rec, &ws.h, 0, d, &w.gate_up, Prologue::Norm(&w.pre_mlp_norm, c.eps), &ws.gu, 0, i2, 1, false)?;
+        k.gemv_pro(rec, &ws.gu, 0, i2, &w.down, Prologue::Swiglu, &ws.h, 0, d, 1, true)
     }
 
     async fn forward_traced(&self, seq: &mut Sequence, pos0: usize, rows: usize, meta_rows: usize, tr: &mut Trace) -> Result<()> {
@@ -612,7 +738,16 @@ impl Model {
     }
 
     fn record_decode(&self, rec: &mut Recorder, seq: &Sequence, sp: &SamplingParams, sample: bool) -> Result<()> {
-        self.record_chunk(rec, seq, seq.pos, 1, 0, &seq.tok_state, 0, true, Logits::Last)?;
+        let c = &self.cfg;
+        if self.fused_decode {
+            self.kernels.embed(rec, &seq.tok_state, 0, &self.embed, &self.meta, 0, &self.ws.h, 1)?;
+            for l in 0..c.n_layers {
+                self.record_layer_decode(rec, seq, l, seq.pos)?;
+            }
+            self.kernels.gemv_pro(rec, &self.ws.h, 0, c.hidden, self.lm_head(), Prologue::Norm(&self.final_norm, c.eps), &self.ws.logits, 0, c.vocab_size, 1, false)?;
+        } else {
+            self.record_chunk(rec, seq, seq.pos, 1, 0, &seq.tok_state, 0, true, Logits::Last)?;
+        }
         if sample {
             self.kernels.sample(rec, &self.ws.logits, &seq.seen, &seq.tok_state, self.sample_params(sp))?;
         }

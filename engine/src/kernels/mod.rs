@@ -101,6 +101,7 @@ pub struct MatmulParams {
     pub y_stride: u32,
     pub accumulate: u32,
     pub has_bias: u32,
+    pub eps: f32,
 }
 
 #[repr(C)]
@@ -161,6 +162,9 @@ pub struct AttentionParams {
     pub cap: u32,
     pub window: u32,
     pub scale: f32,
+    pub k_col: u32,
+    pub v_col: u32,
+    pub self_kv: u32,
 }
 
 pub const NO_WINDOW: u32 = u32::MAX;
@@ -187,6 +191,10 @@ pub struct ScanParams {
     pub c_col: u32,
     pub z_off: u32,
     pub z_stride: u32,
+    pub rank: u32,
+    pub wdt_stride: u32,
+    pub eps: f32,
+    pub inner_norms: u32,
 }
 
 #[repr(C)]
@@ -201,6 +209,7 @@ pub struct MergeParams {
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct SwigluParams {
     pub count: u32,
+    pub width: u32,
     pub groups_x: u32,
 }
 
@@ -220,12 +229,28 @@ pub struct SampleParams {
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// An elementwise step fused into the input side of a GEMV.
+pub enum Prologue<'a> {
+    None,
+    /// RMSNorm of each X row with this weight.
+    Norm(&'a wgpu::Buffer, f32),
+    /// Hybrid-head merge: X = attention output, `x2` = SSM output, weights [2, k].
+    Merge { w: &'a wgpu::Buffer, x2: &'a wgpu::Buffer, eps: f32 },
+    /// SwiGLU: X rows are [gate | up], each k wide.
+    Swiglu,
+}
+
 /// Every pipeline the engine uses, compiled once per device.
 pub struct Kernels {
     gemv_f32: Arc<Kernel>,
     gemm_f32: Arc<Kernel>,
     gemv_f16: Arc<Kernel>,
     gemm_f16: Arc<Kernel>,
+    /// [dtype f32, f16][prologue norm, merge, swiglu]
+    gemv_pro: [[Arc<Kernel>; 3]; 2],
+    attention_decode: Arc<Kernel>,
+    conv_step: Arc<Kernel>,
+    scan_fused: Arc<Kernel>,
     embed_f32: Arc<Kernel>,
     embed_f16: Arc<Kernel>,
     rmsnorm: Arc<Kernel>,
@@ -253,6 +278,21 @@ impl Kernels {
             gemm_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemm", &[U, R, R, R, RW])?,
             gemv_f16: k("matmul.wgsl", SRC_MATMUL, &[], "gemv", &[U, R, R, R, RW])?,
             gemm_f16: k("matmul.wgsl", SRC_MATMUL, &[], "gemm", &[U, R, R, R, RW])?,
+            gemv_pro: [
+                [
+                    k("matmul.wgsl", SRC_MATMUL, &["W_F32", "PRO_NORM"], "gemv", &[U, R, R, R, RW, R])?,
+                    k("matmul.wgsl", SRC_MATMUL, &["W_F32", "PRO_MERGE"], "gemv", &[U, R, R, R, RW, R, R])?,
+                    k("matmul.wgsl", SRC_MATMUL, &["W_F32", "PRO_SWIGLU"], "gemv", &[U, R, R, R, RW])?,
+                ],
+                [
+                    k("matmul.wgsl", SRC_MATMUL, &["PRO_NORM"], "gemv", &[U, R, R, R, RW, R])?,
+                    k("matmul.wgsl", SRC_MATMUL, &["PRO_MERGE"], "gemv", &[U, R, R, R, RW, R, R])?,
+                    k("matmul.wgsl", SRC_MATMUL, &["PRO_SWIGLU"], "gemv", &[U, R, R, R, RW])?,
+                ],
+            ],
+            attention_decode: k("attention.wgsl", SRC_ATTENTION, &["DECODE_FUSED"], "main", &[U, R, RW, RW, RW, R])?,
+            conv_step: k("conv1d.wgsl", SRC_CONV1D, &["STEP"], "main", &[U, R, R, RW, RW])?,
+            scan_fused: k("scan.wgsl", SRC_SCAN, &["FUSED_DT"], "main", &[U, R, R, R, R, R, RW, RW, R])?,
             embed_f32: k("embed.wgsl", SRC_EMBED, &["W_F32"], "main", &[U, R, R, R, RW])?,
             embed_f16: k("embed.wgsl", SRC_EMBED, &[], "main", &[U, R, R, R, RW])?,
             rmsnorm: k("rmsnorm.wgsl", SRC_RMSNORM, &[], "main", &[U, R, R, RW])?,
@@ -264,7 +304,7 @@ impl Kernels {
             conv_state: k("conv1d.wgsl", SRC_CONV1D, &["STATE"], "main", &[U, R, RW])?,
             scan: k("scan.wgsl", SRC_SCAN, &[], "main", &[U, R, R, R, R, R, RW, RW])?,
             merge: k("merge.wgsl", SRC_MERGE, &[], "main", &[U, R, R, R, RW])?,
-            swiglu: k("swiglu.wgsl", SRC_SWIGLU, &[], "main", &[U, R, RW])?,
+            swiglu: k("swiglu.wgsl", SRC_SWIGLU, &[], "main", &[U, RW])?,
             sample: k("sample.wgsl", SRC_SAMPLE, &[], "main", &[U, R, RW, RW])?,
             dummy: gpu.buffer("dummy", 16)?,
         })
@@ -284,6 +324,7 @@ impl Kernels {
             y_stride: y_stride as u32,
             accumulate: accumulate as u32,
             has_bias: bias.is_some() as u32,
+            eps: 0.0,
         };
         let b = bias.unwrap_or(&self.dummy);
         if rows <= GEMV_MAX_ROWS {
@@ -293,6 +334,56 @@ impl Kernels {
             let k = if w.dtype == WeightDtype::F32 { &self.gemm_f32 } else { &self.gemm_f16 };
             rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
         }
+    }
+
+    /// Decode GEMV (rows ≤ a few) with an elementwise prologue fused into the input side.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_pro(&self, rec: &mut Recorder, x: &wgpu::Buffer, x_off: usize, x_stride: usize, w: &Matrix, pro: Prologue, y: &wgpu::Buffer, y_off: usize, y_stride: usize, rows: usize, accumulate: bool) -> Result<()> {
+        let mut p = MatmulParams {
+            rows: rows as u32,
+            m: w.rows as u32,
+            k: w.cols as u32,
+            kp4: w.kp4(),
+            x_off: x_off as u32,
+            x_stride: x_stride as u32,
+            y_off: y_off as u32,
+            y_stride: y_stride as u32,
+            accumulate: accumulate as u32,
+            has_bias: 0,
+            eps: 0.0,
+        };
+        let di = (w.dtype == WeightDtype::F16) as usize;
+        let groups = [w.rows.div_ceil(8) as u32, rows as u32, 1];
+        match pro {
+            Prologue::None => self.matmul(rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate),
+            Prologue::Norm(nw, eps) => {
+                p.eps = eps;
+                rec.dispatch(&self.gemv_pro[di][0], &p, &[x, &w.buf, &self.dummy, y, nw], groups)
+            }
+            Prologue::Merge { w: mw, x2, eps } => {
+                p.eps = eps;
+                rec.dispatch(&self.gemv_pro[di][1], &p, &[x, &w.buf, &self.dummy, y, mw, x2], groups)
+            }
+            Prologue::Swiglu => rec.dispatch(&self.gemv_pro[di][2], &p, &[x, &w.buf, &self.dummy, y], groups),
+        }
+    }
+
+    /// One decode step of attention with RoPE on q and the KV store fused in.
+    pub fn attention_decode(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, cs: &wgpu::Buffer, p: AttentionParams) -> Result<()> {
+        rec.dispatch(&self.attention_decode, &p, &[pbuf, k, v, out, cs], [p.n_heads, 1, 1])
+    }
+
+    /// One decode step of the causal conv (forward and state shift in one dispatch).
+    pub fn conv_step(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, wb: &wgpu::Buffer, state: &wgpu::Buffer, xc: &wgpu::Buffer, p: ConvParams) -> Result<()> {
+        rec.dispatch(&self.conv_step, &p, &[pbuf, wb, state, xc], [p.d.div_ceil(64), 1, 1])
+    }
+
+    /// One decode step of the selective scan with the dt/B/C norms and dt_proj fused in.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_fused(&self, rec: &mut Recorder, xc: &wgpu::Buffer, dt_proj: &Matrix, xp: &wgpu::Buffer, pbuf: &wgpu::Buffer, consts: &wgpu::Buffer, state: &wgpu::Buffer, y: &wgpu::Buffer, norms: Option<&wgpu::Buffer>, p: ScanParams) -> Result<()> {
+        assert_eq!(dt_proj.dtype, WeightDtype::F32);
+        let nb = norms.unwrap_or(&self.dummy);
+        rec.dispatch(&self.scan_fused, &p, &[xc, &dt_proj.buf, xp, pbuf, consts, state, y, nb], [p.d.div_ceil(64), 1, 1])
     }
 
     /// Row-wise RMSNorm; `x == None` normalizes `y` in place (x_off/x_stride ignored).
@@ -366,12 +457,18 @@ impl Kernels {
         rec.dispatch(&self.merge, &p, &[att, ssm, w, out], [rows as u32, 1, 1])
     }
 
-    pub fn swiglu(&self, rec: &mut Recorder, gate: &wgpu::Buffer, up: &wgpu::Buffer, count: usize) -> Result<()> {
+    /// SwiGLU in place over rows of [gate | up] (each `width` wide).
+    pub fn swiglu(&self, rec: &mut Recorder, gu: &wgpu::Buffer, rows: usize, width: usize) -> Result<()> {
+        let count = rows * width;
         let groups = count.div_ceil(256) as u32;
-        let gx = groups.min(32768);
-        let gy = groups.div_ceil(gx);
-        let p = SwigluParams { count: count as u32, groups_x: gx };
-        rec.dispatch(&self.swiglu, &p, &[up, gate], [gx, gy, 1])
+        let gx = groups.clamp(1, 32768);
+        let gy = groups.div_ceil(gx).max(1);
+        let p = SwigluParams {
+            count: count as u32,
+            width: width as u32,
+            groups_x: gx,
+        };
+        rec.dispatch(&self.swiglu, &p, &[gu], [gx, gy, 1])
     }
 
     pub fn sample(&self, rec: &mut Recorder, logits: &wgpu::Buffer, seen: &wgpu::Buffer, state: &wgpu::Buffer, p: SampleParams) -> Result<()> {

@@ -365,6 +365,9 @@ fn attention_case(window: Option<usize>, seed: u64) {
         cap: cap as u32,
         window: window.map(|w| w as u32).unwrap_or(NO_WINDOW),
         scale: 1.0 / (dqk as f32).sqrt(),
+        k_col: 0,
+        v_col: 0,
+        self_kv: 0,
     };
     run(gpu, |rec| ks.attention(rec, &qb, &kb, &vb, &ob, p).unwrap());
     let got = read(gpu, &ob, rows * out_stride);
@@ -472,6 +475,10 @@ fn selective_scan_chunk_and_step() {
             c_col: (rank + n) as u32,
             z_off: z_off as u32,
             z_stride: zw as u32,
+            rank: rank as u32,
+            wdt_stride: 0,
+            eps: 1e-6,
+            inner_norms: 0,
         };
         run(gpu, |rec| ks.scan(rec, &bx, &bd, &bp, &bz, &bc, &bs, &by, params).unwrap());
         let got = read(gpu, &by, rows * d);
@@ -524,17 +531,225 @@ fn merge_two_norms() {
 }
 
 #[test]
-fn swiglu_elementwise() {
+fn swiglu_on_concatenated_gate_up() {
     let (gpu, ks) = env();
     let mut r = Rng::new(61);
-    let n = 1000 + 37;
-    let g = r.vec(n, 4.0);
-    let u = r.vec(n, 1.0);
-    let (bg, bu) = (gpu.upload("g", &g).unwrap(), gpu.upload("u", &u).unwrap());
-    run(gpu, |rec| ks.swiglu(rec, &bg, &bu, n).unwrap());
-    let got = read(gpu, &bg, n);
-    let want: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+    let (rows, width) = (7, 149);
+    let gu = r.vec(rows * 2 * width, 4.0);
+    let b = gpu.upload("gu", &gu).unwrap();
+    run(gpu, |rec| ks.swiglu(rec, &b, rows, width).unwrap());
+    let got = read(gpu, &b, gu.len());
+    let mut want = gu.clone();
+    for t in 0..rows {
+        for j in 0..width {
+            let g = gu[t * 2 * width + j];
+            want[t * 2 * width + j] = g / (1.0 + (-g).exp()) * gu[t * 2 * width + width + j];
+        }
+    }
     assert_close("swiglu", &got, &want, 1e-6, 1e-5);
+}
+
+fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usize, seed: u64) {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(seed);
+    let xw = if which == 2 { 2 * k } else { k };
+    let x_stride = xw + 3;
+    let x = r.vec(rows * x_stride, 2.0);
+    let x2 = r.vec(rows * x_stride, 0.7);
+    let nw = r.vec(2 * k, 1.0);
+    let w = r.vec(m * k, 0.5);
+    let acc = which == 1;
+    let y0: Vec<f32> = if acc { r.vec(rows * m, 1.0) } else { vec![NAN; rows * m] };
+    let mat = Matrix::upload(gpu, "w", &w, m, k, dtype).unwrap();
+    let (xb, x2b, nb, yb) = (gpu.upload("x", &x).unwrap(), gpu.upload("x2", &x2).unwrap(), gpu.upload("n", &nw).unwrap(), gpu.upload("y", &y0).unwrap());
+    let pro = match which {
+        0 => Prologue::Norm(&nb, 1e-6),
+        1 => Prologue::Merge { w: &nb, x2: &x2b, eps: 1e-6 },
+        _ => Prologue::Swiglu,
+    };
+    run(gpu, |rec| ks.gemv_pro(rec, &xb, 0, x_stride, &mat, pro, &yb, 0, m, rows, acc).unwrap());
+    let got = read(gpu, &yb, rows * m);
+    let wq: Vec<f32> = match dtype {
+        WeightDtype::F32 => w.clone(),
+        WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+    };
+    let mut want = vec![0f32; rows * m];
+    for t in 0..rows {
+        let row = &x[t * x_stride..t * x_stride + xw];
+        let xin: Vec<f32> = match which {
+            0 => rms_ref(&row[..k], &nw[..k], 1e-6),
+            1 => {
+                let a = rms_ref(&row[..k], &nw[..k], 1e-6);
+                let b = rms_ref(&x2[t * x_stride..t * x_stride + k], &nw[k..], 1e-6);
+                a.iter().zip(&b).map(|(a, b)| (a + b) / 2.0).collect()
+            }
+            _ => (0..k).map(|j| row[j] / (1.0 + (-row[j]).exp()) * row[k + j]).collect(),
+        };
+        for j in 0..m {
+            let mut s = 0f64;
+            for kk in 0..k {
+                s += xin[kk] as f64 * wq[j * k + kk] as f64;
+            }
+            if acc {
+                s += y0[t * m + j] as f64;
+            }
+            want[t * m + j] = s as f32;
+        }
+    }
+    assert_close(&format!("gemv prologue {which} {dtype:?}"), &got, &want, 1e-4, 1e-4);
+}
+
+#[test]
+fn gemv_with_fused_prologues() {
+    for (i, dtype) in [WeightDtype::F32, WeightDtype::F16].into_iter().enumerate() {
+        gemv_pro_case(dtype, 0, 1, 37, 300, 81 + i as u64);
+        gemv_pro_case(dtype, 1, 2, 45, 333, 83 + i as u64);
+        gemv_pro_case(dtype, 2, 1, 29, 70, 85 + i as u64);
+    }
+}
+
+#[test]
+fn attention_decode_fused_matches_unfused() {
+    // Decode step at position q: the fused kernel (RoPE on q, key/value of q from the in_proj
+    // row, cache write) must equal store_kv + rope_q + attention with the decode window.
+    let (gpu, ks) = env();
+    let mut r = Rng::new(91);
+    let (hq, hkv, dqk, dv) = (6, 2, 16, 40);
+    let (n_meta, w) = (3usize, 9usize);
+    let ring = w + 4;
+    let cap = n_meta + ring;
+    let q = 40usize;
+    let cs = rope_table(64, dqk / 2, 777.0);
+    let csb = gpu.upload("cs", &cs).unwrap();
+    let kc = r.vec(hkv * cap * dqk, 1.0);
+    let vc = r.vec(hkv * cap * dv, 1.0);
+    let width = hq * dqk + hkv * dqk + hkv * dv + 2;
+    let prow = r.vec(width, 1.0);
+    for self_kv in [1u32, 0] {
+        let mk = |p: &Vec<f32>| gpu.upload("b", p).unwrap();
+        let (k1, v1, p1) = (mk(&kc), mk(&vc), mk(&prow));
+        let (k2, v2, p2) = (mk(&kc), mk(&vc), mk(&prow));
+        let o1 = gpu.upload("o1", &vec![NAN; hq * dv]).unwrap();
+        let o2 = gpu.upload("o2", &vec![NAN; hq * dv]).unwrap();
+        let ap = AttentionParams {
+            rows: 1,
+            n_heads: hq as u32,
+            n_kv_heads: hkv as u32,
+            d_qk: dqk as u32,
+            d_v: dv as u32,
+            q_off: 0,
+            q_stride: width as u32,
+            out_off: 0,
+            out_stride: (hq * dv) as u32,
+            pos0: q as u32,
+            n_meta: n_meta as u32,
+            ring: ring as u32,
+            cap: cap as u32,
+            window: (w - 1) as u32,
+            scale: 0.25,
+            k_col: (hq * dqk) as u32,
+            v_col: (hq * dqk + hkv * dqk) as u32,
+            self_kv,
+        };
+        let rp = RopeParams {
+            rows: 1,
+            n_heads: hq as u32,
+            d_qk: dqk as u32,
+            d_v: dv as u32,
+            p_off: 0,
+            p_stride: width as u32,
+            q_col: 0,
+            v_col: (hq * dqk + hkv * dqk) as u32,
+            pos0: q as u32,
+            n_meta: n_meta as u32,
+            ring: ring as u32,
+            cap: cap as u32,
+        };
+        run(gpu, |rec| {
+            if self_kv == 1 {
+                ks.store_kv(rec, &csb, &p1, &k1, &v1, RopeParams { n_heads: hkv as u32, q_col: (hq * dqk) as u32, ..rp }).unwrap();
+            }
+            ks.rope_q(rec, &csb, &p1, rp).unwrap();
+            ks.attention(rec, &p1, &k1, &v1, &o1, AttentionParams { self_kv: 0, ..ap }).unwrap();
+            ks.attention_decode(rec, &p2, &k2, &v2, &o2, &csb, ap).unwrap();
+        });
+        assert_close("fused decode attention", &read(gpu, &o2, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
+        assert_close("fused decode keys", &read(gpu, &k2, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
+        assert_close("fused decode values", &read(gpu, &v2, vc.len()), &read(gpu, &v1, vc.len()), 0.0, 0.0);
+    }
+}
+
+#[test]
+fn conv_step_matches_chunk_conv() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(95);
+    let (d, k) = (70, 4);
+    let stride = d + 5;
+    let p = r.vec(2 + stride, 1.0);
+    let mut wbv = r.vec(d * k, 0.7);
+    wbv.extend(r.vec(d, 0.3));
+    let st = r.vec(d * k, 1.0);
+    let params = ConvParams { rows: 1, d: d as u32, k: k as u32, x_off: 2, x_stride: stride as u32, has_bias: 1 };
+    let pb = gpu.upload("p", &p).unwrap();
+    let wb = gpu.upload("wb", &wbv).unwrap();
+    let (s1, s2) = (gpu.upload("s1", &st).unwrap(), gpu.upload("s2", &st).unwrap());
+    let (x1, x2) = (gpu.upload("x1", &vec![NAN; d]).unwrap(), gpu.upload("x2", &vec![NAN; d]).unwrap());
+    run(gpu, |rec| {
+        ks.conv(rec, &pb, &wb, &s1, &x1, params).unwrap();
+        ks.conv_step(rec, &pb, &wb, &s2, &x2, params).unwrap();
+    });
+    assert_close("conv step out", &read(gpu, &x2, d), &read(gpu, &x1, d), 1e-6, 1e-6);
+    assert_close("conv step state", &read(gpu, &s2, d * k), &read(gpu, &s1, d * k), 0.0, 0.0);
+}
+
+#[test]
+fn scan_fused_matches_norms_dtproj_and_scan() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(97);
+    let (d, n, rank) = (70, 5, 6);
+    let xs = rank + 2 * n;
+    let zw = d + 3;
+    let xc = r.vec(d, 1.0);
+    let xp = r.vec(xs, 2.0);
+    let pz = r.vec(zw, 2.0);
+    let wdt = r.vec(d * rank, 0.5);
+    let nw = r.vec(rank + 2 * n, 1.0);
+    let mut consts: Vec<f32> = (0..d * n).map(|_| -(r.f() * 1.5).exp()).collect();
+    consts.extend(r.vec(d, 0.5));
+    consts.extend(r.vec(d, 1.0));
+    let st = r.vec(d * n, 1.0);
+    let mat = Matrix::upload(gpu, "wdt", &wdt, d, rank, WeightDtype::F32).unwrap();
+    let up = |v: &Vec<f32>| gpu.upload("b", v).unwrap();
+    let (bxc, bz, bc, bnw) = (up(&xc), up(&pz), up(&consts), up(&nw));
+    let (xp1, xp2) = (up(&xp), up(&xp));
+    let (s1, s2) = (up(&st), up(&st));
+    let dtb = gpu.upload("dt", &vec![NAN; d]).unwrap();
+    let (y1, y2) = (gpu.upload("y1", &vec![NAN; d]).unwrap(), gpu.upload("y2", &vec![NAN; d]).unwrap());
+    let (n0, n1, n2) = (up(&nw[..rank].to_vec()), up(&nw[rank..rank + n].to_vec()), up(&nw[rank + n..].to_vec()));
+    let sp = ScanParams {
+        rows: 1,
+        d: d as u32,
+        n: n as u32,
+        xp_stride: xs as u32,
+        b_col: rank as u32,
+        c_col: (rank + n) as u32,
+        z_off: 1,
+        z_stride: zw as u32,
+        rank: rank as u32,
+        wdt_stride: mat.kp4() * 4,
+        eps: 1e-6,
+        inner_norms: 1,
+    };
+    run(gpu, |rec| {
+        ks.rmsnorm(rec, None, &n0, &xp1, 0, xs, 1, rank, 1e-6).unwrap();
+        ks.rmsnorm(rec, None, &n1, &xp1, rank, xs, 1, n, 1e-6).unwrap();
+        ks.rmsnorm(rec, None, &n2, &xp1, rank + n, xs, 1, n, 1e-6).unwrap();
+        ks.matmul(rec, &xp1, 0, xs, &mat, None, &dtb, 0, d, 1, false).unwrap();
+        ks.scan(rec, &bxc, &dtb, &xp1, &bz, &bc, &s1, &y1, sp).unwrap();
+        ks.scan_fused(rec, &bxc, &mat, &xp2, &bz, &bc, &s2, &y2, Some(&bnw), sp).unwrap();
+    });
+    assert_close("fused scan y", &read(gpu, &y2, d), &read(gpu, &y1, d), 1e-5, 1e-5);
+    assert_close("fused scan state", &read(gpu, &s2, d * n), &read(gpu, &s1, d * n), 1e-5, 1e-5);
 }
 
 #[test]
@@ -601,6 +816,12 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("rope", SRC_ROPE, vec![]),
         ("rope", SRC_ROPE, vec!["STORE_KV"]),
         ("attention", SRC_ATTENTION, vec![]),
+        ("attention", SRC_ATTENTION, vec!["DECODE_FUSED"]),
+        ("matmul", SRC_MATMUL, vec!["PRO_NORM"]),
+        ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_MERGE"]),
+        ("matmul", SRC_MATMUL, vec!["SHADER_F16", "PRO_SWIGLU"]),
+        ("conv1d", SRC_CONV1D, vec!["STEP"]),
+        ("scan", SRC_SCAN, vec!["FUSED_DT"]),
         ("conv1d", SRC_CONV1D, vec![]),
         ("conv1d", SRC_CONV1D, vec!["STATE"]),
         ("scan", SRC_SCAN, vec![]),
