@@ -5,11 +5,7 @@
 // Online softmax over blocks of 64 keys (flash style): no [T, T] score matrix exists.
 // KV consumers pass their producer's cache. One workgroup per (query head, query row).
 // Grid: (n_heads, rows, 1).
-// Define DECODE_FUSED (one decode step, rows = 1): also rotates q (RoPE) on load; in a KV-owning
-// layer (self_kv = 1) the current position's key and value are taken straight from the in_proj
-// output (key rotated here) and written to the cache by the first query head of each KV group,
-// so RoPE, the KV store and attention are one dispatch. No other workgroup reads that slot:
-// the ring is longer than the window.
+// Single-token decode steps use attention_decode.wgsl (split over the keys).
 
 struct Params {
     rows: u32,
@@ -27,32 +23,20 @@ struct Params {
     cap: u32,        // slots per KV head = n_meta + ring
     window: u32,     // max q - k for text keys; 0xffffffff = global
     scale: f32,      // 1 / sqrt(d_qk)
-    k_col: u32,      // DECODE_FUSED: column of k in an in_proj row
-    v_col: u32,      // DECODE_FUSED: column of v
-    self_kv: u32,    // DECODE_FUSED: 1 when this layer owns its KV (write it and read it from pbuf)
+    k_col: u32,      // unused here (layout shared with the Rust AttentionParams)
+    v_col: u32,      // unused
+    self_kv: u32,    // unused
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 // pbuf: [rows, q_stride] f32 in_proj output, RoPE already applied to q.
 @group(0) @binding(1) var<storage, read> pbuf: array<f32>;
-#ifdef DECODE_FUSED
-// kc: [n_kv_heads, cap, d_qk] f32 keys (post-RoPE); this step's key is written here.
-@group(0) @binding(2) var<storage, read_write> kc: array<f32>;
-// vc: [n_kv_heads, cap, d_v] f32 values.
-@group(0) @binding(3) var<storage, read_write> vc: array<f32>;
-// out: [rows, out_stride] f32, heads concatenated (head h at h * d_v).
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
-// cs: [positions, d_qk / 2, 2] f32 RoPE (cos, sin).
-@group(0) @binding(5) var<storage, read> cs: array<f32>;
-var<workgroup> ks: array<f32, 256>;
-#else
 // kc: [n_kv_heads, cap, d_qk] f32 keys.
 @group(0) @binding(2) var<storage, read> kc: array<f32>;
 // vc: [n_kv_heads, cap, d_v] f32 values.
 @group(0) @binding(3) var<storage, read> vc: array<f32>;
 // out: [rows, out_stride] f32, heads concatenated (head h at h * d_v).
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
-#endif
 
 const WG: u32 = 64u;
 const NEG: f32 = -3.0e38;
@@ -97,34 +81,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let q = p.pos0 + t;
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let qb = p.q_off + t * p.q_stride + h * p.d_qk;
-#ifdef DECODE_FUSED
-    let half = p.d_qk / 2u;
-    let row = t * p.q_stride;
-    for (var e = li; e < half; e += WG) {
-        let c = cs[(q * half + e) * 2u];
-        let sn = cs[(q * half + e) * 2u + 1u];
-        let a = pbuf[qb + e];
-        let b = pbuf[qb + e + half];
-        qs[e] = a * c - b * sn;
-        qs[e + half] = b * c + a * sn;
-        if (p.self_kv != 0u) {
-            let kb = row + p.k_col + kvh * p.d_qk;
-            let ka = pbuf[kb + e];
-            let kb2 = pbuf[kb + e + half];
-            ks[e] = ka * c - kb2 * sn;
-            ks[e + half] = kb2 * c + ka * sn;
-        }
-    }
-    workgroupBarrier();
-    let self_slot = slot(q);
-    if (p.self_kv != 0u && h % (p.n_heads / p.n_kv_heads) == 0u) {
-        for (var e = li; e < p.d_qk; e += WG) { kc[(kvh * p.cap + self_slot) * p.d_qk + e] = ks[e]; }
-        for (var e = li; e < p.d_v; e += WG) { vc[(kvh * p.cap + self_slot) * p.d_v + e] = pbuf[row + p.v_col + kvh * p.d_v + e]; }
-    }
-#else
     for (var e = li; e < p.d_qk; e += WG) { qs[e] = pbuf[qb + e]; }
     workgroupBarrier();
-#endif
 
     // Visible keys: meta [0, n_meta_vis) then text [lo, q].
     let n_meta_vis = min(p.n_meta, q + 1u);
@@ -148,16 +106,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             sidx = slot(pos);
             let kbase = (kvh * p.cap + sidx) * p.d_qk;
             var d = 0.0;
-#ifdef DECODE_FUSED
-            if (p.self_kv != 0u && pos == q) {
-                for (var e = 0u; e < p.d_qk; e++) { d += qs[e] * ks[e]; }
-                sidx = 0xffffffffu;
-            } else {
-                for (var e = 0u; e < p.d_qk; e++) { d += qs[e] * kc[kbase + e]; }
-            }
-#else
             for (var e = 0u; e < p.d_qk; e++) { d += qs[e] * kc[kbase + e]; }
-#endif
             s = d * p.scale;
         }
         sl[li] = sidx;
@@ -175,12 +124,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             if (e < p.d_v) {
                 var a = acc[i] * corr;
                 for (var jj = 0u; jj < nk; jj++) {
-#ifdef DECODE_FUSED
-                    if (sl[jj] == 0xffffffffu) {
-                        a += pr[jj] * pbuf[t * p.q_stride + p.v_col + kvh * p.d_v + e];
-                        continue;
-                    }
-#endif
                     a += pr[jj] * vc[(kvh * p.cap + sl[jj]) * p.d_v + e];
                 }
                 acc[i] = a;

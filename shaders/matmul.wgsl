@@ -25,6 +25,7 @@ struct Params {
     accumulate: u32, // 1: Y += result (residual add), 0: Y = result
     has_bias: u32,   // 1: add bias[m]
     eps: f32,        // RMSNorm epsilon of the PRO_NORM / PRO_MERGE prologues
+    passes: u32,     // gemv: groups of 8 rows each workgroup computes (rows per workgroup / 8)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -124,11 +125,14 @@ fn xv(xb: u32, k: u32) -> f32 {
 #endif
 }
 
+// X row staged in workgroup memory (after the prologue) when it fits: XSH floats.
+#define XSH 4096
+var<workgroup> xsh: array<vec4<f32>, XSH / 4>;
+
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r = li / TPR;
     let lane = li % TPR;
-    let row = wid.x * RPW + r;
     let t = wid.y;
     let xb = p.x_off + t * p.x_stride;
 #ifdef PRO_NORM
@@ -147,27 +151,46 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     norm_scales(li, sa, sb);
 #endif
-    var acc = 0.0;
-    if (row < p.m) {
-        let n8 = (p.k + 7u) / 8u;
-        let wb = row * (p.kp4 / 2u);
-        for (var c = lane; c < n8; c += TPR) {
-            let kk = c * 8u;
-            let wa = w8a(wb + c);
-            let wbv = w8b(wb + c);
-            let xa = vec4<f32>(xv(xb, kk), xv(xb, kk + 1u), xv(xb, kk + 2u), xv(xb, kk + 3u));
-            let xc = vec4<f32>(xv(xb, kk + 4u), xv(xb, kk + 5u), xv(xb, kk + 6u), xv(xb, kk + 7u));
-            acc += dot(wa, xa) + dot(wbv, xc);
+    let n8 = (p.k + 7u) / 8u;
+    let staged = n8 * 8u <= XSH;
+    if (staged) {
+        for (var c = li; c < n8 * 2u; c += 256u) {
+            let k = c * 4u;
+            xsh[c] = vec4<f32>(xv(xb, k), xv(xb, k + 1u), xv(xb, k + 2u), xv(xb, k + 3u));
         }
     }
     workgroupBarrier();
-    red[li] = acc;
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s = s >> 1u) {
-        if (lane < s) { red[li] += red[li + s]; }
+    for (var ps = 0u; ps < p.passes; ps++) {
+        let row = (wid.x * p.passes + ps) * RPW + r;
+        var acc = 0.0;
+        if (row < p.m) {
+            let wb = row * (p.kp4 / 2u);
+            if (staged) {
+                for (var c = lane; c < n8; c += TPR) {
+                    let wa = w8a(wb + c);
+                    let wbv = w8b(wb + c);
+                    acc += dot(wa, xsh[2u * c]) + dot(wbv, xsh[2u * c + 1u]);
+                }
+            } else {
+                for (var c = lane; c < n8; c += TPR) {
+                    let kk = c * 8u;
+                    let wa = w8a(wb + c);
+                    let wbv = w8b(wb + c);
+                    let xa = vec4<f32>(xv(xb, kk), xv(xb, kk + 1u), xv(xb, kk + 2u), xv(xb, kk + 3u));
+                    let xc = vec4<f32>(xv(xb, kk + 4u), xv(xb, kk + 5u), xv(xb, kk + 6u), xv(xb, kk + 7u));
+                    acc += dot(wa, xa) + dot(wbv, xc);
+                }
+            }
+        }
+        red[li] = acc;
+        workgroupBarrier();
+        for (var s = TPR / 2u; s > 0u; s = s >> 1u) {
+            if (lane < s) { red[li] += red[li + s]; }
+            workgroupBarrier();
+        }
+        if (lane == 0u && row < p.m) { store(t, row, red[li]); }
         workgroupBarrier();
     }
-    if (lane == 0u && row < p.m) { store(t, row, red[li]); }
 }
 
 const BT: u32 = 64u;

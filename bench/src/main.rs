@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     tg: usize,
     /// Context lengths (tokens) for extra tg rows.
-    #[arg(long, value_delimiter = ',', default_value = "1024,4096,8064")]
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,8000")]
     ctx: Vec<usize>,
     /// Tokens generated for each context row.
     #[arg(long, default_value_t = 64)]
@@ -43,6 +43,9 @@ struct Args {
     /// Prefill chunk size.
     #[arg(long, default_value_t = 256)]
     chunk: usize,
+    /// Print GPU time per kernel (timestamp queries) for a decode step and a prefill chunk.
+    #[arg(long)]
+    profile: bool,
     /// Save the random model as a Hugging Face folder here and exit.
     #[arg(long)]
     save: Option<std::path::PathBuf>,
@@ -108,12 +111,23 @@ fn main() {
             pollster::block_on(model.gpu.finish()).unwrap();
             best = best.min(t.elapsed().as_secs_f64());
         }
+        if a.profile {
+            let mut s = model.new_sequence().unwrap();
+            pollster::block_on(model.forward(&mut s, &ids(a.chunk, 5), Logits::None, None)).unwrap();
+            if let Some(p) = pollster::block_on(model.profile_prefill(&mut s, &ids(a.chunk, 9))).unwrap() {
+                let total: f64 = p.iter().map(|e| e.1).sum();
+                println!("profile prefill chunk of {} after {}: {:.1} ms GPU", a.chunk, a.chunk, total / 1e6);
+                for (k, t, c) in &p {
+                    println!("    {:>9.1} us {:>5.1}%  x{c:<4} {k}", t / 1e3, 100.0 * t / total);
+                }
+            }
+        }
         println!("| {name} | {dt} | pp{} | {:.0} | {:.3} | | chunk {} |", a.pp, a.pp as f64 / best, best * 1e3 / a.pp as f64, a.chunk);
         // tg after a pp-length prompt, two ways.
         let mut rows = vec![(a.pp, a.tg)];
         rows.extend(a.ctx.iter().map(|&c| (c, a.ctx_tg)));
         for (ctx, n) in rows {
-            if model.cfg.n_meta + ctx + n + 1 > model.max_positions {
+            if model.cfg.n_meta + ctx + 2 * n + 2 > model.max_positions {
                 println!("| {name} | {dt} | tg{n} @ {ctx} | — | | | exceeds max positions {} |", model.max_positions);
                 continue;
             }
@@ -148,6 +162,15 @@ fn main() {
                 disp,
                 enc * 1e3 / n as f64
             );
+            if a.profile {
+                if let Some(p) = pollster::block_on(model.profile_decode(&s, &sp)).unwrap() {
+                    let total: f64 = p.iter().map(|e| e.1).sum();
+                    println!("profile decode @ {ctx}: {:.1} us GPU per token ({} dispatches)", total / 1e3, p.iter().map(|e| e.2).sum::<usize>());
+                    for (k, t, c) in &p {
+                        println!("    {:>8.1} us {:>5.1}%  x{c:<4} {k}", t / 1e3, 100.0 * t / total);
+                    }
+                }
+            }
             println!("| {name} | {dt} | tg{n} @ {ctx} (queued) | {:.1} | {:.3} | {:.0} | cache {:.1} MiB |", 1.0 / queued, queued * 1e3, wb as f64 / queued / 1e9, s.cache_bytes() as f64 / 1048576.0);
         }
         if let Some(r) = model.gpu.device.generate_allocator_report() {

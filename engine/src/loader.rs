@@ -303,20 +303,29 @@ impl Checkpoint {
             let fan_in = *shape.last().unwrap() as f32;
             let start = bytes.len();
             bytes.reserve(n * 2);
-            let leaf = name.rsplit('.').nth(if name.ends_with(".weight") || name.ends_with(".bias") { 1 } else { 0 }).unwrap_or("");
+            // What kind of tensor this is decides its distribution (checked once, not per element).
+            let kind = if name.contains("layernorm") || name.ends_with("norm.weight") {
+                0
+            } else if name.contains("A_log") {
+                1
+            } else if name.ends_with("mamba.D.0") {
+                2
+            } else if name.contains("dt_proj") && name.ends_with("bias") {
+                3
+            } else if name.contains("memory_tokens") || name.contains("embed_tokens") {
+                4
+            } else {
+                5
+            };
+            let scale = (3.0 / fan_in).sqrt();
             for i in 0..n {
-                let v = if name.contains("layernorm") || name.ends_with("norm.weight") {
-                    1.0 + 0.1 * rng.f()
-                } else if name.contains("A_log") {
-                    ((i % config.d_state) as f32 + 1.0).ln()
-                } else if name.ends_with("mamba.D.0") {
-                    1.0
-                } else if name.contains("dt_proj") && name.ends_with("bias") {
-                    -4.6 + 0.5 * rng.f()
-                } else if leaf == "memory_tokens" || name.contains("embed_tokens") {
-                    0.5 * rng.f()
-                } else {
-                    rng.f() * (3.0 / fan_in).sqrt()
+                let v = match kind {
+                    0 => 1.0 + 0.1 * rng.f(),
+                    1 => ((i % config.d_state) as f32 + 1.0).ln(),
+                    2 => 1.0,
+                    3 => -4.6 + 0.5 * rng.f(),
+                    4 => 0.5 * rng.f(),
+                    _ => rng.f() * scale,
                 };
                 bytes.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
             }

@@ -11,7 +11,7 @@ use crate::cache::Sequence;
 use crate::config::{AttentionKind, HymbaConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
-use crate::kernels::{AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams, SampleParams, ScanParams, WeightDtype, NO_WINDOW};
+use crate::kernels::{AttentionDecodeParams, AttentionParams, DECODE_KEYS_PER_SPLIT, ConvParams, Kernels, Matrix, Prologue, RopeParams, SampleParams, ScanParams, WeightDtype, NO_WINDOW};
 use crate::loader::Checkpoint;
 use crate::sampling::SamplingParams;
 use std::sync::Arc;
@@ -96,6 +96,8 @@ struct Workspace {
     /// [rows, 2 * intermediate]: gate then up.
     gu: wgpu::Buffer,
     logits: wgpu::Buffer,
+    /// Decode attention partials [n_heads, max splits, 2 + d_v].
+    part: wgpu::Buffer,
 }
 
 /// What a forward returns besides updating the cache.
@@ -136,9 +138,24 @@ pub struct Model {
     weight_bytes: u64,
 }
 
+fn aggregate(v: Vec<(String, f64)>) -> Vec<(String, f64, usize)> {
+    let mut m: Vec<(String, f64, usize)> = Vec::new();
+    for (n, t) in v {
+        match m.iter_mut().find(|e| e.0 == n) {
+            Some(e) => {
+                e.1 += t;
+                e.2 += 1;
+            }
+            None => m.push((n, t, 1)),
+        }
+    }
+    m.sort_by(|a, b| b.1.total_cmp(&a.1));
+    m
+}
+
 /// Whether the fused decode kernels cover this config (x_proj row in workgroup memory).
 fn cfg_fusable(c: &HymbaConfig) -> bool {
-    c.x_proj_rows() <= 640
+    c.x_proj_rows() <= 640 && c.d_qk % 4 == 0
 }
 
 fn round_up(x: usize, m: usize) -> usize {
@@ -286,6 +303,7 @@ impl Model {
             m: g.buffer("merged", (c * cfg.d_inner * 4) as u64)?,
             gu: g.buffer("mlp gate|up", (c * 2 * cfg.intermediate * 4) as u64)?,
             logits: g.buffer("logits", (c * cfg.vocab_size * 4) as u64)?,
+            part: g.buffer("attention partials", (cfg.n_heads * max_positions.div_ceil(DECODE_KEYS_PER_SPLIT) * (2 + cfg.d_v) * 4) as u64)?,
         };
         let global_cap0 = round_up(2 * chunk, 256).min(max_positions - cfg.n_meta).max(1);
         let cfg_copy = cfg.clone();
@@ -612,32 +630,31 @@ impl Model {
             AttentionKind::Global => NO_WINDOW,
             AttentionKind::SlidingWindow { window } => (window - 1) as u32,
         };
-        k.attention_decode(
+        let cap = kv.cap(c.n_meta);
+        k.attention_split(
             rec,
             &ws.p,
+            &self.cos_sin,
             &kv.k,
             &kv.v,
+            &ws.part,
             &ws.att,
-            &self.cos_sin,
-            AttentionParams {
-                rows: 1,
+            AttentionDecodeParams {
                 n_heads: c.n_heads as u32,
                 n_kv_heads: c.n_kv_heads as u32,
                 d_qk: c.d_qk as u32,
                 d_v: c.d_v as u32,
-                q_off: split.q as u32,
                 q_stride: pw as u32,
-                out_off: 0,
-                out_stride: di as u32,
-                pos0: pos as u32,
-                n_meta: c.n_meta as u32,
-                ring: kv.ring as u32,
-                cap: kv.cap(c.n_meta) as u32,
-                window,
-                scale: 1.0 / (c.d_qk as f32).sqrt(),
                 k_col: split.k.unwrap_or(0) as u32,
                 v_col: split.v.unwrap_or(0) as u32,
                 self_kv: split.k.is_some() as u32,
+                pos: pos as u32,
+                n_meta: c.n_meta as u32,
+                ring: kv.ring as u32,
+                cap: cap as u32,
+                window,
+                scale: 1.0 / (c.d_qk as f32).sqrt(),
+                n_splits: cap.div_ceil(DECODE_KEYS_PER_SPLIT) as u32,
             },
         )?;
         let st = &seq.layers[l];
@@ -789,6 +806,30 @@ impl Model {
             seq.sampled += 1;
         }
         Ok(())
+    }
+
+    /// Profiles one decode step (GPU time per dispatch, from timestamps), without advancing
+    /// the sequence. Returns (kernel name, total ns, dispatch count) sorted by time.
+    pub async fn profile_decode(&self, seq: &Sequence, sp: &SamplingParams) -> Result<Option<Vec<(String, f64, usize)>>> {
+        let mut rec = Recorder::new(&self.gpu);
+        self.record_decode(&mut rec, seq, sp, true)?;
+        let prog = rec.finish();
+        Ok(prog.profile(&self.gpu).await?.map(aggregate))
+    }
+
+    /// Profiles the prefill of one chunk of `ids` at the end of `seq` (the sequence is advanced).
+    pub async fn profile_prefill(&self, seq: &mut Sequence, ids: &[u32]) -> Result<Option<Vec<(String, f64, usize)>>> {
+        let rows = ids.len().min(self.chunk);
+        self.check_room(seq, rows)?;
+        seq.ensure_capacity(&self.gpu, &self.cfg, seq.pos + rows, self.max_positions - self.cfg.n_meta)?;
+        self.gpu.write(&seq.ids, 0, &ids[..rows]);
+        let mut rec = Recorder::new(&self.gpu);
+        self.record_chunk(&mut rec, seq, seq.pos, rows, 0, &seq.ids.clone(), 0, false, Logits::Last)?;
+        let prog = rec.finish();
+        let r = prog.profile(&self.gpu).await?.map(aggregate);
+        seq.pos += rows;
+        seq.tokens.extend_from_slice(&ids[..rows]);
+        Ok(r)
     }
 
     /// Reads the token id in the sequence's token slot.

@@ -114,6 +114,9 @@ impl Gpu {
         if available.contains(wgpu::Features::TIMESTAMP_QUERY) {
             features |= wgpu::Features::TIMESTAMP_QUERY;
         }
+        if available.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+            features |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        }
         let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {

@@ -166,6 +166,50 @@ impl Program {
         gpu.queue.submit([enc.finish()]);
     }
 
+    /// Runs the program once with a GPU timestamp after every dispatch and returns, per
+    /// dispatch, the kernel name and the nanoseconds since the previous timestamp (the kernel
+    /// plus the barrier before it). None when the adapter lacks timestamps inside passes.
+    pub async fn profile(&self, gpu: &Gpu) -> Result<Option<Vec<(String, f64)>>> {
+        if !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) || self.dispatches.is_empty() {
+            return Ok(None);
+        }
+        let n = self.dispatches.len() as u32 + 1;
+        let qs = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: n,
+        });
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile resolve"),
+            size: n as u64 * 8,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.write_timestamp(&qs, 0);
+            for (i, (k, bg, g)) in self.dispatches.iter().enumerate() {
+                pass.set_pipeline(&k.pipeline);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(g[0], g[1], g[2]);
+                pass.write_timestamp(&qs, i as u32 + 1);
+            }
+        }
+        enc.resolve_query_set(&qs, 0..n, &resolve, 0);
+        gpu.queue.submit([enc.finish()]);
+        let bytes = gpu.read_bytes(&resolve, 0, n as u64 * 8).await?;
+        let ts: &[u64] = bytemuck::cast_slice(&bytes);
+        let period = gpu.queue.get_timestamp_period() as f64;
+        Ok(Some(
+            self.dispatches
+                .iter()
+                .enumerate()
+                .map(|(i, (k, _, _))| (k.name.clone(), ts[i + 1].saturating_sub(ts[i]) as f64 * period))
+                .collect(),
+        ))
+    }
+
     /// Replaces the parameter bytes (same structure, new values).
     pub fn update_params(&self, gpu: &Gpu, bytes: &[u8]) {
         assert_eq!(bytes.len(), self.param_bytes, "program structure changed");

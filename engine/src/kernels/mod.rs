@@ -16,6 +16,7 @@ pub const SRC_RMSNORM: &str = include_str!("../../../shaders/rmsnorm.wgsl");
 pub const SRC_EMBED: &str = include_str!("../../../shaders/embed.wgsl");
 pub const SRC_ROPE: &str = include_str!("../../../shaders/rope.wgsl");
 pub const SRC_ATTENTION: &str = include_str!("../../../shaders/attention.wgsl");
+pub const SRC_ATTENTION_DECODE: &str = include_str!("../../../shaders/attention_decode.wgsl");
 pub const SRC_CONV1D: &str = include_str!("../../../shaders/conv1d.wgsl");
 pub const SRC_SCAN: &str = include_str!("../../../shaders/scan.wgsl");
 pub const SRC_MERGE: &str = include_str!("../../../shaders/merge.wgsl");
@@ -102,6 +103,7 @@ pub struct MatmulParams {
     pub accumulate: u32,
     pub has_bias: u32,
     pub eps: f32,
+    pub passes: u32,
 }
 
 #[repr(C)]
@@ -171,6 +173,29 @@ pub const NO_WINDOW: u32 = u32::MAX;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
+pub struct AttentionDecodeParams {
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub d_qk: u32,
+    pub d_v: u32,
+    pub q_stride: u32,
+    pub k_col: u32,
+    pub v_col: u32,
+    pub self_kv: u32,
+    pub pos: u32,
+    pub n_meta: u32,
+    pub ring: u32,
+    pub cap: u32,
+    pub window: u32,
+    pub scale: f32,
+    pub n_splits: u32,
+}
+
+/// Keys per split of the decode attention.
+pub const DECODE_KEYS_PER_SPLIT: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
 pub struct ConvParams {
     pub rows: u32,
     pub d: u32,
@@ -229,6 +254,12 @@ pub struct SampleParams {
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// Groups of 8 rows per GEMV workgroup: more rows amortize staging the input, but keep at
+/// least ~264 workgroups (two per SM on a 132-SM GPU) for large outputs.
+fn gemv_passes(m: usize) -> u32 {
+    (m / (8 * 264)).clamp(1, 4) as u32
+}
+
 /// An elementwise step fused into the input side of a GEMV.
 pub enum Prologue<'a> {
     None,
@@ -248,7 +279,8 @@ pub struct Kernels {
     gemm_f16: Arc<Kernel>,
     /// [dtype f32, f16][prologue norm, merge, swiglu]
     gemv_pro: [[Arc<Kernel>; 3]; 2],
-    attention_decode: Arc<Kernel>,
+    attention_split: Arc<Kernel>,
+    attention_combine: Arc<Kernel>,
     conv_step: Arc<Kernel>,
     scan_fused: Arc<Kernel>,
     embed_f32: Arc<Kernel>,
@@ -272,7 +304,16 @@ use BindKind::{Read as R, ReadWrite as RW, Uniform as U};
 
 impl Kernels {
     pub fn new(gpu: &Gpu) -> Result<Kernels> {
-        let k = |file: &str, src: &str, defs: &[&str], entry: &str, b: &[BindKind]| -> Result<Arc<Kernel>> { Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?)) };
+        // Stage GEMV inputs in workgroup memory up to what the device allows (2 KiB go to reductions).
+        let xsh = ((gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(2048 + 64) / 4 / 8 * 8).clamp(8, 8192);
+        let xsh_def = format!("XSH={xsh}");
+        let k = |file: &str, src: &str, defs: &[&str], entry: &str, b: &[BindKind]| -> Result<Arc<Kernel>> {
+            let mut d: Vec<&str> = defs.to_vec();
+            if file == "matmul.wgsl" {
+                d.push(&xsh_def);
+            }
+            Ok(Arc::new(Kernel::new(gpu, file, src, entry, &d, b)?))
+        };
         Ok(Kernels {
             gemv_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemv", &[U, R, R, R, RW])?,
             gemm_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemm", &[U, R, R, R, RW])?,
@@ -290,7 +331,8 @@ impl Kernels {
                     k("matmul.wgsl", SRC_MATMUL, &["PRO_SWIGLU"], "gemv", &[U, R, R, R, RW])?,
                 ],
             ],
-            attention_decode: k("attention.wgsl", SRC_ATTENTION, &["DECODE_FUSED"], "main", &[U, R, RW, RW, RW, R])?,
+            attention_split: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &[], "main", &[U, RW, R, R, RW, RW])?,
+            attention_combine: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &["COMBINE"], "main", &[U, R, RW])?,
             conv_step: k("conv1d.wgsl", SRC_CONV1D, &["STEP"], "main", &[U, R, R, RW, RW])?,
             scan_fused: k("scan.wgsl", SRC_SCAN, &["FUSED_DT"], "main", &[U, R, R, R, R, R, RW, RW, R])?,
             embed_f32: k("embed.wgsl", SRC_EMBED, &["W_F32"], "main", &[U, R, R, R, RW])?,
@@ -325,11 +367,14 @@ impl Kernels {
             accumulate: accumulate as u32,
             has_bias: bias.is_some() as u32,
             eps: 0.0,
+            passes: gemv_passes(w.rows),
         };
         let b = bias.unwrap_or(&self.dummy);
-        if rows <= GEMV_MAX_ROWS {
+        // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
+        // would leave most of the GPU idle.
+        if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
             let k = if w.dtype == WeightDtype::F32 { &self.gemv_f32 } else { &self.gemv_f16 };
-            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(8) as u32, rows as u32, 1])
+            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1])
         } else {
             let k = if w.dtype == WeightDtype::F32 { &self.gemm_f32 } else { &self.gemm_f16 };
             rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
@@ -351,9 +396,10 @@ impl Kernels {
             accumulate: accumulate as u32,
             has_bias: 0,
             eps: 0.0,
+            passes: gemv_passes(w.rows),
         };
         let di = (w.dtype == WeightDtype::F16) as usize;
-        let groups = [w.rows.div_ceil(8) as u32, rows as u32, 1];
+        let groups = [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1];
         match pro {
             Prologue::None => self.matmul(rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate),
             Prologue::Norm(nw, eps) => {
@@ -368,9 +414,12 @@ impl Kernels {
         }
     }
 
-    /// One decode step of attention with RoPE on q and the KV store fused in.
-    pub fn attention_decode(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, cs: &wgpu::Buffer, p: AttentionParams) -> Result<()> {
-        rec.dispatch(&self.attention_decode, &p, &[pbuf, k, v, out, cs], [p.n_heads, 1, 1])
+    /// One decode step of attention split over the keys (flash-decoding) plus the combine;
+    /// `p.n_splits` must cover the cache capacity (the program is reused as the sequence grows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_split(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, cs: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, part: &wgpu::Buffer, out: &wgpu::Buffer, p: AttentionDecodeParams) -> Result<()> {
+        rec.dispatch(&self.attention_split, &p, &[part, pbuf, cs, k, v], [p.n_heads, p.n_splits, 1])?;
+        rec.dispatch(&self.attention_combine, &p, &[part, out], [p.n_heads, 1, 1])
     }
 
     /// One decode step of the causal conv (forward and state shift in one dispatch).

@@ -115,6 +115,9 @@ fn matmul_case(dtype: WeightDtype, rows: usize, m: usize, k: usize, bias: bool, 
 fn matmul_gemv_f32() {
     matmul_case(WeightDtype::F32, 1, 37, 45, false, false, 1);
     matmul_case(WeightDtype::F32, 3, 133, 100, true, true, 2);
+    // K larger than the workgroup staging buffer (unstaged path), and enough rows for 4 passes.
+    matmul_case(WeightDtype::F32, 1, 21, 9000, false, false, 9);
+    matmul_case(WeightDtype::F32, 1, 8500, 24, true, false, 10);
 }
 
 #[test]
@@ -605,13 +608,16 @@ fn gemv_with_fused_prologues() {
         gemv_pro_case(dtype, 0, 1, 37, 300, 81 + i as u64);
         gemv_pro_case(dtype, 1, 2, 45, 333, 83 + i as u64);
         gemv_pro_case(dtype, 2, 1, 29, 70, 85 + i as u64);
+        gemv_pro_case(dtype, 2, 1, 19, 8400, 87 + i as u64);
+        gemv_pro_case(dtype, 0, 1, 4300, 40, 89 + i as u64);
     }
 }
 
 #[test]
-fn attention_decode_fused_matches_unfused() {
-    // Decode step at position q: the fused kernel (RoPE on q, key/value of q from the in_proj
-    // row, cache write) must equal store_kv + rope_q + attention with the decode window.
+fn attention_decode_split_matches_unfused() {
+    // Decode step at position q: the split kernel (RoPE on q, key/value of q from the in_proj
+    // row, cache write, combine) must equal store_kv + rope_q + attention with the decode window,
+    // in a KV-owning layer (self_kv = 1) and in a consumer (0).
     let (gpu, ks) = env();
     let mut r = Rng::new(91);
     let (hq, hkv, dqk, dv) = (6, 2, 16, 40);
@@ -628,9 +634,7 @@ fn attention_decode_fused_matches_unfused() {
     for self_kv in [1u32, 0] {
         let mk = |p: &Vec<f32>| gpu.upload("b", p).unwrap();
         let (k1, v1, p1) = (mk(&kc), mk(&vc), mk(&prow));
-        let (k2, v2, p2) = (mk(&kc), mk(&vc), mk(&prow));
         let o1 = gpu.upload("o1", &vec![NAN; hq * dv]).unwrap();
-        let o2 = gpu.upload("o2", &vec![NAN; hq * dv]).unwrap();
         let ap = AttentionParams {
             rows: 1,
             n_heads: hq as u32,
@@ -671,11 +675,119 @@ fn attention_decode_fused_matches_unfused() {
             }
             ks.rope_q(rec, &csb, &p1, rp).unwrap();
             ks.attention(rec, &p1, &k1, &v1, &o1, AttentionParams { self_kv: 0, ..ap }).unwrap();
-            ks.attention_decode(rec, &p2, &k2, &v2, &o2, &csb, ap).unwrap();
         });
-        assert_close("fused decode attention", &read(gpu, &o2, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
-        assert_close("fused decode keys", &read(gpu, &k2, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
-        assert_close("fused decode values", &read(gpu, &v2, vc.len()), &read(gpu, &v1, vc.len()), 0.0, 0.0);
+        // The split (flash-decoding) kernel on a third copy, with more splits than keys need.
+        let (k3, v3, p3) = (mk(&kc), mk(&vc), mk(&prow));
+        let o3 = gpu.upload("o3", &vec![NAN; hq * dv]).unwrap();
+        let n_splits = 3u32;
+        let part = gpu.upload("part", &vec![NAN; hq * n_splits as usize * (2 + dv)]).unwrap();
+        let dp = AttentionDecodeParams {
+            n_heads: hq as u32,
+            n_kv_heads: hkv as u32,
+            d_qk: dqk as u32,
+            d_v: dv as u32,
+            q_stride: width as u32,
+            k_col: (hq * dqk) as u32,
+            v_col: (hq * dqk + hkv * dqk) as u32,
+            self_kv,
+            pos: q as u32,
+            n_meta: n_meta as u32,
+            ring: ring as u32,
+            cap: cap as u32,
+            window: (w - 1) as u32,
+            scale: 0.25,
+            n_splits,
+        };
+        run(gpu, |rec| ks.attention_split(rec, &p3, &csb, &k3, &v3, &part, &o3, dp).unwrap());
+        assert_close("split decode attention", &read(gpu, &o3, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
+        assert_close("split decode keys", &read(gpu, &k3, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
+        assert_close("split decode values", &read(gpu, &v3, vc.len()), &read(gpu, &v1, vc.len()), 0.0, 0.0);
+
+    }
+}
+
+#[test]
+fn attention_split_over_many_key_blocks() {
+    // A global layer at position 150 (151 visible keys, 3 splits of 64 plus 2 empty ones) and a
+    // sliding window wrapping its ring: split + combine must equal the one-workgroup kernel.
+    let (gpu, ks) = env();
+    let mut r = Rng::new(93);
+    let (hq, hkv, dqk, dv) = (4, 2, 8, 24);
+    for (n_meta, window, ring, q) in [(3usize, None, 200usize, 150usize), (5, Some(70usize), 90, 300)] {
+        let cap = n_meta + ring;
+        let cs = rope_table(400, dqk / 2, 555.0);
+        let csb = gpu.upload("cs", &cs).unwrap();
+        let kc = r.vec(hkv * cap * dqk, 1.0);
+        let vc = r.vec(hkv * cap * dv, 1.0);
+        let width = hq * dqk + hkv * dqk + hkv * dv;
+        let prow = r.vec(width, 1.0);
+        let mk = |p: &Vec<f32>| gpu.upload("b", p).unwrap();
+        let (k1, v1, p1) = (mk(&kc), mk(&vc), mk(&prow));
+        let (k2, v2, p2) = (mk(&kc), mk(&vc), mk(&prow));
+        let o1 = gpu.upload("o1", &vec![NAN; hq * dv]).unwrap();
+        let o2 = gpu.upload("o2", &vec![NAN; hq * dv]).unwrap();
+        let win = window.map(|w| (w - 1) as u32).unwrap_or(NO_WINDOW);
+        let rp = RopeParams {
+            rows: 1,
+            n_heads: hq as u32,
+            d_qk: dqk as u32,
+            d_v: dv as u32,
+            p_off: 0,
+            p_stride: width as u32,
+            q_col: 0,
+            v_col: (hq * dqk + hkv * dqk) as u32,
+            pos0: q as u32,
+            n_meta: n_meta as u32,
+            ring: ring as u32,
+            cap: cap as u32,
+        };
+        let ap = AttentionParams {
+            rows: 1,
+            n_heads: hq as u32,
+            n_kv_heads: hkv as u32,
+            d_qk: dqk as u32,
+            d_v: dv as u32,
+            q_off: 0,
+            q_stride: width as u32,
+            out_off: 0,
+            out_stride: (hq * dv) as u32,
+            pos0: q as u32,
+            n_meta: n_meta as u32,
+            ring: ring as u32,
+            cap: cap as u32,
+            window: win,
+            scale: 0.3,
+            k_col: 0,
+            v_col: 0,
+            self_kv: 0,
+        };
+        let n_splits = (cap.div_ceil(64) + 1) as u32;
+        let part = gpu.upload("part", &vec![NAN; hq * n_splits as usize * (2 + dv)]).unwrap();
+        let dp = AttentionDecodeParams {
+            n_heads: hq as u32,
+            n_kv_heads: hkv as u32,
+            d_qk: dqk as u32,
+            d_v: dv as u32,
+            q_stride: width as u32,
+            k_col: (hq * dqk) as u32,
+            v_col: (hq * dqk + hkv * dqk) as u32,
+            self_kv: 1,
+            pos: q as u32,
+            n_meta: n_meta as u32,
+            ring: ring as u32,
+            cap: cap as u32,
+            window: win,
+            scale: 0.3,
+            n_splits,
+        };
+        run(gpu, |rec| {
+            ks.store_kv(rec, &csb, &p1, &k1, &v1, RopeParams { n_heads: hkv as u32, q_col: (hq * dqk) as u32, ..rp }).unwrap();
+            ks.rope_q(rec, &csb, &p1, rp).unwrap();
+            ks.attention(rec, &p1, &k1, &v1, &o1, ap).unwrap();
+            ks.attention_split(rec, &p2, &csb, &k2, &v2, &part, &o2, dp).unwrap();
+        });
+        assert_close("split attention, many blocks", &read(gpu, &o2, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
+        assert_close("split attention keys", &read(gpu, &k2, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
     }
 }
 
@@ -816,7 +928,8 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("rope", SRC_ROPE, vec![]),
         ("rope", SRC_ROPE, vec!["STORE_KV"]),
         ("attention", SRC_ATTENTION, vec![]),
-        ("attention", SRC_ATTENTION, vec!["DECODE_FUSED"]),
+        ("attention_decode", SRC_ATTENTION_DECODE, vec![]),
+        ("attention_decode", SRC_ATTENTION_DECODE, vec!["COMBINE"]),
         ("matmul", SRC_MATMUL, vec!["PRO_NORM"]),
         ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_MERGE"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "PRO_SWIGLU"]),
