@@ -42,10 +42,10 @@ struct Params {
 @group(0) @binding(2) var<storage, read> pbuf: array<f32>;
 // cs: [positions, d_qk / 2, 2] f32 RoPE (cos, sin).
 @group(0) @binding(3) var<storage, read> cs: array<f32>;
-// kc: [n_kv_heads, cap, d_qk] f32 keys (post-RoPE).
-@group(0) @binding(4) var<storage, read_write> kc: array<f32>;
-// vc: [n_kv_heads, cap, d_v] f32 values.
-@group(0) @binding(5) var<storage, read_write> vc: array<f32>;
+// kc: [n_kv_heads, cap, d_qk / 4] vec4<f32> keys (post-RoPE); d_qk % 4 == 0.
+@group(0) @binding(4) var<storage, read_write> kc: array<vec4<f32>>;
+// vc: [n_kv_heads, cap, d_v / 4] vec4<f32> values; d_v % 4 == 0.
+@group(0) @binding(5) var<storage, read_write> vc: array<vec4<f32>>;
 #endif
 
 const WG: u32 = 64u;
@@ -63,21 +63,52 @@ fn visible(q: u32) -> vec3<u32> {
 }
 
 #ifdef COMBINE
+var<workgroup> wsplit: array<f32, 256>;
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wid.x;
     let vis = visible(p.pos);
-    let used = (vis.z + WG - 1u) / WG;
+    let used = min((vis.z + WG - 1u) / WG, 256u);
     let stride = 2u + p.d_v;
     let base = h * p.n_splits * stride;
     var m = NEG;
-    for (var s = 0u; s < used; s++) { m = max(m, part[base + s * stride]); }
+    for (var s = li; s < used; s += WG) { m = max(m, part[base + s * stride]); }
+    red[li] = m;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (li < st) { red[li] = max(red[li], red[li + st]); }
+        workgroupBarrier();
+    }
+    let gm = red[0];
+    workgroupBarrier();
     var l = 0.0;
-    for (var s = 0u; s < used; s++) { l += exp(part[base + s * stride] - m) * part[base + s * stride + 1u]; }
+    for (var s = li; s < used; s += WG) {
+        let w = exp(part[base + s * stride] - gm);
+        wsplit[s] = w;
+        l += w * part[base + s * stride + 1u];
+    }
+    red[li] = l;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (li < st) { red[li] = red[li] + red[li + st]; }
+        workgroupBarrier();
+    }
+    let gl = red[0];
     for (var e = li; e < p.d_v; e += WG) {
-        var a = 0.0;
-        for (var s = 0u; s < used; s++) { a += exp(part[base + s * stride] - m) * part[base + s * stride + 2u + e]; }
-        out[h * p.d_v + e] = a / l;
+        var a0 = 0.0;
+        var a1 = 0.0;
+        var a2 = 0.0;
+        var a3 = 0.0;
+        var s = 0u;
+        for (; s + 3u < used; s += 4u) {
+            a0 += wsplit[s] * part[base + s * stride + 2u + e];
+            a1 += wsplit[s + 1u] * part[base + (s + 1u) * stride + 2u + e];
+            a2 += wsplit[s + 2u] * part[base + (s + 2u) * stride + 2u + e];
+            a3 += wsplit[s + 3u] * part[base + (s + 3u) * stride + 2u + e];
+        }
+        for (; s < used; s++) { a0 += wsplit[s] * part[base + s * stride + 2u + e]; }
+        out[h * p.d_v + e] = ((a0 + a1) + (a2 + a3)) / gl;
     }
 }
 #else
@@ -101,18 +132,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let half = p.d_qk / 2u;
     let self_slot = slot(q);
-    // The first query head of a KV group stores this step's key and value (once, split 0).
-    if (p.self_kv != 0u && split == 0u && h % (p.n_heads / p.n_kv_heads) == 0u) {
-        for (var e = li; e < half; e += WG) {
-            let c = cs[(q * half + e) * 2u];
-            let sn = cs[(q * half + e) * 2u + 1u];
-            let a = pbuf[p.k_col + kvh * p.d_qk + e];
-            let b = pbuf[p.k_col + kvh * p.d_qk + e + half];
-            kc[(kvh * p.cap + self_slot) * p.d_qk + e] = a * c - b * sn;
-            kc[(kvh * p.cap + self_slot) * p.d_qk + e + half] = b * c + a * sn;
-        }
-        for (var e = li; e < p.d_v; e += WG) { vc[(kvh * p.cap + self_slot) * p.d_v + e] = pbuf[p.v_col + kvh * p.d_v + e]; }
-    }
+    let dq4 = p.d_qk / 4u;
+    let dv4 = p.d_v / 4u;
     if (kb >= vis.z) { return; }
     for (var e = li; e < half; e += WG) {
         let c = cs[(q * half + e) * 2u];
@@ -129,39 +150,45 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     workgroupBarrier();
+    // The first query head of a KV group stores this step's key and value (once, split 0).
+    if (p.self_kv != 0u && split == 0u && h % (p.n_heads / p.n_kv_heads) == 0u) {
+        for (var e4 = li; e4 < dq4; e4 += WG) {
+            kc[(kvh * p.cap + self_slot) * dq4 + e4] = vec4<f32>(ks[4u * e4], ks[4u * e4 + 1u], ks[4u * e4 + 2u], ks[4u * e4 + 3u]);
+        }
+        for (var e4 = li; e4 < dv4; e4 += WG) {
+            let vb = p.v_col + kvh * p.d_v + 4u * e4;
+            vc[(kvh * p.cap + self_slot) * dv4 + e4] = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+        }
+    }
     let j = kb + li;
     var s = NEG;
     var sidx = 0u;
     if (j < vis.z) {
         var pos = j;
         if (j >= vis.x) { pos = vis.y + (j - vis.x); }
-        var d0 = 0.0;
-        var d1 = 0.0;
-        var d2 = 0.0;
-        var d3 = 0.0;
+        var d = vec4<f32>(0.0);
         if (p.self_kv != 0u && pos == q) {
             sidx = 0xffffffffu;
             for (var e = 0u; e < p.d_qk; e += 4u) {
-                d0 += qs[e] * ks[e];
-                d1 += qs[e + 1u] * ks[e + 1u];
-                d2 += qs[e + 2u] * ks[e + 2u];
-                d3 += qs[e + 3u] * ks[e + 3u];
+                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
             }
         } else {
             sidx = slot(pos);
-            let b = (kvh * p.cap + sidx) * p.d_qk;
-            for (var e = 0u; e < p.d_qk; e += 4u) {
-                let k0 = kc[b + e];
-                let k1 = kc[b + e + 1u];
-                let k2 = kc[b + e + 2u];
-                let k3 = kc[b + e + 3u];
-                d0 += qs[e] * k0;
-                d1 += qs[e + 1u] * k1;
-                d2 += qs[e + 2u] * k2;
-                d3 += qs[e + 3u] * k3;
+            let b = (kvh * p.cap + sidx) * dq4;
+            var e4 = 0u;
+            for (; e4 + 1u < dq4; e4 += 2u) {
+                let k0 = kc[b + e4];
+                let k1 = kc[b + e4 + 1u];
+                let e = 4u * e4;
+                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * k0;
+                d += vec4<f32>(qs[e + 4u], qs[e + 5u], qs[e + 6u], qs[e + 7u]) * k1;
+            }
+            if (e4 < dq4) {
+                let e = 4u * e4;
+                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[b + e4];
             }
         }
-        s = ((d0 + d1) + (d2 + d3)) * p.scale;
+        s = ((d.x + d.y) + (d.z + d.w)) * p.scale;
     }
     sl[li] = sidx;
     red[li] = s;
@@ -189,24 +216,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         part[ob] = m;
         part[ob + 1u] = l;
     }
+    // P·V: thread li owns dims 4*(li % dv4).. of keys with index ≡ li / dv4 (mod groups);
+    // the groups' partial sums meet in workgroup memory.
+    let groups = max(WG / max(dv4, 1u), 1u);
+    let g = li / max(dv4, 1u);
+    let e4 = li % max(dv4, 1u);
+    var acc = vec4<f32>(0.0);
+    if (g < groups && e4 < dv4) {
+        for (var jj = g; jj < nk; jj += groups) {
+            var v: vec4<f32>;
+            if (sl[jj] == 0xffffffffu) {
+                let vb = p.v_col + kvh * p.d_v + 4u * e4;
+                v = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+            } else {
+                v = vc[(kvh * p.cap + sl[jj]) * dv4 + e4];
+            }
+            acc += pr[jj] * v;
+        }
+    }
+    workgroupBarrier();
+    // Sum the groups: reuse qs/ks (256 + 256 floats) as scratch for [groups][d_v].
+    if (g < groups && e4 < dv4 && g * p.d_v + 4u * e4 + 3u < 256u) {
+        qs[g * p.d_v + 4u * e4] = acc.x;
+        qs[g * p.d_v + 4u * e4 + 1u] = acc.y;
+        qs[g * p.d_v + 4u * e4 + 2u] = acc.z;
+        qs[g * p.d_v + 4u * e4 + 3u] = acc.w;
+    }
+    workgroupBarrier();
     for (var e = li; e < p.d_v; e += WG) {
-        var a0 = 0.0;
-        var a1 = 0.0;
-        var jj = 0u;
-        for (; jj + 1u < nk; jj += 2u) {
-            var v0: f32;
-            var v1: f32;
-            if (sl[jj] == 0xffffffffu) { v0 = pbuf[p.v_col + kvh * p.d_v + e]; } else { v0 = vc[(kvh * p.cap + sl[jj]) * p.d_v + e]; }
-            if (sl[jj + 1u] == 0xffffffffu) { v1 = pbuf[p.v_col + kvh * p.d_v + e]; } else { v1 = vc[(kvh * p.cap + sl[jj + 1u]) * p.d_v + e]; }
-            a0 += pr[jj] * v0;
-            a1 += pr[jj + 1u] * v1;
-        }
-        if (jj < nk) {
-            var v0: f32;
-            if (sl[jj] == 0xffffffffu) { v0 = pbuf[p.v_col + kvh * p.d_v + e]; } else { v0 = vc[(kvh * p.cap + sl[jj]) * p.d_v + e]; }
-            a0 += pr[jj] * v0;
-        }
-        part[ob + 2u + e] = a0 + a1;
+        var a = 0.0;
+        for (var gg = 0u; gg < groups && gg * p.d_v + e < 256u; gg++) { a += qs[gg * p.d_v + e]; }
+        part[ob + 2u + e] = a;
     }
 }
 #endif

@@ -39,6 +39,18 @@ fn w4(i: u32) -> vec4<f32> { return w[i]; }
 fn w8a(i: u32) -> vec4<f32> { return w[2u * i]; }
 fn w8b(i: u32) -> vec4<f32> { return w[2u * i + 1u]; }
 #else
+#ifdef PACKED_F16
+// W: [m, kp4 / 2] eight halves packed in four u32, row-major (forced packed: 16-byte loads).
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
+fn w4(i: u32) -> vec4<f32> {
+    let v = w[i / 2u];
+    if ((i & 1u) == 0u) { return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
+    return vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w));
+}
+var<private> w8v: vec4<u32>;
+fn w8a(i: u32) -> vec4<f32> { w8v = w[i]; return vec4<f32>(unpack2x16float(w8v.x), unpack2x16float(w8v.y)); }
+fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x16float(w8v.w)); }
+#else
 #ifdef SHADER_F16
 // W: [m, kp4] vec4<f16>, row-major.
 @group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
@@ -56,6 +68,7 @@ fn w4(i: u32) -> vec4<f32> {
 var<private> w8v: vec4<u32>;
 fn w8a(i: u32) -> vec4<f32> { w8v = w[i]; return vec4<f32>(unpack2x16float(w8v.x), unpack2x16float(w8v.y)); }
 fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x16float(w8v.w)); }
+#endif
 #endif
 #endif
 // bias: [m] f32 (bound to a dummy buffer when has_bias = 0).
@@ -125,9 +138,28 @@ fn xv(xb: u32, k: u32) -> f32 {
 #endif
 }
 
-// X row staged in workgroup memory (after the prologue) when it fits: XSH floats.
-#define XSH 4096
+// The transformed X row is staged in workgroup memory (XSH floats, a multiple of 8, chosen per
+// pipeline by the host so that small K keeps the footprint small); K larger than XSH reads X
+// directly. Reduction across the 32 lanes of a row: subgroupAdd where the host sets SUBGROUP32
+// (subgroups of exactly 32), else a workgroup-memory tree.
+#define XSH 2048
 var<workgroup> xsh: array<vec4<f32>, XSH / 4>;
+
+fn lane_sum(li: u32, lane: u32, v: f32) -> f32 {
+#ifdef SUBGROUP32
+    return subgroupAdd(v);
+#else
+    red[li] = v;
+    workgroupBarrier();
+    for (var s = TPR / 2u; s > 0u; s = s >> 1u) {
+        if (lane < s) { red[li] += red[li + s]; }
+        workgroupBarrier();
+    }
+    let r = red[li - lane];
+    workgroupBarrier();
+    return r;
+#endif
+}
 
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -166,10 +198,20 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (row < p.m) {
             let wb = row * (p.kp4 / 2u);
             if (staged) {
-                for (var c = lane; c < n8; c += TPR) {
-                    let wa = w8a(wb + c);
-                    let wbv = w8b(wb + c);
-                    acc += dot(wa, xsh[2u * c]) + dot(wbv, xsh[2u * c + 1u]);
+                var c = lane;
+                // Two chunks per iteration, both weight loads issued before the math.
+                for (; c + TPR < n8; c += 2u * TPR) {
+                    let wa0 = w8a(wb + c);
+                    let wb0 = w8b(wb + c);
+                    let wa1 = w8a(wb + c + TPR);
+                    let wb1 = w8b(wb + c + TPR);
+                    acc += dot(wa0, xsh[2u * c]) + dot(wb0, xsh[2u * c + 1u]);
+                    acc += dot(wa1, xsh[2u * (c + TPR)]) + dot(wb1, xsh[2u * (c + TPR) + 1u]);
+                }
+                if (c < n8) {
+                    let wa0 = w8a(wb + c);
+                    let wb0 = w8b(wb + c);
+                    acc += dot(wa0, xsh[2u * c]) + dot(wb0, xsh[2u * c + 1u]);
                 }
             } else {
                 for (var c = lane; c < n8; c += TPR) {
@@ -182,14 +224,8 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 }
             }
         }
-        red[li] = acc;
-        workgroupBarrier();
-        for (var s = TPR / 2u; s > 0u; s = s >> 1u) {
-            if (lane < s) { red[li] += red[li + s]; }
-            workgroupBarrier();
-        }
-        if (lane == 0u && row < p.m) { store(t, row, red[li]); }
-        workgroupBarrier();
+        let total = lane_sum(li, lane, acc);
+        if (lane == 0u && row < p.m) { store(t, row, total); }
     }
 }
 

@@ -155,7 +155,7 @@ fn aggregate(v: Vec<(String, f64)>) -> Vec<(String, f64, usize)> {
 
 /// Whether the fused decode kernels cover this config (x_proj row in workgroup memory).
 fn cfg_fusable(c: &HymbaConfig) -> bool {
-    c.x_proj_rows() <= 640 && c.d_qk % 4 == 0
+    c.x_proj_rows() <= 640 && c.d_qk % 4 == 0 && c.d_v % 4 == 0
 }
 
 fn round_up(x: usize, m: usize) -> usize {
@@ -271,6 +271,12 @@ impl Model {
     async fn assemble(gpu: Arc<Gpu>, kernels: Arc<Kernels>, cfg: HymbaConfig, dtype: WeightDtype, embed: Matrix, lm_head: Option<Matrix>, meta: wgpu::Buffer, final_norm: wgpu::Buffer, layers: Vec<LayerWeights>, opts: &ModelOptions, weight_bytes: u64) -> Result<Model> {
         let chunk = opts.chunk.max(cfg.n_meta).max(1);
         let max_positions = opts.max_positions.unwrap_or(cfg.n_meta + cfg.max_position_embeddings).max(cfg.n_meta + 1);
+        if max_positions > 256 * DECODE_KEYS_PER_SPLIT {
+            return Err(Error::Unsupported(format!(
+                "a context of {max_positions} positions; the decode attention combines at most 256 blocks of {DECODE_KEYS_PER_SPLIT} keys ({} positions)",
+                256 * DECODE_KEYS_PER_SPLIT
+            )));
+        }
         // RoPE cos/sin table: angles in f32 as the reference computes them.
         let half = cfg.d_qk / 2;
         let inv = cfg.rope_inv_freq();

@@ -114,6 +114,10 @@ impl Gpu {
         if available.contains(wgpu::Features::TIMESTAMP_QUERY) {
             features |= wgpu::Features::TIMESTAMP_QUERY;
         }
+        #[cfg(not(target_arch = "wasm32"))]
+        if available.contains(wgpu::Features::SUBGROUP) {
+            features |= wgpu::Features::SUBGROUP;
+        }
         if available.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
             features |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         }

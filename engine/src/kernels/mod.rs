@@ -273,12 +273,12 @@ pub enum Prologue<'a> {
 
 /// Every pipeline the engine uses, compiled once per device.
 pub struct Kernels {
-    gemv_f32: Arc<Kernel>,
     gemm_f32: Arc<Kernel>,
-    gemv_f16: Arc<Kernel>,
     gemm_f16: Arc<Kernel>,
-    /// [dtype f32, f16][prologue norm, merge, swiglu]
-    gemv_pro: [[Arc<Kernel>; 3]; 2],
+    /// [dtype f32, f16][prologue none, norm, merge, swiglu][staging small, large]
+    gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
+    /// Floats of X staged in workgroup memory by the small / large GEMV variants.
+    xsh: [usize; 2],
     attention_split: Arc<Kernel>,
     attention_combine: Arc<Kernel>,
     conv_step: Arc<Kernel>,
@@ -304,33 +304,36 @@ use BindKind::{Read as R, ReadWrite as RW, Uniform as U};
 
 impl Kernels {
     pub fn new(gpu: &Gpu) -> Result<Kernels> {
-        // Stage GEMV inputs in workgroup memory up to what the device allows (2 KiB go to reductions).
-        let xsh = ((gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(2048 + 64) / 4 / 8 * 8).clamp(8, 8192);
-        let xsh_def = format!("XSH={xsh}");
-        let k = |file: &str, src: &str, defs: &[&str], entry: &str, b: &[BindKind]| -> Result<Arc<Kernel>> {
-            let mut d: Vec<&str> = defs.to_vec();
-            if file == "matmul.wgsl" {
-                d.push(&xsh_def);
+        // GEMV staging sizes: 2048 floats for K up to 2048 (small footprint, high occupancy),
+        // and what the device allows (up to 5632, enough for K = 5504) for larger K.
+        let limit = (gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(2048 + 64) / 4 / 8 * 8;
+        let xsh = [2048usize.min(limit).max(8), 5632usize.min(limit).max(8)];
+        let sg32 = gpu.features.contains(wgpu::Features::SUBGROUP) && gpu.info.subgroup_min_size == 32 && gpu.info.subgroup_max_size == 32;
+        let k = |file: &str, src: &str, defs: &[&str], entry: &str, b: &[BindKind]| -> Result<Arc<Kernel>> { Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?)) };
+        let mut gemv = Vec::new();
+        for dt in ["W_F32", "PACKED_F16"] {
+            let mut per_pro = Vec::new();
+            for (pro, binds) in [("", &[U, R, R, R, RW][..]), ("PRO_NORM", &[U, R, R, R, RW, R][..]), ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]), ("PRO_SWIGLU", &[U, R, R, R, RW][..])] {
+                let mk = |n: usize| -> Result<Arc<Kernel>> {
+                    let xd = format!("XSH={n}");
+                    let mut d = vec![dt, xd.as_str()];
+                    if !pro.is_empty() {
+                        d.push(pro);
+                    }
+                    if sg32 {
+                        d.push("SUBGROUP32");
+                    }
+                    k("matmul.wgsl", SRC_MATMUL, &d, "gemv", binds)
+                };
+                per_pro.push([mk(xsh[0])?, mk(xsh[1])?]);
             }
-            Ok(Arc::new(Kernel::new(gpu, file, src, entry, &d, b)?))
-        };
+            gemv.push(per_pro);
+        }
         Ok(Kernels {
-            gemv_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemv", &[U, R, R, R, RW])?,
             gemm_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemm", &[U, R, R, R, RW])?,
-            gemv_f16: k("matmul.wgsl", SRC_MATMUL, &[], "gemv", &[U, R, R, R, RW])?,
             gemm_f16: k("matmul.wgsl", SRC_MATMUL, &[], "gemm", &[U, R, R, R, RW])?,
-            gemv_pro: [
-                [
-                    k("matmul.wgsl", SRC_MATMUL, &["W_F32", "PRO_NORM"], "gemv", &[U, R, R, R, RW, R])?,
-                    k("matmul.wgsl", SRC_MATMUL, &["W_F32", "PRO_MERGE"], "gemv", &[U, R, R, R, RW, R, R])?,
-                    k("matmul.wgsl", SRC_MATMUL, &["W_F32", "PRO_SWIGLU"], "gemv", &[U, R, R, R, RW])?,
-                ],
-                [
-                    k("matmul.wgsl", SRC_MATMUL, &["PRO_NORM"], "gemv", &[U, R, R, R, RW, R])?,
-                    k("matmul.wgsl", SRC_MATMUL, &["PRO_MERGE"], "gemv", &[U, R, R, R, RW, R, R])?,
-                    k("matmul.wgsl", SRC_MATMUL, &["PRO_SWIGLU"], "gemv", &[U, R, R, R, RW])?,
-                ],
-            ],
+            gemv,
+            xsh,
             attention_split: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &[], "main", &[U, RW, R, R, RW, RW])?,
             attention_combine: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &["COMBINE"], "main", &[U, R, RW])?,
             conv_step: k("conv1d.wgsl", SRC_CONV1D, &["STEP"], "main", &[U, R, R, RW, RW])?,
@@ -373,12 +376,18 @@ impl Kernels {
         // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
         // would leave most of the GPU idle.
         if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
-            let k = if w.dtype == WeightDtype::F32 { &self.gemv_f32 } else { &self.gemv_f16 };
+            let k = self.gemv_kernel(w, 0);
             rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1])
         } else {
             let k = if w.dtype == WeightDtype::F32 { &self.gemm_f32 } else { &self.gemm_f16 };
             rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
         }
+    }
+
+    fn gemv_kernel(&self, w: &Matrix, pro: usize) -> &Arc<Kernel> {
+        let di = (w.dtype == WeightDtype::F16) as usize;
+        let big = (Matrix::padded_cols(w.cols) > self.xsh[0]) as usize;
+        &self.gemv[di][pro][big]
     }
 
     /// Decode GEMV (rows ≤ a few) with an elementwise prologue fused into the input side.
@@ -398,19 +407,18 @@ impl Kernels {
             eps: 0.0,
             passes: gemv_passes(w.rows),
         };
-        let di = (w.dtype == WeightDtype::F16) as usize;
         let groups = [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1];
         match pro {
             Prologue::None => self.matmul(rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate),
             Prologue::Norm(nw, eps) => {
                 p.eps = eps;
-                rec.dispatch(&self.gemv_pro[di][0], &p, &[x, &w.buf, &self.dummy, y, nw], groups)
+                rec.dispatch(self.gemv_kernel(w, 1), &p, &[x, &w.buf, &self.dummy, y, nw], groups)
             }
             Prologue::Merge { w: mw, x2, eps } => {
                 p.eps = eps;
-                rec.dispatch(&self.gemv_pro[di][1], &p, &[x, &w.buf, &self.dummy, y, mw, x2], groups)
+                rec.dispatch(self.gemv_kernel(w, 2), &p, &[x, &w.buf, &self.dummy, y, mw, x2], groups)
             }
-            Prologue::Swiglu => rec.dispatch(&self.gemv_pro[di][2], &p, &[x, &w.buf, &self.dummy, y], groups),
+            Prologue::Swiglu => rec.dispatch(self.gemv_kernel(w, 3), &p, &[x, &w.buf, &self.dummy, y], groups),
         }
     }
 

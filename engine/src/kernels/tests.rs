@@ -234,9 +234,12 @@ fn rope_queries_and_kv_store_into_ring() {
     let (gpu, ks) = env();
     let mut r = Rng::new(13);
     let (rows, hq, hkv, dqk, dv) = (7, 3, 2, 12, 20);
-    let (n_meta, ring) = (2, 5);
+    // Positions 4..10 wrap the 8-slot ring (text index 8 lands in slot 0 of the ring). A chunk
+    // never holds more rows than the ring (the engine's ring is window + chunk), so no two rows
+    // of one dispatch share a slot.
+    let (n_meta, ring) = (2, 8);
     let cap = n_meta + ring;
-    let pos0 = 4; // positions 4..10 wrap the 5-slot ring
+    let pos0 = 4;
     let width = hq * dqk + hkv * dqk + hkv * dv + 3;
     let p_off = 2;
     let pdata = r.vec(p_off + rows * width, 1.0);
@@ -931,6 +934,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("attention_decode", SRC_ATTENTION_DECODE, vec![]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec!["COMBINE"]),
         ("matmul", SRC_MATMUL, vec!["PRO_NORM"]),
+        ("matmul", SRC_MATMUL, vec!["PACKED_F16", "SHADER_F16", "PRO_NORM", "SUBGROUP32", "XSH=5632"]),
         ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_MERGE"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "PRO_SWIGLU"]),
         ("conv1d", SRC_CONV1D, vec!["STEP"]),
