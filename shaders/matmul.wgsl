@@ -229,24 +229,21 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
-// gemm: 128x128 output tile per workgroup of 256 threads (16x16), 8x8 outputs per thread,
-// k in steps of 16 through workgroup memory (two 128x16 tiles, 16 KiB).
-const BT: u32 = 128u;
-const BM: u32 = 128u;
+const BT: u32 = 64u;
+const BM: u32 = 64u;
 const BK: u32 = 16u;
-var<workgroup> xs: array<f32, 2048>; // [BK][BT]
-var<workgroup> ws: array<f32, 2048>; // [BK][BM]
+var<workgroup> xs: array<f32, 1024>; // [BK][BT]
+var<workgroup> ws: array<f32, 1024>; // [BK][BM]
 
 @compute @workgroup_size(16, 16)
 fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let m0 = wid.x * BM;
     let t0 = wid.y * BT;
-    var acc: array<vec4<f32>, 16>; // [8 rows of t][2 halves of 4 m]
-    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; }
     let kw = p.kp4 * 4u;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        // X tile: 128 rows x 16 k, 8 per thread.
-        for (var i = 0u; i < 8u; i++) {
+        for (var i = 0u; i < 4u; i++) {
             let e = li + i * 256u;
             let r = e / BK;
             let kk = e % BK;
@@ -256,11 +253,9 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             if (t < p.rows && k < p.k) { v = x[p.x_off + t * p.x_stride + k]; }
             xs[kk * BT + r] = v;
         }
-        // W tile: 128 rows x 16 k as vec4 loads, 2 per thread.
-        for (var i = 0u; i < 2u; i++) {
-            let e = li + i * 256u;
-            let r = e / 4u;
-            let c = e % 4u;
+        {
+            let r = li / 4u;
+            let c = li % 4u;
             let m = m0 + r;
             let k = k0 + c * 4u;
             var v = vec4<f32>(0.0);
@@ -272,29 +267,22 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
-            // Rows t: lid.y*4 + {0..3} and 64 + lid.y*4 + {0..3}; cols m likewise with lid.x.
-            let xa = vec4<f32>(xs[kk * BT + lid.y * 4u], xs[kk * BT + lid.y * 4u + 1u], xs[kk * BT + lid.y * 4u + 2u], xs[kk * BT + lid.y * 4u + 3u]);
-            let xb2 = vec4<f32>(xs[kk * BT + 64u + lid.y * 4u], xs[kk * BT + 64u + lid.y * 4u + 1u], xs[kk * BT + 64u + lid.y * 4u + 2u], xs[kk * BT + 64u + lid.y * 4u + 3u]);
-            let wa = vec4<f32>(ws[kk * BM + lid.x * 4u], ws[kk * BM + lid.x * 4u + 1u], ws[kk * BM + lid.x * 4u + 2u], ws[kk * BM + lid.x * 4u + 3u]);
-            let wb2 = vec4<f32>(ws[kk * BM + 64u + lid.x * 4u], ws[kk * BM + 64u + lid.x * 4u + 1u], ws[kk * BM + 64u + lid.x * 4u + 2u], ws[kk * BM + 64u + lid.x * 4u + 3u]);
+            let a = vec4<f32>(xs[kk * BT + lid.y * 4u], xs[kk * BT + lid.y * 4u + 1u], xs[kk * BT + lid.y * 4u + 2u], xs[kk * BT + lid.y * 4u + 3u]);
+            let b = vec4<f32>(ws[kk * BM + lid.x * 4u], ws[kk * BM + lid.x * 4u + 1u], ws[kk * BM + lid.x * 4u + 2u], ws[kk * BM + lid.x * 4u + 3u]);
             for (var i = 0u; i < 4u; i++) {
-                acc[i * 2u] += xa[i] * wa;
-                acc[i * 2u + 1u] += xa[i] * wb2;
-                acc[8u + i * 2u] += xb2[i] * wa;
-                acc[8u + i * 2u + 1u] += xb2[i] * wb2;
+                acc[i * 4u] += a[i] * b.x;
+                acc[i * 4u + 1u] += a[i] * b.y;
+                acc[i * 4u + 2u] += a[i] * b.z;
+                acc[i * 4u + 3u] += a[i] * b.w;
             }
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 8u; i++) {
-        var t = t0 + lid.y * 4u + i;
-        if (i >= 4u) { t = t0 + 64u + lid.y * 4u + (i - 4u); }
-        for (var h = 0u; h < 2u; h++) {
-            let v = acc[i * 2u + h];
-            for (var j = 0u; j < 4u; j++) {
-                let m = m0 + h * 64u + lid.x * 4u + j;
-                if (t < p.rows && m < p.m) { store(t, m, v[j]); }
-            }
+    for (var i = 0u; i < 4u; i++) {
+        let t = t0 + lid.y * 4u + i;
+        for (var j = 0u; j < 4u; j++) {
+            let m = m0 + lid.x * 4u + j;
+            if (t < p.rows && m < p.m) { store(t, m, acc[i * 4u + j]); }
         }
     }
 }

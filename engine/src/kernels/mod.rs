@@ -380,7 +380,7 @@ impl Kernels {
             rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1])
         } else {
             let k = if w.dtype == WeightDtype::F32 { &self.gemm_f32 } else { &self.gemm_f16 };
-            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(128) as u32, rows.div_ceil(128) as u32, 1])
+            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
         }
     }
 
