@@ -28,8 +28,8 @@ struct Params {
 // xc: [rows, d] f32 conv output (post-silu).
 @group(0) @binding(1) var<storage, read> xc: array<f32>;
 #ifdef FUSED_DT
-// wdt: [d, wdt_stride] f32 dt_proj weight (row c = channel c).
-@group(0) @binding(2) var<storage, read> wdt: array<f32>;
+// wdt4: [d, wdt_stride / 4] vec4<f32> dt_proj weight (row c = channel c, zero-padded).
+@group(0) @binding(2) var<storage, read> wdt4: array<vec4<f32>>;
 // nw: dt_layernorm [rank], B_layernorm [n], C_layernorm [n] weights, concatenated.
 @group(0) @binding(8) var<storage, read> nw: array<f32>;
 var<workgroup> xs: array<f32, 640>;
@@ -63,8 +63,13 @@ fn norm_slice(li: u32, off: u32, width: u32, woff: u32) {
 @group(0) @binding(4) var<storage, read> pbuf: array<f32>;
 // consts: A [d, n] (= -exp(A_log)), then dt_bias [d], then D [d]; all f32.
 @group(0) @binding(5) var<storage, read> consts: array<f32>;
+#ifdef FUSED_DT
+// state4: [d, n / 4] vec4<f32> SSM state, updated in place (n % 4 == 0).
+@group(0) @binding(6) var<storage, read_write> state4: array<vec4<f32>>;
+#else
 // state: [d, n] f32 SSM state, updated in place.
 @group(0) @binding(6) var<storage, read_write> state: array<f32>;
+#endif
 // y: [rows, d] f32 SSM branch output.
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;
 
@@ -86,22 +91,39 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
         norm_slice(li, p.c_col, p.n, p.rank + p.n);
     }
     if (c >= p.d) { return; }
-    var dt = consts[p.d * p.n + c];
-    var dsum = 0.0;
-    for (var r = 0u; r < p.rank; r++) { dsum += wdt[c * p.wdt_stride + r] * xs[r]; }
-    dt += dsum;
+    // dt = bias + dt_proj row . normed dt_rank slice (row padded with zeros to a multiple of 8).
+    let r4 = (p.rank + 3u) / 4u;
+    let wb = c * (p.wdt_stride / 4u);
+    var d0 = vec4<f32>(0.0);
+    var d1 = vec4<f32>(0.0);
+    var r = 0u;
+    for (; r + 1u < r4; r += 2u) {
+        let w0 = wdt4[wb + r];
+        let w1 = wdt4[wb + r + 1u];
+        d0 += w0 * vec4<f32>(xs[4u * r], xs[4u * r + 1u], xs[4u * r + 2u], xs[4u * r + 3u]);
+        d1 += w1 * vec4<f32>(xs[4u * r + 4u], xs[4u * r + 5u], xs[4u * r + 6u], xs[4u * r + 7u]);
+    }
+    if (r < r4) {
+        d0 += wdt4[wb + r] * vec4<f32>(xs[4u * r], xs[4u * r + 1u], xs[4u * r + 2u], xs[4u * r + 3u]);
+    }
+    let dv = d0 + d1;
+    var dt = consts[p.d * p.n + c] + ((dv.x + dv.y) + (dv.z + dv.w));
     if (dt <= 20.0) { dt = log1p_(exp(dt)); }
     let xv = xc[c];
-    var acc = 0.0;
-    for (var i = 0u; i < p.n; i++) {
-        let a = consts[c * p.n + i];
-        let hn = exp(dt * a) * state[c * p.n + i] + dt * xs[p.b_col + i] * xv;
-        state[c * p.n + i] = hn;
-        acc += xs[p.c_col + i] * hn;
+    let n4 = p.n / 4u;
+    var acc = vec4<f32>(0.0);
+    for (var i = 0u; i < n4; i++) {
+        let a = vec4<f32>(consts[c * p.n + 4u * i], consts[c * p.n + 4u * i + 1u], consts[c * p.n + 4u * i + 2u], consts[c * p.n + 4u * i + 3u]);
+        let bv = vec4<f32>(xs[p.b_col + 4u * i], xs[p.b_col + 4u * i + 1u], xs[p.b_col + 4u * i + 2u], xs[p.b_col + 4u * i + 3u]);
+        let cv = vec4<f32>(xs[p.c_col + 4u * i], xs[p.c_col + 4u * i + 1u], xs[p.c_col + 4u * i + 2u], xs[p.c_col + 4u * i + 3u]);
+        let hn = exp(dt * a) * state4[c * n4 + i] + dt * bv * xv;
+        state4[c * n4 + i] = hn;
+        acc += cv * hn;
     }
-    acc += consts[p.d * p.n + p.d + c] * xv;
+    var y0 = (acc.x + acc.y) + (acc.z + acc.w);
+    y0 += consts[p.d * p.n + p.d + c] * xv;
     let z = pbuf[p.z_off + c];
-    y[c] = acc * (z / (1.0 + exp(-z)));
+    y[c] = y0 * (z / (1.0 + exp(-z)));
 }
 #else
 @compute @workgroup_size(64)

@@ -155,7 +155,7 @@ fn aggregate(v: Vec<(String, f64)>) -> Vec<(String, f64, usize)> {
 
 /// Whether the fused decode kernels cover this config (x_proj row in workgroup memory).
 fn cfg_fusable(c: &HymbaConfig) -> bool {
-    c.x_proj_rows() <= 640 && c.d_qk % 4 == 0 && c.d_v % 4 == 0
+    c.x_proj_rows() <= 640 && c.d_qk % 4 == 0 && c.d_v % 4 == 0 && c.d_state % 4 == 0
 }
 
 fn round_up(x: usize, m: usize) -> usize {

@@ -821,7 +821,7 @@ fn conv_step_matches_chunk_conv() {
 fn scan_fused_matches_norms_dtproj_and_scan() {
     let (gpu, ks) = env();
     let mut r = Rng::new(97);
-    let (d, n, rank) = (70, 5, 6);
+    let (d, n, rank) = (70, 8, 6); // the fused kernel needs d_state % 4 == 0
     let xs = rank + 2 * n;
     let zw = d + 3;
     let xc = r.vec(d, 1.0);
