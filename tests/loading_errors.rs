@@ -149,3 +149,35 @@ fn prompt_longer_than_the_model_allows() {
     let e = pollster::block_on(model.forward(&mut seq, &[9999], Logits::Last, None)).unwrap_err().to_string();
     assert!(e.contains("9999") && e.contains("512"), "{e}");
 }
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    // Split c1 into two shards with a model.safetensors.index.json, as the Hub stores large models.
+    let d = tmpdir("sharded");
+    std::fs::copy(fixture().join("config.json"), d.join("config.json")).unwrap();
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all = st.tensors();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let half = all.len() / 2;
+    let mut map = serde_json::Map::new();
+    for (i, part) in [&all[..half], &all[half..]].iter().enumerate() {
+        let name = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, TensorView)> = part.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        for (n, _) in &views {
+            map.insert(n.clone(), serde_json::Value::String(name.clone()));
+        }
+        std::fs::write(d.join(&name), safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = Checkpoint::open_dir(&d).unwrap();
+    let single = Checkpoint::open_dir(&fixture()).unwrap();
+    for name in ["model.embed_tokens.weight", "model.layers.3.mamba.in_proj.weight", "model.final_layernorm.weight"] {
+        assert_eq!(sharded.f32(name).unwrap(), single.f32(name).unwrap(), "{name}");
+    }
+    // A shard named in the index but missing is named in the error.
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = err_of(&d);
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+}
