@@ -5,7 +5,9 @@
 #   1. native tests on the GPU adapter wgpu finds (lavapipe on a machine without a GPU):
 #      kernel tests against CPU references, golden tests against the official
 #      Hymba outputs, loading-error tests, CLI end-to-end tests;
-#   2. the engine's WebAssembly build (wasm32-unknown-unknown).
+#   2. the engine's WebAssembly build (wasm32-unknown-unknown);
+#   3. hymba-web: the golden fixtures in headless Chromium (wasm-bindgen-test), the demo
+#      page and Cache API (playwright-core), the npm package in Node (webgpu npm package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,5 +33,40 @@ cargo test --release --workspace --exclude hymba-web
 
 echo "== WebAssembly build of the engine"
 cargo build --release -p hymba-engine --target wasm32-unknown-unknown
+
+# ---- In the browser (hymba-web): wasm golden tests in headless Chromium, demo page, npm package in Node.
+echo "== browser/Node test prerequisites (chromium, chromedriver, wasm-bindgen-cli 0.2.130, npm packages)"
+need_apt=()
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+WB_VERSION="$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')"
+if ! wasm-bindgen --version 2>/dev/null | grep -q "$WB_VERSION"; then
+    echo "== installing wasm-bindgen-cli $WB_VERSION (about 3.5 min)"
+    cargo install wasm-bindgen-cli --version "$WB_VERSION" --locked
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR_WEB="$PWD/target-web"
+
+echo "== golden fixtures in headless Chromium (WebGPU on SwiftShader) through wasm-bindgen-test"
+(cd web && CARGO_TARGET_DIR="$CARGO_TARGET_DIR_WEB" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+    CHROMEDRIVER="$(command -v chromedriver)" WASM_BINDGEN_TEST_TIMEOUT=1200 \
+    cargo test -p hymba-web --release --target wasm32-unknown-unknown --test golden) \
+    && echo "PASS wasm golden fixtures c1..c5 in Chromium" || { echo "FAIL wasm golden fixtures in Chromium"; exit 1; }
+
+echo "== npm package (web/pkg)"
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR_WEB" bash web/build.sh
+(cd web/tests-js && npm install --silent --no-audit --no-fund)
+
+echo "== demo page and Cache API in headless Chromium (playwright-core)"
+HYMBA_BROWSER_TIMEOUT_MS="${HYMBA_BROWSER_TIMEOUT_MS:-1200000}" node web/tests-js/browser.test.mjs
+
+echo "== npm package in Node (webgpu npm package, SwiftShader Vulkan)"
+node web/tests-js/node.test.mjs
 
 echo "== all tests passed"
