@@ -20,12 +20,38 @@ struct Params {
 @group(0) @binding(2) var<storage, read> table: array<vec4<f32>>;
 fn w4(i: u32) -> vec4<f32> { return table[i]; }
 #else
+#ifdef W_Q8
+// table: block-quantized int8, the layout of shaders/matmul.wgsl (W_Q8) with m = vocab.
+@group(0) @binding(2) var<storage, read> table: array<u32>;
+fn wscale(b: u32) -> f32 {
+    let v = unpack2x16float(table[p.vocab * p.kp4 + b / 2u]);
+    return select(v.x, v.y, (b & 1u) == 1u);
+}
+fn w4(i: u32) -> vec4<f32> {
+    let v = table[i];
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v << 24u, v << 16u, v << 8u, v)) >> vec4<u32>(24u)) * wscale(i / 8u);
+}
+#else
+#ifdef W_Q4
+// table: block-quantized 4-bit, the layout of shaders/matmul.wgsl (W_Q4) with m = vocab.
+@group(0) @binding(2) var<storage, read> table: array<u32>;
+fn wscale(b: u32) -> f32 {
+    let v = unpack2x16float(table[p.vocab * (p.kp4 / 2u) + b / 2u]);
+    return select(v.x, v.y, (b & 1u) == 1u);
+}
+fn w4(i: u32) -> vec4<f32> {
+    let v = table[i / 2u] >> (16u * (i & 1u));
+    return (vec4<f32>(vec4<u32>(v, v >> 4u, v >> 8u, v >> 12u) & vec4<u32>(15u)) - vec4<f32>(8.0)) * wscale(i / 8u);
+}
+#else
 #ifdef SHADER_F16
 @group(0) @binding(2) var<storage, read> table: array<vec4<f16>>;
 fn w4(i: u32) -> vec4<f32> { return vec4<f32>(table[i]); }
 #else
 @group(0) @binding(2) var<storage, read> table: array<vec2<u32>>;
 fn w4(i: u32) -> vec4<f32> { let v = table[i]; return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
+#endif
+#endif
 #endif
 #endif
 // meta_tokens: [n_meta_total, d] f32 meta tokens, row-major.

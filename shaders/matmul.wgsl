@@ -5,8 +5,10 @@
 //           grid (ceil(m / 8), rows).
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
 //           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
-// Variants (defines): W_F32 (f32 weights) or f16 weights, read as native f16 when SHADER_F16
-// is set and as packed u32 pairs (unpack2x16float) otherwise. Accumulation is always f32.
+// Variants (defines): W_F32 (f32 weights), W_Q8 / W_Q4 (block-quantized int8 / 4-bit weights with
+// one f16 scale per 32 weights along K, dequantized in the weight readers), or f16 weights, read
+// as native f16 when SHADER_F16 is set and as packed u32 pairs (unpack2x16float) otherwise.
+// Accumulation is always f32.
 // Fused prologues of the decode GEMV (X is transformed while it is read, so the elementwise
 // step needs no dispatch of its own):
 //   PRO_NORM   x' = aux * (x * rsqrt(mean(x^2) + eps))              (input / pre-MLP / final RMSNorm)
@@ -39,6 +41,45 @@ fn w4(i: u32) -> vec4<f32> { return w[i]; }
 fn w8a(i: u32) -> vec4<f32> { return w[2u * i]; }
 fn w8b(i: u32) -> vec4<f32> { return w[2u * i + 1u]; }
 #else
+#ifdef W_Q8
+// W: block-quantized int8 (layout: `quantize` in engine/src/kernels/mod.rs). Rows padded to
+// kp = 4 * kp4 (a multiple of 32); quants [m * kp4] u32 (4 int8 per word, element 4i + j in
+// byte j), then the f16 scales of the 32-weight blocks, two per word, from word m * kp4.
+// Block of flattened element e: e / 32 (blocks never cross rows).
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+fn wscale(b: u32) -> f32 {
+    let v = unpack2x16float(w[p.m * p.kp4 + b / 2u]);
+    return select(v.x, v.y, (b & 1u) == 1u);
+}
+fn dq8(v: u32) -> vec4<f32> {
+    // sign-extend each byte: shift it to the top, arithmetic shift back down
+    return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v << 24u, v << 16u, v << 8u, v)) >> vec4<u32>(24u));
+}
+fn w4(i: u32) -> vec4<f32> { return dq8(w[i]) * wscale(i / 8u); }
+var<private> w8v: u32;
+var<private> w8s: f32;
+fn w8a(i: u32) -> vec4<f32> { w8s = wscale(i / 4u); w8v = w[2u * i + 1u]; return dq8(w[2u * i]) * w8s; }
+fn w8b(i: u32) -> vec4<f32> { return dq8(w8v) * w8s; }
+#else
+#ifdef W_Q4
+// W: block-quantized 4-bit (layout: `quantize` in engine/src/kernels/mod.rs). Rows padded to
+// kp = 4 * kp4 (a multiple of 32); quants [m * kp4 / 2] u32 (8 weights per word, element 8i + j
+// in bits 4j..4j+3, stored as q + 8), then the f16 block scales, two per word, from word
+// m * kp4 / 2.
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+fn wscale(b: u32) -> f32 {
+    let v = unpack2x16float(w[p.m * (p.kp4 / 2u) + b / 2u]);
+    return select(v.x, v.y, (b & 1u) == 1u);
+}
+fn dq4(v: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(v, v >> 4u, v >> 8u, v >> 12u) & vec4<u32>(15u))) - vec4<f32>(8.0);
+}
+fn w4(i: u32) -> vec4<f32> { return dq4(w[i / 2u] >> (16u * (i & 1u))) * wscale(i / 8u); }
+var<private> w8v: u32;
+var<private> w8s: f32;
+fn w8a(i: u32) -> vec4<f32> { w8s = wscale(i / 4u); w8v = w[i]; return dq4(w8v) * w8s; }
+fn w8b(i: u32) -> vec4<f32> { return dq4(w8v >> 16u) * w8s; }
+#else
 #ifdef PACKED_F16
 // W: [m, kp4 / 2] eight halves packed in four u32, row-major (forced packed: 16-byte loads).
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
@@ -68,6 +109,8 @@ fn w4(i: u32) -> vec4<f32> {
 var<private> w8v: vec4<u32>;
 fn w8a(i: u32) -> vec4<f32> { w8v = w[i]; return vec4<f32>(unpack2x16float(w8v.x), unpack2x16float(w8v.y)); }
 fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x16float(w8v.w)); }
+#endif
+#endif
 #endif
 #endif
 #endif
@@ -285,4 +328,65 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             if (t < p.rows && m < p.m) { store(t, m, acc[i * 4u + j]); }
         }
     }
+}
+
+// gemv_row: one thread per output row and no workgroup barriers, for CPU adapters (lavapipe,
+// SwiftShader), where barriers cost a context switch per invocation. Each thread computes the
+// prologue's RMS scales itself. Same bindings and parameters as gemv; 8 * passes rows per
+// workgroup of 32. Grid: (ceil(m / (8 * passes)), rows).
+fn xv_row(xb: u32, k: u32, sa: f32, sb: f32) -> f32 {
+    if (k >= p.k) { return 0.0; }
+#ifdef PRO_NORM
+    return aux[k] * (x[xb + k] * sa);
+#else
+#ifdef PRO_MERGE
+    return (aux[k] * (x[xb + k] * sa) + aux[p.k + k] * (x2[xb + k] * sb)) / 2.0;
+#else
+#ifdef PRO_SWIGLU
+    let g = x[xb + k];
+    return (g / (1.0 + exp(-g))) * x[xb + p.k + k];
+#else
+    return x[xb + k];
+#endif
+#endif
+#endif
+}
+
+@compute @workgroup_size(32)
+fn gemv_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let rpw = 8u * p.passes;
+    let row = wid.x * rpw + li;
+    let t = wid.y;
+    if (li >= rpw || row >= p.m) { return; }
+    let xb = p.x_off + t * p.x_stride;
+    var sa = 1.0;
+    var sb = 1.0;
+#ifdef PRO_NORM
+    var s1 = 0.0;
+    for (var k = 0u; k < p.k; k++) { let v = x[xb + k]; s1 += v * v; }
+    sa = inverseSqrt(s1 / f32(p.k) + p.eps);
+#endif
+#ifdef PRO_MERGE
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var k = 0u; k < p.k; k++) {
+        let a = x[xb + k];
+        let b = x2[xb + k];
+        s1 += a * a;
+        s2 += b * b;
+    }
+    sa = inverseSqrt(s1 / f32(p.k) + p.eps);
+    sb = inverseSqrt(s2 / f32(p.k) + p.eps);
+#endif
+    let n8 = (p.k + 7u) / 8u;
+    let wb = row * (p.kp4 / 2u);
+    var acc = vec4<f32>(0.0);
+    for (var c = 0u; c < n8; c++) {
+        let kk = c * 8u;
+        let wa = w8a(wb + c);
+        let wbv = w8b(wb + c);
+        acc += wa * vec4<f32>(xv_row(xb, kk, sa, sb), xv_row(xb, kk + 1u, sa, sb), xv_row(xb, kk + 2u, sa, sb), xv_row(xb, kk + 3u, sa, sb));
+        acc += wbv * vec4<f32>(xv_row(xb, kk + 4u, sa, sb), xv_row(xb, kk + 5u, sa, sb), xv_row(xb, kk + 6u, sa, sb), xv_row(xb, kk + 7u, sa, sb));
+    }
+    store(t, row, (acc.x + acc.y) + (acc.z + acc.w));
 }

@@ -23,6 +23,10 @@ pub enum DtypeChoice {
     Auto,
     F32,
     F16,
+    /// Block-quantized 8-bit weights (in_proj, out_proj, MLP, embeddings / LM head).
+    Q8,
+    /// Block-quantized 4-bit weights (in_proj, out_proj, MLP, embeddings / LM head).
+    Q4,
 }
 
 impl std::str::FromStr for DtypeChoice {
@@ -32,7 +36,9 @@ impl std::str::FromStr for DtypeChoice {
             "auto" => Ok(DtypeChoice::Auto),
             "f32" => Ok(DtypeChoice::F32),
             "f16" => Ok(DtypeChoice::F16),
-            _ => Err(format!("unknown dtype {s:?} (expected auto, f32 or f16)")),
+            "q8" => Ok(DtypeChoice::Q8),
+            "q4" => Ok(DtypeChoice::Q4),
+            _ => Err(format!("unknown dtype {s:?} (expected auto, f32, f16, q8 or q4)")),
         }
     }
 }
@@ -169,6 +175,8 @@ impl Model {
         let dtype = match opts.dtype {
             DtypeChoice::F32 => WeightDtype::F32,
             DtypeChoice::F16 => WeightDtype::F16,
+            DtypeChoice::Q8 => WeightDtype::Q8,
+            DtypeChoice::Q4 => WeightDtype::Q4,
             DtypeChoice::Auto => {
                 if (cfg.parameter_count() as u64) * 4 <= 1 << 30 {
                     WeightDtype::F32

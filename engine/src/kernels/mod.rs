@@ -28,24 +28,118 @@ pub const SRC_SAMPLE: &str = include_str!("../../../shaders/sample.wgsl");
 pub enum WeightDtype {
     F32,
     F16,
+    /// Block-quantized 8-bit: blocks of [`QBLOCK`] weights along K, one f16 scale each (see [`quantize`]).
+    Q8,
+    /// Block-quantized 4-bit: blocks of [`QBLOCK`] weights along K, one f16 scale each (see [`quantize`]).
+    Q4,
 }
 
 impl WeightDtype {
+    /// Bytes per element for f32 / f16 (quantized formats: see [`Matrix::bytes_for`]).
     pub fn bytes(self) -> usize {
         match self {
             WeightDtype::F32 => 4,
             WeightDtype::F16 => 2,
+            WeightDtype::Q8 => 1,
+            WeightDtype::Q4 => 1,
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             WeightDtype::F32 => "f32",
             WeightDtype::F16 => "f16",
+            WeightDtype::Q8 => "q8",
+            WeightDtype::Q4 => "q4",
+        }
+    }
+    pub fn is_quantized(self) -> bool {
+        matches!(self, WeightDtype::Q8 | WeightDtype::Q4)
+    }
+    /// Largest quantized magnitude (symmetric range [-qmax, qmax]).
+    fn qmax(self) -> f32 {
+        match self {
+            WeightDtype::Q8 => 127.0,
+            _ => 7.0,
         }
     }
 }
 
-/// A weight matrix [rows, cols] on the GPU, rows padded to a multiple of 8 elements with zeros.
+/// Weights per quantization block (along K, the input dimension).
+pub const QBLOCK: usize = 32;
+
+/// Block quantization of a row-major [rows, cols] f32 matrix into the GPU layout of
+/// [`WeightDtype::Q8`] / [`WeightDtype::Q4`], as u32 words:
+///
+/// * Rows are padded with zeros to `kp = ceil(cols / 32) * 32` columns, so a block never
+///   crosses a row and block `b` of row `r` is block `r * kp / 32 + b` of the flattened matrix.
+/// * Each block of 32 weights has one scale `s = max|w| / qmax` (qmax 127 for q8, 7 for q4),
+///   rounded to f16; the quantized value is `q = clamp(round(w / s), -qmax, qmax)` (0 where s = 0),
+///   and the weight is read back as `q * s`. Symmetric, no zero point.
+/// * Quants first, row-major: q8 packs 4 weights per u32 (element `4i + j` in byte `j`, little-endian,
+///   two's complement int8), q4 packs 8 weights per u32 (element `8i + j` in bits `4j..4j+3` as
+///   `q + 8`, offset binary in [1, 15]). That is `rows * kp / 4` (q8) or `rows * kp / 8` (q4) words.
+/// * Then the scales: `rows * kp / 32` f16 values, two per u32 (block `2i` in the low half), padded
+///   to a whole word. The kernels find them at word `rows * kp / 4` (q8) / `rows * kp / 8` (q4).
+pub fn quantize(data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> Vec<u32> {
+    assert!(dtype.is_quantized());
+    assert_eq!(data.len(), rows * cols);
+    let kp = Matrix::padded_cols_for(cols, dtype);
+    let nb = kp / QBLOCK;
+    let per_word = if dtype == WeightDtype::Q8 { 4 } else { 8 };
+    let qwords = rows * kp / per_word;
+    let mut out = vec![0u32; qwords + (rows * nb).div_ceil(2)];
+    let qmax = dtype.qmax();
+    let mut block = [0f32; QBLOCK];
+    for r in 0..rows {
+        for b in 0..nb {
+            block.fill(0.0);
+            let c0 = b * QBLOCK;
+            let c1 = (c0 + QBLOCK).min(cols);
+            block[..c1 - c0].copy_from_slice(&data[r * cols + c0..r * cols + c1]);
+            let amax = block.iter().fold(0f32, |m, &v| m.max(v.abs()));
+            let s = half::f16::from_f32(amax / qmax);
+            let sf = s.to_f32();
+            let inv = if sf > 0.0 { 1.0 / sf } else { 0.0 };
+            let bi = r * nb + b;
+            out[qwords + bi / 2] |= (s.to_bits() as u32) << (16 * (bi % 2));
+            let e0 = r * kp + c0; // flattened element index of the block's first weight
+            for (j, &v) in block.iter().enumerate() {
+                let q = (v * inv).round().clamp(-qmax, qmax) as i32;
+                let e = e0 + j;
+                match dtype {
+                    WeightDtype::Q8 => out[e / 4] |= ((q as u8) as u32) << (8 * (e % 4)),
+                    _ => out[e / 8] |= ((q + 8) as u32) << (4 * (e % 8)),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`quantize`]: the [rows, cols] f32 matrix the kernels compute with.
+pub fn dequantize(words: &[u32], rows: usize, cols: usize, dtype: WeightDtype) -> Vec<f32> {
+    assert!(dtype.is_quantized());
+    let kp = Matrix::padded_cols_for(cols, dtype);
+    let nb = kp / QBLOCK;
+    let qwords = if dtype == WeightDtype::Q8 { rows * kp / 4 } else { rows * kp / 8 };
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        for c in 0..cols {
+            let bi = r * nb + c / QBLOCK;
+            let s = half::f16::from_bits((words[qwords + bi / 2] >> (16 * (bi % 2))) as u16).to_f32();
+            let e = r * kp + c;
+            let q = match dtype {
+                WeightDtype::Q8 => (words[e / 4] >> (8 * (e % 4))) as u8 as i8 as i32,
+                _ => ((words[e / 8] >> (4 * (e % 8))) & 15) as i32 - 8,
+            };
+            out.push(q as f32 * s);
+        }
+    }
+    out
+}
+
+/// A weight matrix [rows, cols] on the GPU: f32 / f16 rows padded to a multiple of 8 elements
+/// with zeros; q8 / q4 in the block layout of [`quantize`] (rows padded to 32).
 pub struct Matrix {
     pub buf: wgpu::Buffer,
     pub rows: usize,
@@ -54,19 +148,38 @@ pub struct Matrix {
 }
 
 impl Matrix {
+    /// Padded row length of f32 / f16 matrices.
     pub fn padded_cols(cols: usize) -> usize {
         cols.div_ceil(8) * 8
     }
+    /// Padded row length for `dtype` (a whole number of quantization blocks for q8 / q4).
+    pub fn padded_cols_for(cols: usize, dtype: WeightDtype) -> usize {
+        if dtype.is_quantized() {
+            cols.div_ceil(QBLOCK) * QBLOCK
+        } else {
+            Self::padded_cols(cols)
+        }
+    }
+    /// Padded row length in units of 4 elements (the kernels' `kp4`).
     pub fn kp4(&self) -> u32 {
-        (Self::padded_cols(self.cols) / 4) as u32
+        (Self::padded_cols_for(self.cols, self.dtype) / 4) as u32
+    }
+    /// Bytes on the GPU of a [rows, cols] matrix stored as `dtype`.
+    pub fn bytes_for(rows: usize, cols: usize, dtype: WeightDtype) -> u64 {
+        let kp = Self::padded_cols_for(cols, dtype);
+        match dtype {
+            WeightDtype::F32 | WeightDtype::F16 => (rows * kp * dtype.bytes()) as u64,
+            WeightDtype::Q8 => (rows * kp + (rows * kp / QBLOCK).div_ceil(2) * 4) as u64,
+            WeightDtype::Q4 => (rows * kp / 2 + (rows * kp / QBLOCK).div_ceil(2) * 4) as u64,
+        }
     }
     pub fn bytes(&self) -> u64 {
-        (self.rows * Self::padded_cols(self.cols) * self.dtype.bytes()) as u64
+        Self::bytes_for(self.rows, self.cols, self.dtype)
     }
     /// Uploads a row-major [rows, cols] f32 matrix, converting to `dtype`.
     pub fn upload(gpu: &Gpu, label: &str, data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> Result<Matrix> {
         assert_eq!(data.len(), rows * cols);
-        let kp = Self::padded_cols(cols);
+        let kp = Self::padded_cols_for(cols, dtype);
         let buf = match dtype {
             WeightDtype::F32 => {
                 let mut v = vec![0f32; rows * kp];
@@ -84,8 +197,15 @@ impl Matrix {
                 }
                 gpu.upload(label, &v)?
             }
+            WeightDtype::Q8 | WeightDtype::Q4 => gpu.upload(label, &quantize(data, rows, cols, dtype))?,
         };
         Ok(Matrix { buf, rows, cols, dtype })
+    }
+    /// Uploads words already in the layout of [`quantize`] (a pre-quantized checkpoint).
+    pub fn upload_quantized(gpu: &Gpu, label: &str, words: &[u32], rows: usize, cols: usize, dtype: WeightDtype) -> Result<Matrix> {
+        assert!(dtype.is_quantized());
+        assert_eq!((words.len() * 4) as u64, Self::bytes_for(rows, cols, dtype), "{label}: quantized size");
+        Ok(Matrix { buf: gpu.upload(label, words)?, rows, cols, dtype })
     }
 }
 
@@ -273,18 +393,20 @@ pub enum Prologue<'a> {
 
 /// Every pipeline the engine uses, compiled once per device.
 pub struct Kernels {
-    gemm_f32: Arc<Kernel>,
-    gemm_f16: Arc<Kernel>,
-    /// [dtype f32, f16][prologue none, norm, merge, swiglu][staging small, large]
+    /// [dtype f32, f16, q8, q4]
+    gemm: Vec<Arc<Kernel>>,
+    /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large]
     gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
     xsh: [usize; 2],
+    /// Barrier-free one-row-per-thread GEMVs [f32, f16][prologue], used on CPU adapters.
+    gemv_row: Option<Vec<Vec<Arc<Kernel>>>>,
     attention_split: Arc<Kernel>,
     attention_combine: Arc<Kernel>,
     conv_step: Arc<Kernel>,
     scan_fused: Arc<Kernel>,
-    embed_f32: Arc<Kernel>,
-    embed_f16: Arc<Kernel>,
+    /// [dtype f32, f16, q8, q4]
+    embed: Vec<Arc<Kernel>>,
     rmsnorm: Arc<Kernel>,
     rmsnorm_inplace: Arc<Kernel>,
     rope_q: Arc<Kernel>,
@@ -302,8 +424,23 @@ pub struct Kernels {
 
 use BindKind::{Read as R, ReadWrite as RW, Uniform as U};
 
+/// Index of a weight dtype in the per-dtype kernel tables.
+fn dtype_index(d: WeightDtype) -> usize {
+    match d {
+        WeightDtype::F32 => 0,
+        WeightDtype::F16 => 1,
+        WeightDtype::Q8 => 2,
+        WeightDtype::Q4 => 3,
+    }
+}
+
 impl Kernels {
     pub fn new(gpu: &Gpu) -> Result<Kernels> {
+        Self::new_with(gpu, gpu.info.device_type == wgpu::DeviceType::Cpu)
+    }
+
+    /// `rowwise`: use the barrier-free one-row-per-thread GEMV (what CPU adapters get).
+    pub fn new_with(gpu: &Gpu, rowwise: bool) -> Result<Kernels> {
         // GEMV staging sizes: 2048 floats for K up to 2048 (small footprint, high occupancy),
         // and what the device allows (up to 5632, enough for K = 5504) for larger K.
         let limit = (gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(2048 + 64) / 4 / 8 * 8;
@@ -311,7 +448,7 @@ impl Kernels {
         let sg32 = gpu.features.contains(wgpu::Features::SUBGROUP) && gpu.info.subgroup_min_size == 32 && gpu.info.subgroup_max_size == 32;
         let k = |file: &str, src: &str, defs: &[&str], entry: &str, b: &[BindKind]| -> Result<Arc<Kernel>> { Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?)) };
         let mut gemv = Vec::new();
-        for dt in ["W_F32", "PACKED_F16"] {
+        for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
             let mut per_pro = Vec::new();
             for (pro, binds) in [("", &[U, R, R, R, RW][..]), ("PRO_NORM", &[U, R, R, R, RW, R][..]), ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]), ("PRO_SWIGLU", &[U, R, R, R, RW][..])] {
                 let mk = |n: usize| -> Result<Arc<Kernel>> {
@@ -329,17 +466,35 @@ impl Kernels {
             }
             gemv.push(per_pro);
         }
+        // CPU adapters (lavapipe, SwiftShader) run workgroup barriers as context switches:
+        // give them the barrier-free GEMV.
+        let gemv_row = if rowwise {
+            let mut v = Vec::new();
+            for dt in ["W_F32", "PACKED_F16"] {
+                let mut per = Vec::new();
+                for (pro, binds) in [("", &[U, R, R, R, RW][..]), ("PRO_NORM", &[U, R, R, R, RW, R][..]), ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]), ("PRO_SWIGLU", &[U, R, R, R, RW][..])] {
+                    let mut d = vec![dt];
+                    if !pro.is_empty() {
+                        d.push(pro);
+                    }
+                    per.push(k("matmul.wgsl", SRC_MATMUL, &d, "gemv_row", binds)?);
+                }
+                v.push(per);
+            }
+            Some(v)
+        } else {
+            None
+        };
         Ok(Kernels {
-            gemm_f32: k("matmul.wgsl", SRC_MATMUL, &["W_F32"], "gemm", &[U, R, R, R, RW])?,
-            gemm_f16: k("matmul.wgsl", SRC_MATMUL, &[], "gemm", &[U, R, R, R, RW])?,
+            gemv_row,
+            gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]].iter().map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW])).collect::<Result<_>>()?,
             gemv,
             xsh,
             attention_split: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &[], "main", &[U, RW, R, R, RW, RW])?,
             attention_combine: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &["COMBINE"], "main", &[U, R, RW])?,
             conv_step: k("conv1d.wgsl", SRC_CONV1D, &["STEP"], "main", &[U, R, R, RW, RW])?,
             scan_fused: k("scan.wgsl", SRC_SCAN, &["FUSED_DT"], "main", &[U, R, R, R, R, R, RW, RW, R])?,
-            embed_f32: k("embed.wgsl", SRC_EMBED, &["W_F32"], "main", &[U, R, R, R, RW])?,
-            embed_f16: k("embed.wgsl", SRC_EMBED, &[], "main", &[U, R, R, R, RW])?,
+            embed: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]].iter().map(|d| k("embed.wgsl", SRC_EMBED, d, "main", &[U, R, R, R, RW])).collect::<Result<_>>()?,
             rmsnorm: k("rmsnorm.wgsl", SRC_RMSNORM, &[], "main", &[U, R, R, RW])?,
             rmsnorm_inplace: k("rmsnorm.wgsl", SRC_RMSNORM, &["INPLACE"], "main", &[U, R, RW])?,
             rope_q: k("rope.wgsl", SRC_ROPE, &[], "main", &[U, R, RW])?,
@@ -379,15 +534,18 @@ impl Kernels {
             let k = self.gemv_kernel(w, 0);
             rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1])
         } else {
-            let k = if w.dtype == WeightDtype::F32 { &self.gemm_f32 } else { &self.gemm_f16 };
-            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
+            rec.dispatch(&self.gemm[dtype_index(w.dtype)], &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
         }
     }
 
     fn gemv_kernel(&self, w: &Matrix, pro: usize) -> &Arc<Kernel> {
-        let di = (w.dtype == WeightDtype::F16) as usize;
+        if let Some(rowwise) = &self.gemv_row {
+            if matches!(w.dtype, WeightDtype::F32 | WeightDtype::F16) {
+                return &rowwise[dtype_index(w.dtype)][pro];
+            }
+        }
         let big = (Matrix::padded_cols(w.cols) > self.xsh[0]) as usize;
-        &self.gemv[di][pro][big]
+        &self.gemv[dtype_index(w.dtype)][pro][big]
     }
 
     /// Decode GEMV (rows ≤ a few) with an elementwise prologue fused into the input side.
@@ -473,8 +631,7 @@ impl Kernels {
             ids_off: ids_off as u32,
             vocab: table.rows as u32,
         };
-        let k = if table.dtype == WeightDtype::F32 { &self.embed_f32 } else { &self.embed_f16 };
-        rec.dispatch(k, &p, &[ids, &table.buf, meta, out], [table.cols.div_ceil(64) as u32, rows as u32, 1])
+        rec.dispatch(&self.embed[dtype_index(table.dtype)], &p, &[ids, &table.buf, meta, out], [table.cols.div_ceil(64) as u32, rows as u32, 1])
     }
 
     /// Rotates the query block of the in_proj output in place.

@@ -64,6 +64,15 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
 
 const NAN: f32 = f32::NAN;
 
+/// The weights the kernels compute with: f16-rounded, or quantized and dequantized on the CPU.
+fn weights_as_stored(w: &[f32], m: usize, k: usize, dtype: WeightDtype) -> Vec<f32> {
+    match dtype {
+        WeightDtype::F32 => w.to_vec(),
+        WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+        WeightDtype::Q8 | WeightDtype::Q4 => dequantize(&quantize(w, m, k, dtype), m, k, dtype),
+    }
+}
+
 fn matmul_case(dtype: WeightDtype, rows: usize, m: usize, k: usize, bias: bool, accumulate: bool, seed: u64) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
@@ -81,10 +90,7 @@ fn matmul_case(dtype: WeightDtype, rows: usize, m: usize, k: usize, bias: bool, 
     let yb = gpu.upload("y", &y0).unwrap();
     run(gpu, |rec| ks.matmul(rec, &xb, x_off, x_stride, &mat, bias.then_some(&bb), &yb, y_off, y_stride, rows, accumulate).unwrap());
     let got = read(gpu, &yb, y0.len());
-    let wq: Vec<f32> = match dtype {
-        WeightDtype::F32 => w.clone(),
-        WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-    };
+    let wq = weights_as_stored(&w, m, k, dtype);
     for t in 0..rows {
         for j in 0..m {
             let mut acc = 0f64;
@@ -124,6 +130,76 @@ fn matmul_gemv_f32() {
 fn matmul_gemv_f16() {
     matmul_case(WeightDtype::F16, 1, 37, 45, true, false, 3);
     matmul_case(WeightDtype::F16, 2, 260, 6, false, true, 4);
+}
+
+#[test]
+fn matmul_gemv_quantized() {
+    for (i, dt) in [WeightDtype::Q8, WeightDtype::Q4].into_iter().enumerate() {
+        let s = 100 + 10 * i as u64;
+        matmul_case(dt, 1, 37, 45, true, false, s);
+        matmul_case(dt, 3, 133, 100, false, true, s + 1);
+        matmul_case(dt, 2, 260, 6, true, true, s + 2);
+        // unstaged path (K > staging) and 4 passes
+        matmul_case(dt, 1, 21, 9000, false, false, s + 3);
+        matmul_case(dt, 1, 8500, 24, true, false, s + 4);
+    }
+}
+
+#[test]
+fn matmul_gemm_quantized() {
+    for (i, dt) in [WeightDtype::Q8, WeightDtype::Q4].into_iter().enumerate() {
+        let s = 200 + 10 * i as u64;
+        matmul_case(dt, 70, 37, 45, true, false, s);
+        matmul_case(dt, 129, 300, 33, false, true, s + 1);
+        matmul_case(dt, 65, 65, 100, false, true, s + 2);
+    }
+}
+
+#[test]
+fn quantize_round_trip() {
+    let mut r = Rng::new(300);
+    for dt in [WeightDtype::Q8, WeightDtype::Q4] {
+        for &(rows, cols) in &[(1usize, 1usize), (3, 31), (5, 32), (7, 33), (4, 100), (2, 257)] {
+            let mut w = r.vec(rows * cols, 0.3);
+            // an all-zero block and one large outlier
+            if cols >= 64 {
+                w[..32].fill(0.0);
+                w[40] = 5.0;
+            }
+            let words = quantize(&w, rows, cols, dt);
+            assert_eq!((words.len() * 4) as u64, Matrix::bytes_for(rows, cols, dt), "{dt:?} {rows}x{cols}: size");
+            let back = dequantize(&words, rows, cols, dt);
+            let qmax = if dt == WeightDtype::Q8 { 127.0 } else { 7.0 };
+            let kp = Matrix::padded_cols_for(cols, dt);
+            assert_eq!(kp % QBLOCK, 0);
+            for rr in 0..rows {
+                for b in 0..cols.div_ceil(QBLOCK) {
+                    let (c0, c1) = (b * QBLOCK, ((b + 1) * QBLOCK).min(cols));
+                    let amax = w[rr * cols + c0..rr * cols + c1].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let step = amax / qmax;
+                    for c in c0..c1 {
+                        let (a, g) = (w[rr * cols + c], back[rr * cols + c]);
+                        // half a quantization step, plus the f16 rounding of the scale
+                        assert!((a - g).abs() <= 0.5 * step * 1.002 + amax * 1e-3 + 1e-7, "{dt:?} {rows}x{cols} [{rr},{c}]: {a} -> {g} (step {step})");
+                        if amax == 0.0 {
+                            assert_eq!(g, 0.0);
+                        }
+                    }
+                }
+            }
+            // quantizing the dequantized values is exact (idempotent)
+            assert_eq!(quantize(&back, rows, cols, dt), words, "{dt:?} {rows}x{cols}: idempotent");
+        }
+    }
+    // exact values survive: multiples of a power-of-two scale
+    let w: Vec<f32> = (0..64).map(|i| ((i % 15) as f32 - 7.0) * 0.25).collect();
+    assert_eq!(dequantize(&quantize(&w, 2, 32, WeightDtype::Q4), 2, 32, WeightDtype::Q4), w);
+    let w: Vec<f32> = (0..40).map(|i| ((i * 37 % 255) as f32 - 127.0) / 64.0).collect();
+    let q = quantize(&w, 1, 40, WeightDtype::Q8);
+    let back = dequantize(&q, 1, 40, WeightDtype::Q8);
+    for (a, b) in w.iter().zip(&back) {
+        assert!((a - b).abs() <= 1.985 / 127.0 * 0.5 + 1e-6, "{a} {b}");
+    }
 }
 
 #[test]
@@ -182,7 +258,7 @@ fn rmsnorm_rows_and_in_place_slices() {
 fn embed_with_meta_tokens() {
     let (gpu, ks) = env();
     let mut r = Rng::new(12);
-    for dtype in [WeightDtype::F32, WeightDtype::F16] {
+    for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
         let (vocab, d, n_meta, n_tok) = (53, 70, 3, 6);
         let table = r.vec(vocab * d, 1.0);
         let meta = r.vec(n_meta * d, 1.0);
@@ -194,12 +270,10 @@ fn embed_with_meta_tokens() {
         let ob = gpu.upload("o", &vec![NAN; rows * d]).unwrap();
         run(gpu, |rec| ks.embed(rec, &ib, 1, &tm, &mb, n_meta, &ob, rows).unwrap());
         let got = read(gpu, &ob, rows * d);
+        let stored = weights_as_stored(&table, vocab, d, dtype);
         let mut want = meta.clone();
         for &id in &ids[1..1 + n_tok] {
-            for e in 0..d {
-                let v = table[id as usize * d + e];
-                want.push(if dtype == WeightDtype::F16 { half::f16::from_f32(v).to_f32() } else { v });
-            }
+            want.extend_from_slice(&stored[id as usize * d..(id as usize + 1) * d]);
         }
         assert_close("embed", &got, &want, 0.0, 0.0);
     }
@@ -575,10 +649,7 @@ fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usi
     };
     run(gpu, |rec| ks.gemv_pro(rec, &xb, 0, x_stride, &mat, pro, &yb, 0, m, rows, acc).unwrap());
     let got = read(gpu, &yb, rows * m);
-    let wq: Vec<f32> = match dtype {
-        WeightDtype::F32 => w.clone(),
-        WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-    };
+    let wq = weights_as_stored(&w, m, k, dtype);
     let mut want = vec![0f32; rows * m];
     for t in 0..rows {
         let row = &x[t * x_stride..t * x_stride + xw];
@@ -607,7 +678,7 @@ fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usi
 
 #[test]
 fn gemv_with_fused_prologues() {
-    for (i, dtype) in [WeightDtype::F32, WeightDtype::F16].into_iter().enumerate() {
+    for (i, dtype) in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4].into_iter().enumerate() {
         gemv_pro_case(dtype, 0, 1, 37, 300, 81 + i as u64);
         gemv_pro_case(dtype, 1, 2, 45, 333, 83 + i as u64);
         gemv_pro_case(dtype, 2, 1, 29, 70, 85 + i as u64);
@@ -952,5 +1023,40 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
             .validate(&module)
             .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+    }
+}
+
+#[test]
+fn gemv_workgroup_and_rowwise_variants_agree() {
+    // CPU adapters run the barrier-free GEMV; GPUs the workgroup one. Check each against the
+    // other on every prologue and both storage types, whichever adapter runs the tests.
+    let (gpu, _) = env();
+    let wg = Kernels::new_with(gpu, false).unwrap();
+    let rw = Kernels::new_with(gpu, true).unwrap();
+    let mut r = Rng::new(401);
+    for dtype in [WeightDtype::F32, WeightDtype::F16] {
+        for which in 0..4 {
+            let (m, k) = (4300 + which, 37 + 64 * which);
+            let xw = if which == 3 { 2 * k } else { k };
+            let x = r.vec(xw + 5, 2.0);
+            let x2 = r.vec(xw + 5, 1.0);
+            let nw = r.vec(2 * k, 1.0);
+            let w = r.vec(m * k, 0.5);
+            let mat = Matrix::upload(gpu, "w", &w, m, k, dtype).unwrap();
+            let (xb, x2b, nb) = (gpu.upload("x", &x).unwrap(), gpu.upload("x2", &x2).unwrap(), gpu.upload("n", &nw).unwrap());
+            let mut outs = Vec::new();
+            for ks in [&wg, &rw] {
+                let yb = gpu.upload("y", &vec![NAN; m]).unwrap();
+                let pro = match which {
+                    0 => Prologue::None,
+                    1 => Prologue::Norm(&nb, 1e-6),
+                    2 => Prologue::Merge { w: &nb, x2: &x2b, eps: 1e-6 },
+                    _ => Prologue::Swiglu,
+                };
+                run(gpu, |rec| ks.gemv_pro(rec, &xb, 0, xw, &mat, pro, &yb, 0, m, 1, false).unwrap());
+                outs.push(read(gpu, &yb, m));
+            }
+            assert_close(&format!("gemv variants, prologue {which}, {dtype:?}"), &outs[1], &outs[0], 1e-4, 1e-4);
+        }
     }
 }
