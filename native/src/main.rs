@@ -66,8 +66,8 @@ pub struct ModelArgs {
     /// Index of the adapter to use among those of the backend (see `hymba info`); default: the best one
     #[arg(long, value_name = "N")]
     pub adapter: Option<usize>,
-    /// Weight storage on the GPU: auto = f32 up to 1 GiB of f32 weights, f16 above
-    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16"])]
+    /// Weight storage on the GPU: auto = f32 up to 1 GiB of f32 weights, f16 above; q8 / q4 = block-quantized 8 / 4-bit matrices
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "q8", "q4"])]
     pub dtype: String,
 }
 

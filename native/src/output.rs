@@ -4,7 +4,7 @@ use crate::load::open_source;
 use crate::{CliResult, InfoArgs};
 use hymba_engine::config::{AttentionKind, HymbaConfig, KvRole};
 use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu};
-use hymba_engine::kernels::Matrix;
+use hymba_engine::kernels::{Matrix, WeightDtype};
 use hymba_engine::model::ModelOptions;
 
 pub fn human_bytes(b: u64) -> String {
@@ -74,22 +74,23 @@ fn adapters_info(backend: &str) -> CliResult<()> {
 }
 
 /// Bytes of weights on the GPU, counted as `Model::load` counts them.
-pub fn gpu_weight_bytes(c: &HymbaConfig, elem: usize) -> u64 {
-    let mat = |rows: usize, cols: usize, e: usize| (rows * Matrix::padded_cols(cols) * e) as u64;
+pub fn gpu_weight_bytes(c: &HymbaConfig, dt: WeightDtype) -> u64 {
+    let mat = Matrix::bytes_for;
+    let f32 = WeightDtype::F32;
     let d = c.hidden;
     let di = c.d_inner;
-    let mut total = mat(c.vocab_size, d, elem);
+    let mut total = mat(c.vocab_size, d, dt);
     if !c.raw.tie_word_embeddings {
-        total += mat(c.vocab_size, d, elem);
+        total += mat(c.vocab_size, d, dt);
     }
     total += ((c.n_meta + 1) * d * 4) as u64;
     for i in 0..c.n_layers {
-        total += mat(c.in_proj_rows(i), d, elem)
-            + mat(c.x_proj_rows(), di, 4)
-            + mat(di, c.dt_rank, 4)
-            + mat(d, di, elem)
-            + 2 * mat(c.intermediate, d, elem)
-            + mat(d, c.intermediate, elem);
+        total += mat(c.in_proj_rows(i), d, dt)
+            + mat(c.x_proj_rows(), di, f32)
+            + mat(di, c.dt_rank, f32)
+            + mat(d, di, dt)
+            + mat(2 * c.intermediate, d, dt)
+            + mat(d, c.intermediate, dt);
         let small = (di * c.d_conv + di) + (di * c.d_state + 2 * di) + 2 * di + 2 * d + c.x_proj_rows();
         total += (small * 4) as u64;
     }
@@ -140,13 +141,14 @@ fn model_info(spec: &str) -> CliResult<()> {
         c.parameter_count() as f64 / 1e6,
         human_bytes(src.checkpoint.stored_bytes())
     );
-    let f32_bytes = gpu_weight_bytes(c, 4);
-    let f16_bytes = gpu_weight_bytes(c, 2);
     let auto_f32 = (c.parameter_count() as u64) * 4 <= 1 << 30;
+    let b = |dt| human_bytes(gpu_weight_bytes(c, dt));
     println!(
-        "GPU weights: {} as f32, {} as f16 (--dtype auto picks {})",
-        human_bytes(f32_bytes),
-        human_bytes(f16_bytes),
+        "GPU weights: {} as f32, {} as f16, {} as q8, {} as q4 (--dtype auto picks {})",
+        b(WeightDtype::F32),
+        b(WeightDtype::F16),
+        b(WeightDtype::Q8),
+        b(WeightDtype::Q4),
         if auto_f32 { "f32" } else { "f16" }
     );
     println!(
