@@ -205,6 +205,39 @@ fn c5_model_dir() -> Option<(PathBuf, Value)> {
 }
 
 #[test]
+fn score_matches_the_reference_logits_of_the_real_vocab_fixture() {
+    // Perplexity of the c5 prompt text from the official implementation's own prompt logits
+    // (expected.safetensors: nocache.logits [L, V]) against `hymba score`.
+    let Some((dir, case)) = c5_model_dir() else { return };
+    let fx = root().join("tests/fixtures/c5_real_vocab_text");
+    let bytes = std::fs::read(fx.join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor("nocache.logits").unwrap();
+    let (l, v) = (view.shape()[0], view.shape()[1]);
+    let logits: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let prompt = ids(&case["prompt_ids"]);
+    assert_eq!(prompt.len(), l);
+    let mut total = 0f64;
+    for j in 0..l - 1 {
+        let row = &logits[j * v..(j + 1) * v];
+        let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        total += lse - row[prompt[j + 1] as usize] as f64;
+    }
+    let want = total / (l - 1) as f64;
+    let f = dir.join("prompt.txt");
+    std::fs::write(&f, case["prompt_text"].as_str().unwrap()).unwrap();
+    let o = run(&["score", "--json", "--model", dir.to_str().unwrap(), f.to_str().unwrap()]);
+    let got: Value = serde_json::from_str(ok(&o).trim()).unwrap();
+    assert_eq!(got["tokens"].as_u64(), Some(l as u64));
+    let nll = got["nll"].as_f64().unwrap();
+    assert!((nll - want).abs() < 1e-4, "hymba score nll {nll}, reference logits give {want}");
+    let ppl = got["perplexity"].as_f64().unwrap();
+    assert!((ppl / want.exp() - 1.0).abs() < 1e-4, "perplexity {ppl} vs {}", want.exp());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
 fn real_vocab_fixture_generates_the_reference_ids() {
     let Some((dir, case)) = c5_model_dir() else { return };
     let want = ids(&case["generated_ids"]);
