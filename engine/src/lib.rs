@@ -10,9 +10,11 @@
 //! - [`config`] and [`loader`]: `config.json` and safetensors checkpoints;
 //! - [`model`]: the Hymba forward pass (meta tokens, hybrid layers, KV sharing);
 //! - [`cache`]: per-sequence state (KV ring buffers, conv and SSM states);
-//! - [`generate`]: prefill / decode / sampling / stopping.
+//! - [`generate`]: prefill / decode / sampling / stopping;
+//! - [`chat`]: the Hymba Instruct chat template and stop-string filtering.
 
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;

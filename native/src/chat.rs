@@ -12,37 +12,14 @@ use hymba_engine::tokenizer::Tokenizer;
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::Ordering;
 
-/// Strings that end an assistant reply besides the EOS token.
-pub const REPLY_STOPS: [&str; 2] = ["</s>", "<extra_id_1>"];
+pub use hymba_engine::chat::REPLY_STOPS;
 
 /// The text of a conversation's start: system block and the first user turn, ready for the reply.
 pub fn render_first(system: Option<&str>, user: &str) -> String {
-    let mut s = String::from("<extra_id_0>System");
-    if let Some(sys) = system {
-        s.push('\n');
-        s.push_str(sys.trim());
-    }
-    s.push_str("\n\n");
-    s.push_str(&user_turn(user));
-    s
+    let turn = hymba_engine::chat::Message { role: "user".into(), content: user.trim().to_string() };
+    hymba_engine::chat::render(system.map(str::trim), &[turn]).expect("a user turn renders")
 }
 
-/// One user turn followed by the assistant header.
-pub fn user_turn(user: &str) -> String {
-    format!("<extra_id_1>User\n{}\n<extra_id_1>Assistant\n", user.trim())
-}
-
-/// Tokens of `text` as it tokenizes after a newline inside a longer text (the Llama
-/// normalizer would otherwise prepend a word-start marker to a standalone piece).
-pub fn encode_continuation(tok: &Tokenizer, text: &str) -> CliResult<Vec<u32>> {
-    let nl = tok.encode("\n", false).map_err(err)?;
-    let all = tok.encode(&format!("\n{text}"), false).map_err(err)?;
-    if all.len() >= nl.len() && all[..nl.len()] == nl[..] {
-        Ok(all[nl.len()..].to_vec())
-    } else {
-        tok.encode(text, false).map_err(err)
-    }
-}
 
 struct Turn {
     gen: Generation,
@@ -73,22 +50,7 @@ impl Chat<'_> {
         let Some(last) = &self.last else {
             return self.tok.encode(&render_first(self.system.as_deref(), user), false).map_err(err);
         };
-        let g = &last.gen;
-        let after_reply = format!("\n{}", user_turn(user));
-        // What the cache holds of the reply (its decoded ids, the EOS token excluded).
-        let mut held: Vec<u32> = g.ids.clone();
-        let mut ids = Vec::new();
-        if g.stop == StopReason::Eos {
-            held.pop();
-        } else if let Some(&l) = g.ids.last() {
-            ids.push(l);
-        }
-        let represented = self.tok.decode(&held, true).map_err(err)?;
-        let reply = g.text.trim();
-        let full = format!("{reply}{after_reply}");
-        let new_text = if !represented.is_empty() && full.starts_with(&represented) { &full[represented.len()..] } else { &after_reply[..] };
-        ids.extend(encode_continuation(self.tok, new_text)?);
-        Ok(ids)
+        hymba_engine::chat::next_turn_ids(self.tok, &last.gen, &last.gen.text, user).map_err(err)
     }
 
     fn stats(&self) {

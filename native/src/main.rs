@@ -228,55 +228,7 @@ fn main() {
     }
 }
 
-/// Holds back output that might be the start of a stop string, so stop strings never reach the terminal.
-pub struct StopFilter {
-    stops: Vec<String>,
-    pending: String,
-}
-
-impl StopFilter {
-    pub fn new(stops: &[String]) -> Self {
-        StopFilter {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            pending: String::new(),
-        }
-    }
-
-    /// Adds a piece; returns the text that is safe to show now.
-    pub fn push(&mut self, piece: &str) -> String {
-        self.pending.push_str(piece);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
-            let out = self.pending[..pos].to_string();
-            self.pending.clear();
-            self.stops.clear(); // stopped: nothing more is shown
-            self.pending.push('\u{0}');
-            return out;
-        }
-        if self.pending.starts_with('\u{0}') {
-            return String::new();
-        }
-        // Earliest index from which the rest could still grow into a stop string.
-        let mut cut = self.pending.len();
-        for (i, _) in self.pending.char_indices() {
-            let rest = &self.pending[i..];
-            if self.stops.iter().any(|s| s.starts_with(rest)) {
-                cut = i;
-                break;
-            }
-        }
-        let out = self.pending[..cut].to_string();
-        self.pending.drain(..cut);
-        out
-    }
-
-    /// The held-back text, when the generation ended without a stop string.
-    pub fn flush(&mut self) -> String {
-        if self.pending.starts_with('\u{0}') {
-            return String::new();
-        }
-        std::mem::take(&mut self.pending)
-    }
-}
+pub use hymba_engine::chat::StopFilter;
 
 /// Prints to stdout, ignoring a closed pipe.
 pub fn out(s: &str) {
