@@ -687,6 +687,42 @@ fn gemv_with_fused_prologues() {
     }
 }
 
+/// CPU reference for one decode step of attention at position q: keys are the meta slots and the
+/// text positions [max(n_meta, q - window), q]; in a KV-owning layer the key (rotated here) and
+/// value of q come from the in_proj row, every other position from its cache slot.
+#[allow(clippy::too_many_arguments)]
+fn decode_attention_cpu(prow: &[f32], kc: &[f32], vc: &[f32], cs: &[f32], hq: usize, hkv: usize, dqk: usize, dv: usize, n_meta: usize, ring: usize, q: usize, window: Option<usize>, self_kv: bool, scale: f32) -> Vec<f32> {
+    let cap = n_meta + ring;
+    let k_col = hq * dqk;
+    let v_col = hq * dqk + hkv * dqk;
+    let lo = match window {
+        Some(w) if q > w => (q - w).max(n_meta),
+        _ => n_meta,
+    };
+    let keys: Vec<usize> = (0..n_meta.min(q + 1)).chain(lo..=q).collect();
+    let mut out = vec![0f32; hq * dv];
+    for h in 0..hq {
+        let kvh = h / (hq / hkv);
+        let qr = rotate(&prow[h * dqk..(h + 1) * dqk], cs, q);
+        let kv = |pos: usize| -> (Vec<f32>, Vec<f32>) {
+            if self_kv && pos == q {
+                (rotate(&prow[k_col + kvh * dqk..k_col + (kvh + 1) * dqk], cs, q), prow[v_col + kvh * dv..v_col + (kvh + 1) * dv].to_vec())
+            } else {
+                let sl = if pos < n_meta { pos } else { n_meta + (pos - n_meta) % ring };
+                (kc[(kvh * cap + sl) * dqk..(kvh * cap + sl + 1) * dqk].to_vec(), vc[(kvh * cap + sl) * dv..(kvh * cap + sl + 1) * dv].to_vec())
+            }
+        };
+        let kvs: Vec<(Vec<f32>, Vec<f32>)> = keys.iter().map(|&p| kv(p)).collect();
+        let sc: Vec<f64> = kvs.iter().map(|(k, _)| (0..dqk).map(|e| qr[e] as f64 * k[e] as f64).sum::<f64>() * scale as f64).collect();
+        let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+        for e in 0..dv {
+            out[h * dv + e] = (kvs.iter().zip(&sc).map(|((_, v), x)| (x - m).exp() / z * v[e] as f64).sum::<f64>()) as f32;
+        }
+    }
+    out
+}
+
 #[test]
 fn attention_decode_split_matches_unfused() {
     // Decode step at position q: the split kernel (RoPE on q, key/value of q from the in_proj
@@ -774,6 +810,8 @@ fn attention_decode_split_matches_unfused() {
         };
         run(gpu, |rec| ks.attention_split(rec, &p3, &csb, &k3, &v3, &part, &o3, dp).unwrap());
         assert_close("split decode attention", &read(gpu, &o3, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
+        let want = decode_attention_cpu(&prow, &kc, &vc, &cs, hq, hkv, dqk, dv, n_meta, ring, q, Some(w - 1), self_kv == 1, 0.25);
+        assert_close("split decode attention vs CPU", &read(gpu, &o3, hq * dv), &want, 2e-5, 1e-4);
         assert_close("split decode keys", &read(gpu, &k3, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
         assert_close("split decode values", &read(gpu, &v3, vc.len()), &read(gpu, &v1, vc.len()), 0.0, 0.0);
 
@@ -861,6 +899,8 @@ fn attention_split_over_many_key_blocks() {
             ks.attention_split(rec, &p2, &csb, &k2, &v2, &part, &o2, dp).unwrap();
         });
         assert_close("split attention, many blocks", &read(gpu, &o2, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
+        let want = decode_attention_cpu(&prow, &kc, &vc, &cs, hq, hkv, dqk, dv, n_meta, ring, q, window.map(|w| w - 1), true, 0.3);
+        assert_close("split attention, many blocks, vs CPU", &read(gpu, &o2, hq * dv), &want, 2e-5, 1e-4);
         assert_close("split attention keys", &read(gpu, &k2, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
     }
 }
@@ -886,6 +926,18 @@ fn conv_step_matches_chunk_conv() {
     });
     assert_close("conv step out", &read(gpu, &x2, d), &read(gpu, &x1, d), 1e-6, 1e-6);
     assert_close("conv step state", &read(gpu, &s2, d * k), &read(gpu, &s1, d * k), 0.0, 0.0);
+    // And against the plain formula: window = state[1..] ++ new input.
+    let mut want = vec![0f32; d];
+    let mut want_s = vec![0f32; d * k];
+    for c in 0..d {
+        let mut win: Vec<f32> = (1..k).map(|j| st[c * k + j]).collect();
+        win.push(p[2 + c]);
+        let a = (wbv[d * k + c] as f64 + (0..k).map(|j| wbv[c * k + j] as f64 * win[j] as f64).sum::<f64>()) as f32;
+        want[c] = a / (1.0 + (-a).exp());
+        want_s[c * k..(c + 1) * k].copy_from_slice(&win);
+    }
+    assert_close("conv step vs CPU", &read(gpu, &x2, d), &want, 1e-5, 1e-5);
+    assert_close("conv step state vs CPU", &read(gpu, &s2, d * k), &want_s, 0.0, 0.0);
 }
 
 #[test]
@@ -936,6 +988,30 @@ fn scan_fused_matches_norms_dtproj_and_scan() {
     });
     assert_close("fused scan y", &read(gpu, &y2, d), &read(gpu, &y1, d), 1e-5, 1e-5);
     assert_close("fused scan state", &read(gpu, &s2, d * n), &read(gpu, &s1, d * n), 1e-5, 1e-5);
+    // And against the plain formulas: dt/B/C norms, dt = bias + W_dt·dt_n, softplus, one step.
+    let dtn = rms_ref(&xp[..rank], &nw[..rank], 1e-6);
+    let bn = rms_ref(&xp[rank..rank + n], &nw[rank..rank + n], 1e-6);
+    let cn = rms_ref(&xp[rank + n..], &nw[rank + n..], 1e-6);
+    let mut want = vec![0f32; d];
+    let mut want_s = vec![0f32; d * n];
+    for c in 0..d {
+        let mut dt = consts[d * n + c] as f64 + (0..rank).map(|j| wdt[c * rank + j] as f64 * dtn[j] as f64).sum::<f64>();
+        if dt <= 20.0 {
+            dt = dt.exp().ln_1p();
+        }
+        let x = xc[c] as f64;
+        let mut y = 0f64;
+        for i in 0..n {
+            let h = (dt * consts[c * n + i] as f64).exp() * st[c * n + i] as f64 + dt * bn[i] as f64 * x;
+            want_s[c * n + i] = h as f32;
+            y += cn[i] as f64 * h;
+        }
+        y += consts[d * n + d + c] as f64 * x;
+        let z = pz[1 + c] as f64;
+        want[c] = (y * z / (1.0 + (-z).exp())) as f32;
+    }
+    assert_close("fused scan vs CPU", &read(gpu, &y2, d), &want, 1e-4, 1e-4);
+    assert_close("fused scan state vs CPU", &read(gpu, &s2, d * n), &want_s, 1e-4, 1e-4);
 }
 
 #[test]
@@ -1057,6 +1133,24 @@ fn gemv_workgroup_and_rowwise_variants_agree() {
                 outs.push(read(gpu, &yb, m));
             }
             assert_close(&format!("gemv variants, prologue {which}, {dtype:?}"), &outs[1], &outs[0], 1e-4, 1e-4);
+            // Both against the CPU: prologue, then a product with the stored (f16-rounded) weights.
+            let xin: Vec<f32> = match which {
+                0 => x[..k].to_vec(),
+                1 => rms_ref(&x[..k], &nw[..k], 1e-6),
+                2 => {
+                    let a = rms_ref(&x[..k], &nw[..k], 1e-6);
+                    let b = rms_ref(&x2[..k], &nw[k..], 1e-6);
+                    a.iter().zip(&b).map(|(a, b)| (a + b) / 2.0).collect()
+                }
+                _ => (0..k).map(|j| x[j] / (1.0 + (-x[j]).exp()) * x[k + j]).collect(),
+            };
+            let wq: Vec<f32> = match dtype {
+                WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+                _ => w.clone(),
+            };
+            let want: Vec<f32> = (0..m).map(|j| (0..k).map(|kk| xin[kk] as f64 * wq[j * k + kk] as f64).sum::<f64>() as f32).collect();
+            assert_close(&format!("workgroup gemv vs CPU, prologue {which}, {dtype:?}"), &outs[0], &want, 1e-4, 1e-4);
+            assert_close(&format!("row gemv vs CPU, prologue {which}, {dtype:?}"), &outs[1], &want, 1e-4, 1e-4);
         }
     }
 }
