@@ -181,3 +181,28 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let e = err_of(&d);
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
 }
+
+#[test]
+fn tensor_larger_than_a_gpu_binding_is_a_clear_error() {
+    // A one-layer model with Hymba-1.5B's vocabulary and width: the f32 embedding / tied head is
+    // 32001 x 1600 x 4 B = 205 MB, above the 128 MiB storage-binding limit of software adapters.
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/configs/hymba-1.5b-config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = 1.into();
+    cfg["global_attn_idx"] = serde_json::json!([0]);
+    cfg["kv_reuse_group"] = serde_json::Value::Null;
+    cfg["intermediate_size"] = 64.into();
+    cfg["layer_type"] = serde_json::json!(["h"]);
+    cfg["conv_dim"] = serde_json::json!({"0": 3200});
+    let ck = Checkpoint::random(&cfg.to_string(), 7).unwrap();
+    let (gpu, kernels) = gpu();
+    let limit = gpu.limits.max_storage_buffer_binding_size as u64;
+    let embed_bytes = 32001u64 * 1600 * 4;
+    let opts = ModelOptions { dtype: hymba_engine::model::DtypeChoice::F32, ..Default::default() };
+    let r = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {}));
+    if embed_bytes > limit {
+        let e = r.err().expect("a 205 MB binding must be refused on this adapter").to_string();
+        assert!(e.contains("model.embed_tokens.weight") && e.contains("max_storage_buffer_binding_size") && e.contains(&limit.to_string()), "{e}");
+    } else {
+        assert!(r.is_ok(), "the adapter allows {limit}-byte bindings, so the model must load: {:?}", r.err());
+    }
+}
