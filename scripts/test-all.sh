@@ -10,6 +10,7 @@
 #      page and Cache API (playwright-core), the npm package in Node (webgpu npm package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
 
 need_apt=()
 command -v vulkaninfo >/dev/null 2>&1 || need_apt+=(vulkan-tools)
