@@ -10,7 +10,7 @@
 #      page and Cache API (playwright-core), the npm package in Node (webgpu npm package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 
 need_apt=()
 command -v vulkaninfo >/dev/null 2>&1 || need_apt+=(vulkan-tools)
@@ -51,7 +51,7 @@ if ! wasm-bindgen --version 2>/dev/null | grep -q "$WB_VERSION"; then
     echo "== installing wasm-bindgen-cli $WB_VERSION (about 3.5 min)"
     cargo install wasm-bindgen-cli --version "$WB_VERSION" --locked
 fi
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR_WEB="$PWD/target-web"
 
 echo "== golden fixtures in headless Chromium (WebGPU on SwiftShader) through wasm-bindgen-test"
