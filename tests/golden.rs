@@ -29,7 +29,11 @@ impl Expected {
             if view.dtype() != safetensors::Dtype::F32 {
                 continue;
             }
-            let v: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let v: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             t.insert(name, (view.shape().to_vec(), v));
         }
         Expected { t }
@@ -50,7 +54,15 @@ struct Report {
 }
 
 impl Report {
-    fn check(&mut self, case: &str, what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> f32 {
+    fn check(
+        &mut self,
+        case: &str,
+        what: &str,
+        got: &[f32],
+        want: &[f32],
+        atol: f32,
+        rtol: f32,
+    ) -> f32 {
         let (worst, ok, at) = compare(got, want, atol, rtol);
         if !ok {
             self.failures.push(format!("{case}: {what}: max |err| {worst:.3e} > atol {atol} + rtol {rtol} (first bad element {at}: got {}, want {})", got[at], want[at]));
@@ -67,51 +79,134 @@ struct Tol {
 
 fn run_case(dir: &Path, choice: DtypeChoice, fused: bool, rep: &mut Report) {
     let (gpu, kernels) = gpu();
-    let name = format!("{}[{:?}{}]", dir.file_name().unwrap().to_string_lossy(), choice, if fused { "" } else { ", unfused decode" });
-    let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let prompt: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    let gen_ids: Vec<u32> = case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let name = format!(
+        "{}[{:?}{}]",
+        dir.file_name().unwrap().to_string_lossy(),
+        choice,
+        if fused { "" } else { ", unfused decode" }
+    );
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let prompt: Vec<u32> = case["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let gen_ids: Vec<u32> = case["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let bf16_run = case["run_dtype"].as_str() == Some("bfloat16");
     let exp = Expected::load(&dir.join("expected.safetensors"));
     let ck = Checkpoint::open_dir(dir).unwrap_or_else(|e| panic!("{name}: {e}"));
     let cfg = ck.config.clone();
-    let model = pollster::block_on(Model::load(gpu.clone(), kernels.clone(), &ck, &ModelOptions { dtype: choice, fused_decode: fused, ..Default::default() }, |_, _| {})).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = pollster::block_on(Model::load(
+        gpu.clone(),
+        kernels.clone(),
+        &ck,
+        &ModelOptions {
+            dtype: choice,
+            fused_decode: fused,
+            ..Default::default()
+        },
+        |_, _| {},
+    ))
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
     let f16 = choice == DtypeChoice::F16;
     // Tolerances: the fixtures' for f32; for f16 weight storage, measured (see README, "Precision").
     let tol = if f16 {
-        Tol { logits: (0.08, 0.02), hidden: (0.05, 0.02), cache: (0.05, 0.02) }
+        Tol {
+            logits: (0.08, 0.02),
+            hidden: (0.05, 0.02),
+            cache: (0.05, 0.02),
+        }
     } else {
-        Tol { logits: (2e-3, 1e-3), hidden: (2e-3, 1e-3), cache: (2e-3, 1e-3) }
+        Tol {
+            logits: (2e-3, 1e-3),
+            hidden: (2e-3, 1e-3),
+            cache: (2e-3, 1e-3),
+        }
     };
     // Tight targets: the f32 reference (for the bf16 case, its f32.* tensors).
-    let (k_nocache, k_gen) = if bf16_run { ("f32.nocache.logits", "f32.gen.logits") } else { ("nocache.logits", "gen.logits") };
+    let (k_nocache, k_gen) = if bf16_run {
+        ("f32.nocache.logits", "f32.gen.logits")
+    } else {
+        ("nocache.logits", "gen.logits")
+    };
     let v = cfg.vocab_size;
     let n_meta = cfg.n_meta;
 
     // (a) + (b): one no-cache forward with the meta tokens inline, traced.
     let mut line: String;
     if fused {
-    let mut seq = model.empty_sequence().unwrap();
-    let mut trace = Trace::default();
-    let logits = pollster::block_on(model.forward(&mut seq, &prompt, Logits::All, Some(&mut trace))).unwrap();
-    let e = rep.check(&name, "(a) nocache.logits", &logits, exp.get(k_nocache).unwrap(), tol.logits.0, tol.logits.1);
-    line = format!("{name}: (a) logits max|err| {e:.2e}");
-    if bf16_run {
-        let e2 = rep.check(&name, "(a) bf16 nocache.logits (loose)", &logits, exp.get("nocache.logits").unwrap(), 0.25, 0.05);
-        line += &format!(" (vs bf16 run {e2:.2e})");
-    }
-    if !bf16_run {
-        let mut worst = 0f32;
-        for i in 0..=cfg.n_layers {
-            worst = worst.max(rep.check(&name, &format!("(b) nocache.hidden.{i}"), &trace.hidden[i], exp.get(&format!("nocache.hidden.{i}")).unwrap(), tol.hidden.0, tol.hidden.1));
+        let mut seq = model.empty_sequence().unwrap();
+        let mut trace = Trace::default();
+        let logits =
+            pollster::block_on(model.forward(&mut seq, &prompt, Logits::All, Some(&mut trace)))
+                .unwrap();
+        let e = rep.check(
+            &name,
+            "(a) nocache.logits",
+            &logits,
+            exp.get(k_nocache).unwrap(),
+            tol.logits.0,
+            tol.logits.1,
+        );
+        line = format!("{name}: (a) logits max|err| {e:.2e}");
+        if bf16_run {
+            let e2 = rep.check(
+                &name,
+                "(a) bf16 nocache.logits (loose)",
+                &logits,
+                exp.get("nocache.logits").unwrap(),
+                0.25,
+                0.05,
+            );
+            line += &format!(" (vs bf16 run {e2:.2e})");
         }
-        for i in 0..cfg.n_layers {
-            worst = worst.max(rep.check(&name, &format!("(b) layer {i} attn_out"), &trace.attn_out[i], exp.get(&format!("nocache.layers.{i}.attn_out")).unwrap(), tol.hidden.0, tol.hidden.1));
-            worst = worst.max(rep.check(&name, &format!("(b) layer {i} ssm_out"), &trace.ssm_out[i], exp.get(&format!("nocache.layers.{i}.ssm_out")).unwrap(), tol.hidden.0, tol.hidden.1));
+        if !bf16_run {
+            let mut worst = 0f32;
+            for i in 0..=cfg.n_layers {
+                worst = worst.max(rep.check(
+                    &name,
+                    &format!("(b) nocache.hidden.{i}"),
+                    &trace.hidden[i],
+                    exp.get(&format!("nocache.hidden.{i}")).unwrap(),
+                    tol.hidden.0,
+                    tol.hidden.1,
+                ));
+            }
+            for i in 0..cfg.n_layers {
+                worst = worst.max(rep.check(
+                    &name,
+                    &format!("(b) layer {i} attn_out"),
+                    &trace.attn_out[i],
+                    exp.get(&format!("nocache.layers.{i}.attn_out")).unwrap(),
+                    tol.hidden.0,
+                    tol.hidden.1,
+                ));
+                worst = worst.max(rep.check(
+                    &name,
+                    &format!("(b) layer {i} ssm_out"),
+                    &trace.ssm_out[i],
+                    exp.get(&format!("nocache.layers.{i}.ssm_out")).unwrap(),
+                    tol.hidden.0,
+                    tol.hidden.1,
+                ));
+            }
+            worst = worst.max(rep.check(
+                &name,
+                "(b) final_norm",
+                &trace.final_norm,
+                exp.get("nocache.final_norm").unwrap(),
+                tol.hidden.0,
+                tol.hidden.1,
+            ));
+            line += &format!(", (b) hidden/branches max|err| {worst:.2e}");
         }
-        worst = worst.max(rep.check(&name, "(b) final_norm", &trace.final_norm, exp.get("nocache.final_norm").unwrap(), tol.hidden.0, tol.hidden.1));
-        line += &format!(", (b) hidden/branches max|err| {worst:.2e}");
-    }
     } else {
         line = format!("{name}:");
     }
@@ -121,7 +216,11 @@ fn run_case(dir: &Path, choice: DtypeChoice, fused: bool, rep: &mut Report) {
     assert_eq!(seq.position(), n_meta);
     let first = pollster::block_on(model.forward(&mut seq, &prompt, Logits::Last, None)).unwrap();
     // The bf16 reference keeps its caches in bf16: compare loosely, as the fixtures README says.
-    let (cache_tol, cache_from_ref) = if bf16_run { ((0.25f32, 0.05f32), true) } else { (tol.cache, true) };
+    let (cache_tol, cache_from_ref) = if bf16_run {
+        ((0.25f32, 0.05f32), true)
+    } else {
+        (tol.cache, true)
+    };
     if cache_from_ref {
         let e = check_cache(&model, &seq, &exp, "cache.prefill", &name, cache_tol, rep);
         line += &format!(", (d) prefill cache max|err| {e:.2e}");
@@ -136,7 +235,14 @@ fn run_case(dir: &Path, choice: DtypeChoice, fused: bool, rep: &mut Report) {
     let mut greedy_checked = 0;
     for (k, l) in step_logits.iter().enumerate() {
         let want = exp.rows(k_gen, k);
-        worst = worst.max(rep.check(&name, &format!("(c) gen.logits step {k}"), l, want, tol.logits.0, tol.logits.1));
+        worst = worst.max(rep.check(
+            &name,
+            &format!("(c) gen.logits step {k}"),
+            l,
+            want,
+            tol.logits.0,
+            tol.logits.1,
+        ));
         if top2_margin(want) > 1e-3 {
             greedy_checked += 1;
             if argmax(l) as u32 == gen_ids[k] {
@@ -147,26 +253,58 @@ fn run_case(dir: &Path, choice: DtypeChoice, fused: bool, rep: &mut Report) {
         }
     }
     let _ = v;
-    line += &format!(", (c) {} decode steps max|err| {worst:.2e}, greedy {greedy_ok}/{greedy_checked}", gen_ids.len());
+    line += &format!(
+        ", (c) {} decode steps max|err| {worst:.2e}, greedy {greedy_ok}/{greedy_checked}",
+        gen_ids.len()
+    );
     let e = check_cache(&model, &seq, &exp, "cache.final", &name, cache_tol, rep);
     line += &format!(", (d) final cache max|err| {e:.2e}");
     rep.lines.push(line);
 }
 
-fn check_cache(model: &Model, seq: &hymba_engine::cache::Sequence, exp: &Expected, prefix: &str, name: &str, tol: (f32, f32), rep: &mut Report) -> f32 {
+fn check_cache(
+    model: &Model,
+    seq: &hymba_engine::cache::Sequence,
+    exp: &Expected,
+    prefix: &str,
+    name: &str,
+    tol: (f32, f32),
+    rep: &mut Report,
+) -> f32 {
     let cfg = &model.cfg;
     let mut worst = 0f32;
     for i in 0..cfg.n_layers {
         let (conv, ssm) = pollster::block_on(model.read_ssm_state(seq, i)).unwrap();
         if let Some(want) = exp.get(&format!("{prefix}.{i}.conv_state")) {
-            worst = worst.max(rep.check(name, &format!("(d) {prefix}.{i}.conv_state"), &conv, want, tol.0, tol.1));
+            worst = worst.max(rep.check(
+                name,
+                &format!("(d) {prefix}.{i}.conv_state"),
+                &conv,
+                want,
+                tol.0,
+                tol.1,
+            ));
         }
         if let Some(want) = exp.get(&format!("{prefix}.{i}.ssm_state")) {
-            worst = worst.max(rep.check(name, &format!("(d) {prefix}.{i}.ssm_state"), &ssm, want, tol.0, tol.1));
+            worst = worst.max(rep.check(
+                name,
+                &format!("(d) {prefix}.{i}.ssm_state"),
+                &ssm,
+                want,
+                tol.0,
+                tol.1,
+            ));
         }
-        let (Some(wk), Some(wv)) = (exp.t.get(&format!("{prefix}.{i}.key")), exp.t.get(&format!("{prefix}.{i}.value"))) else { continue };
+        let (Some(wk), Some(wv)) = (
+            exp.t.get(&format!("{prefix}.{i}.key")),
+            exp.t.get(&format!("{prefix}.{i}.value")),
+        ) else {
+            continue;
+        };
         let Some((k, v, first_text)) = pollster::block_on(model.read_kv(seq, i)).unwrap() else {
-            rep.failures.push(format!("{name}: layer {i} has a reference KV cache but no cache here"));
+            rep.failures.push(format!(
+                "{name}: layer {i} has a reference KV cache but no cache here"
+            ));
             continue;
         };
         // Reference entries: [H, S, d] with S = meta + the text positions it kept (ending at seq end).
@@ -184,16 +322,46 @@ fn check_cache(model: &Model, seq: &hymba_engine::cache::Sequence, exp: &Expecte
         for h in 0..hkv {
             let positions: Vec<usize> = (0..cfg.n_meta).chain(from..seq.position()).collect();
             for p in positions {
-                let ours = if p < cfg.n_meta { p } else { ours_meta + p - first_text };
-                let theirs = if p < cfg.n_meta { p } else { cfg.n_meta + p - ref_first_text };
-                gk.extend_from_slice(&k[(h * ours_s + ours) * cfg.d_qk..(h * ours_s + ours + 1) * cfg.d_qk]);
-                rk.extend_from_slice(&wk.1[(h * s_ref + theirs) * cfg.d_qk..(h * s_ref + theirs + 1) * cfg.d_qk]);
-                gv.extend_from_slice(&v[(h * ours_s + ours) * cfg.d_v..(h * ours_s + ours + 1) * cfg.d_v]);
-                rv.extend_from_slice(&wv.1[(h * s_ref + theirs) * cfg.d_v..(h * s_ref + theirs + 1) * cfg.d_v]);
+                let ours = if p < cfg.n_meta {
+                    p
+                } else {
+                    ours_meta + p - first_text
+                };
+                let theirs = if p < cfg.n_meta {
+                    p
+                } else {
+                    cfg.n_meta + p - ref_first_text
+                };
+                gk.extend_from_slice(
+                    &k[(h * ours_s + ours) * cfg.d_qk..(h * ours_s + ours + 1) * cfg.d_qk],
+                );
+                rk.extend_from_slice(
+                    &wk.1[(h * s_ref + theirs) * cfg.d_qk..(h * s_ref + theirs + 1) * cfg.d_qk],
+                );
+                gv.extend_from_slice(
+                    &v[(h * ours_s + ours) * cfg.d_v..(h * ours_s + ours + 1) * cfg.d_v],
+                );
+                rv.extend_from_slice(
+                    &wv.1[(h * s_ref + theirs) * cfg.d_v..(h * s_ref + theirs + 1) * cfg.d_v],
+                );
             }
         }
-        worst = worst.max(rep.check(name, &format!("(d) {prefix}.{i}.key"), &gk, &rk, tol.0, tol.1));
-        worst = worst.max(rep.check(name, &format!("(d) {prefix}.{i}.value"), &gv, &rv, tol.0, tol.1));
+        worst = worst.max(rep.check(
+            name,
+            &format!("(d) {prefix}.{i}.key"),
+            &gk,
+            &rk,
+            tol.0,
+            tol.1,
+        ));
+        worst = worst.max(rep.check(
+            name,
+            &format!("(d) {prefix}.{i}.value"),
+            &gv,
+            &rv,
+            tol.0,
+            tol.1,
+        ));
     }
     worst
 }
@@ -202,16 +370,26 @@ fn check_cache(model: &Model, seq: &hymba_engine::cache::Sequence, exp: &Expecte
 fn golden_fixtures() {
     let cases = fixture_cases();
     assert!(!cases.is_empty(), "no golden fixtures found");
-    let mut rep = Report { failures: Vec::new(), lines: Vec::new() };
+    let mut rep = Report {
+        failures: Vec::new(),
+        lines: Vec::new(),
+    };
     for dir in &cases {
-        for (choice, fused) in [(DtypeChoice::F32, true), (DtypeChoice::F32, false), (DtypeChoice::F16, true)] {
+        for (choice, fused) in [
+            (DtypeChoice::F32, true),
+            (DtypeChoice::F32, false),
+            (DtypeChoice::F16, true),
+        ] {
             run_case(dir, choice, fused, &mut rep);
         }
     }
     for l in &rep.lines {
         eprintln!("{l}");
     }
-    eprintln!("{} cases × (f32, f32 with unfused decode, f16) checked", cases.len());
+    eprintln!(
+        "{} cases × (f32, f32 with unfused decode, f16) checked",
+        cases.len()
+    );
     if !rep.failures.is_empty() {
         for f in rep.failures.iter().take(40) {
             eprintln!("FAIL {f}");
@@ -223,13 +401,23 @@ fn golden_fixtures() {
 #[test]
 fn rope_inverse_frequencies_match_reference() {
     for dir in fixture_cases() {
-        let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let case: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
         if case["rope_inv_freq_dtype"].as_str() != Some("float32") {
             continue;
         }
-        let cfg = hymba_engine::HymbaConfig::from_json_str(&std::fs::read_to_string(dir.join("config.json")).unwrap(), "config.json").unwrap();
+        let cfg = hymba_engine::HymbaConfig::from_json_str(
+            &std::fs::read_to_string(dir.join("config.json")).unwrap(),
+            "config.json",
+        )
+        .unwrap();
         let exp = Expected::load(&dir.join("expected.safetensors"));
-        let (w, ok, _) = compare(&cfg.rope_inv_freq(), exp.get("rope.inv_freq").unwrap(), 0.0, 2e-7);
+        let (w, ok, _) = compare(
+            &cfg.rope_inv_freq(),
+            exp.get("rope.inv_freq").unwrap(),
+            0.0,
+            2e-7,
+        );
         assert!(ok, "{}: inv_freq differs by {w}", dir.display());
     }
 }
@@ -242,9 +430,15 @@ fn real_tokenizer_encodes_the_fixture_prompt() {
     };
     let tok = hymba_engine::tokenizer::Tokenizer::from_file(&tj).unwrap();
     let dir = repo_root().join("tests/fixtures/c5_real_vocab_text");
-    let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let text = case["prompt_text"].as_str().unwrap();
-    let want: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = case["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(tok.encode(text, true).unwrap(), want);
 }
 
@@ -256,10 +450,27 @@ fn real_tokenizer_encodes_the_fixture_prompt() {
 fn tiny_shakespeare_teacher_forced_top5_logits() {
     let (gpu, kernels) = gpu();
     let dir = repo_root().join("models/tiny-shakespeare");
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let ck = Checkpoint::open_dir(&dir).unwrap();
-    let model = pollster::block_on(Model::load(gpu, kernels, &ck, &ModelOptions { dtype: DtypeChoice::F32, ..Default::default() }, |_, _| {})).unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let model = pollster::block_on(Model::load(
+        gpu,
+        kernels,
+        &ck,
+        &ModelOptions {
+            dtype: DtypeChoice::F32,
+            ..Default::default()
+        },
+        |_, _| {},
+    ))
+    .unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     let mut worst = 0f32;
     let mut steps = 0;
     // All 64 steps of the prompt with the near-tie, the first 16 of the others (time on lavapipe;
@@ -271,20 +482,34 @@ fn tiny_shakespeare_teacher_forced_top5_logits() {
             gen.truncate(16);
         }
         let mut seq = model.new_sequence().unwrap();
-        let mut logits = pollster::block_on(model.forward(&mut seq, &prompt, Logits::Last, None)).unwrap();
+        let mut logits =
+            pollster::block_on(model.forward(&mut seq, &prompt, Logits::Last, None)).unwrap();
         for k in 0..gen.len() {
             if k > 0 {
                 logits = pollster::block_on(model.decode_logits(&mut seq, gen[k - 1])).unwrap();
             }
             for e in pr["top5"][k].as_array().unwrap() {
-                let (id, want) = (e[0].as_u64().unwrap() as usize, e[1].as_f64().unwrap() as f32);
+                let (id, want) = (
+                    e[0].as_u64().unwrap() as usize,
+                    e[1].as_f64().unwrap() as f32,
+                );
                 let err = (logits[id] - want).abs();
                 worst = worst.max(err);
-                assert!(err <= 2e-3 + 1e-3 * want.abs(), "{:?} step {k}: logit[{id}] = {}, reference {want}", pr["prompt_text"], logits[id]);
+                assert!(
+                    err <= 2e-3 + 1e-3 * want.abs(),
+                    "{:?} step {k}: logit[{id}] = {}, reference {want}",
+                    pr["prompt_text"],
+                    logits[id]
+                );
             }
             let margin = pr["top2_margins"][k].as_f64().unwrap();
             if margin > 1e-3 {
-                assert_eq!(argmax(&logits) as u32, gen[k], "{:?} step {k} (margin {margin})", pr["prompt_text"]);
+                assert_eq!(
+                    argmax(&logits) as u32,
+                    gen[k],
+                    "{:?} step {k} (margin {margin})",
+                    pr["prompt_text"]
+                );
             }
             steps += 1;
         }

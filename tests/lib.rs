@@ -12,10 +12,15 @@ pub fn gpu() -> (Arc<Gpu>, Arc<Kernels>) {
     ENV.get_or_init(|| {
         let mut opts = GpuOptions::default();
         if let Ok(b) = std::env::var("HYMBA_BACKEND") {
-            opts.backends = hymba_engine::gpu::parse_backends(&b).expect("HYMBA_BACKEND: vulkan|metal|dx12|gl|auto");
+            opts.backends = hymba_engine::gpu::parse_backends(&b)
+                .expect("HYMBA_BACKEND: vulkan|metal|dx12|gl|auto");
         }
-        let gpu = pollster::block_on(Gpu::new(&opts)).unwrap_or_else(|e| panic!("these tests need a GPU adapter: {e}"));
-        eprintln!("adapter: {}", hymba_engine::gpu::describe_adapter(&gpu.info));
+        let gpu = pollster::block_on(Gpu::new(&opts))
+            .unwrap_or_else(|e| panic!("these tests need a GPU adapter: {e}"));
+        eprintln!(
+            "adapter: {}",
+            hymba_engine::gpu::describe_adapter(&gpu.info)
+        );
         let k = Kernels::new(&gpu).expect("kernels compile");
         (Arc::new(gpu), Arc::new(k))
     })
@@ -27,7 +32,10 @@ pub fn repo_root() -> PathBuf {
     if let Ok(r) = std::env::var("HYMBA_REPO_ROOT") {
         return PathBuf::from(r);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Case folders: tests/fixtures/* and $HYMBA_EXTRA_FIXTURES/* (folders holding case.json).
@@ -42,7 +50,12 @@ pub fn fixture_cases() -> Vec<PathBuf> {
     }
     let mut cases = Vec::new();
     for root in roots {
-        let mut here: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("case.json").is_file()).collect();
+        let mut here: Vec<PathBuf> = std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.join("case.json").is_file())
+            .collect();
         if root.join("case.json").is_file() {
             here.push(root.clone());
         }
@@ -94,6 +107,11 @@ pub fn argmax(v: &[f32]) -> usize {
 
 pub fn top2_margin(v: &[f32]) -> f32 {
     let a = argmax(v);
-    let second = v.iter().enumerate().filter(|(i, _)| *i != a).map(|(_, &x)| x).fold(f32::MIN, f32::max);
+    let second = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != a)
+        .map(|(_, &x)| x)
+        .fold(f32::MIN, f32::max);
     v[a] - second
 }

@@ -25,7 +25,10 @@ fn copy_case(to: &Path) {
 }
 
 /// Rewrites model.safetensors with `edit` applied to (name, dtype, shape, bytes).
-fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> (Dtype, Vec<usize>, Vec<u8>)) {
+fn rewrite(
+    dir: &Path,
+    edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> (Dtype, Vec<usize>, Vec<u8>),
+) {
     let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let items: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
@@ -36,7 +39,10 @@ fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> (Dtype
             (n, d, s, b)
         })
         .collect();
-    let views: Vec<(String, TensorView)> = items.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = items
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     let out = safetensors::serialize(views, None).unwrap();
     std::fs::write(dir.join("model.safetensors"), out).unwrap();
 }
@@ -53,7 +59,11 @@ fn missing_directory_and_files() {
     let e = err_of(Path::new("/nonexistent/hymba-model"));
     assert!(e.contains("/nonexistent/hymba-model"), "{e}");
     let d = tmpdir("nocfg");
-    std::fs::copy(fixture().join("model.safetensors"), d.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fixture().join("model.safetensors"),
+        d.join("model.safetensors"),
+    )
+    .unwrap();
     let e = err_of(&d);
     assert!(e.contains("config.json"), "{e}");
     let d = tmpdir("noweights");
@@ -69,7 +79,10 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
     std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     let e = err_of(&d);
-    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(d.join("model.safetensors"), &bytes[..5]).unwrap();
     let e = err_of(&d);
     assert!(e.contains("model.safetensors"), "{e}");
@@ -90,16 +103,30 @@ fn wrong_shape_names_tensor_and_shapes() {
         }
     });
     let e = err_of(&d);
-    assert!(e.contains("model.layers.1.mamba.in_proj.weight") && e.contains("[415, 64]") && e.contains("[416, 64]"), "{e}");
+    assert!(
+        e.contains("model.layers.1.mamba.in_proj.weight")
+            && e.contains("[415, 64]")
+            && e.contains("[416, 64]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_dtype_names_tensor() {
     let d = tmpdir("dtype");
     copy_case(&d);
-    rewrite(&d, |n, dt, s, b| if n == "model.final_layernorm.weight" { (Dtype::I32, s, b) } else { (dt, s, b) });
+    rewrite(&d, |n, dt, s, b| {
+        if n == "model.final_layernorm.weight" {
+            (Dtype::I32, s, b)
+        } else {
+            (dt, s, b)
+        }
+    });
     let e = err_of(&d);
-    assert!(e.contains("model.final_layernorm.weight") && e.contains("I32"), "{e}");
+    assert!(
+        e.contains("model.final_layernorm.weight") && e.contains("I32"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -108,8 +135,16 @@ fn missing_tensor_is_named() {
     copy_case(&d);
     let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let views: Vec<(String, TensorView)> = st.tensors().into_iter().filter(|(n, _)| n != "model.layers.2.mamba.D.0").collect();
-    std::fs::write(d.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.2.mamba.D.0")
+        .collect();
+    std::fs::write(
+        d.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     let e = err_of(&d);
     assert!(e.contains("model.layers.2.mamba.D.0"), "{e}");
 }
@@ -117,14 +152,19 @@ fn missing_tensor_is_named() {
 #[test]
 fn unsupported_config_is_named() {
     for (key, val, word) in [
-        ("memory_tokens_interspersed_every", serde_json::json!(2), "memory_tokens_interspersed_every"),
+        (
+            "memory_tokens_interspersed_every",
+            serde_json::json!(2),
+            "memory_tokens_interspersed_every",
+        ),
         ("kq_norm", serde_json::json!("rms"), "kq_norm"),
         ("num_experts", serde_json::json!(2), "num_experts"),
         ("global_attn_idx", serde_json::json!([1, 2]), "layer 0"),
     ] {
         let d = tmpdir(&format!("cfg-{key}"));
         copy_case(&d);
-        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
         cfg[key] = val;
         std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
         let e = err_of(&d);
@@ -140,13 +180,20 @@ fn unsupported_config_is_named() {
 fn prompt_longer_than_the_model_allows() {
     let (gpu, kernels) = gpu();
     let ck = Checkpoint::open_dir(&fixture()).unwrap();
-    let opts = ModelOptions { max_positions: Some(40), ..Default::default() };
+    let opts = ModelOptions {
+        max_positions: Some(40),
+        ..Default::default()
+    };
     let model = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {})).unwrap();
     let mut seq = model.new_sequence().unwrap();
     let ids = vec![5u32; 33]; // 8 meta + 33 > 40
-    let e = pollster::block_on(model.forward(&mut seq, &ids, Logits::Last, None)).unwrap_err().to_string();
+    let e = pollster::block_on(model.forward(&mut seq, &ids, Logits::Last, None))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("41") && e.contains("40"), "{e}");
-    let e = pollster::block_on(model.forward(&mut seq, &[9999], Logits::Last, None)).unwrap_err().to_string();
+    let e = pollster::block_on(model.forward(&mut seq, &[9999], Logits::Last, None))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("9999") && e.contains("512"), "{e}");
 }
 
@@ -163,7 +210,8 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let mut map = serde_json::Map::new();
     for (i, part) in [&all[..half], &all[half..]].iter().enumerate() {
         let name = format!("model-0000{}-of-00002.safetensors", i + 1);
-        let views: Vec<(String, TensorView)> = part.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        let views: Vec<(String, TensorView)> =
+            part.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         for (n, _) in &views {
             map.insert(n.clone(), serde_json::Value::String(name.clone()));
         }
@@ -173,8 +221,16 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let sharded = Checkpoint::open_dir(&d).unwrap();
     let single = Checkpoint::open_dir(&fixture()).unwrap();
-    for name in ["model.embed_tokens.weight", "model.layers.3.mamba.in_proj.weight", "model.final_layernorm.weight"] {
-        assert_eq!(sharded.f32(name).unwrap(), single.f32(name).unwrap(), "{name}");
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.3.mamba.in_proj.weight",
+        "model.final_layernorm.weight",
+    ] {
+        assert_eq!(
+            sharded.f32(name).unwrap(),
+            single.f32(name).unwrap(),
+            "{name}"
+        );
     }
     // A shard named in the index but missing is named in the error.
     std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
@@ -186,7 +242,10 @@ fn sharded_checkpoint_loads_like_the_single_file() {
 fn tensor_larger_than_a_gpu_binding_is_a_clear_error() {
     // A one-layer model with Hymba-1.5B's vocabulary and width: the f32 embedding / tied head is
     // 32001 x 1600 x 4 B = 205 MB, above the 128 MiB storage-binding limit of software adapters.
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/configs/hymba-1.5b-config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/configs/hymba-1.5b-config.json")).unwrap(),
+    )
+    .unwrap();
     cfg["num_hidden_layers"] = 1.into();
     cfg["global_attn_idx"] = serde_json::json!([0]);
     cfg["kv_reuse_group"] = serde_json::Value::Null;
@@ -197,12 +256,27 @@ fn tensor_larger_than_a_gpu_binding_is_a_clear_error() {
     let (gpu, kernels) = gpu();
     let limit = gpu.limits.max_storage_buffer_binding_size as u64;
     let embed_bytes = 32001u64 * 1600 * 4;
-    let opts = ModelOptions { dtype: hymba_engine::model::DtypeChoice::F32, ..Default::default() };
+    let opts = ModelOptions {
+        dtype: hymba_engine::model::DtypeChoice::F32,
+        ..Default::default()
+    };
     let r = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {}));
     if embed_bytes > limit {
-        let e = r.err().expect("a 205 MB binding must be refused on this adapter").to_string();
-        assert!(e.contains("model.embed_tokens.weight") && e.contains("max_storage_buffer_binding_size") && e.contains(&limit.to_string()), "{e}");
+        let e = r
+            .err()
+            .expect("a 205 MB binding must be refused on this adapter")
+            .to_string();
+        assert!(
+            e.contains("model.embed_tokens.weight")
+                && e.contains("max_storage_buffer_binding_size")
+                && e.contains(&limit.to_string()),
+            "{e}"
+        );
     } else {
-        assert!(r.is_ok(), "the adapter allows {limit}-byte bindings, so the model must load: {:?}", r.err());
+        assert!(
+            r.is_ok(),
+            "the adapter allows {limit}-byte bindings, so the model must load: {:?}",
+            r.err()
+        );
     }
 }

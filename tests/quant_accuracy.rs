@@ -21,7 +21,17 @@ const QUANT: [DtypeChoice; 2] = [DtypeChoice::Q8, DtypeChoice::Q4];
 
 fn load(ck: &Checkpoint, dtype: DtypeChoice) -> Model {
     let (gpu, kernels) = gpu();
-    pollster::block_on(Model::load(gpu, kernels, ck, &ModelOptions { dtype, ..Default::default() }, |_, _| {})).unwrap()
+    pollster::block_on(Model::load(
+        gpu,
+        kernels,
+        ck,
+        &ModelOptions {
+            dtype,
+            ..Default::default()
+        },
+        |_, _| {},
+    ))
+    .unwrap()
 }
 
 /// Prompt logits (all positions) then teacher-forced decode logits (one row per generated id),
@@ -59,19 +69,34 @@ impl Agree {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// (name, checkpoint folder, [(prompt, generated ids)]).
 fn cases() -> Vec<(String, std::path::PathBuf, Vec<(Vec<u32>, Vec<u32>)>)> {
     let mut out = Vec::new();
     for dir in fixture_cases() {
-        let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        out.push((dir.file_name().unwrap().to_string_lossy().to_string(), dir.clone(), vec![(ids(&case["prompt_ids"]), ids(&case["generated_ids"]))]));
+        let case: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        out.push((
+            dir.file_name().unwrap().to_string_lossy().to_string(),
+            dir.clone(),
+            vec![(ids(&case["prompt_ids"]), ids(&case["generated_ids"]))],
+        ));
     }
     let dir = repo_root().join("models/tiny-shakespeare");
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let prompts = golden["prompts"].as_array().unwrap().iter().map(|p| (ids(&p["prompt_ids"]), ids(&p["generated_ids"]))).collect();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let prompts = golden["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (ids(&p["prompt_ids"]), ids(&p["generated_ids"])))
+        .collect();
     out.push(("tiny-shakespeare".into(), dir, prompts));
     out
 }
@@ -91,9 +116,22 @@ fn quantized_tiny_shakespeare_smoke() {
         for (x, y) in qp.iter().zip(&rp).chain(qd.iter().zip(&rd)) {
             a.add(x, y);
         }
-        eprintln!("{name} {dt:?}: top-1 {}/{}, max |logit err| {:.3}", a.same, a.n, a.max_err);
-        let (floor, max_err) = if dt == DtypeChoice::Q8 { (95.0, 0.3) } else { (70.0, 3.0) };
-        assert!(a.pct() >= floor && a.max_err <= max_err, "{name} {dt:?}: top-1 {}/{}, max |logit err| {}", a.same, a.n, a.max_err);
+        eprintln!(
+            "{name} {dt:?}: top-1 {}/{}, max |logit err| {:.3}",
+            a.same, a.n, a.max_err
+        );
+        let (floor, max_err) = if dt == DtypeChoice::Q8 {
+            (95.0, 0.3)
+        } else {
+            (70.0, 3.0)
+        };
+        assert!(
+            a.pct() >= floor && a.max_err <= max_err,
+            "{name} {dt:?}: top-1 {}/{}, max |logit err| {}",
+            a.same,
+            a.n,
+            a.max_err
+        );
     }
 }
 
@@ -107,7 +145,10 @@ fn quantized_agreement_on_fixtures() {
     for (name, dir, prompts) in cases() {
         let ck = Checkpoint::open_dir(&dir).unwrap();
         let f32m = load(&ck, DtypeChoice::F32);
-        let refs: Vec<_> = prompts.iter().map(|(p, g)| logits_rows(&f32m, p, g)).collect();
+        let refs: Vec<_> = prompts
+            .iter()
+            .map(|(p, g)| logits_rows(&f32m, p, g))
+            .collect();
         let (mut lo, mut hi) = (f32::MAX, f32::MIN);
         for (pre, _) in &refs {
             for r in pre {
@@ -117,7 +158,10 @@ fn quantized_agreement_on_fixtures() {
                 }
             }
         }
-        println!("| {name} | f32 | {} | | | | [{lo:.2}, {hi:.2}] |", f32m.weight_bytes());
+        println!(
+            "| {name} | f32 | {} | | | | [{lo:.2}, {hi:.2}] |",
+            f32m.weight_bytes()
+        );
         drop(f32m);
         for dt in QUANT {
             let m = load(&ck, dt);
@@ -144,9 +188,16 @@ fn quantized_agreement_on_fixtures() {
             );
             // Floors on the trained model only (random-weight fixtures have near-tied logits).
             let floor = if dt == DtypeChoice::Q8 { 98.0 } else { 85.0 };
-            let total = Agree { same: a_pre.same + a_dec.same, n: a_pre.n + a_dec.n, max_err };
+            let total = Agree {
+                same: a_pre.same + a_dec.same,
+                n: a_pre.n + a_dec.n,
+                max_err,
+            };
             if name == "tiny-shakespeare" && total.pct() < floor {
-                failures.push(format!("{name} {dt:?}: top-1 agreement {:.1}% < {floor}%", total.pct()));
+                failures.push(format!(
+                    "{name} {dt:?}: top-1 agreement {:.1}% < {floor}%",
+                    total.pct()
+                ));
             }
         }
     }
@@ -157,7 +208,9 @@ fn quantized_agreement_on_fixtures() {
 #[ignore = "slow on software Vulkan: scores the whole tiny-shakespeare validation split three times"]
 fn quantized_perplexity_tiny_shakespeare() {
     let dir = repo_root().join("models/tiny-shakespeare");
-    let text_path = std::env::var("HYMBA_TINYSHAKESPEARE_TEXT").map(std::path::PathBuf::from).unwrap_or_else(|_| repo_root().join("../shared/data/tinyshakespeare/input.txt"));
+    let text_path = std::env::var("HYMBA_TINYSHAKESPEARE_TEXT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("../shared/data/tinyshakespeare/input.txt"));
     if !text_path.is_file() {
         eprintln!("SKIP: {} not found", text_path.display());
         return;
@@ -171,7 +224,11 @@ fn quantized_perplexity_tiny_shakespeare() {
     let bos = toks[0];
     // Non-overlapping windows of 256 tokens: <s> + 255 consecutive validation tokens, each
     // scored on its 255 next-token predictions (as in training: 256-token samples starting with <s>).
-    let mut windows: Vec<Vec<u32>> = toks[1..].chunks(255).filter(|c| c.len() == 255).map(|c| std::iter::once(bos).chain(c.iter().copied()).collect()).collect();
+    let mut windows: Vec<Vec<u32>> = toks[1..]
+        .chunks(255)
+        .filter(|c| c.len() == 255)
+        .map(|c| std::iter::once(bos).chain(c.iter().copied()).collect())
+        .collect();
     if let Ok(k) = std::env::var("HYMBA_PPL_STRIDE") {
         // every k-th window (a spread-out subset, for slow adapters)
         let k: usize = k.parse().unwrap();
@@ -182,7 +239,12 @@ fn quantized_perplexity_tiny_shakespeare() {
     }
     let ck = Checkpoint::open_dir(&dir).unwrap();
     let v = ck.config.vocab_size;
-    println!("validation: {} tokens, {} windows of 256 ({} scored tokens)", toks.len(), windows.len(), windows.len() * 255);
+    println!(
+        "validation: {} tokens, {} windows of 256 ({} scored tokens)",
+        toks.len(),
+        windows.len(),
+        windows.len() * 255
+    );
     let dts = [DtypeChoice::F32, DtypeChoice::Q8, DtypeChoice::Q4];
     let models: Vec<Model> = dts.iter().map(|&d| load(&ck, d)).collect();
     let mut nll = [0f64; 3];
@@ -202,7 +264,12 @@ fn quantized_perplexity_tiny_shakespeare() {
             for (j, a) in all.iter().enumerate() {
                 let row = &a[i * v..(i + 1) * v];
                 let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&x| (x as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
                 nll[j] += lse - row[w[i + 1] as usize] as f64;
                 agree[j].add(row, base);
             }

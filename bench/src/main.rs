@@ -57,9 +57,14 @@ fn main() {
         Some(d) => Checkpoint::open_dir(d).unwrap_or_else(|e| die(e)),
         None => {
             let t = Instant::now();
-            let cfg = std::fs::read_to_string(&a.config).unwrap_or_else(|e| die(format!("{}: {e}", a.config.display())));
+            let cfg = std::fs::read_to_string(&a.config)
+                .unwrap_or_else(|e| die(format!("{}: {e}", a.config.display())));
             let ck = Checkpoint::random(&cfg, 1234).unwrap_or_else(|e| die(e));
-            eprintln!("random weights from {} in {:.1} s", a.config.display(), t.elapsed().as_secs_f64());
+            eprintln!(
+                "random weights from {} in {:.1} s",
+                a.config.display(),
+                t.elapsed().as_secs_f64()
+            );
             ck
         }
     };
@@ -69,23 +74,60 @@ fn main() {
         return;
     }
     let backends = parse_backends(&a.backend).unwrap_or_else(|| die("unknown backend"));
-    let gpu = Arc::new(pollster::block_on(Gpu::new(&GpuOptions { backends, ..Default::default() })).unwrap_or_else(|e| die(e)));
+    let gpu = Arc::new(
+        pollster::block_on(Gpu::new(&GpuOptions {
+            backends,
+            ..Default::default()
+        }))
+        .unwrap_or_else(|e| die(e)),
+    );
     let kernels = Arc::new(Kernels::new(&gpu).unwrap_or_else(|e| die(e)));
     let adapter = describe_adapter(&gpu.info);
     println!("adapter: {adapter}");
-    println!("shader-f16: {}, date: {}", gpu.shader_f16, chrono_like_date());
+    println!(
+        "shader-f16: {}, date: {}",
+        gpu.shader_f16,
+        chrono_like_date()
+    );
     println!("| model | dtype | test | tok/s | ms/token | weights GB/s | notes |");
     println!("|---|---|---|---|---|---|---|");
     for dt in a.dtype.split(',') {
         let choice: DtypeChoice = dt.parse().unwrap_or_else(|e: String| die(e));
         let t = Instant::now();
-        let model = pollster::block_on(Model::load(gpu.clone(), kernels.clone(), &ck, &ModelOptions { dtype: choice, chunk: a.chunk, ..Default::default() }, |_, _| {})).unwrap_or_else(|e| die(e));
+        let model = pollster::block_on(Model::load(
+            gpu.clone(),
+            kernels.clone(),
+            &ck,
+            &ModelOptions {
+                dtype: choice,
+                chunk: a.chunk,
+                ..Default::default()
+            },
+            |_, _| {},
+        ))
+        .unwrap_or_else(|e| die(e));
         let load_s = t.elapsed().as_secs_f64();
         let wb = model.weight_bytes();
-        let name = a.model.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| format!("random({})", a.config.file_name().unwrap().to_string_lossy()));
-        eprintln!("{dt}: loaded in {load_s:.1} s, weights {:.3} GB", wb as f64 / 1e9);
+        let name = a
+            .model
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| {
+                format!(
+                    "random({})",
+                    a.config.file_name().unwrap().to_string_lossy()
+                )
+            });
+        eprintln!(
+            "{dt}: loaded in {load_s:.1} s, weights {:.3} GB",
+            wb as f64 / 1e9
+        );
         let vocab = model.cfg.vocab_size as u32;
-        let ids = |n: usize, s: u32| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(s) >> 7) % (vocab - 3) + 3).collect() };
+        let ids = |n: usize, s: u32| -> Vec<u32> {
+            (0..n as u32)
+                .map(|i| (i.wrapping_mul(2654435761).wrapping_add(s) >> 7) % (vocab - 3) + 3)
+                .collect()
+        };
         let sp = SamplingParams::greedy();
         // Warm-up: keep the GPU busy so its clock is up.
         let t = Instant::now();
@@ -98,7 +140,8 @@ fn main() {
             pollster::block_on(model.gpu.finish()).unwrap();
             if seq.position() + 64 > model.max_positions {
                 seq = model.new_sequence().unwrap();
-                pollster::block_on(model.forward(&mut seq, &ids(64, 1), Logits::Last, None)).unwrap();
+                pollster::block_on(model.forward(&mut seq, &ids(64, 1), Logits::Last, None))
+                    .unwrap();
             }
         }
         // pp: prompt processing, best of 3.
@@ -107,28 +150,50 @@ fn main() {
             let mut s = model.new_sequence().unwrap();
             pollster::block_on(model.gpu.finish()).unwrap();
             let t = Instant::now();
-            pollster::block_on(model.forward(&mut s, &ids(a.pp, 7 + r), Logits::Last, None)).unwrap();
+            pollster::block_on(model.forward(&mut s, &ids(a.pp, 7 + r), Logits::Last, None))
+                .unwrap();
             pollster::block_on(model.gpu.finish()).unwrap();
             best = best.min(t.elapsed().as_secs_f64());
         }
         if a.profile {
             let mut s = model.new_sequence().unwrap();
-            pollster::block_on(model.forward(&mut s, &ids(a.chunk, 5), Logits::None, None)).unwrap();
-            if let Some(p) = pollster::block_on(model.profile_prefill(&mut s, &ids(a.chunk, 9))).unwrap() {
+            pollster::block_on(model.forward(&mut s, &ids(a.chunk, 5), Logits::None, None))
+                .unwrap();
+            if let Some(p) =
+                pollster::block_on(model.profile_prefill(&mut s, &ids(a.chunk, 9))).unwrap()
+            {
                 let total: f64 = p.iter().map(|e| e.1).sum();
-                println!("profile prefill chunk of {} after {}: {:.1} ms GPU", a.chunk, a.chunk, total / 1e6);
+                println!(
+                    "profile prefill chunk of {} after {}: {:.1} ms GPU",
+                    a.chunk,
+                    a.chunk,
+                    total / 1e6
+                );
                 for (k, t, c) in &p {
-                    println!("    {:>9.1} us {:>5.1}%  x{c:<4} {k}", t / 1e3, 100.0 * t / total);
+                    println!(
+                        "    {:>9.1} us {:>5.1}%  x{c:<4} {k}",
+                        t / 1e3,
+                        100.0 * t / total
+                    );
                 }
             }
         }
-        println!("| {name} | {dt} | pp{} | {:.0} | {:.3} | | chunk {} |", a.pp, a.pp as f64 / best, best * 1e3 / a.pp as f64, a.chunk);
+        println!(
+            "| {name} | {dt} | pp{} | {:.0} | {:.3} | | chunk {} |",
+            a.pp,
+            a.pp as f64 / best,
+            best * 1e3 / a.pp as f64,
+            a.chunk
+        );
         // tg after a pp-length prompt, two ways.
         let mut rows = vec![(a.pp, a.tg)];
         rows.extend(a.ctx.iter().map(|&c| (c, a.ctx_tg)));
         for (ctx, n) in rows {
             if model.cfg.n_meta + ctx + 2 * n + 2 > model.max_positions {
-                println!("| {name} | {dt} | tg{n} @ {ctx} | — | | | exceeds max positions {} |", model.max_positions);
+                println!(
+                    "| {name} | {dt} | tg{n} @ {ctx} | — | | | exceeds max positions {} |",
+                    model.max_positions
+                );
                 continue;
             }
             let mut s = model.new_sequence().unwrap();
@@ -165,22 +230,39 @@ fn main() {
             if a.profile {
                 if let Some(p) = pollster::block_on(model.profile_decode(&s, &sp)).unwrap() {
                     let total: f64 = p.iter().map(|e| e.1).sum();
-                    println!("profile decode @ {ctx}: {:.1} us GPU per token ({} dispatches)", total / 1e3, p.iter().map(|e| e.2).sum::<usize>());
+                    println!(
+                        "profile decode @ {ctx}: {:.1} us GPU per token ({} dispatches)",
+                        total / 1e3,
+                        p.iter().map(|e| e.2).sum::<usize>()
+                    );
                     for (k, t, c) in &p {
-                        println!("    {:>8.1} us {:>5.1}%  x{c:<4} {k}", t / 1e3, 100.0 * t / total);
+                        println!(
+                            "    {:>8.1} us {:>5.1}%  x{c:<4} {k}",
+                            t / 1e3,
+                            100.0 * t / total
+                        );
                     }
                 }
             }
             println!("| {name} | {dt} | tg{n} @ {ctx} (queued) | {:.1} | {:.3} | {:.0} | cache {:.1} MiB |", 1.0 / queued, queued * 1e3, wb as f64 / queued / 1e9, s.cache_bytes() as f64 / 1048576.0);
         }
         if let Some(r) = model.gpu.device.generate_allocator_report() {
-            println!("gpu allocator: {:.1} MiB allocated, {:.1} MiB reserved", r.total_allocated_bytes as f64 / 1048576.0, r.total_reserved_bytes as f64 / 1048576.0);
+            println!(
+                "gpu allocator: {:.1} MiB allocated, {:.1} MiB reserved",
+                r.total_allocated_bytes as f64 / 1048576.0,
+                r.total_reserved_bytes as f64 / 1048576.0
+            );
         }
     }
 }
 
 fn chrono_like_date() -> String {
-    std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn die(e: impl std::fmt::Display) -> ! {

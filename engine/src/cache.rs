@@ -54,7 +54,12 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub(crate) fn new(gpu: &Gpu, cfg: &HymbaConfig, chunk: usize, global_cap: usize) -> Result<Sequence> {
+    pub(crate) fn new(
+        gpu: &Gpu,
+        cfg: &HymbaConfig,
+        chunk: usize,
+        global_cap: usize,
+    ) -> Result<Sequence> {
         let di = cfg.d_inner;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for (i, role) in cfg.layers.iter().enumerate() {
@@ -65,8 +70,14 @@ impl Sequence {
                 };
                 let cap = cfg.n_meta + ring;
                 Some(KvCache {
-                    k: gpu.buffer(&format!("layer {i} keys"), (cfg.n_kv_heads * cap * cfg.d_qk * 4) as u64)?,
-                    v: gpu.buffer(&format!("layer {i} values"), (cfg.n_kv_heads * cap * cfg.d_v * 4) as u64)?,
+                    k: gpu.buffer(
+                        &format!("layer {i} keys"),
+                        (cfg.n_kv_heads * cap * cfg.d_qk * 4) as u64,
+                    )?,
+                    v: gpu.buffer(
+                        &format!("layer {i} values"),
+                        (cfg.n_kv_heads * cap * cfg.d_v * 4) as u64,
+                    )?,
                     ring,
                     global,
                 })
@@ -74,8 +85,14 @@ impl Sequence {
                 None
             };
             layers.push(LayerState {
-                conv: gpu.buffer(&format!("layer {i} conv state"), (di * cfg.d_conv * 4) as u64)?,
-                ssm: gpu.buffer(&format!("layer {i} ssm state"), (di * cfg.d_state * 4) as u64)?,
+                conv: gpu.buffer(
+                    &format!("layer {i} conv state"),
+                    (di * cfg.d_conv * 4) as u64,
+                )?,
+                ssm: gpu.buffer(
+                    &format!("layer {i} ssm state"),
+                    (di * cfg.d_state * 4) as u64,
+                )?,
                 kv,
             });
         }
@@ -99,7 +116,10 @@ impl Sequence {
 
     /// Dispatches in the cached decode-step program (0 before the first decode step).
     pub fn decode_dispatches(&self) -> usize {
-        self.decode.as_ref().map(|d| d.0.dispatch_count()).unwrap_or(0)
+        self.decode
+            .as_ref()
+            .map(|d| d.0.dispatch_count())
+            .unwrap_or(0)
     }
 
     /// User tokens in the cache (prompt and generated).
@@ -111,12 +131,25 @@ impl Sequence {
     pub fn cache_bytes(&self) -> u64 {
         self.layers
             .iter()
-            .map(|l| l.conv.size() + l.ssm.size() + l.kv.as_ref().map(|kv| kv.k.size() + kv.v.size()).unwrap_or(0))
+            .map(|l| {
+                l.conv.size()
+                    + l.ssm.size()
+                    + l.kv
+                        .as_ref()
+                        .map(|kv| kv.k.size() + kv.v.size())
+                        .unwrap_or(0)
+            })
             .sum()
     }
 
     /// Makes sure global layers can hold `positions` positions, growing (and copying) as needed.
-    pub(crate) fn ensure_capacity(&mut self, gpu: &Gpu, cfg: &HymbaConfig, positions: usize, max_text: usize) -> Result<()> {
+    pub(crate) fn ensure_capacity(
+        &mut self,
+        gpu: &Gpu,
+        cfg: &HymbaConfig,
+        positions: usize,
+        max_text: usize,
+    ) -> Result<()> {
         let need_text = positions.saturating_sub(cfg.n_meta);
         let mut grew = false;
         for (i, l) in self.layers.iter_mut().enumerate() {
@@ -127,12 +160,30 @@ impl Sequence {
             let new_ring = (kv.ring * 2).max(need_text).min(max_text.max(need_text));
             let old_cap = cfg.n_meta + kv.ring;
             let new_cap = cfg.n_meta + new_ring;
-            let nk = gpu.buffer(&format!("layer {i} keys"), (cfg.n_kv_heads * new_cap * cfg.d_qk * 4) as u64)?;
-            let nv = gpu.buffer(&format!("layer {i} values"), (cfg.n_kv_heads * new_cap * cfg.d_v * 4) as u64)?;
+            let nk = gpu.buffer(
+                &format!("layer {i} keys"),
+                (cfg.n_kv_heads * new_cap * cfg.d_qk * 4) as u64,
+            )?;
+            let nv = gpu.buffer(
+                &format!("layer {i} values"),
+                (cfg.n_kv_heads * new_cap * cfg.d_v * 4) as u64,
+            )?;
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             for h in 0..cfg.n_kv_heads {
-                enc.copy_buffer_to_buffer(&kv.k, (h * old_cap * cfg.d_qk * 4) as u64, &nk, (h * new_cap * cfg.d_qk * 4) as u64, (old_cap * cfg.d_qk * 4) as u64);
-                enc.copy_buffer_to_buffer(&kv.v, (h * old_cap * cfg.d_v * 4) as u64, &nv, (h * new_cap * cfg.d_v * 4) as u64, (old_cap * cfg.d_v * 4) as u64);
+                enc.copy_buffer_to_buffer(
+                    &kv.k,
+                    (h * old_cap * cfg.d_qk * 4) as u64,
+                    &nk,
+                    (h * new_cap * cfg.d_qk * 4) as u64,
+                    (old_cap * cfg.d_qk * 4) as u64,
+                );
+                enc.copy_buffer_to_buffer(
+                    &kv.v,
+                    (h * old_cap * cfg.d_v * 4) as u64,
+                    &nv,
+                    (h * new_cap * cfg.d_v * 4) as u64,
+                    (old_cap * cfg.d_v * 4) as u64,
+                );
             }
             gpu.queue.submit([enc.finish()]);
             kv.k = nk;

@@ -70,7 +70,11 @@ pub fn render(system: Option<&str>, turns: &[Message]) -> std::result::Result<St
                 }
             }
             "assistant" => s.push_str(&format!("<extra_id_1>Assistant\n{}\n", m.content)),
-            r => return Err(format!("unsupported message role {r:?} (expected system, user or assistant)")),
+            r => {
+                return Err(format!(
+                    "unsupported message role {r:?} (expected system, user or assistant)"
+                ))
+            }
         }
     }
     Ok(s)
@@ -91,7 +95,12 @@ pub fn encode_continuation(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 /// The ids to prefill for a new user message after reply `g` (whose final token is not
 /// in the cache yet unless it was EOS, which is dropped): the pending token and the text
 /// that follows what the cache holds.
-pub fn next_turn_ids(tok: &Tokenizer, g: &Generation, reply_text: &str, user: &str) -> Result<Vec<u32>> {
+pub fn next_turn_ids(
+    tok: &Tokenizer,
+    g: &Generation,
+    reply_text: &str,
+    user: &str,
+) -> Result<Vec<u32>> {
     let after_reply = format!("\n{}", user_turn(user));
     let mut held: Vec<u32> = g.ids.clone();
     let mut ids = Vec::new();
@@ -102,7 +111,11 @@ pub fn next_turn_ids(tok: &Tokenizer, g: &Generation, reply_text: &str, user: &s
     }
     let represented = tok.decode(&held, true)?;
     let full = format!("{}{after_reply}", reply_text.trim());
-    let new_text = if !represented.is_empty() && full.starts_with(&represented) { &full[represented.len()..] } else { &after_reply[..] };
+    let new_text = if !represented.is_empty() && full.starts_with(&represented) {
+        &full[represented.len()..]
+    } else {
+        &after_reply[..]
+    };
     ids.extend(encode_continuation(tok, new_text)?);
     Ok(ids)
 }
@@ -130,7 +143,12 @@ impl StopFilter {
             return String::new();
         }
         self.pending.push_str(piece);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
             self.done = true;
@@ -167,13 +185,25 @@ mod tests {
     #[test]
     fn template_renders_system_turns_and_generation_prompt() {
         let turns = vec![
-            Message { role: "user".into(), content: "Hi".into() },
-            Message { role: "assistant".into(), content: "Hello!".into() },
-            Message { role: "user".into(), content: "Bye".into() },
+            Message {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
+            Message {
+                role: "assistant".into(),
+                content: "Hello!".into(),
+            },
+            Message {
+                role: "user".into(),
+                content: "Bye".into(),
+            },
         ];
         let s = render(Some("Be brief."), &turns).unwrap();
         assert_eq!(s, "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\nHello!\n<extra_id_1>User\nBye\n<extra_id_1>Assistant\n");
-        assert_eq!(render(None, &turns[..1]).unwrap(), "<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n");
+        assert_eq!(
+            render(None, &turns[..1]).unwrap(),
+            "<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n"
+        );
     }
 
     #[test]

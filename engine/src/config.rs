@@ -195,7 +195,9 @@ impl HymbaConfig {
         let unsup = |msg: String| Error::Unsupported(format!("{path}: {msg}"));
         if let Some(t) = &raw.model_type {
             if t != "hymba" {
-                return Err(unsup(format!("model_type is {t:?}; this engine runs Hymba models (model_type \"hymba\")")));
+                return Err(unsup(format!(
+                    "model_type is {t:?}; this engine runs Hymba models (model_type \"hymba\")"
+                )));
             }
         }
         let d = raw.hidden_size;
@@ -205,7 +207,9 @@ impl HymbaConfig {
             return Err(bad("hidden_size, num_attention_heads, num_key_value_heads, num_hidden_layers and vocab_size must be positive".into()));
         }
         if h % hkv != 0 {
-            return Err(bad(format!("num_attention_heads {h} is not a multiple of num_key_value_heads {hkv}")));
+            return Err(bad(format!(
+                "num_attention_heads {h} is not a multiple of num_key_value_heads {hkv}"
+            )));
         }
         if raw.memory_tokens_interspersed_every > 0 {
             return Err(unsup(format!(
@@ -215,22 +219,35 @@ impl HymbaConfig {
         }
         if let Some(n) = &raw.kq_norm {
             if n != "none" {
-                return Err(unsup(format!("kq_norm = {n:?}; only \"none\" is supported")));
+                return Err(unsup(format!(
+                    "kq_norm = {n:?}; only \"none\" is supported"
+                )));
             }
         }
         if raw.num_experts != 1 {
-            return Err(unsup(format!("num_experts = {}; only a single dense MLP (1) is supported", raw.num_experts)));
+            return Err(unsup(format!(
+                "num_experts = {}; only a single dense MLP (1) is supported",
+                raw.num_experts
+            )));
         }
         if raw.num_mamba != 1 {
-            return Err(unsup(format!("num_mamba = {}; only 1 is supported", raw.num_mamba)));
+            return Err(unsup(format!(
+                "num_mamba = {}; only 1 is supported",
+                raw.num_mamba
+            )));
         }
         if raw.kv_weight_reuse {
             return Err(unsup("kv_weight_reuse = true is not supported".into()));
         }
         if raw.mamba_proj_bias {
-            return Err(unsup("mamba_proj_bias = true (biases on in_proj/out_proj) is not supported".into()));
+            return Err(unsup(
+                "mamba_proj_bias = true (biases on in_proj/out_proj) is not supported".into(),
+            ));
         }
-        for (name, act) in [("hidden_act", &raw.hidden_act), ("mlp_hidden_act", &raw.mlp_hidden_act)] {
+        for (name, act) in [
+            ("hidden_act", &raw.hidden_act),
+            ("mlp_hidden_act", &raw.mlp_hidden_act),
+        ] {
             if let Some(a) = act {
                 if a != "silu" {
                     return Err(unsup(format!("{name} = {a:?}; only \"silu\" is supported")));
@@ -242,41 +259,74 @@ impl HymbaConfig {
         }
         if let Some(lt) = &raw.layer_type {
             if lt.len() != raw.num_hidden_layers || lt.iter().any(|t| t != "h") {
-                return Err(unsup("layer_type must list one \"h\" (hybrid) entry per layer".into()));
+                return Err(unsup(
+                    "layer_type must list one \"h\" (hybrid) entry per layer".into(),
+                ));
             }
         }
-        let attn_hidden = if raw.attn_hidden_size > 0 { raw.attn_hidden_size as usize } else { d };
+        let attn_hidden = if raw.attn_hidden_size > 0 {
+            raw.attn_hidden_size as usize
+        } else {
+            d
+        };
         if attn_hidden % h != 0 {
-            return Err(bad(format!("attn_hidden_size {attn_hidden} is not a multiple of num_attention_heads {h}")));
+            return Err(bad(format!(
+                "attn_hidden_size {attn_hidden} is not a multiple of num_attention_heads {h}"
+            )));
         }
-        let d_qk = if raw.kq_head_dim > 0 { raw.kq_head_dim as usize } else { attn_hidden / h };
+        let d_qk = if raw.kq_head_dim > 0 {
+            raw.kq_head_dim as usize
+        } else {
+            attn_hidden / h
+        };
         let d_inner = raw.mamba_expand * d;
         if d_inner % h != 0 {
-            return Err(bad(format!("mamba_expand*hidden_size = {d_inner} is not a multiple of num_attention_heads {h}")));
+            return Err(bad(format!(
+                "mamba_expand*hidden_size = {d_inner} is not a multiple of num_attention_heads {h}"
+            )));
         }
         let d_v = d_inner / h;
         if d_qk % 2 != 0 {
-            return Err(bad(format!("q/k head dim {d_qk} must be even for rotary embeddings")));
+            return Err(bad(format!(
+                "q/k head dim {d_qk} must be even for rotary embeddings"
+            )));
         }
         if d_qk > 256 || d_v > 256 {
-            return Err(unsup(format!("head dims q/k {d_qk}, v {d_v}: the attention kernels support up to 256")));
+            return Err(unsup(format!(
+                "head dims q/k {d_qk}, v {d_v}: the attention kernels support up to 256"
+            )));
         }
         if raw.mamba_d_state == 0 || raw.mamba_d_state > 64 {
-            return Err(unsup(format!("mamba_d_state = {}; the selective-scan kernel supports 1..=64", raw.mamba_d_state)));
+            return Err(unsup(format!(
+                "mamba_d_state = {}; the selective-scan kernel supports 1..=64",
+                raw.mamba_d_state
+            )));
         }
         if raw.mamba_d_conv == 0 || raw.mamba_d_conv > 8 {
-            return Err(unsup(format!("mamba_d_conv = {}; the conv kernel supports 1..=8", raw.mamba_d_conv)));
+            return Err(unsup(format!(
+                "mamba_d_conv = {}; the conv kernel supports 1..=8",
+                raw.mamba_d_conv
+            )));
         }
         let dt_rank = match &raw.mamba_dt_rank {
             None => d.div_ceil(16),
             Some(Value::String(s)) if s == "auto" => d.div_ceil(16),
-            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| bad("mamba_dt_rank must be a positive integer or \"auto\"".into()))? as usize,
-            Some(v) => return Err(bad(format!("mamba_dt_rank = {v}; expected an integer or \"auto\""))),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .ok_or_else(|| bad("mamba_dt_rank must be a positive integer or \"auto\"".into()))?
+                as usize,
+            Some(v) => {
+                return Err(bad(format!(
+                    "mamba_dt_rank = {v}; expected an integer or \"auto\""
+                )))
+            }
         };
         if let Some(Value::Object(m)) = &raw.conv_dim {
             for (k, v) in m {
                 if v.as_u64() != Some(d_inner as u64) {
-                    return Err(unsup(format!("conv_dim[{k}] = {v}; expected mamba_expand*hidden_size = {d_inner}")));
+                    return Err(unsup(format!(
+                        "conv_dim[{k}] = {v}; expected mamba_expand*hidden_size = {d_inner}"
+                    )));
                 }
             }
         }
@@ -290,7 +340,9 @@ impl HymbaConfig {
         };
         for &g in &globals {
             if g >= n {
-                return Err(bad(format!("global_attn_idx names layer {g}, but there are {n} layers")));
+                return Err(bad(format!(
+                    "global_attn_idx names layer {g}, but there are {n} layers"
+                )));
             }
         }
         if !globals.contains(&0) {
@@ -306,13 +358,17 @@ impl HymbaConfig {
                 if globals.contains(&i) {
                     AttentionKind::Global
                 } else {
-                    AttentionKind::SlidingWindow { window: window.unwrap() }
+                    AttentionKind::SlidingWindow {
+                        window: window.unwrap(),
+                    }
                 }
             })
             .collect();
         let mut kv: Vec<KvRole> = vec![KvRole::Standalone; n];
         if raw.kv_reuse_group.is_none() && raw.kv_reuse_every_i_layer > 0 {
-            return Err(unsup("kv_reuse_every_i_layer without kv_reuse_group is not supported".into()));
+            return Err(unsup(
+                "kv_reuse_every_i_layer without kv_reuse_group is not supported".into(),
+            ));
         }
         for group in raw.kv_reuse_group.iter().flatten() {
             if group.len() < 2 {
@@ -321,38 +377,61 @@ impl HymbaConfig {
             let p = group[0];
             for &l in group {
                 if l >= n {
-                    return Err(bad(format!("kv_reuse_group names layer {l}, but there are {n} layers")));
+                    return Err(bad(format!(
+                        "kv_reuse_group names layer {l}, but there are {n} layers"
+                    )));
                 }
                 if kv[l] != KvRole::Standalone {
-                    return Err(bad(format!("layer {l} appears in two kv_reuse_group entries")));
+                    return Err(bad(format!(
+                        "layer {l} appears in two kv_reuse_group entries"
+                    )));
                 }
             }
             for &c in &group[1..] {
                 if c <= p {
-                    return Err(unsup(format!("kv_reuse_group {group:?}: a consumer must come after its producer")));
+                    return Err(unsup(format!(
+                        "kv_reuse_group {group:?}: a consumer must come after its producer"
+                    )));
                 }
                 if attention[c] != attention[p] {
                     return Err(unsup(format!("kv_reuse_group {group:?}: layers {p} and {c} have different attention types")));
                 }
                 kv[c] = KvRole::Consumer { producer: p };
             }
-            kv[p] = KvRole::Producer { consumers: group[1..].to_vec() };
+            kv[p] = KvRole::Producer {
+                consumers: group[1..].to_vec(),
+            };
         }
-        let layers = attention.into_iter().zip(kv).map(|(attention, kv)| LayerRole { attention, kv }).collect();
+        let layers = attention
+            .into_iter()
+            .zip(kv)
+            .map(|(attention, kv)| LayerRole { attention, kv })
+            .collect();
         let rope_base = match raw.rope_type.as_deref() {
             Some("ntk") => {
-                let orig = raw.orig_max_position_embeddings.ok_or_else(|| bad("rope_type \"ntk\" needs orig_max_position_embeddings".into()))?;
+                let orig = raw.orig_max_position_embeddings.ok_or_else(|| {
+                    bad("rope_type \"ntk\" needs orig_max_position_embeddings".into())
+                })?;
                 let factor = 2.0f64;
-                let scale = factor * raw.max_position_embeddings as f64 / orig as f64 - (factor - 1.0);
+                let scale =
+                    factor * raw.max_position_embeddings as f64 / orig as f64 - (factor - 1.0);
                 raw.rope_theta * scale.powf(d_qk as f64 / (d_qk as f64 - 2.0))
             }
             None | Some("default") => raw.rope_theta,
-            Some(t) => return Err(unsup(format!("rope_type = {t:?}; supported: \"ntk\" (static), \"default\""))),
+            Some(t) => {
+                return Err(unsup(format!(
+                    "rope_type = {t:?}; supported: \"ntk\" (static), \"default\""
+                )))
+            }
         };
         let eos_token_ids = match &raw.eos_token_id {
             None => vec![2],
             Some(Value::Number(x)) => vec![x.as_u64().unwrap_or(2) as u32],
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             Some(_) => vec![],
         };
         Ok(HymbaConfig {
@@ -408,7 +487,14 @@ impl HymbaConfig {
             (None, None, self.q_width())
         };
         let z = x + self.d_inner;
-        InProjSplit { q, k, v, x, z, total: z + self.d_inner }
+        InProjSplit {
+            q,
+            k,
+            v,
+            x,
+            z,
+            total: z + self.d_inner,
+        }
     }
     /// Width of the x_proj output: dt rank + B + C.
     pub fn x_proj_rows(&self) -> usize {
@@ -457,7 +543,11 @@ impl HymbaConfig {
             + di
             + di * self.d_state
             + di
-            + if self.inner_norms { self.dt_rank + 2 * self.d_state } else { 0 }
+            + if self.inner_norms {
+                self.dt_rank + 2 * self.d_state
+            } else {
+                0
+            }
             + 2 * di
             + d * di
             + d
@@ -496,15 +586,27 @@ mod tests {
         assert_eq!(c.in_proj_rows(17), 8000);
         assert_eq!(c.in_proj_rows(18), 8000);
         assert_eq!(c.x_proj_rows(), 132);
-        assert!((c.rope_base - 74534.83031811893).abs() < 1e-6, "{}", c.rope_base);
+        assert!(
+            (c.rope_base - 74534.83031811893).abs() < 1e-6,
+            "{}",
+            c.rope_base
+        );
         let inv = c.rope_inv_freq();
         assert!((inv[1] - 0.704269).abs() < 1e-5);
         assert!((inv[31] - 1.9050e-5).abs() < 1e-8);
         assert_eq!(c.layers.iter().filter(|l| l.owns_kv()).count(), 17);
-        assert_eq!(c.layers[16].kv, KvRole::Producer { consumers: vec![17, 18] });
+        assert_eq!(
+            c.layers[16].kv,
+            KvRole::Producer {
+                consumers: vec![17, 18]
+            }
+        );
         assert_eq!(c.layers[18].kv, KvRole::Consumer { producer: 16 });
         assert_eq!(c.layers[15].attention, AttentionKind::Global);
-        assert_eq!(c.layers[1].attention, AttentionKind::SlidingWindow { window: 1024 });
+        assert_eq!(
+            c.layers[1].attention,
+            AttentionKind::SlidingWindow { window: 1024 }
+        );
         assert_eq!(c.parameter_count(), 1_522_797_824);
     }
 
@@ -512,17 +614,31 @@ mod tests {
     fn unsupported_configs_are_named() {
         let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
         v["memory_tokens_interspersed_every"] = 4.into();
-        let e = HymbaConfig::from_json_str(&v.to_string(), "x").unwrap_err().to_string();
+        let e = HymbaConfig::from_json_str(&v.to_string(), "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("memory_tokens_interspersed_every"), "{e}");
         let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
         v["kq_norm"] = "rms".into();
-        assert!(HymbaConfig::from_json_str(&v.to_string(), "x").unwrap_err().to_string().contains("kq_norm"));
+        assert!(HymbaConfig::from_json_str(&v.to_string(), "x")
+            .unwrap_err()
+            .to_string()
+            .contains("kq_norm"));
         let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
         v["num_experts"] = 4.into();
-        assert!(HymbaConfig::from_json_str(&v.to_string(), "x").unwrap_err().to_string().contains("num_experts"));
+        assert!(HymbaConfig::from_json_str(&v.to_string(), "x")
+            .unwrap_err()
+            .to_string()
+            .contains("num_experts"));
         let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
         v["global_attn_idx"] = serde_json::json!([15, 31]);
-        assert!(HymbaConfig::from_json_str(&v.to_string(), "x").unwrap_err().to_string().contains("layer 0"));
-        assert!(HymbaConfig::from_json_str("{", "cfg.json").unwrap_err().to_string().contains("cfg.json"));
+        assert!(HymbaConfig::from_json_str(&v.to_string(), "x")
+            .unwrap_err()
+            .to_string()
+            .contains("layer 0"));
+        assert!(HymbaConfig::from_json_str("{", "cfg.json")
+            .unwrap_err()
+            .to_string()
+            .contains("cfg.json"));
     }
 }

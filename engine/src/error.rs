@@ -43,7 +43,11 @@ pub enum Error {
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("the sequence would be {needed} positions long (including {meta} meta tokens), more than this model allows ({limit}); shorten the prompt or lower the token limit")]
-    ContextTooLong { needed: usize, meta: usize, limit: usize },
+    ContextTooLong {
+        needed: usize,
+        meta: usize,
+        limit: usize,
+    },
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     BadToken { id: u32, vocab: usize },
     #[error("tokenizer: {0}")]

@@ -82,15 +82,28 @@ pub struct TokenEvent<'a> {
 impl Model {
     /// Appends `prompt` to `seq` (prefill, only the new tokens) and generates.
     /// `on_token` gets each token as it is chosen; returning false cancels.
-    pub async fn generate(&self, seq: &mut Sequence, prompt: &[u32], opts: &GenerateOptions, tokenizer: Option<&Tokenizer>, mut on_token: impl FnMut(TokenEvent<'_>) -> bool) -> Result<Generation> {
+    pub async fn generate(
+        &self,
+        seq: &mut Sequence,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        tokenizer: Option<&Tokenizer>,
+        mut on_token: impl FnMut(TokenEvent<'_>) -> bool,
+    ) -> Result<Generation> {
         opts.sampling.validate()?;
         if prompt.is_empty() && seq.tokens().is_empty() {
-            return Err(Error::Invalid("empty prompt: give at least one token".into()));
+            return Err(Error::Invalid(
+                "empty prompt: give at least one token".into(),
+            ));
         }
         if !opts.stop_strings.is_empty() && tokenizer.is_none() {
             return Err(Error::Invalid("stop strings need a tokenizer".into()));
         }
-        let meta = if seq.position() == 0 { self.cfg.n_meta } else { 0 };
+        let meta = if seq.position() == 0 {
+            self.cfg.n_meta
+        } else {
+            0
+        };
         if seq.position() + meta + prompt.len() > self.max_positions {
             return Err(Error::ContextTooLong {
                 needed: seq.position() + meta + prompt.len(),
@@ -106,7 +119,9 @@ impl Model {
         if prompt.is_empty() {
             // Continue from the last token in the cache: re-feed nothing, sample from it by decoding it again is not possible;
             // the caller must supply at least one new token.
-            return Err(Error::Invalid("nothing to continue from: give at least one new token".into()));
+            return Err(Error::Invalid(
+                "nothing to continue from: give at least one new token".into(),
+            ));
         }
         self.forward(seq, prompt, Logits::Last, None).await?;
         if opts.max_new_tokens == 0 {
@@ -132,7 +147,10 @@ impl Model {
                 None => String::new(),
             };
             text.push_str(&piece);
-            if !on_token(TokenEvent { id: next, text: &piece }) {
+            if !on_token(TokenEvent {
+                id: next,
+                text: &piece,
+            }) {
                 stop = StopReason::Cancelled;
                 break;
             }
@@ -140,7 +158,12 @@ impl Model {
                 stop = StopReason::Eos;
                 break;
             }
-            if let Some(pos) = opts.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+            if let Some(pos) = opts
+                .stop_strings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
                 text.truncate(pos);
                 stop = StopReason::StopString;
                 break;

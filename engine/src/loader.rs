@@ -54,7 +54,10 @@ pub struct Checkpoint {
 pub fn expected_tensors(c: &HymbaConfig) -> Vec<(String, Vec<usize>)> {
     let d = c.hidden;
     let di = c.d_inner;
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, d])];
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, d],
+    )];
     if c.n_meta > 0 {
         v.push(("model.memory_tokens".into(), vec![c.n_meta, d]));
     }
@@ -105,7 +108,10 @@ impl Checkpoint {
         }
         let cfg_path = dir.join("config.json");
         if !cfg_path.is_file() {
-            return Err(Error::MissingFile { dir: dir_s, what: "config.json".into() });
+            return Err(Error::MissingFile {
+                dir: dir_s,
+                what: "config.json".into(),
+            });
         }
         let cfg_text = read_to_string(&cfg_path)?;
         let config = HymbaConfig::from_json_str(&cfg_text, &cfg_path.display().to_string())?;
@@ -144,7 +150,10 @@ impl Checkpoint {
     /// Build from in-memory files: `config.json` text and (name, bytes) safetensors files.
     pub fn from_bytes(config_json: &str, files: Vec<(String, Vec<u8>)>) -> Result<Checkpoint> {
         let config = HymbaConfig::from_json_str(config_json, "config.json")?;
-        let files = files.into_iter().map(|(n, b)| (n, Storage::Bytes(b))).collect();
+        let files = files
+            .into_iter()
+            .map(|(n, b)| (n, Storage::Bytes(b)))
+            .collect();
         Self::from_storage(config, files)
     }
 
@@ -152,10 +161,11 @@ impl Checkpoint {
         let mut tensors = HashMap::new();
         for (fi, (name, st)) in files.iter().enumerate() {
             let bytes = st.bytes();
-            let parsed = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-                file: name.clone(),
-                msg: e.to_string(),
-            })?;
+            let parsed =
+                safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+                    file: name.clone(),
+                    msg: e.to_string(),
+                })?;
             let base = bytes.as_ptr() as usize;
             for (tname, view) in parsed.tensors() {
                 let dtype = match view.dtype() {
@@ -186,18 +196,30 @@ impl Checkpoint {
                 );
             }
         }
-        let ck = Checkpoint { config, files, tensors };
+        let ck = Checkpoint {
+            config,
+            files,
+            tensors,
+        };
         ck.validate()?;
         Ok(ck)
     }
 
     fn validate(&self) -> Result<()> {
-        let files = self.files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", ");
+        let files = self
+            .files
+            .iter()
+            .map(|f| f.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         for (name, shape) in expected_tensors(&self.config) {
-            let t = self.tensors.get(&name).ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                files: files.clone(),
-            })?;
+            let t = self
+                .tensors
+                .get(&name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.clone(),
+                    files: files.clone(),
+                })?;
             if t.shape != shape {
                 return Err(Error::Shape {
                     name,
@@ -223,13 +245,21 @@ impl Checkpoint {
 
     /// Total bytes of the tensors as stored.
     pub fn stored_bytes(&self) -> u64 {
-        self.tensors.values().map(|t| (t.end - t.start) as u64).sum()
+        self.tensors
+            .values()
+            .map(|t| (t.end - t.start) as u64)
+            .sum()
     }
 
     fn raw(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
         let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
-            files: self.files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>().join(", "),
+            files: self
+                .files
+                .iter()
+                .map(|f| f.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
         Ok((t, &self.files[t.file].1.bytes()[t.start..t.end]))
     }
@@ -238,9 +268,18 @@ impl Checkpoint {
     pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
         let (t, b) = self.raw(name)?;
         Ok(match t.dtype {
-            StoredDtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            StoredDtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-            StoredDtype::F16 => b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+            StoredDtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            StoredDtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            StoredDtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
         })
     }
 }
@@ -263,11 +302,17 @@ pub fn shard_names(index_json: &str, path: &str) -> Result<Vec<String>> {
         path: path.to_string(),
         msg: e.to_string(),
     })?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
-        path: path.to_string(),
-        msg: "no \"weight_map\" object".into(),
-    })?;
-    let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Config {
+            path: path.to_string(),
+            msg: "no \"weight_map\" object".into(),
+        })?;
+    let mut names: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
     names.sort();
     names.dedup();
     Ok(names)
@@ -360,19 +405,29 @@ impl Checkpoint {
         let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for n in names {
             let v = self.f32(n)?;
-            let b: Vec<u8> = v.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes()).collect();
+            let b: Vec<u8> = v
+                .iter()
+                .flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes())
+                .collect();
             data.push((n.clone(), self.tensors[n].shape.clone(), b));
         }
         let views: Vec<(String, safetensors::tensor::TensorView)> = data
             .iter()
-            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).expect("consistent tensor")))
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                        .expect("consistent tensor"),
+                )
+            })
             .collect();
         let p = dir.join("model.safetensors");
         safetensors::serialize_to_file(views, None, &p).map_err(|e| Error::Safetensors {
             file: p.display().to_string(),
             msg: e.to_string(),
         })?;
-        let mut cfg = serde_json::to_value(&self.config.raw_json).unwrap_or(serde_json::Value::Null);
+        let mut cfg =
+            serde_json::to_value(&self.config.raw_json).unwrap_or(serde_json::Value::Null);
         if let Some(o) = cfg.as_object_mut() {
             o.insert("torch_dtype".into(), "bfloat16".into());
         }

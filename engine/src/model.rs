@@ -11,7 +11,10 @@ use crate::cache::Sequence;
 use crate::config::{AttentionKind, HymbaConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
-use crate::kernels::{AttentionDecodeParams, AttentionParams, DECODE_KEYS_PER_SPLIT, ConvParams, Kernels, Matrix, Prologue, RopeParams, SampleParams, ScanParams, WeightDtype, NO_WINDOW};
+use crate::kernels::{
+    AttentionDecodeParams, AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams,
+    SampleParams, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
+};
 use crate::loader::Checkpoint;
 use crate::sampling::SamplingParams;
 use std::sync::Arc;
@@ -38,7 +41,9 @@ impl std::str::FromStr for DtypeChoice {
             "f16" => Ok(DtypeChoice::F16),
             "q8" => Ok(DtypeChoice::Q8),
             "q4" => Ok(DtypeChoice::Q4),
-            _ => Err(format!("unknown dtype {s:?} (expected auto, f32, f16, q8 or q4)")),
+            _ => Err(format!(
+                "unknown dtype {s:?} (expected auto, f32, f16, q8 or q4)"
+            )),
         }
     }
 }
@@ -170,7 +175,13 @@ fn round_up(x: usize, m: usize) -> usize {
 
 impl Model {
     /// Uploads a validated checkpoint and computes the meta-token prefix.
-    pub async fn load(gpu: Arc<Gpu>, kernels: Arc<Kernels>, ck: &Checkpoint, opts: &ModelOptions, mut progress: impl FnMut(u64, u64)) -> Result<Model> {
+    pub async fn load(
+        gpu: Arc<Gpu>,
+        kernels: Arc<Kernels>,
+        ck: &Checkpoint,
+        opts: &ModelOptions,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Model> {
         let cfg = ck.config.clone();
         let dtype = match opts.dtype {
             DtypeChoice::F32 => WeightDtype::F32,
@@ -216,7 +227,11 @@ impl Model {
             tick("lm_head", &mut weight_bytes, m.bytes());
             Some(m)
         };
-        let meta = if cfg.n_meta > 0 { vec_f32("model.memory_tokens")? } else { g.buffer("no meta tokens", 16)? };
+        let meta = if cfg.n_meta > 0 {
+            vec_f32("model.memory_tokens")?
+        } else {
+            g.buffer("no meta tokens", 16)?
+        };
         let final_norm = vec_f32("model.final_layernorm.weight")?;
         weight_bytes += ((cfg.n_meta + 1) * cfg.hidden * 4) as u64;
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -227,7 +242,14 @@ impl Model {
             let x_proj = mat_rows(&[&n("mamba.x_proj.0.weight")], WeightDtype::F32, &mut done)?;
             let dt_proj = mat_rows(&[&n("mamba.dt_proj.0.weight")], WeightDtype::F32, &mut done)?;
             let out_proj = mat_rows(&[&n("mamba.out_proj.weight")], dtype, &mut done)?;
-            let gate_up = mat_rows(&[&n("moe.experts.0.gate_proj.weight"), &n("moe.experts.0.up_proj.weight")], dtype, &mut done)?;
+            let gate_up = mat_rows(
+                &[
+                    &n("moe.experts.0.gate_proj.weight"),
+                    &n("moe.experts.0.up_proj.weight"),
+                ],
+                dtype,
+                &mut done,
+            )?;
             let down = mat_rows(&[&n("moe.experts.0.down_proj.weight")], dtype, &mut done)?;
             let mut conv = ck.f32(&n("mamba.conv1d.weight"))?;
             if cfg.conv_bias {
@@ -235,13 +257,21 @@ impl Model {
             } else {
                 conv.extend(std::iter::repeat_n(0.0, cfg.d_inner));
             }
-            let mut consts: Vec<f32> = ck.f32(&n("mamba.A_log.0"))?.iter().map(|a| -a.exp()).collect();
+            let mut consts: Vec<f32> = ck
+                .f32(&n("mamba.A_log.0"))?
+                .iter()
+                .map(|a| -a.exp())
+                .collect();
             consts.extend(ck.f32(&n("mamba.dt_proj.0.bias"))?);
             consts.extend(ck.f32(&n("mamba.D.0"))?);
             let mut pre_avg = ck.f32(&n("mamba.pre_avg_layernorm1.weight"))?;
             pre_avg.extend(ck.f32(&n("mamba.pre_avg_layernorm2.weight"))?);
             let inner_norms = if cfg.inner_norms {
-                Some((vec_f32(&n("mamba.dt_layernorm.weight"))?, vec_f32(&n("mamba.B_layernorm.weight"))?, vec_f32(&n("mamba.C_layernorm.weight"))?))
+                Some((
+                    vec_f32(&n("mamba.dt_layernorm.weight"))?,
+                    vec_f32(&n("mamba.B_layernorm.weight"))?,
+                    vec_f32(&n("mamba.C_layernorm.weight"))?,
+                ))
             } else {
                 None
             };
@@ -253,8 +283,16 @@ impl Model {
             } else {
                 None
             };
-            let small = (conv.len() + consts.len() + pre_avg.len() + 2 * cfg.hidden + cfg.x_proj_rows()) * 4;
-            weight_bytes += in_proj.bytes() + x_proj.bytes() + dt_proj.bytes() + out_proj.bytes() + gate_up.bytes() + down.bytes() + small as u64;
+            let small =
+                (conv.len() + consts.len() + pre_avg.len() + 2 * cfg.hidden + cfg.x_proj_rows())
+                    * 4;
+            weight_bytes += in_proj.bytes()
+                + x_proj.bytes()
+                + dt_proj.bytes()
+                + out_proj.bytes()
+                + gate_up.bytes()
+                + down.bytes()
+                + small as u64;
             layers.push(LayerWeights {
                 input_norm: vec_f32(&n("input_layernorm.weight"))?,
                 in_proj,
@@ -272,13 +310,41 @@ impl Model {
             });
         }
         progress(total, total);
-        Self::assemble(gpu, kernels, cfg, dtype, embed, lm_head, meta, final_norm, layers, opts, weight_bytes).await
+        Self::assemble(
+            gpu,
+            kernels,
+            cfg,
+            dtype,
+            embed,
+            lm_head,
+            meta,
+            final_norm,
+            layers,
+            opts,
+            weight_bytes,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn assemble(gpu: Arc<Gpu>, kernels: Arc<Kernels>, cfg: HymbaConfig, dtype: WeightDtype, embed: Matrix, lm_head: Option<Matrix>, meta: wgpu::Buffer, final_norm: wgpu::Buffer, layers: Vec<LayerWeights>, opts: &ModelOptions, weight_bytes: u64) -> Result<Model> {
+    async fn assemble(
+        gpu: Arc<Gpu>,
+        kernels: Arc<Kernels>,
+        cfg: HymbaConfig,
+        dtype: WeightDtype,
+        embed: Matrix,
+        lm_head: Option<Matrix>,
+        meta: wgpu::Buffer,
+        final_norm: wgpu::Buffer,
+        layers: Vec<LayerWeights>,
+        opts: &ModelOptions,
+        weight_bytes: u64,
+    ) -> Result<Model> {
         let chunk = opts.chunk.max(cfg.n_meta).max(1);
-        let max_positions = opts.max_positions.unwrap_or(cfg.n_meta + cfg.max_position_embeddings).max(cfg.n_meta + 1);
+        let max_positions = opts
+            .max_positions
+            .unwrap_or(cfg.n_meta + cfg.max_position_embeddings)
+            .max(cfg.n_meta + 1);
         if max_positions > 256 * DECODE_KEYS_PER_SPLIT {
             return Err(Error::Unsupported(format!(
                 "a context of {max_positions} positions; the decode attention combines at most 256 blocks of {DECODE_KEYS_PER_SPLIT} keys ({} positions)",
@@ -304,7 +370,10 @@ impl Model {
         let g = &*gpu;
         let cos_sin = g.upload("rope cos/sin", &cs)?;
         let c = chunk;
-        let pw = (0..cfg.n_layers).map(|i| cfg.in_proj_rows(i)).max().unwrap();
+        let pw = (0..cfg.n_layers)
+            .map(|i| cfg.in_proj_rows(i))
+            .max()
+            .unwrap();
         let ws = Workspace {
             h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
             u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
@@ -317,9 +386,15 @@ impl Model {
             m: g.buffer("merged", (c * cfg.d_inner * 4) as u64)?,
             gu: g.buffer("mlp gate|up", (c * 2 * cfg.intermediate * 4) as u64)?,
             logits: g.buffer("logits", (c * cfg.vocab_size * 4) as u64)?,
-            part: g.buffer("attention partials", (cfg.n_heads * max_positions.div_ceil(DECODE_KEYS_PER_SPLIT) * (2 + cfg.d_v) * 4) as u64)?,
+            part: g.buffer(
+                "attention partials",
+                (cfg.n_heads * max_positions.div_ceil(DECODE_KEYS_PER_SPLIT) * (2 + cfg.d_v) * 4)
+                    as u64,
+            )?,
         };
-        let global_cap0 = round_up(2 * chunk, 256).min(max_positions - cfg.n_meta).max(1);
+        let global_cap0 = round_up(2 * chunk, 256)
+            .min(max_positions - cfg.n_meta)
+            .max(1);
         let cfg_copy = cfg.clone();
         let mut model = Model {
             cfg,
@@ -382,7 +457,10 @@ impl Model {
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         for &id in ids {
             if id as usize >= self.cfg.vocab_size {
-                return Err(Error::BadToken { id, vocab: self.cfg.vocab_size });
+                return Err(Error::BadToken {
+                    id,
+                    vocab: self.cfg.vocab_size,
+                });
             }
         }
         Ok(())
@@ -405,7 +483,13 @@ impl Model {
     /// the sliding window covers `window` text positions before each query). A sequence
     /// with position 0 gets the meta tokens prepended first. Returns logits of the
     /// requested positions ([n, vocab] row-major; for `Last` just one row).
-    pub async fn forward(&self, seq: &mut Sequence, ids: &[u32], want: Logits, mut trace: Option<&mut Trace>) -> Result<Vec<f32>> {
+    pub async fn forward(
+        &self,
+        seq: &mut Sequence,
+        ids: &[u32],
+        want: Logits,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
         self.check_ids(ids)?;
         self.check_room(seq, ids.len())?;
         let n_meta_rows = if seq.pos == 0 { self.cfg.n_meta } else { 0 };
@@ -413,7 +497,12 @@ impl Model {
         if total_rows == 0 {
             return Ok(Vec::new());
         }
-        seq.ensure_capacity(&self.gpu, &self.cfg, seq.pos + total_rows, self.max_positions - self.cfg.n_meta)?;
+        seq.ensure_capacity(
+            &self.gpu,
+            &self.cfg,
+            seq.pos + total_rows,
+            self.max_positions - self.cfg.n_meta,
+        )?;
         // Mark prompt tokens for the repetition penalty.
         for &id in ids {
             self.gpu.write(&seq.seen, id as u64 * 4, &[1u32]);
@@ -427,7 +516,8 @@ impl Model {
             let id_start = row.saturating_sub(n_meta_rows);
             let id_count = rows - meta_here;
             if id_count > 0 {
-                self.gpu.write(&seq.ids, 0, &ids[id_start..id_start + id_count]);
+                self.gpu
+                    .write(&seq.ids, 0, &ids[id_start..id_start + id_count]);
             }
             let last_chunk = row + rows == total_rows;
             let chunk_logits = match want {
@@ -440,7 +530,17 @@ impl Model {
                 self.forward_traced(seq, pos0, rows, meta_here, tr).await?;
             } else {
                 let mut rec = Recorder::new(&self.gpu);
-                self.record_chunk(&mut rec, seq, pos0, rows, meta_here, &seq.ids.clone(), 0, false, chunk_logits)?;
+                self.record_chunk(
+                    &mut rec,
+                    seq,
+                    pos0,
+                    rows,
+                    meta_here,
+                    &seq.ids.clone(),
+                    0,
+                    false,
+                    chunk_logits,
+                )?;
                 rec.finish().run(&self.gpu);
             }
             seq.pos += rows;
@@ -454,7 +554,15 @@ impl Model {
                             self.record_head(&mut rec, rows, 0, rows)?;
                             rec.finish().run(&self.gpu);
                         }
-                        out.extend(self.gpu.read_f32(&self.ws.logits, (skip * v) as u64, ((rows - skip) * v) as u64).await?);
+                        out.extend(
+                            self.gpu
+                                .read_f32(
+                                    &self.ws.logits,
+                                    (skip * v) as u64,
+                                    ((rows - skip) * v) as u64,
+                                )
+                                .await?,
+                        );
                     }
                 }
                 Logits::Last => {
@@ -480,15 +588,57 @@ impl Model {
     fn record_head(&self, rec: &mut Recorder, _rows: usize, first: usize, n: usize) -> Result<()> {
         let c = &self.cfg;
         let k = &self.kernels;
-        k.rmsnorm(rec, Some((&self.ws.h, first * c.hidden, c.hidden)), &self.final_norm, &self.ws.u, 0, c.hidden, n, c.hidden, c.eps)?;
-        k.matmul(rec, &self.ws.u, 0, c.hidden, self.lm_head(), None, &self.ws.logits, 0, c.vocab_size, n, false)
+        k.rmsnorm(
+            rec,
+            Some((&self.ws.h, first * c.hidden, c.hidden)),
+            &self.final_norm,
+            &self.ws.u,
+            0,
+            c.hidden,
+            n,
+            c.hidden,
+            c.eps,
+        )?;
+        k.matmul(
+            rec,
+            &self.ws.u,
+            0,
+            c.hidden,
+            self.lm_head(),
+            None,
+            &self.ws.logits,
+            0,
+            c.vocab_size,
+            n,
+            false,
+        )
     }
 
     /// Records one chunk: embedding, every layer, and (optionally) the head.
     #[allow(clippy::too_many_arguments)]
-    fn record_chunk(&self, rec: &mut Recorder, seq: &Sequence, pos0: usize, rows: usize, meta_rows: usize, ids: &wgpu::Buffer, ids_off: usize, decode: bool, logits: Logits) -> Result<()> {
+    fn record_chunk(
+        &self,
+        rec: &mut Recorder,
+        seq: &Sequence,
+        pos0: usize,
+        rows: usize,
+        meta_rows: usize,
+        ids: &wgpu::Buffer,
+        ids_off: usize,
+        decode: bool,
+        logits: Logits,
+    ) -> Result<()> {
         let c = &self.cfg;
-        self.kernels.embed(rec, ids, ids_off, &self.embed, &self.meta, meta_rows, &self.ws.h, rows)?;
+        self.kernels.embed(
+            rec,
+            ids,
+            ids_off,
+            &self.embed,
+            &self.meta,
+            meta_rows,
+            &self.ws.h,
+            rows,
+        )?;
         for l in 0..c.n_layers {
             self.record_layer(rec, seq, l, pos0, rows, decode)?;
         }
@@ -500,7 +650,15 @@ impl Model {
     }
 
     /// One hybrid layer over `rows` positions starting at `pos0`.
-    fn record_layer(&self, rec: &mut Recorder, seq: &Sequence, l: usize, pos0: usize, rows: usize, decode: bool) -> Result<()> {
+    fn record_layer(
+        &self,
+        rec: &mut Recorder,
+        seq: &Sequence,
+        l: usize,
+        pos0: usize,
+        rows: usize,
+        decode: bool,
+    ) -> Result<()> {
         let c = &self.cfg;
         let k = &self.kernels;
         let w = &self.layers[l];
@@ -510,11 +668,26 @@ impl Model {
         let split = c.in_proj_split(l);
         let pw = split.total;
         // Input norm and the fused in_proj (q | k | v | x | z).
-        k.rmsnorm(rec, Some((&ws.h, 0, d)), &w.input_norm, &ws.u, 0, d, rows, d, c.eps)?;
-        k.matmul(rec, &ws.u, 0, d, &w.in_proj, None, &ws.p, 0, pw, rows, false)?;
+        k.rmsnorm(
+            rec,
+            Some((&ws.h, 0, d)),
+            &w.input_norm,
+            &ws.u,
+            0,
+            d,
+            rows,
+            d,
+            c.eps,
+        )?;
+        k.matmul(
+            rec, &ws.u, 0, d, &w.in_proj, None, &ws.p, 0, pw, rows, false,
+        )?;
         // Attention heads.
         let src = c.layers[l].kv_source(l);
-        let kv = seq.layers[src].kv.as_ref().expect("KV source layer owns a cache");
+        let kv = seq.layers[src]
+            .kv
+            .as_ref()
+            .expect("KV source layer owns a cache");
         let cap = kv.cap(c.n_meta);
         let rope = RopeParams {
             rows: rows as u32,
@@ -531,13 +704,26 @@ impl Model {
             cap: cap as u32,
         };
         if let (Some(kc), Some(_)) = (split.k, split.v) {
-            k.store_kv(rec, &self.cos_sin, &ws.p, &kv.k, &kv.v, RopeParams { n_heads: c.n_kv_heads as u32, q_col: kc as u32, ..rope })?;
+            k.store_kv(
+                rec,
+                &self.cos_sin,
+                &ws.p,
+                &kv.k,
+                &kv.v,
+                RopeParams {
+                    n_heads: c.n_kv_heads as u32,
+                    q_col: kc as u32,
+                    ..rope
+                },
+            )?;
         }
         k.rope_q(rec, &self.cos_sin, &ws.p, rope)?;
         let window = match c.layers[l].attention {
             AttentionKind::Global => NO_WINDOW,
             // A single-token decode step sees one text position less (the reference trims to window - 1).
-            AttentionKind::SlidingWindow { window } => (if decode { window - 1 } else { window }) as u32,
+            AttentionKind::SlidingWindow { window } => {
+                (if decode { window - 1 } else { window }) as u32
+            }
         };
         k.attention(
             rec,
@@ -584,13 +770,27 @@ impl Model {
             },
         )?;
         let xs = c.x_proj_rows();
-        k.matmul(rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, rows, false)?;
+        k.matmul(
+            rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, rows, false,
+        )?;
         if let Some((ndt, nb, nc)) = &w.inner_norms {
             k.rmsnorm(rec, None, ndt, &ws.xp, 0, xs, rows, c.dt_rank, c.eps)?;
             k.rmsnorm(rec, None, nb, &ws.xp, c.dt_rank, xs, rows, c.d_state, c.eps)?;
-            k.rmsnorm(rec, None, nc, &ws.xp, c.dt_rank + c.d_state, xs, rows, c.d_state, c.eps)?;
+            k.rmsnorm(
+                rec,
+                None,
+                nc,
+                &ws.xp,
+                c.dt_rank + c.d_state,
+                xs,
+                rows,
+                c.d_state,
+                c.eps,
+            )?;
         }
-        k.matmul(rec, &ws.xp, 0, xs, &w.dt_proj, None, &ws.dt, 0, di, rows, false)?;
+        k.matmul(
+            rec, &ws.xp, 0, xs, &w.dt_proj, None, &ws.dt, 0, di, rows, false,
+        )?;
         k.scan(
             rec,
             &ws.xc,
@@ -617,18 +817,48 @@ impl Model {
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
         k.merge(rec, &ws.att, &ws.y, &w.pre_avg, &ws.m, rows, di, c.eps)?;
-        k.matmul(rec, &ws.m, 0, di, &w.out_proj, None, &ws.h, 0, d, rows, true)?;
+        k.matmul(
+            rec,
+            &ws.m,
+            0,
+            di,
+            &w.out_proj,
+            None,
+            &ws.h,
+            0,
+            d,
+            rows,
+            true,
+        )?;
         // SwiGLU MLP.
-        k.rmsnorm(rec, Some((&ws.h, 0, d)), &w.pre_mlp_norm, &ws.u, 0, d, rows, d, c.eps)?;
+        k.rmsnorm(
+            rec,
+            Some((&ws.h, 0, d)),
+            &w.pre_mlp_norm,
+            &ws.u,
+            0,
+            d,
+            rows,
+            d,
+            c.eps,
+        )?;
         let i2 = 2 * c.intermediate;
-        k.matmul(rec, &ws.u, 0, d, &w.gate_up, None, &ws.gu, 0, i2, rows, false)?;
+        k.matmul(
+            rec, &ws.u, 0, d, &w.gate_up, None, &ws.gu, 0, i2, rows, false,
+        )?;
         k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
         k.matmul(rec, &ws.gu, 0, i2, &w.down, None, &ws.h, 0, d, rows, true)
     }
 
     /// One decode step of a hybrid layer with fused kernels: 8 dispatches, the attention
     /// and SSM branches independent of each other.
-    fn record_layer_decode(&self, rec: &mut Recorder, seq: &Sequence, l: usize, pos: usize) -> Result<()> {
+    fn record_layer_decode(
+        &self,
+        rec: &mut Recorder,
+        seq: &Sequence,
+        l: usize,
+        pos: usize,
+    ) -> Result<()> {
         let c = &self.cfg;
         let k = &self.kernels;
         let w = &self.layers[l];
@@ -637,9 +867,24 @@ impl Model {
         let di = c.d_inner;
         let split = c.in_proj_split(l);
         let pw = split.total;
-        k.gemv_pro(rec, &ws.h, 0, d, &w.in_proj, Prologue::Norm(&w.input_norm, c.eps), &ws.p, 0, pw, 1, false)?;
+        k.gemv_pro(
+            rec,
+            &ws.h,
+            0,
+            d,
+            &w.in_proj,
+            Prologue::Norm(&w.input_norm, c.eps),
+            &ws.p,
+            0,
+            pw,
+            1,
+            false,
+        )?;
         let src = c.layers[l].kv_source(l);
-        let kv = seq.layers[src].kv.as_ref().expect("KV source layer owns a cache");
+        let kv = seq.layers[src]
+            .kv
+            .as_ref()
+            .expect("KV source layer owns a cache");
         let window = match c.layers[l].attention {
             AttentionKind::Global => NO_WINDOW,
             AttentionKind::SlidingWindow { window } => (window - 1) as u32,
@@ -714,13 +959,60 @@ impl Model {
                 inner_norms: c.inner_norms as u32,
             },
         )?;
-        k.gemv_pro(rec, &ws.att, 0, di, &w.out_proj, Prologue::Merge { w: &w.pre_avg, x2: &ws.y, eps: c.eps }, &ws.h, 0, d, 1, true)?;
+        k.gemv_pro(
+            rec,
+            &ws.att,
+            0,
+            di,
+            &w.out_proj,
+            Prologue::Merge {
+                w: &w.pre_avg,
+                x2: &ws.y,
+                eps: c.eps,
+            },
+            &ws.h,
+            0,
+            d,
+            1,
+            true,
+        )?;
         let i2 = 2 * c.intermediate;
-        k.gemv_pro(rec, &ws.h, 0, d, &w.gate_up, Prologue::Norm(&w.pre_mlp_norm, c.eps), &ws.gu, 0, i2, 1, false)?;
-        k.gemv_pro(rec, &ws.gu, 0, i2, &w.down, Prologue::Swiglu, &ws.h, 0, d, 1, true)
+        k.gemv_pro(
+            rec,
+            &ws.h,
+            0,
+            d,
+            &w.gate_up,
+            Prologue::Norm(&w.pre_mlp_norm, c.eps),
+            &ws.gu,
+            0,
+            i2,
+            1,
+            false,
+        )?;
+        k.gemv_pro(
+            rec,
+            &ws.gu,
+            0,
+            i2,
+            &w.down,
+            Prologue::Swiglu,
+            &ws.h,
+            0,
+            d,
+            1,
+            true,
+        )
     }
 
-    async fn forward_traced(&self, seq: &mut Sequence, pos0: usize, rows: usize, meta_rows: usize, tr: &mut Trace) -> Result<()> {
+    async fn forward_traced(
+        &self,
+        seq: &mut Sequence,
+        pos0: usize,
+        rows: usize,
+        meta_rows: usize,
+        tr: &mut Trace,
+    ) -> Result<()> {
         let c = &self.cfg;
         let g = &*self.gpu;
         let n = c.n_layers;
@@ -730,21 +1022,44 @@ impl Model {
             tr.ssm_out.resize(n, Vec::new());
         }
         let mut rec = Recorder::new(g);
-        self.kernels.embed(&mut rec, &seq.ids, 0, &self.embed, &self.meta, meta_rows, &self.ws.h, rows)?;
+        self.kernels.embed(
+            &mut rec,
+            &seq.ids,
+            0,
+            &self.embed,
+            &self.meta,
+            meta_rows,
+            &self.ws.h,
+            rows,
+        )?;
         rec.finish().run(g);
         for l in 0..n {
             tr.hidden[l].extend(g.read_f32(&self.ws.h, 0, (rows * c.hidden) as u64).await?);
             let mut rec = Recorder::new(g);
             self.record_layer(&mut rec, seq, l, pos0, rows, false)?;
             rec.finish().run(g);
-            tr.attn_out[l].extend(g.read_f32(&self.ws.att, 0, (rows * c.d_inner) as u64).await?);
+            tr.attn_out[l].extend(
+                g.read_f32(&self.ws.att, 0, (rows * c.d_inner) as u64)
+                    .await?,
+            );
             tr.ssm_out[l].extend(g.read_f32(&self.ws.y, 0, (rows * c.d_inner) as u64).await?);
         }
         tr.hidden[n].extend(g.read_f32(&self.ws.h, 0, (rows * c.hidden) as u64).await?);
         let mut rec = Recorder::new(g);
-        self.kernels.rmsnorm(&mut rec, Some((&self.ws.h, 0, c.hidden)), &self.final_norm, &self.ws.u, 0, c.hidden, rows, c.hidden, c.eps)?;
+        self.kernels.rmsnorm(
+            &mut rec,
+            Some((&self.ws.h, 0, c.hidden)),
+            &self.final_norm,
+            &self.ws.u,
+            0,
+            c.hidden,
+            rows,
+            c.hidden,
+            c.eps,
+        )?;
         rec.finish().run(g);
-        tr.final_norm.extend(g.read_f32(&self.ws.u, 0, (rows * c.hidden) as u64).await?);
+        tr.final_norm
+            .extend(g.read_f32(&self.ws.u, 0, (rows * c.hidden) as u64).await?);
         Ok(())
     }
 
@@ -762,25 +1077,78 @@ impl Model {
     }
 
     /// Samples from the logits of the last forward (row 0 of the logits buffer) on the GPU.
-    pub fn record_sample(&self, seq: &Sequence, sp: &SamplingParams) -> Result<crate::gpu::Program> {
+    pub fn record_sample(
+        &self,
+        seq: &Sequence,
+        sp: &SamplingParams,
+    ) -> Result<crate::gpu::Program> {
         let mut rec = Recorder::new(&self.gpu);
-        self.kernels.sample(&mut rec, &self.ws.logits, &seq.seen, &seq.tok_state, self.sample_params(sp))?;
+        self.kernels.sample(
+            &mut rec,
+            &self.ws.logits,
+            &seq.seen,
+            &seq.tok_state,
+            self.sample_params(sp),
+        )?;
         Ok(rec.finish())
     }
 
-    fn record_decode(&self, rec: &mut Recorder, seq: &Sequence, sp: &SamplingParams, sample: bool) -> Result<()> {
+    fn record_decode(
+        &self,
+        rec: &mut Recorder,
+        seq: &Sequence,
+        sp: &SamplingParams,
+        sample: bool,
+    ) -> Result<()> {
         let c = &self.cfg;
         if self.fused_decode {
-            self.kernels.embed(rec, &seq.tok_state, 0, &self.embed, &self.meta, 0, &self.ws.h, 1)?;
+            self.kernels.embed(
+                rec,
+                &seq.tok_state,
+                0,
+                &self.embed,
+                &self.meta,
+                0,
+                &self.ws.h,
+                1,
+            )?;
             for l in 0..c.n_layers {
                 self.record_layer_decode(rec, seq, l, seq.pos)?;
             }
-            self.kernels.gemv_pro(rec, &self.ws.h, 0, c.hidden, self.lm_head(), Prologue::Norm(&self.final_norm, c.eps), &self.ws.logits, 0, c.vocab_size, 1, false)?;
+            self.kernels.gemv_pro(
+                rec,
+                &self.ws.h,
+                0,
+                c.hidden,
+                self.lm_head(),
+                Prologue::Norm(&self.final_norm, c.eps),
+                &self.ws.logits,
+                0,
+                c.vocab_size,
+                1,
+                false,
+            )?;
         } else {
-            self.record_chunk(rec, seq, seq.pos, 1, 0, &seq.tok_state, 0, true, Logits::Last)?;
+            self.record_chunk(
+                rec,
+                seq,
+                seq.pos,
+                1,
+                0,
+                &seq.tok_state,
+                0,
+                true,
+                Logits::Last,
+            )?;
         }
         if sample {
-            self.kernels.sample(rec, &self.ws.logits, &seq.seen, &seq.tok_state, self.sample_params(sp))?;
+            self.kernels.sample(
+                rec,
+                &self.ws.logits,
+                &seq.seen,
+                &seq.tok_state,
+                self.sample_params(sp),
+            )?;
         }
         Ok(())
     }
@@ -796,9 +1164,19 @@ impl Model {
     /// Encodes one decode step for the token in the sequence's token slot: the whole
     /// model for one position (single-token window semantics), then, when `sample` is set,
     /// the GPU sampler, which writes the next token into the slot. Nothing is read back.
-    pub fn submit_decode(&self, seq: &mut Sequence, sp: &SamplingParams, sample: bool) -> Result<()> {
+    pub fn submit_decode(
+        &self,
+        seq: &mut Sequence,
+        sp: &SamplingParams,
+        sample: bool,
+    ) -> Result<()> {
         self.check_room(seq, 1)?;
-        seq.ensure_capacity(&self.gpu, &self.cfg, seq.pos + 1, self.max_positions - self.cfg.n_meta)?;
+        seq.ensure_capacity(
+            &self.gpu,
+            &self.cfg,
+            seq.pos + 1,
+            self.max_positions - self.cfg.n_meta,
+        )?;
         let key = seq.layout_gen * 2 + sample as u64;
         let reuse = matches!(&seq.decode, Some((_, k)) if *k == key);
         if reuse {
@@ -824,7 +1202,11 @@ impl Model {
 
     /// Profiles one decode step (GPU time per dispatch, from timestamps), without advancing
     /// the sequence. Returns (kernel name, total ns, dispatch count) sorted by time.
-    pub async fn profile_decode(&self, seq: &Sequence, sp: &SamplingParams) -> Result<Option<Vec<(String, f64, usize)>>> {
+    pub async fn profile_decode(
+        &self,
+        seq: &Sequence,
+        sp: &SamplingParams,
+    ) -> Result<Option<Vec<(String, f64, usize)>>> {
         let mut rec = Recorder::new(&self.gpu);
         self.record_decode(&mut rec, seq, sp, true)?;
         let prog = rec.finish();
@@ -832,13 +1214,32 @@ impl Model {
     }
 
     /// Profiles the prefill of one chunk of `ids` at the end of `seq` (the sequence is advanced).
-    pub async fn profile_prefill(&self, seq: &mut Sequence, ids: &[u32]) -> Result<Option<Vec<(String, f64, usize)>>> {
+    pub async fn profile_prefill(
+        &self,
+        seq: &mut Sequence,
+        ids: &[u32],
+    ) -> Result<Option<Vec<(String, f64, usize)>>> {
         let rows = ids.len().min(self.chunk);
         self.check_room(seq, rows)?;
-        seq.ensure_capacity(&self.gpu, &self.cfg, seq.pos + rows, self.max_positions - self.cfg.n_meta)?;
+        seq.ensure_capacity(
+            &self.gpu,
+            &self.cfg,
+            seq.pos + rows,
+            self.max_positions - self.cfg.n_meta,
+        )?;
         self.gpu.write(&seq.ids, 0, &ids[..rows]);
         let mut rec = Recorder::new(&self.gpu);
-        self.record_chunk(&mut rec, seq, seq.pos, rows, 0, &seq.ids.clone(), 0, false, Logits::Last)?;
+        self.record_chunk(
+            &mut rec,
+            seq,
+            seq.pos,
+            rows,
+            0,
+            &seq.ids.clone(),
+            0,
+            false,
+            Logits::Last,
+        )?;
         let prog = rec.finish();
         let r = prog.profile(&self.gpu).await?.map(aggregate);
         seq.pos += rows;
@@ -853,7 +1254,9 @@ impl Model {
 
     /// Reads the last logits row computed.
     pub async fn read_logits(&self) -> Result<Vec<f32>> {
-        self.gpu.read_f32(&self.ws.logits, 0, self.cfg.vocab_size as u64).await
+        self.gpu
+            .read_f32(&self.ws.logits, 0, self.cfg.vocab_size as u64)
+            .await
     }
 
     /// Teacher-forced decode step: feeds `id`, returns the logits for the next position.
@@ -866,19 +1269,37 @@ impl Model {
 
     /// Reads back a layer's KV cache as [n_kv_heads, positions, d] with positions in order
     /// (only positions still held are returned: `first_pos..seq.pos`).
-    pub async fn read_kv(&self, seq: &Sequence, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>, usize)>> {
+    pub async fn read_kv(
+        &self,
+        seq: &Sequence,
+        layer: usize,
+    ) -> Result<Option<(Vec<f32>, Vec<f32>, usize)>> {
         let c = &self.cfg;
-        let Some(kv) = seq.layers[layer].kv.as_ref() else { return Ok(None) };
+        let Some(kv) = seq.layers[layer].kv.as_ref() else {
+            return Ok(None);
+        };
         let cap = kv.cap(c.n_meta);
-        let kall = self.gpu.read_f32(&kv.k, 0, (c.n_kv_heads * cap * c.d_qk) as u64).await?;
-        let vall = self.gpu.read_f32(&kv.v, 0, (c.n_kv_heads * cap * c.d_v) as u64).await?;
+        let kall = self
+            .gpu
+            .read_f32(&kv.k, 0, (c.n_kv_heads * cap * c.d_qk) as u64)
+            .await?;
+        let vall = self
+            .gpu
+            .read_f32(&kv.v, 0, (c.n_kv_heads * cap * c.d_v) as u64)
+            .await?;
         let first_text = seq.pos.saturating_sub(kv.ring).max(c.n_meta);
-        let positions: Vec<usize> = (0..c.n_meta.min(seq.pos)).chain(first_text..seq.pos).collect();
+        let positions: Vec<usize> = (0..c.n_meta.min(seq.pos))
+            .chain(first_text..seq.pos)
+            .collect();
         let mut ko = Vec::new();
         let mut vo = Vec::new();
         for h in 0..c.n_kv_heads {
             for &p in &positions {
-                let s = if p < c.n_meta { p } else { c.n_meta + (p - c.n_meta) % kv.ring };
+                let s = if p < c.n_meta {
+                    p
+                } else {
+                    c.n_meta + (p - c.n_meta) % kv.ring
+                };
                 ko.extend_from_slice(&kall[(h * cap + s) * c.d_qk..(h * cap + s + 1) * c.d_qk]);
                 vo.extend_from_slice(&vall[(h * cap + s) * c.d_v..(h * cap + s + 1) * c.d_v]);
             }
@@ -887,9 +1308,20 @@ impl Model {
     }
 
     /// Reads back a layer's conv and SSM states.
-    pub async fn read_ssm_state(&self, seq: &Sequence, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub async fn read_ssm_state(
+        &self,
+        seq: &Sequence,
+        layer: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let c = &self.cfg;
         let st = &seq.layers[layer];
-        Ok((self.gpu.read_f32(&st.conv, 0, (c.d_inner * c.d_conv) as u64).await?, self.gpu.read_f32(&st.ssm, 0, (c.d_inner * c.d_state) as u64).await?))
+        Ok((
+            self.gpu
+                .read_f32(&st.conv, 0, (c.d_inner * c.d_conv) as u64)
+                .await?,
+            self.gpu
+                .read_f32(&st.ssm, 0, (c.d_inner * c.d_state) as u64)
+                .await?,
+        ))
     }
 }

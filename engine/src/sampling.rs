@@ -38,13 +38,22 @@ impl SamplingParams {
     }
     pub fn validate(&self) -> crate::Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(crate::Error::Invalid(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(crate::Error::Invalid(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(crate::Error::Invalid(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(crate::Error::Invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(crate::Error::Invalid(format!("repetition penalty must be > 0, got {}", self.repetition_penalty)));
+            return Err(crate::Error::Invalid(format!(
+                "repetition penalty must be > 0, got {}",
+                self.repetition_penalty
+            )));
         }
         Ok(())
     }

@@ -9,7 +9,9 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_bytes(json: &[u8]) -> Result<Tokenizer> {
-        tokenizers::Tokenizer::from_bytes(json).map(|inner| Tokenizer { inner }).map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))
+        tokenizers::Tokenizer::from_bytes(json)
+            .map(|inner| Tokenizer { inner })
+            .map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -23,11 +25,16 @@ impl Tokenizer {
 
     /// Encodes text; `add_special` applies the post-processor (BOS for Llama/Hymba Base).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        self.inner.encode(text, add_special).map(|e| e.get_ids().to_vec()).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .encode(text, add_special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -54,7 +61,10 @@ impl Default for TextStream {
 
 impl TextStream {
     pub fn new() -> Self {
-        TextStream { ids: Vec::new(), emitted: 0 }
+        TextStream {
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
     /// Adds a token and returns the new text it completes (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {

@@ -5,7 +5,9 @@
 //! `<extra_id_0>System\n{system}\n\n<extra_id_1>User\n{user}\n<extra_id_1>Assistant\n{reply}\n<extra_id_1>User\n…`
 
 use crate::load::{load_model, LoadedModel};
-use crate::{err, out, print_stats, stop_name, ChatArgs, CliResult, StopFilter, CANCEL, GENERATING};
+use crate::{
+    err, out, print_stats, stop_name, ChatArgs, CliResult, StopFilter, CANCEL, GENERATING,
+};
 use hymba_engine::cache::Sequence;
 use hymba_engine::generate::{Generation, StopReason};
 use hymba_engine::tokenizer::Tokenizer;
@@ -16,10 +18,12 @@ pub use hymba_engine::chat::REPLY_STOPS;
 
 /// The text of a conversation's start: system block and the first user turn, ready for the reply.
 pub fn render_first(system: Option<&str>, user: &str) -> String {
-    let turn = hymba_engine::chat::Message { role: "user".into(), content: user.trim().to_string() };
+    let turn = hymba_engine::chat::Message {
+        role: "user".into(),
+        content: user.trim().to_string(),
+    };
     hymba_engine::chat::render(system.map(str::trim), &[turn]).expect("a user turn renders")
 }
-
 
 struct Turn {
     gen: Generation,
@@ -48,7 +52,10 @@ impl Chat<'_> {
     /// the last reply's final token (not yet in the cache) and the text that follows it.
     fn turn_ids(&self, user: &str) -> CliResult<Vec<u32>> {
         let Some(last) = &self.last else {
-            return self.tok.encode(&render_first(self.system.as_deref(), user), false).map_err(err);
+            return self
+                .tok
+                .encode(&render_first(self.system.as_deref(), user), false)
+                .map_err(err);
         };
         hymba_engine::chat::next_turn_ids(self.tok, &last.gen, &last.gen.text, user).map_err(err)
     }
@@ -72,24 +79,39 @@ impl Chat<'_> {
     fn say(&mut self, user: &str, opts: &hymba_engine::generate::GenerateOptions) -> CliResult<()> {
         let ids = self.turn_ids(user)?;
         if self.verbose {
-            eprintln!("prefill {} tokens (cache at {} positions): {:?}", ids.len(), self.seq.position(), ids);
+            eprintln!(
+                "prefill {} tokens (cache at {} positions): {:?}",
+                ids.len(),
+                self.seq.position(),
+                ids
+            );
         }
         let mut filter = StopFilter::new(&opts.stop_strings);
         CANCEL.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
         let mut shown_any = false;
         let mut last_nl = false;
-        let res = pollster::block_on(self.lm.model.generate(&mut self.seq, &ids, opts, Some(self.tok), |ev| {
-            let s = filter.push(ev.text);
-            // Replies start after "Assistant\n": do not echo leading blank space.
-            let s = if shown_any { s } else { s.trim_start().to_string() };
-            if !s.is_empty() {
-                shown_any = true;
-                last_nl = s.ends_with('\n');
-                out(&s);
-            }
-            !CANCEL.load(Ordering::SeqCst)
-        }));
+        let res = pollster::block_on(self.lm.model.generate(
+            &mut self.seq,
+            &ids,
+            opts,
+            Some(self.tok),
+            |ev| {
+                let s = filter.push(ev.text);
+                // Replies start after "Assistant\n": do not echo leading blank space.
+                let s = if shown_any {
+                    s
+                } else {
+                    s.trim_start().to_string()
+                };
+                if !s.is_empty() {
+                    shown_any = true;
+                    last_nl = s.ends_with('\n');
+                    out(&s);
+                }
+                !CANCEL.load(Ordering::SeqCst)
+            },
+        ));
         GENERATING.store(false, Ordering::SeqCst);
         let g = match res {
             Ok(g) => g,
@@ -101,7 +123,11 @@ impl Chat<'_> {
         };
         if g.stop != StopReason::StopString {
             let rest = filter.flush();
-            let rest = if shown_any { rest.trim_end().to_string() } else { rest.trim().to_string() };
+            let rest = if shown_any {
+                rest.trim_end().to_string()
+            } else {
+                rest.trim().to_string()
+            };
             if !rest.is_empty() {
                 last_nl = rest.ends_with('\n');
                 out(&rest);
@@ -111,7 +137,12 @@ impl Chat<'_> {
             out("\n");
         }
         if self.verbose {
-            eprintln!("reply {} tokens, stop: {}: {:?}", g.ids.len(), stop_name(g.stop), g.ids);
+            eprintln!(
+                "reply {} tokens, stop: {}: {:?}",
+                g.ids.len(),
+                stop_name(g.stop),
+                g.ids
+            );
         }
         if g.stop == StopReason::Cancelled {
             eprintln!("[cancelled]");
@@ -176,12 +207,21 @@ pub fn run(a: ChatArgs) -> CliResult<()> {
                 }
                 "system" => {
                     let s = rest.trim();
-                    chat.system = if s.is_empty() { None } else { Some(s.to_string()) };
+                    chat.system = if s.is_empty() {
+                        None
+                    } else {
+                        Some(s.to_string())
+                    };
                     chat.reset()?;
-                    eprintln!("[system prompt {}; new conversation]", if s.is_empty() { "cleared" } else { "set" });
+                    eprintln!(
+                        "[system prompt {}; new conversation]",
+                        if s.is_empty() { "cleared" } else { "set" }
+                    );
                 }
                 "stats" => chat.stats(),
-                _ => eprintln!("unknown command /{name}; commands: /reset, /system TEXT, /stats, /quit"),
+                _ => eprintln!(
+                    "unknown command /{name}; commands: /reset, /system TEXT, /stats, /quit"
+                ),
             }
             continue;
         }

@@ -17,9 +17,12 @@ pub mod builtin {
     pub const CONFIG: &str = include_str!("../../models/tiny-shakespeare/config.json");
     pub const WEIGHTS: &[u8] = include_bytes!("../../models/tiny-shakespeare/model.safetensors");
     pub const TOKENIZER: &[u8] = include_bytes!("../../models/tiny-shakespeare/tokenizer.json");
-    pub const TOKENIZER_CONFIG: &str = include_str!("../../models/tiny-shakespeare/tokenizer_config.json");
-    pub const GENERATION_CONFIG: &str = include_str!("../../models/tiny-shakespeare/generation_config.json");
-    pub const SPECIAL_TOKENS: &str = include_str!("../../models/tiny-shakespeare/special_tokens_map.json");
+    pub const TOKENIZER_CONFIG: &str =
+        include_str!("../../models/tiny-shakespeare/tokenizer_config.json");
+    pub const GENERATION_CONFIG: &str =
+        include_str!("../../models/tiny-shakespeare/generation_config.json");
+    pub const SPECIAL_TOKENS: &str =
+        include_str!("../../models/tiny-shakespeare/special_tokens_map.json");
     pub const NAME: &str = "built-in tiny-shakespeare";
 }
 
@@ -45,7 +48,9 @@ impl LoadedModel {
             format!(
                 "{} has no usable tokenizer ({}); give token ids with --ids instead of text",
                 self.name,
-                self.tokenizer_missing.as_deref().unwrap_or("tokenizer.json missing")
+                self.tokenizer_missing
+                    .as_deref()
+                    .unwrap_or("tokenizer.json missing")
             )
         })
     }
@@ -54,14 +59,23 @@ impl LoadedModel {
 fn looks_like_repo_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
-        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
 }
 
 /// Opens the model named by `spec` (None or "builtin" = the built-in one).
 pub fn open_source(spec: Option<&str>, show_progress: bool) -> CliResult<Source> {
     match spec {
         None | Some("builtin") => {
-            let checkpoint = Checkpoint::from_bytes(builtin::CONFIG, vec![("model.safetensors".to_string(), builtin::WEIGHTS.to_vec())]).map_err(err)?;
+            let checkpoint = Checkpoint::from_bytes(
+                builtin::CONFIG,
+                vec![("model.safetensors".to_string(), builtin::WEIGHTS.to_vec())],
+            )
+            .map_err(err)?;
             let tokenizer = Tokenizer::from_bytes(builtin::TOKENIZER).map_err(err)?;
             Ok(Source {
                 name: builtin::NAME.to_string(),
@@ -103,7 +117,10 @@ fn open_dir(dir: &Path, name: &str) -> CliResult<Source> {
             Err(e) => (None, Some(e.to_string())),
         }
     } else {
-        (None, Some(format!("no tokenizer.json in {}", dir.display())))
+        (
+            None,
+            Some(format!("no tokenizer.json in {}", dir.display())),
+        )
     };
     Ok(Source {
         name: name.to_string(),
@@ -120,7 +137,10 @@ fn fetch_repo(id: &str, show_progress: bool) -> CliResult<PathBuf> {
     let cache_dir = cache.path().clone();
     let cached = cache.model(id.to_string());
     let show = show_progress && std::io::stderr().is_terminal();
-    let api = ApiBuilder::from_cache(cache.clone()).with_progress(show).build().map_err(|e| format!("cannot set up Hugging Face downloads: {e}"))?;
+    let api = ApiBuilder::from_cache(cache.clone())
+        .with_progress(show)
+        .build()
+        .map_err(|e| format!("cannot set up Hugging Face downloads: {e}"))?;
     let repo = api.model(id.to_string());
     let offline_hint = |file: &str, e: &dyn std::fmt::Display| {
         format!(
@@ -138,20 +158,36 @@ fn fetch_repo(id: &str, show_progress: bool) -> CliResult<PathBuf> {
     let config = get("config.json")?;
     let snapshot = config.parent().ok_or("bad cache path")?.to_path_buf();
     // Weights: one file, or an index with shards.
-    match cached.get("model.safetensors").map(Ok).unwrap_or_else(|| repo.get("model.safetensors")) {
+    match cached
+        .get("model.safetensors")
+        .map(Ok)
+        .unwrap_or_else(|| repo.get("model.safetensors"))
+    {
         Ok(_) => {}
         Err(single_err) => {
-            let index = match cached.get("model.safetensors.index.json").map(Ok).unwrap_or_else(|| repo.get("model.safetensors.index.json")) {
+            let index = match cached
+                .get("model.safetensors.index.json")
+                .map(Ok)
+                .unwrap_or_else(|| repo.get("model.safetensors.index.json"))
+            {
                 Ok(p) => p,
                 Err(_) => return Err(offline_hint("model.safetensors", &single_err)),
             };
-            let text = std::fs::read_to_string(&index).map_err(|e| format!("cannot read {}: {e}", index.display()))?;
-            for shard in hymba_engine::loader::shard_names(&text, &index.display().to_string()).map_err(err)? {
+            let text = std::fs::read_to_string(&index)
+                .map_err(|e| format!("cannot read {}: {e}", index.display()))?;
+            for shard in hymba_engine::loader::shard_names(&text, &index.display().to_string())
+                .map_err(err)?
+            {
                 get(&shard)?;
             }
         }
     }
-    for optional in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    for optional in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         let _ = get(optional);
     }
     Ok(snapshot)
@@ -159,7 +195,8 @@ fn fetch_repo(id: &str, show_progress: bool) -> CliResult<PathBuf> {
 
 /// Opens the GPU named by the flags.
 pub fn open_gpu(args: &ModelArgs) -> CliResult<Arc<Gpu>> {
-    let backends = parse_backends(&args.backend).ok_or_else(|| format!("unknown backend {}", args.backend))?;
+    let backends =
+        parse_backends(&args.backend).ok_or_else(|| format!("unknown backend {}", args.backend))?;
     let opts = GpuOptions {
         backends,
         adapter_index: args.adapter,
@@ -180,17 +217,26 @@ pub fn load_model(args: &ModelArgs, show_progress: bool) -> CliResult<LoadedMode
     let total = src.checkpoint.stored_bytes();
     let bar = if show_progress && std::io::stderr().is_terminal() && total > 0 {
         let b = ProgressBar::new(total);
-        b.set_style(ProgressStyle::with_template("uploading weights {bar:40} {bytes}/{total_bytes} {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+        b.set_style(
+            ProgressStyle::with_template("uploading weights {bar:40} {bytes}/{total_bytes} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
         Some(b)
     } else {
         None
     };
-    let model = pollster::block_on(Model::load(gpu, kernels, &src.checkpoint, &opts, |done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
-    }))
+    let model = pollster::block_on(Model::load(
+        gpu,
+        kernels,
+        &src.checkpoint,
+        &opts,
+        |done, total| {
+            if let Some(b) = &bar {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        },
+    ))
     .map_err(err)?;
     if let Some(b) = bar {
         b.finish_and_clear();

@@ -130,7 +130,12 @@ struct GenerateArgs {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["prompt", "ids"])]
     file: Option<std::path::PathBuf>,
     /// Token ids to use as the prompt instead of text, comma-separated (e.g. 1,450,274)
-    #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with = "prompt")]
+    #[arg(
+        long,
+        value_name = "IDS",
+        value_delimiter = ',',
+        conflicts_with = "prompt"
+    )]
     ids: Option<Vec<u32>>,
     /// Encode the prompt without special tokens (no BOS)
     #[arg(long)]
@@ -270,13 +275,18 @@ fn run_generate(a: GenerateArgs) -> CliResult<()> {
     } else if let Some(p) = a.prompt.clone() {
         Prompt::Text(p)
     } else if let Some(f) = &a.file {
-        Prompt::Text(std::fs::read_to_string(f).map_err(|e| format!("cannot read prompt file {}: {e}", f.display()))?)
+        Prompt::Text(
+            std::fs::read_to_string(f)
+                .map_err(|e| format!("cannot read prompt file {}: {e}", f.display()))?,
+        )
     } else {
         if std::io::stdin().is_terminal() {
             eprintln!("(reading the prompt from stdin; end it with Ctrl-D)");
         }
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read the prompt from stdin: {e}"))?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read the prompt from stdin: {e}"))?;
         Prompt::Text(s)
     };
     let lm = load::load_model(&a.model, !a.json)?;
@@ -294,16 +304,22 @@ fn run_generate(a: GenerateArgs) -> CliResult<()> {
     CANCEL.store(false, Ordering::SeqCst);
     GENERATING.store(true, Ordering::SeqCst);
     let mut ended_with_newline = true;
-    let result = pollster::block_on(lm.model.generate(&mut seq, &prompt_ids, &opts, lm.tokenizer.as_ref(), |ev| {
-        if !json {
-            let shown = filter.push(ev.text);
-            if !shown.is_empty() {
-                ended_with_newline = shown.ends_with('\n');
-                out(&shown);
+    let result = pollster::block_on(lm.model.generate(
+        &mut seq,
+        &prompt_ids,
+        &opts,
+        lm.tokenizer.as_ref(),
+        |ev| {
+            if !json {
+                let shown = filter.push(ev.text);
+                if !shown.is_empty() {
+                    ended_with_newline = shown.ends_with('\n');
+                    out(&shown);
+                }
             }
-        }
-        !CANCEL.load(Ordering::SeqCst)
-    }));
+            !CANCEL.load(Ordering::SeqCst)
+        },
+    ));
     GENERATING.store(false, Ordering::SeqCst);
     let g = result.map_err(err)?;
     if json {

@@ -43,7 +43,11 @@ fn adapters_info(backend: &str) -> CliResult<()> {
             "no GPU adapter found for backends {backends:?}. Install a Vulkan driver; for a software one on Debian/Ubuntu: apt-get install mesa-vulkan-drivers"
         ));
     }
-    println!("{} adapter(s) for backends {:?} (use --adapter N to pick one):", adapters.len(), backends);
+    println!(
+        "{} adapter(s) for backends {:?} (use --adapter N to pick one):",
+        adapters.len(),
+        backends
+    );
     for (i, ad) in adapters.iter().enumerate() {
         let info = ad.get_info();
         let f = ad.features();
@@ -91,7 +95,8 @@ pub fn gpu_weight_bytes(c: &HymbaConfig, dt: WeightDtype) -> u64 {
             + mat(d, di, dt)
             + mat(2 * c.intermediate, d, dt)
             + mat(d, c.intermediate, dt);
-        let small = (di * c.d_conv + di) + (di * c.d_state + 2 * di) + 2 * di + 2 * d + c.x_proj_rows();
+        let small =
+            (di * c.d_conv + di) + (di * c.d_state + 2 * di) + 2 * di + 2 * d + c.x_proj_rows();
         total += (small * 4) as u64;
     }
     total
@@ -107,7 +112,10 @@ fn buf(bytes: usize) -> u64 {
 /// that starts at `global_cap0` text slots and doubles as the sequence grows.
 pub fn cache_bytes_at(c: &HymbaConfig, opts: &ModelOptions, tokens: usize) -> u64 {
     let chunk = opts.chunk.max(c.n_meta).max(1);
-    let max_positions = opts.max_positions.unwrap_or(c.n_meta + c.max_position_embeddings).max(c.n_meta + 1);
+    let max_positions = opts
+        .max_positions
+        .unwrap_or(c.n_meta + c.max_position_embeddings)
+        .max(c.n_meta + 1);
     let max_text = max_positions - c.n_meta;
     let mut global_ring = (2 * chunk).div_ceil(256) * 256;
     global_ring = global_ring.min(max_text).max(1);
@@ -168,12 +176,23 @@ fn model_info(spec: &str) -> CliResult<()> {
         };
         let kv = match &role.kv {
             KvRole::Standalone => "own KV".to_string(),
-            KvRole::Producer { consumers } => format!("KV producer for layers {}", consumers.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")),
+            KvRole::Producer { consumers } => format!(
+                "KV producer for layers {}",
+                consumers
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             KvRole::Consumer { producer } => format!("KV consumer of layer {producer}"),
         };
         println!("  {i:>2}: {att}, {kv}");
     }
-    let kv_owner_global = c.layers.iter().filter(|l| l.owns_kv() && l.attention == AttentionKind::Global).count();
+    let kv_owner_global = c
+        .layers
+        .iter()
+        .filter(|l| l.owns_kv() && l.attention == AttentionKind::Global)
+        .count();
     let per_token = kv_owner_global * c.n_kv_heads * (c.d_qk + c.d_v) * 4;
     println!(
         "cache (f32): grows by {} per token ({} KV-owning global layer(s)); sliding-window KV, conv and SSM states are fixed-size (full KV of all {} KV-owning layers would be {} per token)",
@@ -183,11 +202,23 @@ fn model_info(spec: &str) -> CliResult<()> {
         human_bytes(c.kv_bytes_per_position(4) as u64)
     );
     let fixed = cache_bytes_at(c, &opts, 1);
-    println!("cache for one sequence (allocated as the engine does, prefill chunk {}):", opts.chunk);
+    println!(
+        "cache for one sequence (allocated as the engine does, prefill chunk {}):",
+        opts.chunk
+    );
     println!("  {:>6} tokens: {}", 1, human_bytes(fixed));
     for n in [1024usize, 4096, 8192] {
-        let note = if n + c.n_meta > max_positions { " (beyond this model's limit)" } else { "" };
-        println!("  {:>6} tokens: {}{}", n, human_bytes(cache_bytes_at(c, &opts, n)), note);
+        let note = if n + c.n_meta > max_positions {
+            " (beyond this model's limit)"
+        } else {
+            ""
+        };
+        println!(
+            "  {:>6} tokens: {}{}",
+            n,
+            human_bytes(cache_bytes_at(c, &opts, n)),
+            note
+        );
     }
     Ok(())
 }

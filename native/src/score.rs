@@ -16,15 +16,22 @@ pub fn nll_of(row: &[f32], target: u32) -> f64 {
 pub fn run(a: ScoreArgs) -> CliResult<()> {
     let text = if a.file.as_os_str() == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read stdin: {e}"))?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| format!("cannot read stdin: {e}"))?;
         s
     } else {
-        std::fs::read_to_string(&a.file).map_err(|e| format!("cannot read {}: {e}", a.file.display()))?
+        std::fs::read_to_string(&a.file)
+            .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?
     };
     let lm = load_model(&a.model, !a.json)?;
     let ids = lm.tokenizer()?.encode(&text, true).map_err(err)?;
     if ids.len() < 2 {
-        return Err(format!("{}: too short to score (needs at least one token after BOS, got {} token(s))", a.file.display(), ids.len()));
+        return Err(format!(
+            "{}: too short to score (needs at least one token after BOS, got {} token(s))",
+            a.file.display(),
+            ids.len()
+        ));
     }
     let model = &lm.model;
     let limit = model.max_positions - model.cfg.n_meta;
@@ -47,7 +54,8 @@ pub fn run(a: ScoreArgs) -> CliResult<()> {
         let end = (start + window).min(ids.len());
         let chunk = &ids[start..end];
         let mut seq = model.new_sequence().map_err(err)?;
-        let logits = pollster::block_on(model.forward(&mut seq, chunk, Logits::All, None)).map_err(err)?;
+        let logits =
+            pollster::block_on(model.forward(&mut seq, chunk, Logits::All, None)).map_err(err)?;
         for i in 0..chunk.len() - 1 {
             total += nll_of(&logits[i * vocab..(i + 1) * vocab], chunk[i + 1]);
             scored += 1;

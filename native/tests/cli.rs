@@ -14,12 +14,27 @@ fn bin() -> Command {
 }
 
 fn run(args: &[&str]) -> Output {
-    bin().args(args).stdin(Stdio::null()).output().expect("run hymba")
+    bin()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hymba")
 }
 
 fn run_stdin(args: &[&str], input: &str) -> Output {
-    let mut child = bin().args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run hymba");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let mut child = bin()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hymba");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -28,24 +43,44 @@ fn text(b: &[u8]) -> String {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "hymba failed: {:?}\nstdout: {}\nstderr: {}", o.status, text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "hymba failed: {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
     text(&o.stdout)
 }
 
 /// A failure reported as one `error:` line, without a panic.
 fn failed(o: &Output) -> String {
     let e = text(&o.stderr);
-    assert!(!o.status.success(), "expected failure, got success\nstdout: {}\nstderr: {e}", text(&o.stdout));
-    assert!(!e.contains("panicked") && !e.contains("RUST_BACKTRACE"), "panic: {e}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success\nstdout: {}\nstderr: {e}",
+        text(&o.stdout)
+    );
+    assert!(
+        !e.contains("panicked") && !e.contains("RUST_BACKTRACE"),
+        "panic: {e}"
+    );
     e
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -57,24 +92,60 @@ fn temp_dir(name: &str) -> PathBuf {
 
 #[test]
 fn builtin_model_reproduces_golden_greedy_generations() {
-    let golden: Value = serde_json::from_str(&std::fs::read_to_string(root().join("models/tiny-shakespeare/golden.json")).unwrap()).unwrap();
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("models/tiny-shakespeare/golden.json")).unwrap(),
+    )
+    .unwrap();
     for p in golden["prompts"].as_array().unwrap() {
         let prompt = p["prompt_text"].as_str().unwrap();
-        let o = run(&["generate", "--temperature", "0", "--max-tokens", "64", "--json", prompt]);
+        let o = run(&[
+            "generate",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "64",
+            "--json",
+            prompt,
+        ]);
         let v: Value = serde_json::from_str(ok(&o).trim()).expect("one JSON object");
-        assert_eq!(ids(&v["prompt_ids"]), ids(&p["prompt_ids"]), "prompt ids of {prompt:?}");
+        assert_eq!(
+            ids(&v["prompt_ids"]),
+            ids(&p["prompt_ids"]),
+            "prompt ids of {prompt:?}"
+        );
         let want = ids(&p["generated_ids"]);
         let got = ids(&v["ids"]);
         assert_eq!(got.len(), 64, "{prompt:?}");
-        let margins: Vec<f64> = p["top2_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-        let upto = margins.iter().take(64).position(|&m| m < 1e-3).unwrap_or(64);
-        assert_eq!(got[..upto], want[..upto], "generated ids of {prompt:?} (compared up to step {upto})");
+        let margins: Vec<f64> = p["top2_margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let upto = margins
+            .iter()
+            .take(64)
+            .position(|&m| m < 1e-3)
+            .unwrap_or(64);
+        assert_eq!(
+            got[..upto],
+            want[..upto],
+            "generated ids of {prompt:?} (compared up to step {upto})"
+        );
         assert_eq!(v["generated_tokens"].as_u64(), Some(64));
-        assert_eq!(v["prompt_tokens"].as_u64(), Some(want.len().min(p["prompt_ids"].as_array().unwrap().len()) as u64));
-        assert!(v["prefill_tok_s"].as_f64().unwrap() > 0.0 && v["decode_tok_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            v["prompt_tokens"].as_u64(),
+            Some(want.len().min(p["prompt_ids"].as_array().unwrap().len()) as u64)
+        );
+        assert!(
+            v["prefill_tok_s"].as_f64().unwrap() > 0.0 && v["decode_tok_s"].as_f64().unwrap() > 0.0
+        );
         assert!(v["cache_bytes"].as_u64().unwrap() > 0);
         if upto == 64 {
-            assert_eq!(v["text"].as_str().unwrap(), p["generated_text"].as_str().unwrap());
+            assert_eq!(
+                v["text"].as_str().unwrap(),
+                p["generated_text"].as_str().unwrap()
+            );
         }
     }
 }
@@ -85,11 +156,27 @@ fn generate_streams_text_and_prints_stats() {
     let out = ok(&o);
     assert!(!out.trim().is_empty());
     let e = text(&o.stderr);
-    assert!(e.contains("prompt tokens: 5") && e.contains("generated tokens: 8") && e.contains("tok/s"), "{e}");
+    assert!(
+        e.contains("prompt tokens: 5") && e.contains("generated tokens: 8") && e.contains("tok/s"),
+        "{e}"
+    );
     // Same ids by --ids, and a prompt from stdin.
-    let a = ok(&run(&["generate", "--max-tokens", "8", "--json", "--ids", "1,480,635,669,267"]));
-    let b = ok(&run_stdin(&["generate", "--max-tokens", "8", "--json"], "ROMEO:"));
-    let (a, b): (Value, Value) = (serde_json::from_str(&a).unwrap(), serde_json::from_str(&b).unwrap());
+    let a = ok(&run(&[
+        "generate",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--ids",
+        "1,480,635,669,267",
+    ]));
+    let b = ok(&run_stdin(
+        &["generate", "--max-tokens", "8", "--json"],
+        "ROMEO:",
+    ));
+    let (a, b): (Value, Value) = (
+        serde_json::from_str(&a).unwrap(),
+        serde_json::from_str(&b).unwrap(),
+    );
     assert_eq!(a["ids"], b["ids"]);
     assert_eq!(a["text"].as_str().unwrap(), out.trim_end_matches('\n'));
 }
@@ -106,7 +193,14 @@ fn reference_nll(ids: &[u32]) -> f64 {
     let ck = Checkpoint::open_dir(&dir).unwrap();
     let gpu = Arc::new(pollster::block_on(Gpu::new(&GpuOptions::default())).unwrap());
     let kernels = Arc::new(Kernels::new(&gpu).unwrap());
-    let model = pollster::block_on(Model::load(gpu, kernels, &ck, &ModelOptions::default(), |_, _| {})).unwrap();
+    let model = pollster::block_on(Model::load(
+        gpu,
+        kernels,
+        &ck,
+        &ModelOptions::default(),
+        |_, _| {},
+    ))
+    .unwrap();
     let mut seq = model.new_sequence().unwrap();
     let mut total = 0.0f64;
     for w in ids.windows(2) {
@@ -128,16 +222,29 @@ fn score_matches_an_independent_perplexity() {
     std::fs::write(&f, sample).unwrap();
     let o = run(&["score", "--json", f.to_str().unwrap()]);
     let v: Value = serde_json::from_str(ok(&o).trim()).unwrap();
-    let tok = hymba_engine::tokenizer::Tokenizer::from_file(&root().join("models/tiny-shakespeare/tokenizer.json")).unwrap();
+    let tok = hymba_engine::tokenizer::Tokenizer::from_file(
+        &root().join("models/tiny-shakespeare/tokenizer.json"),
+    )
+    .unwrap();
     let ids = tok.encode(sample, true).unwrap();
-    assert!(ids.len() < 64, "short text: stays inside the sliding window, where decode and prefill agree");
+    assert!(
+        ids.len() < 64,
+        "short text: stays inside the sliding window, where decode and prefill agree"
+    );
     assert_eq!(v["tokens"].as_u64(), Some(ids.len() as u64));
     assert_eq!(v["scored_tokens"].as_u64(), Some(ids.len() as u64 - 1));
     let nll = reference_nll(&ids);
     let got = v["nll"].as_f64().unwrap();
-    assert!((got - nll).abs() < 1e-3, "score nll {got} vs reference {nll}");
+    assert!(
+        (got - nll).abs() < 1e-3,
+        "score nll {got} vs reference {nll}"
+    );
     let ppl = v["perplexity"].as_f64().unwrap();
-    assert!((ppl - nll.exp()).abs() / nll.exp() < 1e-3, "perplexity {ppl} vs {}", nll.exp());
+    assert!(
+        (ppl - nll.exp()).abs() / nll.exp() < 1e-3,
+        "perplexity {ppl} vs {}",
+        nll.exp()
+    );
     // A small window scores the same tokens in several windows.
     let o = run(&["score", "--json", "--window", "16", f.to_str().unwrap()]);
     let w: Value = serde_json::from_str(ok(&o).trim()).unwrap();
@@ -152,17 +259,26 @@ fn errors_are_one_clear_line() {
     let dir = temp_dir("bad-model");
     let o = run(&["generate", "--model", dir.to_str().unwrap(), "hi"]);
     let e = failed(&o);
-    assert!(e.starts_with("error: ") && e.contains(dir.to_str().unwrap()) && e.contains("config.json"), "{e}");
+    assert!(
+        e.starts_with("error: ") && e.contains(dir.to_str().unwrap()) && e.contains("config.json"),
+        "{e}"
+    );
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
     // A missing folder.
     let o = run(&["generate", "--model", "/no/such/model/dir", "hi"]);
     let e = failed(&o);
-    assert!(e.starts_with("error: ") && e.contains("/no/such/model/dir"), "{e}");
+    assert!(
+        e.starts_with("error: ") && e.contains("/no/such/model/dir"),
+        "{e}"
+    );
     // A prompt longer than the model allows (1,024 text positions).
     let long = "To be, or not to be, that is the question. ".repeat(200);
     let o = run(&["generate", "--max-tokens", "4", &long]);
     let e = failed(&o);
-    assert!(e.starts_with("error: ") && e.contains("more than this model allows"), "{e}");
+    assert!(
+        e.starts_with("error: ") && e.contains("more than this model allows"),
+        "{e}"
+    );
     let many = vec!["1"; 1100].join(",");
     let e = failed(&run(&["generate", "--ids", &many]));
     assert!(e.contains("more than this model allows"), "{e}");
@@ -181,26 +297,41 @@ fn info_describes_the_builtin_model() {
     assert!(out.contains("parameters: 7700048"), "{out}");
     assert!(out.contains("meta tokens: 16"), "{out}");
     assert!(out.contains("0: global, own KV"), "{out}");
-    assert!(out.contains("1: sliding window 64, KV producer for layers 2"), "{out}");
-    assert!(out.contains("5: sliding window 64, KV consumer of layer 3"), "{out}");
+    assert!(
+        out.contains("1: sliding window 64, KV producer for layers 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("5: sliding window 64, KV consumer of layer 3"),
+        "{out}"
+    );
     assert!(out.contains("1024 tokens"), "{out}");
     let out = ok(&run(&["info"]));
-    assert!(out.contains("shader-f16") && out.contains("max_buffer_size"), "{out}");
+    assert!(
+        out.contains("shader-f16") && out.contains("max_buffer_size"),
+        "{out}"
+    );
 }
 
 /// The c5 fixture with the real Hymba tokenizer in a temporary model folder, or None (printed why).
 fn c5_model_dir() -> Option<(PathBuf, Value)> {
     let fx = root().join("tests/fixtures/c5_real_vocab_text");
-    let tok = std::env::var_os("HYMBA_TOKENIZER_JSON").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/fixtures/c5_real_vocab_text/tokenizer.json"));
+    let tok = std::env::var_os("HYMBA_TOKENIZER_JSON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/fixtures/c5_real_vocab_text/tokenizer.json"));
     if !tok.is_file() || !fx.join("model.safetensors").is_file() {
-        println!("skipped: the real Hymba tokenizer ({}) or the c5 fixture is absent", tok.display());
+        println!(
+            "skipped: the real Hymba tokenizer ({}) or the c5 fixture is absent",
+            tok.display()
+        );
         return None;
     }
     let dir = temp_dir("c5");
     std::fs::copy(&tok, dir.join("tokenizer.json")).unwrap();
     std::fs::copy(fx.join("config.json"), dir.join("config.json")).unwrap();
     std::fs::copy(fx.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
-    let case: Value = serde_json::from_str(&std::fs::read_to_string(fx.join("case.json")).unwrap()).unwrap();
+    let case: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("case.json")).unwrap()).unwrap();
     Some((dir, case))
 }
 
@@ -208,13 +339,19 @@ fn c5_model_dir() -> Option<(PathBuf, Value)> {
 fn score_matches_the_reference_logits_of_the_real_vocab_fixture() {
     // Perplexity of the c5 prompt text from the official implementation's own prompt logits
     // (expected.safetensors: nocache.logits [L, V]) against `hymba score`.
-    let Some((dir, case)) = c5_model_dir() else { return };
+    let Some((dir, case)) = c5_model_dir() else {
+        return;
+    };
     let fx = root().join("tests/fixtures/c5_real_vocab_text");
     let bytes = std::fs::read(fx.join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let view = st.tensor("nocache.logits").unwrap();
     let (l, v) = (view.shape()[0], view.shape()[1]);
-    let logits: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let logits: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     let prompt = ids(&case["prompt_ids"]);
     assert_eq!(prompt.len(), l);
     let mut total = 0f64;
@@ -227,22 +364,47 @@ fn score_matches_the_reference_logits_of_the_real_vocab_fixture() {
     let want = total / (l - 1) as f64;
     let f = dir.join("prompt.txt");
     std::fs::write(&f, case["prompt_text"].as_str().unwrap()).unwrap();
-    let o = run(&["score", "--json", "--model", dir.to_str().unwrap(), f.to_str().unwrap()]);
+    let o = run(&[
+        "score",
+        "--json",
+        "--model",
+        dir.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
     let got: Value = serde_json::from_str(ok(&o).trim()).unwrap();
     assert_eq!(got["tokens"].as_u64(), Some(l as u64));
     let nll = got["nll"].as_f64().unwrap();
-    assert!((nll - want).abs() < 1e-4, "hymba score nll {nll}, reference logits give {want}");
+    assert!(
+        (nll - want).abs() < 1e-4,
+        "hymba score nll {nll}, reference logits give {want}"
+    );
     let ppl = got["perplexity"].as_f64().unwrap();
-    assert!((ppl / want.exp() - 1.0).abs() < 1e-4, "perplexity {ppl} vs {}", want.exp());
+    assert!(
+        (ppl / want.exp() - 1.0).abs() < 1e-4,
+        "perplexity {ppl} vs {}",
+        want.exp()
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]
 fn real_vocab_fixture_generates_the_reference_ids() {
-    let Some((dir, case)) = c5_model_dir() else { return };
+    let Some((dir, case)) = c5_model_dir() else {
+        return;
+    };
     let want = ids(&case["generated_ids"]);
     let n = want.len().to_string();
-    let o = run(&["generate", "--model", dir.to_str().unwrap(), "--temperature", "0", "--json", "--max-tokens", &n, case["prompt_text"].as_str().unwrap()]);
+    let o = run(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--temperature",
+        "0",
+        "--json",
+        "--max-tokens",
+        &n,
+        case["prompt_text"].as_str().unwrap(),
+    ]);
     let v: Value = serde_json::from_str(ok(&o).trim()).unwrap();
     assert_eq!(ids(&v["prompt_ids"]), ids(&case["prompt_ids"]));
     assert_eq!(ids(&v["ids"]), want);
@@ -255,7 +417,10 @@ fn prefill_lines(stderr: &str) -> Vec<Vec<u32>> {
         .filter(|l| l.starts_with("prefill "))
         .map(|l| {
             let list = &l[l.find('[').unwrap() + 1..l.rfind(']').unwrap()];
-            list.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect()
+            list.split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse().unwrap())
+                .collect()
         })
         .collect()
 }
@@ -267,20 +432,41 @@ fn reply_lines(stderr: &str) -> Vec<(Vec<u32>, String)> {
         .map(|l| {
             let list = &l[l.find('[').unwrap() + 1..l.rfind(']').unwrap()];
             let stop = l[l.find("stop: ").unwrap() + 6..l.find(": [").unwrap()].to_string();
-            (list.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect(), stop)
+            (
+                list.split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().parse().unwrap())
+                    .collect(),
+                stop,
+            )
         })
         .collect()
 }
 
 #[test]
 fn chat_template_reproduces_the_spec_vector() {
-    let Some((dir, _)) = c5_model_dir() else { return };
-    let o = run_stdin(&["chat", "--model", dir.to_str().unwrap(), "--verbose", "--max-tokens", "1", "--system", "You are a helpful assistant."], "What is 2+2?\n");
+    let Some((dir, _)) = c5_model_dir() else {
+        return;
+    };
+    let o = run_stdin(
+        &[
+            "chat",
+            "--model",
+            dir.to_str().unwrap(),
+            "--verbose",
+            "--max-tokens",
+            "1",
+            "--system",
+            "You are a helpful assistant.",
+        ],
+        "What is 2+2?\n",
+    );
     ok(&o);
     let p = prefill_lines(&text(&o.stderr));
     let want: Vec<u32> = vec![
-        529, 17833, 29918, 333, 29918, 29900, 29958, 3924, 13, 3492, 526, 263, 8444, 20255, 29889, 13, 13, 29966, 17833, 29918, 333, 29918, 29896, 29958, 2659, 13, 5618, 338, 29871, 29906, 29974, 29906, 29973, 13, 29966, 17833, 29918, 333, 29918,
-        29896, 29958, 7900, 22137, 13,
+        529, 17833, 29918, 333, 29918, 29900, 29958, 3924, 13, 3492, 526, 263, 8444, 20255, 29889,
+        13, 13, 29966, 17833, 29918, 333, 29918, 29896, 29958, 2659, 13, 5618, 338, 29871, 29906,
+        29974, 29906, 29973, 13, 29966, 17833, 29918, 333, 29918, 29896, 29958, 7900, 22137, 13,
     ];
     assert_eq!(p[0], want);
     std::fs::remove_dir_all(dir).ok();
@@ -288,16 +474,34 @@ fn chat_template_reproduces_the_spec_vector() {
 
 #[test]
 fn chat_keeps_the_cache_and_prefills_only_new_tokens() {
-    let o = run_stdin(&["chat", "--verbose", "--max-tokens", "6", "--system", "Be brief."], "Good morrow.\nWhat news?\n/stats\n");
+    let o = run_stdin(
+        &[
+            "chat",
+            "--verbose",
+            "--max-tokens",
+            "6",
+            "--system",
+            "Be brief.",
+        ],
+        "Good morrow.\nWhat news?\n/stats\n",
+    );
     let out = ok(&o);
     let e = text(&o.stderr);
     let p = prefill_lines(&e);
     let r = reply_lines(&e);
     assert_eq!(p.len(), 2, "{e}");
     assert_eq!(r.len(), 2, "{e}");
-    assert_eq!(out.lines().filter(|l| !l.trim().is_empty()).count() >= 1, true, "{out}");
-    let tok = hymba_engine::tokenizer::Tokenizer::from_file(&root().join("models/tiny-shakespeare/tokenizer.json")).unwrap();
-    let first = "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nGood morrow.\n<extra_id_1>Assistant\n";
+    assert_eq!(
+        out.lines().filter(|l| !l.trim().is_empty()).count() >= 1,
+        true,
+        "{out}"
+    );
+    let tok = hymba_engine::tokenizer::Tokenizer::from_file(
+        &root().join("models/tiny-shakespeare/tokenizer.json"),
+    )
+    .unwrap();
+    let first =
+        "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\nGood morrow.\n<extra_id_1>Assistant\n";
     assert_eq!(p[0], tok.encode(first, false).unwrap());
     // The cache after the second prefill: first prompt, the reply (its last token, or EOS,
     // not yet fed), then the second prefill, which holds only the new tokens.
@@ -309,12 +513,34 @@ fn chat_keeps_the_cache_and_prefills_only_new_tokens() {
     cached.extend_from_slice(&p[1]);
     let decoded = tok.decode(&cached, true).unwrap();
     assert!(decoded.starts_with(first), "{decoded:?}");
-    assert!(decoded.ends_with("\n<extra_id_1>User\nWhat news?\n<extra_id_1>Assistant\n"), "{decoded:?}");
-    let second_turn = tok.encode("\n<extra_id_1>User\nWhat news?\n<extra_id_1>Assistant\n", false).unwrap();
-    assert!(p[1].len() <= second_turn.len() + 1, "second prefill {} tokens: {:?}", p[1].len(), p[1]);
-    assert!(e.contains(&format!("last turn: prefill {} tokens", p[1].len())), "{e}");
+    assert!(
+        decoded.ends_with("\n<extra_id_1>User\nWhat news?\n<extra_id_1>Assistant\n"),
+        "{decoded:?}"
+    );
+    let second_turn = tok
+        .encode(
+            "\n<extra_id_1>User\nWhat news?\n<extra_id_1>Assistant\n",
+            false,
+        )
+        .unwrap();
+    assert!(
+        p[1].len() <= second_turn.len() + 1,
+        "second prefill {} tokens: {:?}",
+        p[1].len(),
+        p[1]
+    );
+    assert!(
+        e.contains(&format!("last turn: prefill {} tokens", p[1].len())),
+        "{e}"
+    );
     // /stats reports the positions in use: meta tokens + everything fed.
-    assert!(e.contains(&format!("cache: {} of 1040 positions used", 16 + cached.len() + r[1].0.len() - 1)), "{e}");
+    assert!(
+        e.contains(&format!(
+            "cache: {} of 1040 positions used",
+            16 + cached.len() + r[1].0.len() - 1
+        )),
+        "{e}"
+    );
 }
 
 #[test]
@@ -323,7 +549,19 @@ fn stop_strings_cut_the_output() {
     let out = ok(&o);
     assert_eq!(out, "\nI know not what, my \n");
     assert!(text(&o.stderr).contains("stop: stop string"));
-    let v: Value = serde_json::from_str(ok(&run(&["generate", "--max-tokens", "32", "--stop", "lord", "--json", "ROMEO:"])).trim()).unwrap();
+    let v: Value = serde_json::from_str(
+        ok(&run(&[
+            "generate",
+            "--max-tokens",
+            "32",
+            "--stop",
+            "lord",
+            "--json",
+            "ROMEO:",
+        ]))
+        .trim(),
+    )
+    .unwrap();
     assert_eq!(v["text"].as_str().unwrap(), "\nI know not what, my ");
     assert_eq!(v["stop"].as_str().unwrap(), "stop string");
 }
@@ -336,17 +574,44 @@ fn repo_ids_resolve_from_the_hugging_face_cache_offline() {
     let snap = repo.join("snapshots/0123456789abcdef0123456789abcdef01234567");
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "0123456789abcdef0123456789abcdef01234567").unwrap();
+    std::fs::write(
+        repo.join("refs/main"),
+        "0123456789abcdef0123456789abcdef01234567",
+    )
+    .unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(root().join("models/tiny-shakespeare").join(f), snap.join(f)).unwrap();
     }
-    let o = bin().args(["generate", "--model", "someone/tiny-hymba", "--max-tokens", "8", "--json", "ROMEO:"]).env("HF_HOME", &home).env("HF_HUB_OFFLINE", "1").stdin(Stdio::null()).output().unwrap();
+    let o = bin()
+        .args([
+            "generate",
+            "--model",
+            "someone/tiny-hymba",
+            "--max-tokens",
+            "8",
+            "--json",
+            "ROMEO:",
+        ])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let v: Value = serde_json::from_str(ok(&o).trim()).unwrap();
     assert_eq!(ids(&v["prompt_ids"]), vec![1, 480, 635, 669, 267]);
     // Not cached and no network: a clear error naming the repo and the cache.
-    let o = bin().args(["generate", "--model", "someone/not-cached", "hi"]).env("HF_HOME", &home).env("HF_ENDPOINT", "http://127.0.0.1:9").stdin(Stdio::null()).output().unwrap();
+    let o = bin()
+        .args(["generate", "--model", "someone/not-cached", "hi"])
+        .env("HF_HOME", &home)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let e = failed(&o);
-    assert!(e.starts_with("error: ") && e.contains("someone/not-cached") && e.contains("cache"), "{e}");
+    assert!(
+        e.starts_with("error: ") && e.contains("someone/not-cached") && e.contains("cache"),
+        "{e}"
+    );
     std::fs::remove_dir_all(home).ok();
 }
 
@@ -354,14 +619,31 @@ fn repo_ids_resolve_from_the_hugging_face_cache_offline() {
 #[test]
 fn ctrl_c_stops_a_generation_cleanly() {
     use std::io::Read;
-    let mut child = bin().args(["generate", "--max-tokens", "1000", "ROMEO:"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = bin()
+        .args(["generate", "--max-tokens", "1000", "ROMEO:"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait until text streams (the generation is running), then interrupt.
     let mut first = [0u8; 8];
-    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
-    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(st.success());
     let o = child.wait_with_output().unwrap();
     ok(&o);
     let err = text(&o.stderr);
-    assert!(err.contains("stop: cancelled") && err.contains("generated tokens:"), "{err}");
+    assert!(
+        err.contains("stop: cancelled") && err.contains("generated tokens:"),
+        "{err}"
+    );
 }

@@ -40,7 +40,13 @@ fn engine_error(e: Error) -> JsValue {
         Error::GpuLimit { .. } => "LimitTooSmall",
         Error::ContextTooLong { .. } => "ContextTooLong",
         Error::Tokenizer(_) => "TokenizerError",
-        Error::Config { .. } | Error::Unsupported(_) | Error::Safetensors { .. } | Error::MissingTensor { .. } | Error::Shape { .. } | Error::Dtype { .. } | Error::MissingFile { .. } => "ModelError",
+        Error::Config { .. }
+        | Error::Unsupported(_)
+        | Error::Safetensors { .. }
+        | Error::MissingTensor { .. }
+        | Error::Shape { .. }
+        | Error::Dtype { .. }
+        | Error::MissingFile { .. } => "ModelError",
         _ => "HymbaError",
     };
     let msg = match &e {
@@ -71,10 +77,14 @@ fn webgpu_limit_name(wgpu_name: &str) -> String {
     out
 }
 
-fn parse_json<T: serde::de::DeserializeOwned + Default>(s: Option<String>, what: &str) -> Result<T, JsValue> {
+fn parse_json<T: serde::de::DeserializeOwned + Default>(
+    s: Option<String>,
+    what: &str,
+) -> Result<T, JsValue> {
     match s.as_deref().map(str::trim) {
         None | Some("") | Some("null") | Some("undefined") => Ok(T::default()),
-        Some(t) => serde_json::from_str(t).map_err(|e| js_error("TypeError", &format!("invalid {what}: {e}"))),
+        Some(t) => serde_json::from_str(t)
+            .map_err(|e| js_error("TypeError", &format!("invalid {what}: {e}"))),
     }
 }
 
@@ -82,7 +92,8 @@ fn parse_json<T: serde::de::DeserializeOwned + Default>(s: Option<String>, what:
 async fn yield_now() {
     let p = Promise::new(&mut |resolve, _| {
         let g = js_sys::global();
-        if let Ok(f) = Reflect::get(&g, &"setTimeout".into()).and_then(|f| f.dyn_into::<Function>()) {
+        if let Ok(f) = Reflect::get(&g, &"setTimeout".into()).and_then(|f| f.dyn_into::<Function>())
+        {
             let _ = f.call2(&g, &resolve, &JsValue::from(0));
         } else {
             let _ = resolve.call0(&JsValue::NULL);
@@ -108,7 +119,9 @@ pub fn webgpu_missing_reason() -> String {
     if navigator_gpu().is_some() {
         return String::new();
     }
-    let secure = Reflect::get(&js_sys::global(), &"isSecureContext".into()).ok().and_then(|v| v.as_bool());
+    let secure = Reflect::get(&js_sys::global(), &"isSecureContext".into())
+        .ok()
+        .and_then(|v| v.as_bool());
     if secure == Some(false) {
         "WebGPU is only available on secure pages (https:// or http://localhost); this page is not a secure context".into()
     } else {
@@ -151,7 +164,10 @@ impl Engine {
         }
         let o: O = parse_json(options_json, "engine options")?;
         if navigator_gpu().is_none() {
-            return Err(js_error("WebGPUUnavailable", &format!("WebGPU is not available: {}", webgpu_missing_reason())));
+            return Err(js_error(
+                "WebGPUUnavailable",
+                &format!("WebGPU is not available: {}", webgpu_missing_reason()),
+            ));
         }
         let opts = GpuOptions {
             allow_shader_f16: o.allow_shader_f16.unwrap_or(true),
@@ -173,7 +189,10 @@ impl Engine {
         let kernels = Kernels::new(&gpu).map_err(engine_error)?;
         gpu.finish().await.map_err(engine_error)?;
         Ok(Engine {
-            inner: Rc::new(EngineInner { gpu: Arc::new(gpu), kernels: Arc::new(kernels) }),
+            inner: Rc::new(EngineInner {
+                gpu: Arc::new(gpu),
+                kernels: Arc::new(kernels),
+            }),
         })
     }
 
@@ -203,16 +222,33 @@ impl Engine {
     /// `model.safetensors` or the shards of an index); `progress(done, total)` reports
     /// bytes uploaded to the GPU. Resolves to a `HymbaModel`.
     #[wasm_bindgen(js_name = loadModel)]
-    pub fn load_model(&self, config_json: String, names: Vec<String>, data: js_sys::Array, tokenizer_json: Option<Uint8Array>, tokenizer_config_json: Option<String>, options_json: Option<String>, progress: Option<Function>) -> Promise {
+    pub fn load_model(
+        &self,
+        config_json: String,
+        names: Vec<String>,
+        data: js_sys::Array,
+        tokenizer_json: Option<Uint8Array>,
+        tokenizer_config_json: Option<String>,
+        options_json: Option<String>,
+        progress: Option<Function>,
+    ) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {
             let opts: LoadOptions = parse_json(options_json, "load options")?;
             if names.len() as u32 != data.length() {
-                return Err(js_error("TypeError", "loadModel: names and data differ in length"));
+                return Err(js_error(
+                    "TypeError",
+                    "loadModel: names and data differ in length",
+                ));
             }
             let mut files = Vec::new();
             for (i, n) in names.into_iter().enumerate() {
-                let a: Uint8Array = data.get(i as u32).dyn_into().map_err(|_| js_error("TypeError", &format!("loadModel: data for {n} is not a Uint8Array")))?;
+                let a: Uint8Array = data.get(i as u32).dyn_into().map_err(|_| {
+                    js_error(
+                        "TypeError",
+                        &format!("loadModel: data for {n} is not a Uint8Array"),
+                    )
+                })?;
                 files.push((n, a.to_vec()));
                 yield_now().await;
             }
@@ -225,26 +261,47 @@ impl Engine {
             let chat_template = tokenizer_config_json
                 .as_deref()
                 .and_then(|t| serde_json::from_str::<Value>(t).ok())
-                .and_then(|v| v.get("chat_template").and_then(|c| c.as_str().map(|s| s.contains("extra_id_1"))))
+                .and_then(|v| {
+                    v.get("chat_template")
+                        .and_then(|c| c.as_str().map(|s| s.contains("extra_id_1")))
+                })
                 .unwrap_or(false);
             let dtype = match opts.dtype.as_deref().unwrap_or("auto") {
                 "auto" => DtypeChoice::Auto,
                 "f32" => DtypeChoice::F32,
                 "f16" => DtypeChoice::F16,
-                d => return Err(js_error("TypeError", &format!("unknown dtype {d:?} (expected auto, f32 or f16)"))),
+                d => {
+                    return Err(js_error(
+                        "TypeError",
+                        &format!("unknown dtype {d:?} (expected auto, f32 or f16)"),
+                    ))
+                }
             };
-            let mut mopts = ModelOptions { dtype, ..ModelOptions::default() };
+            let mut mopts = ModelOptions {
+                dtype,
+                ..ModelOptions::default()
+            };
             if let Some(c) = opts.chunk {
                 mopts.chunk = c;
             }
             mopts.max_positions = opts.max_positions;
             yield_now().await;
             let cb = progress.clone();
-            let model = Model::load(inner.gpu.clone(), inner.kernels.clone(), &ck, &mopts, move |done, total| {
-                if let Some(f) = &cb {
-                    let _ = f.call2(&JsValue::NULL, &JsValue::from(done as f64), &JsValue::from(total as f64));
-                }
-            })
+            let model = Model::load(
+                inner.gpu.clone(),
+                inner.kernels.clone(),
+                &ck,
+                &mopts,
+                move |done, total| {
+                    if let Some(f) = &cb {
+                        let _ = f.call2(
+                            &JsValue::NULL,
+                            &JsValue::from(done as f64),
+                            &JsValue::from(total as f64),
+                        );
+                    }
+                },
+            )
             .await
             .map_err(engine_error)?;
             drop(ck);
@@ -303,10 +360,18 @@ struct ModelInner {
 
 impl ModelInner {
     fn model(&self) -> Result<Rc<Model>, JsValue> {
-        self.model.borrow().clone().ok_or_else(|| js_error("InvalidStateError", "this model was disposed"))
+        self.model
+            .borrow()
+            .clone()
+            .ok_or_else(|| js_error("InvalidStateError", "this model was disposed"))
     }
     fn tokenizer(&self) -> Result<&Tokenizer, JsValue> {
-        self.tokenizer.as_ref().ok_or_else(|| js_error("TokenizerError", "this model was loaded without tokenizer.json; pass token ids instead of text"))
+        self.tokenizer.as_ref().ok_or_else(|| {
+            js_error(
+                "TokenizerError",
+                "this model was loaded without tokenizer.json; pass token ids instead of text",
+            )
+        })
     }
 }
 
@@ -314,7 +379,10 @@ struct BusyGuard(Rc<ModelInner>);
 impl BusyGuard {
     fn take(inner: &Rc<ModelInner>) -> Result<BusyGuard, JsValue> {
         if inner.busy.get() {
-            return Err(js_error("InvalidStateError", "the model is already generating; wait for it or cancel() first"));
+            return Err(js_error(
+                "InvalidStateError",
+                "the model is already generating; wait for it or cancel() first",
+            ));
         }
         inner.busy.set(true);
         Ok(BusyGuard(inner.clone()))
@@ -345,8 +413,19 @@ fn finish_reason(s: StopReason) -> &'static str {
 }
 
 /// One generation on `seq`: streams filtered text pieces to `on_token(piece, id)`.
-async fn run_generation(inner: &Rc<ModelInner>, model: &Model, seq: &mut Sequence, ids: &[u32], o: &GenOptions, stops: Vec<String>, trim_leading: bool, on_token: Option<Function>) -> Result<(Generation, String), JsValue> {
-    let seed = o.seed.unwrap_or_else(|| (js_sys::Math::random() * 4294967296.0) as u64);
+async fn run_generation(
+    inner: &Rc<ModelInner>,
+    model: &Model,
+    seq: &mut Sequence,
+    ids: &[u32],
+    o: &GenOptions,
+    stops: Vec<String>,
+    trim_leading: bool,
+    on_token: Option<Function>,
+) -> Result<(Generation, String), JsValue> {
+    let seed = o
+        .seed
+        .unwrap_or_else(|| (js_sys::Math::random() * 4294967296.0) as u64);
     let gopts = GenerateOptions {
         max_new_tokens: o.max_tokens,
         sampling: SamplingParams {
@@ -356,7 +435,11 @@ async fn run_generation(inner: &Rc<ModelInner>, model: &Model, seq: &mut Sequenc
             repetition_penalty: o.repetition_penalty,
             seed,
         },
-        stop_strings: if inner.tokenizer.is_some() { stops.clone() } else { Vec::new() },
+        stop_strings: if inner.tokenizer.is_some() {
+            stops.clone()
+        } else {
+            Vec::new()
+        },
         stop_at_eos: !o.ignore_eos,
     };
     inner.cancel.set(false);
@@ -373,24 +456,38 @@ async fn run_generation(inner: &Rc<ModelInner>, model: &Model, seq: &mut Sequenc
             shown.push_str(&s);
             let mut go_on = true;
             if let Some(f) = &on_token {
-                match f.call2(&JsValue::NULL, &JsValue::from_str(&s), &JsValue::from(ev.id)) {
+                match f.call2(
+                    &JsValue::NULL,
+                    &JsValue::from_str(&s),
+                    &JsValue::from(ev.id),
+                ) {
                     Ok(v) => go_on = v.as_bool() != Some(false),
                     Err(e) => {
-                        web_sys::console::error_2(&"hymba-web: the token callback threw; cancelling:".into(), &e);
+                        web_sys::console::error_2(
+                            &"hymba-web: the token callback threw; cancelling:".into(),
+                            &e,
+                        );
                         go_on = false;
                     }
                 }
             }
             go_on && !inner.cancel.get()
         };
-        model.generate(seq, ids, &gopts, inner.tokenizer.as_ref(), cb).await.map_err(engine_error)?
+        model
+            .generate(seq, ids, &gopts, inner.tokenizer.as_ref(), cb)
+            .await
+            .map_err(engine_error)?
     };
     if g.stop != StopReason::StopString {
         let rest = filter.flush();
         if !rest.is_empty() {
             shown.push_str(&rest);
             if let Some(f) = &on_token {
-                let _ = f.call2(&JsValue::NULL, &JsValue::from_str(&rest), &JsValue::from(-1));
+                let _ = f.call2(
+                    &JsValue::NULL,
+                    &JsValue::from_str(&rest),
+                    &JsValue::from(-1),
+                );
             }
         }
     }
@@ -436,7 +533,9 @@ impl HymbaModel {
     /// Config and memory facts as JSON.
     pub fn info(&self) -> String {
         let m = self.inner.model.borrow();
-        let Some(m) = m.as_ref() else { return json!({"disposed": true}).to_string() };
+        let Some(m) = m.as_ref() else {
+            return json!({"disposed": true}).to_string();
+        };
         let c = &m.cfg;
         json!({
             "name": self.inner.name,
@@ -457,19 +556,30 @@ impl HymbaModel {
 
     /// Text to token ids (`add_special` adds BOS like the Hugging Face tokenizer).
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, JsValue> {
-        self.inner.tokenizer()?.encode(text, add_special).map_err(engine_error)
+        self.inner
+            .tokenizer()?
+            .encode(text, add_special)
+            .map_err(engine_error)
     }
 
     /// Token ids to text (special tokens skipped).
     pub fn decode(&self, ids: Vec<u32>) -> Result<String, JsValue> {
-        self.inner.tokenizer()?.decode(&ids, true).map_err(engine_error)
+        self.inner
+            .tokenizer()?
+            .decode(&ids, true)
+            .map_err(engine_error)
     }
 
     /// Raw completion of `prompt` (a string, or token ids). Options (JSON): max_tokens,
     /// temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos, continue,
     /// add_special_tokens. `on_token(piece, id)` streams; returning false cancels.
     /// Resolves to a JSON string {text, ids, finish_reason, usage, stats}.
-    pub fn generate(&self, prompt: JsValue, options_json: Option<String>, on_token: Option<Function>) -> Promise {
+    pub fn generate(
+        &self,
+        prompt: JsValue,
+        options_json: Option<String>,
+        on_token: Option<Function>,
+    ) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {
             let o: GenOptions = parse_json(options_json, "generation options")?;
@@ -500,15 +610,33 @@ impl HymbaModel {
             if let Some(text) = prompt.as_string() {
                 if !text.is_empty() {
                     let add = o.add_special_tokens.unwrap_or(!continuing);
-                    ids.extend(inner.tokenizer()?.encode(&text, add).map_err(engine_error)?);
+                    ids.extend(
+                        inner
+                            .tokenizer()?
+                            .encode(&text, add)
+                            .map_err(engine_error)?,
+                    );
                 }
             } else if let Some(v) = ids_from_js(&prompt) {
                 ids.extend(v);
             } else if !prompt.is_undefined() && !prompt.is_null() {
-                return Err(js_error("TypeError", "prompt must be a string, an array of token ids or a Uint32Array"));
+                return Err(js_error(
+                    "TypeError",
+                    "prompt must be a string, an array of token ids or a Uint32Array",
+                ));
             }
             let cached = seq.position();
-            let res = run_generation(&inner, &model, &mut seq, &ids, &o, o.stop.clone(), false, on_token).await;
+            let res = run_generation(
+                &inner,
+                &model,
+                &mut seq,
+                &ids,
+                &o,
+                o.stop.clone(),
+                false,
+                on_token,
+            )
+            .await;
             let mut st = inner.state.borrow_mut();
             let (g, text) = match res {
                 Ok(x) => x,
@@ -527,7 +655,10 @@ impl HymbaModel {
             });
             st.stats = Some(stats);
             st.seq = Some(seq);
-            st.last = Some(Last { gen: g, mode: Mode::Completion });
+            st.last = Some(Last {
+                gen: g,
+                mode: Mode::Completion,
+            });
             Ok(JsValue::from_str(&out.to_string()))
         })
     }
@@ -536,17 +667,30 @@ impl HymbaModel {
     /// rendered with the Hymba Instruct template. When the list extends the
     /// conversation the cache holds (same system text and turns, with the last reply
     /// as returned), only the new user turn is prefilled.
-    pub fn chat(&self, messages_json: String, options_json: Option<String>, on_token: Option<Function>) -> Promise {
+    pub fn chat(
+        &self,
+        messages_json: String,
+        options_json: Option<String>,
+        on_token: Option<Function>,
+    ) -> Promise {
         let inner = self.inner.clone();
         future_to_promise(async move {
             let o: GenOptions = parse_json(options_json, "generation options")?;
-            let messages: Vec<Message> = serde_json::from_str(&messages_json).map_err(|e| js_error("TypeError", &format!("invalid messages: {e}")))?;
+            let messages: Vec<Message> = serde_json::from_str(&messages_json)
+                .map_err(|e| js_error("TypeError", &format!("invalid messages: {e}")))?;
             let _busy = BusyGuard::take(&inner)?;
             let model = inner.model()?;
             let tok = inner.tokenizer()?;
             let (system, turns) = split_system(&messages);
-            let Some(user) = turns.last().filter(|m| m.role == "user").map(|m| m.content.clone()) else {
-                return Err(js_error("TypeError", "the last message must have role \"user\""));
+            let Some(user) = turns
+                .last()
+                .filter(|m| m.role == "user")
+                .map(|m| m.content.clone())
+            else {
+                return Err(js_error(
+                    "TypeError",
+                    "the last message must have role \"user\"",
+                ));
             };
             let (seq, last, history) = {
                 let mut st = inner.state.borrow_mut();
@@ -554,12 +698,16 @@ impl HymbaModel {
             };
             let prior = (system.clone(), turns[..turns.len() - 1].to_vec());
             let (mut seq, ids, continued) = match (seq, last, history) {
-                (Some(seq), Some(last), Some(h)) if last.mode == Mode::Chat && h == prior && !prior.1.is_empty() => {
-                    let ids = next_turn_ids(tok, &last.gen, &last.gen.text, &user).map_err(engine_error)?;
+                (Some(seq), Some(last), Some(h))
+                    if last.mode == Mode::Chat && h == prior && !prior.1.is_empty() =>
+                {
+                    let ids = next_turn_ids(tok, &last.gen, &last.gen.text, &user)
+                        .map_err(engine_error)?;
                     (seq, ids, true)
                 }
                 _ => {
-                    let text = render(system.as_deref(), &turns).map_err(|e| js_error("TypeError", &e))?;
+                    let text =
+                        render(system.as_deref(), &turns).map_err(|e| js_error("TypeError", &e))?;
                     let ids = tok.encode(&text, false).map_err(engine_error)?;
                     (model.new_sequence().map_err(engine_error)?, ids, false)
                 }
@@ -567,7 +715,8 @@ impl HymbaModel {
             let mut stops: Vec<String> = REPLY_STOPS.iter().map(|s| s.to_string()).collect();
             stops.extend(o.stop.iter().cloned());
             let cached = seq.position();
-            let res = run_generation(&inner, &model, &mut seq, &ids, &o, stops, true, on_token).await;
+            let res =
+                run_generation(&inner, &model, &mut seq, &ids, &o, stops, true, on_token).await;
             let (g, text) = res?;
             let reply = text.trim_end().to_string();
             let stats = stats_json(&model, &seq, &g, ids.len());
@@ -581,11 +730,17 @@ impl HymbaModel {
             });
             let mut st = inner.state.borrow_mut();
             let mut h = turns;
-            h.push(Message { role: "assistant".into(), content: reply });
+            h.push(Message {
+                role: "assistant".into(),
+                content: reply,
+            });
             st.history = Some((system, h));
             st.stats = Some(stats);
             st.seq = Some(seq);
-            st.last = Some(Last { gen: g, mode: Mode::Chat });
+            st.last = Some(Last {
+                gen: g,
+                mode: Mode::Chat,
+            });
             Ok(JsValue::from_str(&out.to_string()))
         })
     }
@@ -603,7 +758,10 @@ impl HymbaModel {
     /// Forgets the conversation (the next call starts from the meta-token prefix).
     pub fn reset(&self) -> Result<(), JsValue> {
         if self.inner.busy.get() {
-            return Err(js_error("InvalidStateError", "cannot reset while generating; cancel() first"));
+            return Err(js_error(
+                "InvalidStateError",
+                "cannot reset while generating; cancel() first",
+            ));
         }
         let mut st = self.inner.state.borrow_mut();
         st.seq = None;
@@ -614,7 +772,13 @@ impl HymbaModel {
 
     /// Statistics of the last call as JSON (null before the first).
     pub fn stats(&self) -> String {
-        self.inner.state.borrow().stats.clone().unwrap_or(Value::Null).to_string()
+        self.inner
+            .state
+            .borrow()
+            .stats
+            .clone()
+            .unwrap_or(Value::Null)
+            .to_string()
     }
 
     /// Releases the GPU buffers (weights when no call is running, and the cache).

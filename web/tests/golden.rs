@@ -38,7 +38,11 @@ macro_rules! case {
             name: $dir,
             config: include_str!(concat!("../../tests/fixtures/", $dir, "/config.json")),
             model: include_bytes!(concat!("../../tests/fixtures/", $dir, "/model.safetensors")),
-            expected: include_bytes!(concat!("../../tests/fixtures/", $dir, "/expected.safetensors")),
+            expected: include_bytes!(concat!(
+                "../../tests/fixtures/",
+                $dir,
+                "/expected.safetensors"
+            )),
             case: include_str!(concat!("../../tests/fixtures/", $dir, "/case.json")),
         }
     };
@@ -52,8 +56,17 @@ async fn gpu() -> (Arc<Gpu>, Arc<Kernels>) {
     if let Some(g) = GPU.with(|g| g.borrow().clone()) {
         return g;
     }
-    let gpu = Arc::new(Gpu::new(&GpuOptions::default()).await.expect("WebGPU adapter (run Chromium with --enable-unsafe-webgpu)"));
-    console_log!("adapter: {} ({:?}), shader-f16 {}", gpu.info.name, gpu.info.backend, gpu.shader_f16);
+    let gpu = Arc::new(
+        Gpu::new(&GpuOptions::default())
+            .await
+            .expect("WebGPU adapter (run Chromium with --enable-unsafe-webgpu)"),
+    );
+    console_log!(
+        "adapter: {} ({:?}), shader-f16 {}",
+        gpu.info.name,
+        gpu.info.backend,
+        gpu.shader_f16
+    );
     let kernels = Arc::new(Kernels::new(&gpu).expect("kernels"));
     GPU.with(|g| *g.borrow_mut() = Some((gpu.clone(), kernels.clone())));
     (gpu, kernels)
@@ -66,7 +79,11 @@ fn expected(bytes: &[u8]) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         if view.dtype() != safetensors::Dtype::F32 {
             continue;
         }
-        let v: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let v: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         t.insert(name, (view.shape().to_vec(), v));
     }
     t
@@ -118,30 +135,61 @@ const RTOL: f32 = 1e-3;
 async fn run(c: Case) {
     let (gpu, kernels) = gpu().await;
     let case: serde_json::Value = serde_json::from_str(c.case).unwrap();
-    let ids = |k: &str| -> Vec<u32> { case[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let ids = |k: &str| -> Vec<u32> {
+        case[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
     let prompt = ids("prompt_ids");
     let gen_ids = ids("generated_ids");
     let bf16_run = case["run_dtype"].as_str() == Some("bfloat16");
-    let (k_nocache, k_gen) = if bf16_run { ("f32.nocache.logits", "f32.gen.logits") } else { ("nocache.logits", "gen.logits") };
+    let (k_nocache, k_gen) = if bf16_run {
+        ("f32.nocache.logits", "f32.gen.logits")
+    } else {
+        ("nocache.logits", "gen.logits")
+    };
     let exp = expected(c.expected);
-    let ck = Checkpoint::from_bytes(c.config, vec![("model.safetensors".to_string(), c.model.to_vec())]).unwrap();
-    let opts = ModelOptions { dtype: DtypeChoice::F32, ..Default::default() };
-    let model = Model::load(gpu, kernels, &ck, &opts, |_, _| {}).await.unwrap();
+    let ck = Checkpoint::from_bytes(
+        c.config,
+        vec![("model.safetensors".to_string(), c.model.to_vec())],
+    )
+    .unwrap();
+    let opts = ModelOptions {
+        dtype: DtypeChoice::F32,
+        ..Default::default()
+    };
+    let model = Model::load(gpu, kernels, &ck, &opts, |_, _| {})
+        .await
+        .unwrap();
     let v = model.cfg.vocab_size;
     let mut failures = Vec::new();
 
     // (a) no-cache prompt logits.
     let mut seq = model.empty_sequence().unwrap();
-    let logits = model.forward(&mut seq, &prompt, Logits::All, None).await.unwrap();
+    let logits = model
+        .forward(&mut seq, &prompt, Logits::All, None)
+        .await
+        .unwrap();
     let want = &exp[k_nocache].1;
     let (ea, bad) = compare(&logits, want, ATOL, RTOL);
     if let Some(i) = bad {
-        failures.push(format!("(a) {k_nocache}: max |err| {ea:.3e}; first bad element {i} (row {}): got {}, want {}", i / v, logits[i], want[i]));
+        failures.push(format!(
+            "(a) {k_nocache}: max |err| {ea:.3e}; first bad element {i} (row {}): got {}, want {}",
+            i / v,
+            logits[i],
+            want[i]
+        ));
     }
 
     // (c) teacher-forced decode.
     let mut seq = model.new_sequence().unwrap();
-    let mut steps = vec![model.forward(&mut seq, &prompt, Logits::Last, None).await.unwrap()];
+    let mut steps = vec![model
+        .forward(&mut seq, &prompt, Logits::Last, None)
+        .await
+        .unwrap()];
     for k in 1..gen_ids.len() {
         steps.push(model.decode_logits(&mut seq, gen_ids[k - 1]).await.unwrap());
     }
@@ -154,14 +202,21 @@ async fn run(c: Case) {
         let (e, bad) = compare(l, want, ATOL, RTOL);
         ec = ec.max(e);
         if let Some(i) = bad {
-            failures.push(format!("(c) {k_gen} step {k}: max |err| {e:.3e}; first bad token {i}: got {}, want {}", l[i], want[i]));
+            failures.push(format!(
+                "(c) {k_gen} step {k}: max |err| {e:.3e}; first bad token {i}: got {}, want {}",
+                l[i], want[i]
+            ));
         }
         if top2_margin(want) > 1e-3 {
             greedy_checked += 1;
             if argmax(l) as u32 == gen_ids[k] {
                 greedy_ok += 1;
             } else {
-                failures.push(format!("(c) step {k}: greedy token {} but the reference chose {}", argmax(l), gen_ids[k]));
+                failures.push(format!(
+                    "(c) step {k}: greedy token {} but the reference chose {}",
+                    argmax(l),
+                    gen_ids[k]
+                ));
             }
         }
     }
@@ -170,7 +225,13 @@ async fn run(c: Case) {
         c.name,
         gen_ids.len()
     );
-    assert!(failures.is_empty(), "{}: {} checks failed:\n{}", c.name, failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{}: {} checks failed:\n{}",
+        c.name,
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[wasm_bindgen_test]

@@ -96,7 +96,10 @@ fn replace_ident(line: &str, ident: &str, value: &str) -> String {
     let mut i = 0;
     let is_id = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
     while i < bytes.len() {
-        if line[i..].starts_with(ident) && (i == 0 || !is_id(bytes[i - 1])) && (i + ident.len() >= bytes.len() || !is_id(bytes[i + ident.len()])) {
+        if line[i..].starts_with(ident)
+            && (i == 0 || !is_id(bytes[i - 1]))
+            && (i + ident.len() >= bytes.len() || !is_id(bytes[i + ident.len()]))
+        {
             out.push_str(value);
             i += ident.len();
         } else {
@@ -108,13 +111,24 @@ fn replace_ident(line: &str, ident: &str, value: &str) -> String {
 }
 
 impl Kernel {
-    pub fn new(gpu: &Gpu, file: &str, source: &str, entry: &str, defines: &[&str], bindings: &[BindKind]) -> Result<Kernel> {
+    pub fn new(
+        gpu: &Gpu,
+        file: &str,
+        source: &str,
+        entry: &str,
+        defines: &[&str],
+        bindings: &[BindKind],
+    ) -> Result<Kernel> {
         let mut defs: Vec<&str> = defines.to_vec();
         if gpu.shader_f16 {
             defs.push("SHADER_F16");
         }
         let code = preprocess(source, &defs);
-        let code = if defs.contains(&"SHADER_F16") && code.contains("f16") { format!("enable f16;\n{code}") } else { code };
+        let code = if defs.contains(&"SHADER_F16") && code.contains("f16") {
+            format!("enable f16;\n{code}")
+        } else {
+            code
+        };
         let name = format!("{file}:{entry}[{}]", defines.join(","));
         let device = &gpu.device;
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -164,7 +178,8 @@ impl Kernel {
             compilation_options: Default::default(),
             cache: None,
         });
-        gpu.check_errors().map_err(|e| Error::Gpu(format!("compiling {name}: {e}")))?;
+        gpu.check_errors()
+            .map_err(|e| Error::Gpu(format!("compiling {name}: {e}")))?;
         Ok(Kernel {
             name,
             pipeline,
@@ -180,7 +195,8 @@ mod tests {
 
     #[test]
     fn preprocessor_branches_and_defines() {
-        let src = "#define WG 64\n#ifdef A\na WG\n#else\nnot_a\n#endif\n#ifndef B\nnob WGX\n#endif\n";
+        let src =
+            "#define WG 64\n#ifdef A\na WG\n#else\nnot_a\n#endif\n#ifndef B\nnob WGX\n#endif\n";
         let out = preprocess(src, &["A"]);
         assert!(out.contains("a 64"));
         assert!(!out.contains("not_a"));

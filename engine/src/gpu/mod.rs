@@ -61,7 +61,10 @@ pub struct Gpu {
 
 /// One line per adapter: what `hymba info` prints.
 pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
-    format!("{} ({:?}, {:?}, driver {} {})", info.name, info.backend, info.device_type, info.driver, info.driver_info)
+    format!(
+        "{} ({:?}, {:?}, driver {} {})",
+        info.name, info.backend, info.device_type, info.driver, info.driver_info
+    )
 }
 
 impl Gpu {
@@ -186,7 +189,9 @@ impl Gpu {
         Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         }))
     }
@@ -209,11 +214,17 @@ impl Gpu {
     }
 
     pub fn write<T: bytemuck::Pod>(&self, buf: &wgpu::Buffer, offset_bytes: u64, data: &[T]) {
-        self.queue.write_buffer(buf, offset_bytes, bytemuck::cast_slice(data));
+        self.queue
+            .write_buffer(buf, offset_bytes, bytemuck::cast_slice(data));
     }
 
     /// Copies `len_bytes` from `buf` at `offset` back to the CPU.
-    pub async fn read_bytes(&self, buf: &wgpu::Buffer, offset: u64, len_bytes: u64) -> Result<Vec<u8>> {
+    pub async fn read_bytes(
+        &self,
+        buf: &wgpu::Buffer,
+        offset: u64,
+        len_bytes: u64,
+    ) -> Result<Vec<u8>> {
         let len = len_bytes.div_ceil(4) * 4;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
@@ -236,21 +247,38 @@ impl Gpu {
             let _ = tx.send(r);
         });
         #[cfg(not(target_arch = "wasm32"))]
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
-        let r = rx.await.map_err(|_| Error::Gpu("readback was dropped".into()))?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        let r = rx
+            .await
+            .map_err(|_| Error::Gpu("readback was dropped".into()))?;
         r.map_err(|e| Error::Gpu(format!("buffer map failed: {e}")))?;
-        let data = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("buffer map failed: {e}")))?.to_vec();
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Gpu(format!("buffer map failed: {e}")))?
+            .to_vec();
         staging.unmap();
         self.check_errors()?;
         Ok(data)
     }
 
-    pub async fn read_f32(&self, buf: &wgpu::Buffer, offset_elems: u64, n: u64) -> Result<Vec<f32>> {
+    pub async fn read_f32(
+        &self,
+        buf: &wgpu::Buffer,
+        offset_elems: u64,
+        n: u64,
+    ) -> Result<Vec<f32>> {
         let b = self.read_bytes(buf, offset_elems * 4, n * 4).await?;
         Ok(bytemuck::cast_slice(&b).to_vec())
     }
 
-    pub async fn read_u32(&self, buf: &wgpu::Buffer, offset_elems: u64, n: u64) -> Result<Vec<u32>> {
+    pub async fn read_u32(
+        &self,
+        buf: &wgpu::Buffer,
+        offset_elems: u64,
+        n: u64,
+    ) -> Result<Vec<u32>> {
         let b = self.read_bytes(buf, offset_elems * 4, n * 4).await?;
         Ok(bytemuck::cast_slice(&b).to_vec())
     }
@@ -258,7 +286,9 @@ impl Gpu {
     /// Waits for all submitted work (native); a no-op future on the web.
     pub async fn finish(&self) -> Result<()> {
         #[cfg(not(target_arch = "wasm32"))]
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Gpu(e.to_string()))?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(e.to_string()))?;
         #[cfg(target_arch = "wasm32")]
         {
             let (tx, rx) = futures_channel::oneshot::channel();

@@ -56,16 +56,31 @@ impl<'g> Recorder<'g> {
     }
 
     /// Adds one dispatch. `buffers` fill bindings 1.. in order; `params` is binding 0.
-    pub fn dispatch<P: bytemuck::Pod>(&mut self, kernel: &Arc<Kernel>, params: &P, buffers: &[&wgpu::Buffer], groups: [u32; 3]) -> Result<()> {
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        kernel: &Arc<Kernel>,
+        params: &P,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
         let bytes = bytemuck::bytes_of(params);
-        assert!(bytes.len() <= PARAM_STRIDE, "{}: parameter struct too large", kernel.name);
+        assert!(
+            bytes.len() <= PARAM_STRIDE,
+            "{}: parameter struct too large",
+            kernel.name
+        );
         let start = self.params.len();
         self.params.extend_from_slice(bytes);
         self.params.resize(start + PARAM_STRIDE, 0);
         if !self.build {
             return Ok(());
         }
-        assert_eq!(buffers.len() + 1, kernel.bindings.len(), "{}: binding count", kernel.name);
+        assert_eq!(
+            buffers.len() + 1,
+            kernel.bindings.len(),
+            "{}: binding count",
+            kernel.name
+        );
         debug_assert_eq!(kernel.bindings[0], BindKind::Uniform);
         let max = self.gpu.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
@@ -170,7 +185,11 @@ impl Program {
     /// dispatch, the kernel name and the nanoseconds since the previous timestamp (the kernel
     /// plus the barrier before it). None when the adapter lacks timestamps inside passes.
     pub async fn profile(&self, gpu: &Gpu) -> Result<Option<Vec<(String, f64)>>> {
-        if !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) || self.dispatches.is_empty() {
+        if !gpu
+            .features
+            .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+            || self.dispatches.is_empty()
+        {
             return Ok(None);
         }
         let n = self.dispatches.len() as u32 + 1;
@@ -205,7 +224,12 @@ impl Program {
             self.dispatches
                 .iter()
                 .enumerate()
-                .map(|(i, (k, _, _))| (k.name.clone(), ts[i + 1].saturating_sub(ts[i]) as f64 * period))
+                .map(|(i, (k, _, _))| {
+                    (
+                        k.name.clone(),
+                        ts[i + 1].saturating_sub(ts[i]) as f64 * period,
+                    )
+                })
                 .collect(),
         ))
     }

@@ -121,12 +121,17 @@ pub fn dequantize(words: &[u32], rows: usize, cols: usize, dtype: WeightDtype) -
     assert!(dtype.is_quantized());
     let kp = Matrix::padded_cols_for(cols, dtype);
     let nb = kp / QBLOCK;
-    let qwords = if dtype == WeightDtype::Q8 { rows * kp / 4 } else { rows * kp / 8 };
+    let qwords = if dtype == WeightDtype::Q8 {
+        rows * kp / 4
+    } else {
+        rows * kp / 8
+    };
     let mut out = Vec::with_capacity(rows * cols);
     for r in 0..rows {
         for c in 0..cols {
             let bi = r * nb + c / QBLOCK;
-            let s = half::f16::from_bits((words[qwords + bi / 2] >> (16 * (bi % 2))) as u16).to_f32();
+            let s =
+                half::f16::from_bits((words[qwords + bi / 2] >> (16 * (bi % 2))) as u16).to_f32();
             let e = r * kp + c;
             let q = match dtype {
                 WeightDtype::Q8 => (words[e / 4] >> (8 * (e % 4))) as u8 as i8 as i32,
@@ -177,7 +182,14 @@ impl Matrix {
         Self::bytes_for(self.rows, self.cols, self.dtype)
     }
     /// Uploads a row-major [rows, cols] f32 matrix, converting to `dtype`.
-    pub fn upload(gpu: &Gpu, label: &str, data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> Result<Matrix> {
+    pub fn upload(
+        gpu: &Gpu,
+        label: &str,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        dtype: WeightDtype,
+    ) -> Result<Matrix> {
         assert_eq!(data.len(), rows * cols);
         let kp = Self::padded_cols_for(cols, dtype);
         let buf = match dtype {
@@ -197,15 +209,38 @@ impl Matrix {
                 }
                 gpu.upload(label, &v)?
             }
-            WeightDtype::Q8 | WeightDtype::Q4 => gpu.upload(label, &quantize(data, rows, cols, dtype))?,
+            WeightDtype::Q8 | WeightDtype::Q4 => {
+                gpu.upload(label, &quantize(data, rows, cols, dtype))?
+            }
         };
-        Ok(Matrix { buf, rows, cols, dtype })
+        Ok(Matrix {
+            buf,
+            rows,
+            cols,
+            dtype,
+        })
     }
     /// Uploads words already in the layout of [`quantize`] (a pre-quantized checkpoint).
-    pub fn upload_quantized(gpu: &Gpu, label: &str, words: &[u32], rows: usize, cols: usize, dtype: WeightDtype) -> Result<Matrix> {
+    pub fn upload_quantized(
+        gpu: &Gpu,
+        label: &str,
+        words: &[u32],
+        rows: usize,
+        cols: usize,
+        dtype: WeightDtype,
+    ) -> Result<Matrix> {
         assert!(dtype.is_quantized());
-        assert_eq!((words.len() * 4) as u64, Self::bytes_for(rows, cols, dtype), "{label}: quantized size");
-        Ok(Matrix { buf: gpu.upload(label, words)?, rows, cols, dtype })
+        assert_eq!(
+            (words.len() * 4) as u64,
+            Self::bytes_for(rows, cols, dtype),
+            "{label}: quantized size"
+        );
+        Ok(Matrix {
+            buf: gpu.upload(label, words)?,
+            rows,
+            cols,
+            dtype,
+        })
     }
 }
 
@@ -386,7 +421,11 @@ pub enum Prologue<'a> {
     /// RMSNorm of each X row with this weight.
     Norm(&'a wgpu::Buffer, f32),
     /// Hybrid-head merge: X = attention output, `x2` = SSM output, weights [2, k].
-    Merge { w: &'a wgpu::Buffer, x2: &'a wgpu::Buffer, eps: f32 },
+    Merge {
+        w: &'a wgpu::Buffer,
+        x2: &'a wgpu::Buffer,
+        eps: f32,
+    },
     /// SwiGLU: X rows are [gate | up], each k wide.
     Swiglu,
 }
@@ -443,14 +482,32 @@ impl Kernels {
     pub fn new_with(gpu: &Gpu, rowwise: bool) -> Result<Kernels> {
         // GEMV staging sizes: 2048 floats for K up to 2048 (small footprint, high occupancy),
         // and what the device allows (up to 5632, enough for K = 5504) for larger K.
-        let limit = (gpu.limits.max_compute_workgroup_storage_size as usize).saturating_sub(2048 + 64) / 4 / 8 * 8;
+        let limit = (gpu.limits.max_compute_workgroup_storage_size as usize)
+            .saturating_sub(2048 + 64)
+            / 4
+            / 8
+            * 8;
         let xsh = [2048usize.min(limit).max(8), 5632usize.min(limit).max(8)];
-        let sg32 = gpu.features.contains(wgpu::Features::SUBGROUP) && gpu.info.subgroup_min_size == 32 && gpu.info.subgroup_max_size == 32;
-        let k = |file: &str, src: &str, defs: &[&str], entry: &str, b: &[BindKind]| -> Result<Arc<Kernel>> { Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?)) };
+        let sg32 = gpu.features.contains(wgpu::Features::SUBGROUP)
+            && gpu.info.subgroup_min_size == 32
+            && gpu.info.subgroup_max_size == 32;
+        let k = |file: &str,
+                 src: &str,
+                 defs: &[&str],
+                 entry: &str,
+                 b: &[BindKind]|
+         -> Result<Arc<Kernel>> {
+            Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?))
+        };
         let mut gemv = Vec::new();
         for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
             let mut per_pro = Vec::new();
-            for (pro, binds) in [("", &[U, R, R, R, RW][..]), ("PRO_NORM", &[U, R, R, R, RW, R][..]), ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]), ("PRO_SWIGLU", &[U, R, R, R, RW][..])] {
+            for (pro, binds) in [
+                ("", &[U, R, R, R, RW][..]),
+                ("PRO_NORM", &[U, R, R, R, RW, R][..]),
+                ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]),
+                ("PRO_SWIGLU", &[U, R, R, R, RW][..]),
+            ] {
                 let mk = |n: usize| -> Result<Arc<Kernel>> {
                     let xd = format!("XSH={n}");
                     let mut d = vec![dt, xd.as_str()];
@@ -472,7 +529,12 @@ impl Kernels {
             let mut v = Vec::new();
             for dt in ["W_F32", "PACKED_F16"] {
                 let mut per = Vec::new();
-                for (pro, binds) in [("", &[U, R, R, R, RW][..]), ("PRO_NORM", &[U, R, R, R, RW, R][..]), ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]), ("PRO_SWIGLU", &[U, R, R, R, RW][..])] {
+                for (pro, binds) in [
+                    ("", &[U, R, R, R, RW][..]),
+                    ("PRO_NORM", &[U, R, R, R, RW, R][..]),
+                    ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]),
+                    ("PRO_SWIGLU", &[U, R, R, R, RW][..]),
+                ] {
                     let mut d = vec![dt];
                     if !pro.is_empty() {
                         d.push(pro);
@@ -487,22 +549,76 @@ impl Kernels {
         };
         Ok(Kernels {
             gemv_row,
-            gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]].iter().map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW])).collect::<Result<_>>()?,
+            gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
+                .iter()
+                .map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW]))
+                .collect::<Result<_>>()?,
             gemv,
             xsh,
-            attention_split: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &[], "main", &[U, RW, R, R, RW, RW])?,
-            attention_combine: k("attention_decode.wgsl", SRC_ATTENTION_DECODE, &["COMBINE"], "main", &[U, R, RW])?,
-            conv_step: k("conv1d.wgsl", SRC_CONV1D, &["STEP"], "main", &[U, R, R, RW, RW])?,
-            scan_fused: k("scan.wgsl", SRC_SCAN, &["FUSED_DT"], "main", &[U, R, R, R, R, R, RW, RW, R])?,
-            embed: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]].iter().map(|d| k("embed.wgsl", SRC_EMBED, d, "main", &[U, R, R, R, RW])).collect::<Result<_>>()?,
+            attention_split: k(
+                "attention_decode.wgsl",
+                SRC_ATTENTION_DECODE,
+                &[],
+                "main",
+                &[U, RW, R, R, RW, RW],
+            )?,
+            attention_combine: k(
+                "attention_decode.wgsl",
+                SRC_ATTENTION_DECODE,
+                &["COMBINE"],
+                "main",
+                &[U, R, RW],
+            )?,
+            conv_step: k(
+                "conv1d.wgsl",
+                SRC_CONV1D,
+                &["STEP"],
+                "main",
+                &[U, R, R, RW, RW],
+            )?,
+            scan_fused: k(
+                "scan.wgsl",
+                SRC_SCAN,
+                &["FUSED_DT"],
+                "main",
+                &[U, R, R, R, R, R, RW, RW, R],
+            )?,
+            embed: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
+                .iter()
+                .map(|d| k("embed.wgsl", SRC_EMBED, d, "main", &[U, R, R, R, RW]))
+                .collect::<Result<_>>()?,
             rmsnorm: k("rmsnorm.wgsl", SRC_RMSNORM, &[], "main", &[U, R, R, RW])?,
-            rmsnorm_inplace: k("rmsnorm.wgsl", SRC_RMSNORM, &["INPLACE"], "main", &[U, R, RW])?,
+            rmsnorm_inplace: k(
+                "rmsnorm.wgsl",
+                SRC_RMSNORM,
+                &["INPLACE"],
+                "main",
+                &[U, R, RW],
+            )?,
             rope_q: k("rope.wgsl", SRC_ROPE, &[], "main", &[U, R, RW])?,
-            store_kv: k("rope.wgsl", SRC_ROPE, &["STORE_KV"], "main", &[U, R, R, RW, RW])?,
-            attention: k("attention.wgsl", SRC_ATTENTION, &[], "main", &[U, R, R, R, RW])?,
+            store_kv: k(
+                "rope.wgsl",
+                SRC_ROPE,
+                &["STORE_KV"],
+                "main",
+                &[U, R, R, RW, RW],
+            )?,
+            attention: k(
+                "attention.wgsl",
+                SRC_ATTENTION,
+                &[],
+                "main",
+                &[U, R, R, R, RW],
+            )?,
             conv: k("conv1d.wgsl", SRC_CONV1D, &[], "main", &[U, R, R, R, RW])?,
             conv_state: k("conv1d.wgsl", SRC_CONV1D, &["STATE"], "main", &[U, R, RW])?,
-            scan: k("scan.wgsl", SRC_SCAN, &[], "main", &[U, R, R, R, R, R, RW, RW])?,
+            scan: k(
+                "scan.wgsl",
+                SRC_SCAN,
+                &[],
+                "main",
+                &[U, R, R, R, R, R, RW, RW],
+            )?,
             merge: k("merge.wgsl", SRC_MERGE, &[], "main", &[U, R, R, R, RW])?,
             swiglu: k("swiglu.wgsl", SRC_SWIGLU, &[], "main", &[U, RW])?,
             sample: k("sample.wgsl", SRC_SAMPLE, &[], "main", &[U, R, RW, RW])?,
@@ -512,7 +628,20 @@ impl Kernels {
 
     /// Y[rows, m] (+)= X[rows, k] W^T (+ bias). X at `x_off` with row stride `x_stride`, Y likewise.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul(&self, rec: &mut Recorder, x: &wgpu::Buffer, x_off: usize, x_stride: usize, w: &Matrix, bias: Option<&wgpu::Buffer>, y: &wgpu::Buffer, y_off: usize, y_stride: usize, rows: usize, accumulate: bool) -> Result<()> {
+    pub fn matmul(
+        &self,
+        rec: &mut Recorder,
+        x: &wgpu::Buffer,
+        x_off: usize,
+        x_stride: usize,
+        w: &Matrix,
+        bias: Option<&wgpu::Buffer>,
+        y: &wgpu::Buffer,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let p = MatmulParams {
             rows: rows as u32,
             m: w.rows as u32,
@@ -532,9 +661,23 @@ impl Kernels {
         // would leave most of the GPU idle.
         if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
             let k = self.gemv_kernel(w, 0);
-            rec.dispatch(k, &p, &[x, &w.buf, b, y], [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1])
+            rec.dispatch(
+                k,
+                &p,
+                &[x, &w.buf, b, y],
+                [
+                    w.rows.div_ceil(8 * p.passes as usize) as u32,
+                    rows as u32,
+                    1,
+                ],
+            )
         } else {
-            rec.dispatch(&self.gemm[dtype_index(w.dtype)], &p, &[x, &w.buf, b, y], [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1])
+            rec.dispatch(
+                &self.gemm[dtype_index(w.dtype)],
+                &p,
+                &[x, &w.buf, b, y],
+                [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1],
+            )
         }
     }
 
@@ -550,7 +693,20 @@ impl Kernels {
 
     /// Decode GEMV (rows ≤ a few) with an elementwise prologue fused into the input side.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemv_pro(&self, rec: &mut Recorder, x: &wgpu::Buffer, x_off: usize, x_stride: usize, w: &Matrix, pro: Prologue, y: &wgpu::Buffer, y_off: usize, y_stride: usize, rows: usize, accumulate: bool) -> Result<()> {
+    pub fn gemv_pro(
+        &self,
+        rec: &mut Recorder,
+        x: &wgpu::Buffer,
+        x_off: usize,
+        x_stride: usize,
+        w: &Matrix,
+        pro: Prologue,
+        y: &wgpu::Buffer,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let mut p = MatmulParams {
             rows: rows as u32,
             m: w.rows as u32,
@@ -565,45 +721,122 @@ impl Kernels {
             eps: 0.0,
             passes: gemv_passes(w.rows),
         };
-        let groups = [w.rows.div_ceil(8 * p.passes as usize) as u32, rows as u32, 1];
+        let groups = [
+            w.rows.div_ceil(8 * p.passes as usize) as u32,
+            rows as u32,
+            1,
+        ];
         match pro {
-            Prologue::None => self.matmul(rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate),
+            Prologue::None => self.matmul(
+                rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
+            ),
             Prologue::Norm(nw, eps) => {
                 p.eps = eps;
-                rec.dispatch(self.gemv_kernel(w, 1), &p, &[x, &w.buf, &self.dummy, y, nw], groups)
+                rec.dispatch(
+                    self.gemv_kernel(w, 1),
+                    &p,
+                    &[x, &w.buf, &self.dummy, y, nw],
+                    groups,
+                )
             }
             Prologue::Merge { w: mw, x2, eps } => {
                 p.eps = eps;
-                rec.dispatch(self.gemv_kernel(w, 2), &p, &[x, &w.buf, &self.dummy, y, mw, x2], groups)
+                rec.dispatch(
+                    self.gemv_kernel(w, 2),
+                    &p,
+                    &[x, &w.buf, &self.dummy, y, mw, x2],
+                    groups,
+                )
             }
-            Prologue::Swiglu => rec.dispatch(self.gemv_kernel(w, 3), &p, &[x, &w.buf, &self.dummy, y], groups),
+            Prologue::Swiglu => rec.dispatch(
+                self.gemv_kernel(w, 3),
+                &p,
+                &[x, &w.buf, &self.dummy, y],
+                groups,
+            ),
         }
     }
 
     /// One decode step of attention split over the keys (flash-decoding) plus the combine;
     /// `p.n_splits` must cover the cache capacity (the program is reused as the sequence grows).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_split(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, cs: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, part: &wgpu::Buffer, out: &wgpu::Buffer, p: AttentionDecodeParams) -> Result<()> {
-        rec.dispatch(&self.attention_split, &p, &[part, pbuf, cs, k, v], [p.n_heads, p.n_splits, 1])?;
+    pub fn attention_split(
+        &self,
+        rec: &mut Recorder,
+        pbuf: &wgpu::Buffer,
+        cs: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        part: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        p: AttentionDecodeParams,
+    ) -> Result<()> {
+        rec.dispatch(
+            &self.attention_split,
+            &p,
+            &[part, pbuf, cs, k, v],
+            [p.n_heads, p.n_splits, 1],
+        )?;
         rec.dispatch(&self.attention_combine, &p, &[part, out], [p.n_heads, 1, 1])
     }
 
     /// One decode step of the causal conv (forward and state shift in one dispatch).
-    pub fn conv_step(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, wb: &wgpu::Buffer, state: &wgpu::Buffer, xc: &wgpu::Buffer, p: ConvParams) -> Result<()> {
-        rec.dispatch(&self.conv_step, &p, &[pbuf, wb, state, xc], [p.d.div_ceil(64), 1, 1])
+    pub fn conv_step(
+        &self,
+        rec: &mut Recorder,
+        pbuf: &wgpu::Buffer,
+        wb: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        xc: &wgpu::Buffer,
+        p: ConvParams,
+    ) -> Result<()> {
+        rec.dispatch(
+            &self.conv_step,
+            &p,
+            &[pbuf, wb, state, xc],
+            [p.d.div_ceil(64), 1, 1],
+        )
     }
 
     /// One decode step of the selective scan with the dt/B/C norms and dt_proj fused in.
     #[allow(clippy::too_many_arguments)]
-    pub fn scan_fused(&self, rec: &mut Recorder, xc: &wgpu::Buffer, dt_proj: &Matrix, xp: &wgpu::Buffer, pbuf: &wgpu::Buffer, consts: &wgpu::Buffer, state: &wgpu::Buffer, y: &wgpu::Buffer, norms: Option<&wgpu::Buffer>, p: ScanParams) -> Result<()> {
+    pub fn scan_fused(
+        &self,
+        rec: &mut Recorder,
+        xc: &wgpu::Buffer,
+        dt_proj: &Matrix,
+        xp: &wgpu::Buffer,
+        pbuf: &wgpu::Buffer,
+        consts: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        norms: Option<&wgpu::Buffer>,
+        p: ScanParams,
+    ) -> Result<()> {
         assert_eq!(dt_proj.dtype, WeightDtype::F32);
         let nb = norms.unwrap_or(&self.dummy);
-        rec.dispatch(&self.scan_fused, &p, &[xc, &dt_proj.buf, xp, pbuf, consts, state, y, nb], [p.d.div_ceil(64), 1, 1])
+        rec.dispatch(
+            &self.scan_fused,
+            &p,
+            &[xc, &dt_proj.buf, xp, pbuf, consts, state, y, nb],
+            [p.d.div_ceil(64), 1, 1],
+        )
     }
 
     /// Row-wise RMSNorm; `x == None` normalizes `y` in place (x_off/x_stride ignored).
     #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm(&self, rec: &mut Recorder, x: Option<(&wgpu::Buffer, usize, usize)>, w: &wgpu::Buffer, y: &wgpu::Buffer, y_off: usize, y_stride: usize, rows: usize, width: usize, eps: f32) -> Result<()> {
+    pub fn rmsnorm(
+        &self,
+        rec: &mut Recorder,
+        x: Option<(&wgpu::Buffer, usize, usize)>,
+        w: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        width: usize,
+        eps: f32,
+    ) -> Result<()> {
         let (x_off, x_stride) = x.map(|x| (x.1, x.2)).unwrap_or((y_off, y_stride));
         let p = RmsNormParams {
             rows: rows as u32,
@@ -622,7 +855,17 @@ impl Kernels {
 
     /// out[rows, d] = meta rows then embeddings of `ids[ids_off..]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn embed(&self, rec: &mut Recorder, ids: &wgpu::Buffer, ids_off: usize, table: &Matrix, meta: &wgpu::Buffer, n_meta: usize, out: &wgpu::Buffer, rows: usize) -> Result<()> {
+    pub fn embed(
+        &self,
+        rec: &mut Recorder,
+        ids: &wgpu::Buffer,
+        ids_off: usize,
+        table: &Matrix,
+        meta: &wgpu::Buffer,
+        n_meta: usize,
+        out: &wgpu::Buffer,
+        rows: usize,
+    ) -> Result<()> {
         let p = EmbedParams {
             rows: rows as u32,
             n_meta: n_meta as u32,
@@ -631,38 +874,124 @@ impl Kernels {
             ids_off: ids_off as u32,
             vocab: table.rows as u32,
         };
-        rec.dispatch(&self.embed[dtype_index(table.dtype)], &p, &[ids, &table.buf, meta, out], [table.cols.div_ceil(64) as u32, rows as u32, 1])
+        rec.dispatch(
+            &self.embed[dtype_index(table.dtype)],
+            &p,
+            &[ids, &table.buf, meta, out],
+            [table.cols.div_ceil(64) as u32, rows as u32, 1],
+        )
     }
 
     /// Rotates the query block of the in_proj output in place.
-    pub fn rope_q(&self, rec: &mut Recorder, cs: &wgpu::Buffer, pbuf: &wgpu::Buffer, p: RopeParams) -> Result<()> {
+    pub fn rope_q(
+        &self,
+        rec: &mut Recorder,
+        cs: &wgpu::Buffer,
+        pbuf: &wgpu::Buffer,
+        p: RopeParams,
+    ) -> Result<()> {
         let half = p.d_qk / 2;
-        rec.dispatch(&self.rope_q, &p, &[cs, pbuf], [(p.n_heads * half).div_ceil(64), p.rows, 1])
+        rec.dispatch(
+            &self.rope_q,
+            &p,
+            &[cs, pbuf],
+            [(p.n_heads * half).div_ceil(64), p.rows, 1],
+        )
     }
 
     /// Rotates new keys and writes keys and values into the cache.
-    pub fn store_kv(&self, rec: &mut Recorder, cs: &wgpu::Buffer, pbuf: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, p: RopeParams) -> Result<()> {
+    pub fn store_kv(
+        &self,
+        rec: &mut Recorder,
+        cs: &wgpu::Buffer,
+        pbuf: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        p: RopeParams,
+    ) -> Result<()> {
         let w = (p.d_qk / 2).max(p.d_v);
-        rec.dispatch(&self.store_kv, &p, &[cs, pbuf, k, v], [w.div_ceil(64), p.rows, p.n_heads])
+        rec.dispatch(
+            &self.store_kv,
+            &p,
+            &[cs, pbuf, k, v],
+            [w.div_ceil(64), p.rows, p.n_heads],
+        )
     }
 
-    pub fn attention(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, k: &wgpu::Buffer, v: &wgpu::Buffer, out: &wgpu::Buffer, p: AttentionParams) -> Result<()> {
-        rec.dispatch(&self.attention, &p, &[pbuf, k, v, out], [p.n_heads, p.rows, 1])
+    pub fn attention(
+        &self,
+        rec: &mut Recorder,
+        pbuf: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        p: AttentionParams,
+    ) -> Result<()> {
+        rec.dispatch(
+            &self.attention,
+            &p,
+            &[pbuf, k, v, out],
+            [p.n_heads, p.rows, 1],
+        )
     }
 
     /// Causal depthwise conv + silu, then the conv-state update.
-    pub fn conv(&self, rec: &mut Recorder, pbuf: &wgpu::Buffer, wb: &wgpu::Buffer, state: &wgpu::Buffer, xc: &wgpu::Buffer, p: ConvParams) -> Result<()> {
-        rec.dispatch(&self.conv, &p, &[pbuf, wb, state, xc], [p.d.div_ceil(64), p.rows, 1])?;
-        rec.dispatch(&self.conv_state, &p, &[pbuf, state], [p.d.div_ceil(64), 1, 1])
+    pub fn conv(
+        &self,
+        rec: &mut Recorder,
+        pbuf: &wgpu::Buffer,
+        wb: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        xc: &wgpu::Buffer,
+        p: ConvParams,
+    ) -> Result<()> {
+        rec.dispatch(
+            &self.conv,
+            &p,
+            &[pbuf, wb, state, xc],
+            [p.d.div_ceil(64), p.rows, 1],
+        )?;
+        rec.dispatch(
+            &self.conv_state,
+            &p,
+            &[pbuf, state],
+            [p.d.div_ceil(64), 1, 1],
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn scan(&self, rec: &mut Recorder, xc: &wgpu::Buffer, dtr: &wgpu::Buffer, xp: &wgpu::Buffer, pbuf: &wgpu::Buffer, consts: &wgpu::Buffer, state: &wgpu::Buffer, y: &wgpu::Buffer, p: ScanParams) -> Result<()> {
-        rec.dispatch(&self.scan, &p, &[xc, dtr, xp, pbuf, consts, state, y], [p.d.div_ceil(64), 1, 1])
+    pub fn scan(
+        &self,
+        rec: &mut Recorder,
+        xc: &wgpu::Buffer,
+        dtr: &wgpu::Buffer,
+        xp: &wgpu::Buffer,
+        pbuf: &wgpu::Buffer,
+        consts: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        p: ScanParams,
+    ) -> Result<()> {
+        rec.dispatch(
+            &self.scan,
+            &p,
+            &[xc, dtr, xp, pbuf, consts, state, y],
+            [p.d.div_ceil(64), 1, 1],
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn merge(&self, rec: &mut Recorder, att: &wgpu::Buffer, ssm: &wgpu::Buffer, w: &wgpu::Buffer, out: &wgpu::Buffer, rows: usize, width: usize, eps: f32) -> Result<()> {
+    pub fn merge(
+        &self,
+        rec: &mut Recorder,
+        att: &wgpu::Buffer,
+        ssm: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        rows: usize,
+        width: usize,
+        eps: f32,
+    ) -> Result<()> {
         let p = MergeParams {
             rows: rows as u32,
             width: width as u32,
@@ -672,7 +1001,13 @@ impl Kernels {
     }
 
     /// SwiGLU in place over rows of [gate | up] (each `width` wide).
-    pub fn swiglu(&self, rec: &mut Recorder, gu: &wgpu::Buffer, rows: usize, width: usize) -> Result<()> {
+    pub fn swiglu(
+        &self,
+        rec: &mut Recorder,
+        gu: &wgpu::Buffer,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
         let count = rows * width;
         let groups = count.div_ceil(256) as u32;
         let gx = groups.clamp(1, 32768);
@@ -685,7 +1020,14 @@ impl Kernels {
         rec.dispatch(&self.swiglu, &p, &[gu], [gx, gy, 1])
     }
 
-    pub fn sample(&self, rec: &mut Recorder, logits: &wgpu::Buffer, seen: &wgpu::Buffer, state: &wgpu::Buffer, p: SampleParams) -> Result<()> {
+    pub fn sample(
+        &self,
+        rec: &mut Recorder,
+        logits: &wgpu::Buffer,
+        seen: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        p: SampleParams,
+    ) -> Result<()> {
         rec.dispatch(&self.sample, &p, &[logits, seen, state], [1, 1, 1])
     }
 }

@@ -10,7 +10,9 @@ use std::sync::OnceLock;
 pub(crate) struct Rng(u64);
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+        Rng(seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407))
     }
     pub fn next_u32(&mut self) -> u32 {
         self.0 ^= self.0 << 13;
@@ -52,7 +54,10 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     let mut worst = (0usize, 0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        assert!(g.is_finite(), "{name}: element {i} is {g} (unwritten or overflow), want {w}");
+        assert!(
+            g.is_finite(),
+            "{name}: element {i} is {g} (unwritten or overflow), want {w}"
+        );
         if err > atol + rtol * w.abs() {
             panic!("{name}: element {i}: got {g}, want {w} (|err| {err})");
         }
@@ -73,7 +78,15 @@ fn weights_as_stored(w: &[f32], m: usize, k: usize, dtype: WeightDtype) -> Vec<f
     }
 }
 
-fn matmul_case(dtype: WeightDtype, rows: usize, m: usize, k: usize, bias: bool, accumulate: bool, seed: u64) {
+fn matmul_case(
+    dtype: WeightDtype,
+    rows: usize,
+    m: usize,
+    k: usize,
+    bias: bool,
+    accumulate: bool,
+    seed: u64,
+) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
     let x_stride = k + 3;
@@ -83,12 +96,31 @@ fn matmul_case(dtype: WeightDtype, rows: usize, m: usize, k: usize, bias: bool, 
     let x = r.vec(x_off + rows * x_stride, 1.0);
     let w = r.vec(m * k, 0.5);
     let b = r.vec(m, 0.5);
-    let y0: Vec<f32> = if accumulate { r.vec(y_off + rows * y_stride, 1.0) } else { vec![NAN; y_off + rows * y_stride] };
+    let y0: Vec<f32> = if accumulate {
+        r.vec(y_off + rows * y_stride, 1.0)
+    } else {
+        vec![NAN; y_off + rows * y_stride]
+    };
     let mat = Matrix::upload(gpu, "w", &w, m, k, dtype).unwrap();
     let xb = gpu.upload("x", &x).unwrap();
     let bb = gpu.upload("b", &b).unwrap();
     let yb = gpu.upload("y", &y0).unwrap();
-    run(gpu, |rec| ks.matmul(rec, &xb, x_off, x_stride, &mat, bias.then_some(&bb), &yb, y_off, y_stride, rows, accumulate).unwrap());
+    run(gpu, |rec| {
+        ks.matmul(
+            rec,
+            &xb,
+            x_off,
+            x_stride,
+            &mat,
+            bias.then_some(&bb),
+            &yb,
+            y_off,
+            y_stride,
+            rows,
+            accumulate,
+        )
+        .unwrap()
+    });
     let got = read(gpu, &yb, y0.len());
     let wq = weights_as_stored(&w, m, k, dtype);
     for t in 0..rows {
@@ -105,7 +137,10 @@ fn matmul_case(dtype: WeightDtype, rows: usize, m: usize, k: usize, bias: bool, 
             }
             let g = got[y_off + t * y_stride + j];
             let want = acc as f32;
-            assert!((g - want).abs() <= 1e-4 + 1e-4 * want.abs(), "matmul {dtype:?} rows {rows} m {m} k {k}: y[{t},{j}] = {g}, want {want}");
+            assert!(
+                (g - want).abs() <= 1e-4 + 1e-4 * want.abs(),
+                "matmul {dtype:?} rows {rows} m {m} k {k}: y[{t},{j}] = {g}, want {want}"
+            );
         }
         // padding between rows must stay untouched
         for j in m..y_stride {
@@ -159,7 +194,14 @@ fn matmul_gemm_quantized() {
 fn quantize_round_trip() {
     let mut r = Rng::new(300);
     for dt in [WeightDtype::Q8, WeightDtype::Q4] {
-        for &(rows, cols) in &[(1usize, 1usize), (3, 31), (5, 32), (7, 33), (4, 100), (2, 257)] {
+        for &(rows, cols) in &[
+            (1usize, 1usize),
+            (3, 31),
+            (5, 32),
+            (7, 33),
+            (4, 100),
+            (2, 257),
+        ] {
             let mut w = r.vec(rows * cols, 0.3);
             // an all-zero block and one large outlier
             if cols >= 64 {
@@ -167,7 +209,11 @@ fn quantize_round_trip() {
                 w[40] = 5.0;
             }
             let words = quantize(&w, rows, cols, dt);
-            assert_eq!((words.len() * 4) as u64, Matrix::bytes_for(rows, cols, dt), "{dt:?} {rows}x{cols}: size");
+            assert_eq!(
+                (words.len() * 4) as u64,
+                Matrix::bytes_for(rows, cols, dt),
+                "{dt:?} {rows}x{cols}: size"
+            );
             let back = dequantize(&words, rows, cols, dt);
             let qmax = if dt == WeightDtype::Q8 { 127.0 } else { 7.0 };
             let kp = Matrix::padded_cols_for(cols, dt);
@@ -175,12 +221,17 @@ fn quantize_round_trip() {
             for rr in 0..rows {
                 for b in 0..cols.div_ceil(QBLOCK) {
                     let (c0, c1) = (b * QBLOCK, ((b + 1) * QBLOCK).min(cols));
-                    let amax = w[rr * cols + c0..rr * cols + c1].iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let amax = w[rr * cols + c0..rr * cols + c1]
+                        .iter()
+                        .fold(0f32, |m, v| m.max(v.abs()));
                     let step = amax / qmax;
                     for c in c0..c1 {
                         let (a, g) = (w[rr * cols + c], back[rr * cols + c]);
                         // half a quantization step, plus the f16 rounding of the scale
-                        assert!((a - g).abs() <= 0.5 * step * 1.002 + amax * 1e-3 + 1e-7, "{dt:?} {rows}x{cols} [{rr},{c}]: {a} -> {g} (step {step})");
+                        assert!(
+                            (a - g).abs() <= 0.5 * step * 1.002 + amax * 1e-3 + 1e-7,
+                            "{dt:?} {rows}x{cols} [{rr},{c}]: {a} -> {g} (step {step})"
+                        );
                         if amax == 0.0 {
                             assert_eq!(g, 0.0);
                         }
@@ -188,13 +239,27 @@ fn quantize_round_trip() {
                 }
             }
             // quantizing the dequantized values is exact (idempotent)
-            assert_eq!(quantize(&back, rows, cols, dt), words, "{dt:?} {rows}x{cols}: idempotent");
+            assert_eq!(
+                quantize(&back, rows, cols, dt),
+                words,
+                "{dt:?} {rows}x{cols}: idempotent"
+            );
         }
     }
     // exact values survive: multiples of a power-of-two scale
     let w: Vec<f32> = (0..64).map(|i| ((i % 15) as f32 - 7.0) * 0.25).collect();
-    assert_eq!(dequantize(&quantize(&w, 2, 32, WeightDtype::Q4), 2, 32, WeightDtype::Q4), w);
-    let w: Vec<f32> = (0..40).map(|i| ((i * 37 % 255) as f32 - 127.0) / 64.0).collect();
+    assert_eq!(
+        dequantize(
+            &quantize(&w, 2, 32, WeightDtype::Q4),
+            2,
+            32,
+            WeightDtype::Q4
+        ),
+        w
+    );
+    let w: Vec<f32> = (0..40)
+        .map(|i| ((i * 37 % 255) as f32 - 127.0) / 64.0)
+        .collect();
     let q = quantize(&w, 1, 40, WeightDtype::Q8);
     let back = dequantize(&q, 1, 40, WeightDtype::Q8);
     for (a, b) in w.iter().zip(&back) {
@@ -217,7 +282,10 @@ fn matmul_gemm_f16() {
 fn rms_ref(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let ms = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len() as f64;
     let r = 1.0 / (ms + eps as f64).sqrt();
-    x.iter().zip(w).map(|(&v, &w)| (w as f64 * v as f64 * r) as f32).collect()
+    x.iter()
+        .zip(w)
+        .map(|(&v, &w)| (w as f64 * v as f64 * r) as f32)
+        .collect()
 }
 
 #[test]
@@ -230,11 +298,28 @@ fn rmsnorm_rows_and_in_place_slices() {
     let wb = gpu.upload("w", &w).unwrap();
     let xb = gpu.upload("x", &x).unwrap();
     let yb = gpu.upload("y", &vec![NAN; rows * width]).unwrap();
-    run(gpu, |rec| ks.rmsnorm(rec, Some((&xb, 3, width + 1)), &wb, &yb, 0, width, rows, width, 1e-6).unwrap());
+    run(gpu, |rec| {
+        ks.rmsnorm(
+            rec,
+            Some((&xb, 3, width + 1)),
+            &wb,
+            &yb,
+            0,
+            width,
+            rows,
+            width,
+            1e-6,
+        )
+        .unwrap()
+    });
     let got = read(gpu, &yb, rows * width);
     let mut want = Vec::new();
     for t in 0..rows {
-        want.extend(rms_ref(&x[3 + t * (width + 1)..3 + t * (width + 1) + width], &w, 1e-6));
+        want.extend(rms_ref(
+            &x[3 + t * (width + 1)..3 + t * (width + 1) + width],
+            &w,
+            1e-6,
+        ));
     }
     assert_close("rmsnorm", &got, &want, 1e-5, 1e-5);
 
@@ -244,7 +329,10 @@ fn rmsnorm_rows_and_in_place_slices() {
     let w = r.vec(width, 1.0);
     let wb = gpu.upload("w", &w).unwrap();
     let yb = gpu.upload("y", &x).unwrap();
-    run(gpu, |rec| ks.rmsnorm(rec, None, &wb, &yb, off, stride, rows, width, 1e-6).unwrap());
+    run(gpu, |rec| {
+        ks.rmsnorm(rec, None, &wb, &yb, off, stride, rows, width, 1e-6)
+            .unwrap()
+    });
     let got = read(gpu, &yb, rows * stride);
     let mut want = x.clone();
     for t in 0..rows {
@@ -258,7 +346,12 @@ fn rmsnorm_rows_and_in_place_slices() {
 fn embed_with_meta_tokens() {
     let (gpu, ks) = env();
     let mut r = Rng::new(12);
-    for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4] {
+    for dtype in [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::Q8,
+        WeightDtype::Q4,
+    ] {
         let (vocab, d, n_meta, n_tok) = (53, 70, 3, 6);
         let table = r.vec(vocab * d, 1.0);
         let meta = r.vec(n_meta * d, 1.0);
@@ -268,7 +361,9 @@ fn embed_with_meta_tokens() {
         let ib = gpu.upload("ids", &ids).unwrap();
         let rows = n_meta + n_tok;
         let ob = gpu.upload("o", &vec![NAN; rows * d]).unwrap();
-        run(gpu, |rec| ks.embed(rec, &ib, 1, &tm, &mb, n_meta, &ob, rows).unwrap());
+        run(gpu, |rec| {
+            ks.embed(rec, &ib, 1, &tm, &mb, n_meta, &ob, rows).unwrap()
+        });
         let got = read(gpu, &ob, rows * d);
         let stored = weights_as_stored(&table, vocab, d, dtype);
         let mut want = meta.clone();
@@ -337,7 +432,19 @@ fn rope_queries_and_kv_store_into_ring() {
         cap: cap as u32,
     };
     run(gpu, |rec| {
-        ks.store_kv(rec, &csb, &pb, &kb, &vb, RopeParams { n_heads: hkv as u32, q_col: (hq * dqk) as u32, ..base }).unwrap();
+        ks.store_kv(
+            rec,
+            &csb,
+            &pb,
+            &kb,
+            &vb,
+            RopeParams {
+                n_heads: hkv as u32,
+                q_col: (hq * dqk) as u32,
+                ..base
+            },
+        )
+        .unwrap();
         ks.rope_q(rec, &csb, &pb, base).unwrap();
     });
     let got_p = read(gpu, &pb, pdata.len());
@@ -353,12 +460,18 @@ fn rope_queries_and_kv_store_into_ring() {
             let q = &pdata[row + h * dqk..row + (h + 1) * dqk];
             want_p[row + h * dqk..row + (h + 1) * dqk].copy_from_slice(&rotate(q, &cs, pos));
         }
-        let slot = if pos < n_meta { pos } else { n_meta + (pos - n_meta) % ring };
+        let slot = if pos < n_meta {
+            pos
+        } else {
+            n_meta + (pos - n_meta) % ring
+        };
         for h in 0..hkv {
             let k = &pdata[row + hq * dqk + h * dqk..row + hq * dqk + (h + 1) * dqk];
-            want_k[(h * cap + slot) * dqk..(h * cap + slot + 1) * dqk].copy_from_slice(&rotate(k, &cs, pos));
+            want_k[(h * cap + slot) * dqk..(h * cap + slot + 1) * dqk]
+                .copy_from_slice(&rotate(k, &cs, pos));
             let v0 = row + hq * dqk + hkv * dqk + h * dv;
-            want_v[(h * cap + slot) * dv..(h * cap + slot + 1) * dv].copy_from_slice(&pdata[v0..v0 + dv]);
+            want_v[(h * cap + slot) * dv..(h * cap + slot + 1) * dv]
+                .copy_from_slice(&pdata[v0..v0 + dv]);
         }
     }
     assert_close("rope q", &got_p, &want_p, 1e-6, 1e-6);
@@ -375,19 +488,38 @@ fn rope_queries_and_kv_store_into_ring() {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attention_ref(q: &[f32], k: &[f32], v: &[f32], hq: usize, hkv: usize, dqk: usize, dv: usize, qpos: usize, keys: &[usize]) -> Vec<f32> {
+fn attention_ref(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hq: usize,
+    hkv: usize,
+    dqk: usize,
+    dv: usize,
+    qpos: usize,
+    keys: &[usize],
+) -> Vec<f32> {
     // k, v indexed by absolute position: [pos][hkv][d]
     let mut out = vec![0f32; hq * dv];
     for h in 0..hq {
         let kh = h / (hq / hkv);
         let s: Vec<f64> = keys
             .iter()
-            .map(|&p| (0..dqk).map(|e| q[h * dqk + e] as f64 * k[(p * hkv + kh) * dqk + e] as f64).sum::<f64>() / (dqk as f64).sqrt())
+            .map(|&p| {
+                (0..dqk)
+                    .map(|e| q[h * dqk + e] as f64 * k[(p * hkv + kh) * dqk + e] as f64)
+                    .sum::<f64>()
+                    / (dqk as f64).sqrt()
+            })
             .collect();
         let m = s.iter().cloned().fold(f64::MIN, f64::max);
         let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
         for e in 0..dv {
-            out[h * dv + e] = (keys.iter().zip(&s).map(|(&p, &x)| (x - m).exp() / z * v[(p * hkv + kh) * dv + e] as f64).sum::<f64>()) as f32;
+            out[h * dv + e] = (keys
+                .iter()
+                .zip(&s)
+                .map(|(&p, &x)| (x - m).exp() / z * v[(p * hkv + kh) * dv + e] as f64)
+                .sum::<f64>()) as f32;
         }
         let _ = qpos;
     }
@@ -416,10 +548,16 @@ fn attention_case(window: Option<usize>, seed: u64) {
         if p >= n_meta && p + ring < total {
             continue; // overwritten in the ring
         }
-        let s = if p < n_meta { p } else { n_meta + (p - n_meta) % ring };
+        let s = if p < n_meta {
+            p
+        } else {
+            n_meta + (p - n_meta) % ring
+        };
         for h in 0..hkv {
-            kc[(h * cap + s) * dqk..(h * cap + s + 1) * dqk].copy_from_slice(&kall[(p * hkv + h) * dqk..(p * hkv + h + 1) * dqk]);
-            vc[(h * cap + s) * dv..(h * cap + s + 1) * dv].copy_from_slice(&vall[(p * hkv + h) * dv..(p * hkv + h + 1) * dv]);
+            kc[(h * cap + s) * dqk..(h * cap + s + 1) * dqk]
+                .copy_from_slice(&kall[(p * hkv + h) * dqk..(p * hkv + h + 1) * dqk]);
+            vc[(h * cap + s) * dv..(h * cap + s + 1) * dv]
+                .copy_from_slice(&vall[(p * hkv + h) * dv..(p * hkv + h + 1) * dv]);
         }
     }
     let q_stride = hq * dqk + 5;
@@ -454,8 +592,20 @@ fn attention_case(window: Option<usize>, seed: u64) {
     let mut want = Vec::new();
     for t in 0..rows {
         let qp = pos0 + t;
-        let keys: Vec<usize> = (0..=qp).filter(|&kp| kp < n_meta || window.is_none_or(|w| qp - kp <= w)).collect();
-        want.extend(attention_ref(&q[t * q_stride..t * q_stride + hq * dqk], &kall, &vall, hq, hkv, dqk, dv, qp, &keys));
+        let keys: Vec<usize> = (0..=qp)
+            .filter(|&kp| kp < n_meta || window.is_none_or(|w| qp - kp <= w))
+            .collect();
+        want.extend(attention_ref(
+            &q[t * q_stride..t * q_stride + hq * dqk],
+            &kall,
+            &vall,
+            hq,
+            hkv,
+            dqk,
+            dv,
+            qp,
+            &keys,
+        ));
     }
     assert_close("attention", &got, &want, 2e-5, 1e-4);
 }
@@ -529,7 +679,9 @@ fn selective_scan_chunk_and_step() {
         let zw = 2 * d + 3;
         let z_off = d + 1;
         let xc = r.vec(rows * d, 1.0);
-        let dtr: Vec<f32> = (0..rows * d).map(|i| if i == 3 { 25.0 } else { r.f() * 3.0 - 2.0 }).collect();
+        let dtr: Vec<f32> = (0..rows * d)
+            .map(|i| if i == 3 { 25.0 } else { r.f() * 3.0 - 2.0 })
+            .collect();
         let xp = r.vec(rows * xs, 1.0);
         let pz = r.vec(rows * zw, 2.0);
         let a_log: Vec<f32> = (0..d * n).map(|_| r.f() * 1.5).collect();
@@ -560,7 +712,10 @@ fn selective_scan_chunk_and_step() {
             eps: 1e-6,
             inner_norms: 0,
         };
-        run(gpu, |rec| ks.scan(rec, &bx, &bd, &bp, &bz, &bc, &bs, &by, params).unwrap());
+        run(gpu, |rec| {
+            ks.scan(rec, &bx, &bd, &bp, &bz, &bc, &bs, &by, params)
+                .unwrap()
+        });
         let got = read(gpu, &by, rows * d);
         let got_s = read(gpu, &bs, d * n);
         let mut want = vec![0f32; rows * d];
@@ -575,7 +730,8 @@ fn selective_scan_chunk_and_step() {
                 let mut y = 0f64;
                 for i in 0..n {
                     let a = -(a_log[c * n + i] as f64).exp();
-                    h[c * n + i] = (dt * a).exp() * h[c * n + i] + dt * xp[t * xs + rank + i] as f64 * x;
+                    h[c * n + i] =
+                        (dt * a).exp() * h[c * n + i] + dt * xp[t * xs + rank + i] as f64 * x;
                     y += xp[t * xs + rank + n + i] as f64 * h[c * n + i];
                 }
                 y += dd[c] as f64 * x;
@@ -597,9 +753,16 @@ fn merge_two_norms() {
     let a = r.vec(rows * width, 2.0);
     let s = r.vec(rows * width, 0.5);
     let w = r.vec(2 * width, 1.0);
-    let (ba, bs, bw) = (gpu.upload("a", &a).unwrap(), gpu.upload("s", &s).unwrap(), gpu.upload("w", &w).unwrap());
+    let (ba, bs, bw) = (
+        gpu.upload("a", &a).unwrap(),
+        gpu.upload("s", &s).unwrap(),
+        gpu.upload("w", &w).unwrap(),
+    );
     let bo = gpu.upload("o", &vec![NAN; rows * width]).unwrap();
-    run(gpu, |rec| ks.merge(rec, &ba, &bs, &bw, &bo, rows, width, 1e-6).unwrap());
+    run(gpu, |rec| {
+        ks.merge(rec, &ba, &bs, &bw, &bo, rows, width, 1e-6)
+            .unwrap()
+    });
     let got = read(gpu, &bo, rows * width);
     let mut want = Vec::new();
     for t in 0..rows {
@@ -639,15 +802,31 @@ fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usi
     let nw = r.vec(2 * k, 1.0);
     let w = r.vec(m * k, 0.5);
     let acc = which == 1;
-    let y0: Vec<f32> = if acc { r.vec(rows * m, 1.0) } else { vec![NAN; rows * m] };
+    let y0: Vec<f32> = if acc {
+        r.vec(rows * m, 1.0)
+    } else {
+        vec![NAN; rows * m]
+    };
     let mat = Matrix::upload(gpu, "w", &w, m, k, dtype).unwrap();
-    let (xb, x2b, nb, yb) = (gpu.upload("x", &x).unwrap(), gpu.upload("x2", &x2).unwrap(), gpu.upload("n", &nw).unwrap(), gpu.upload("y", &y0).unwrap());
+    let (xb, x2b, nb, yb) = (
+        gpu.upload("x", &x).unwrap(),
+        gpu.upload("x2", &x2).unwrap(),
+        gpu.upload("n", &nw).unwrap(),
+        gpu.upload("y", &y0).unwrap(),
+    );
     let pro = match which {
         0 => Prologue::Norm(&nb, 1e-6),
-        1 => Prologue::Merge { w: &nb, x2: &x2b, eps: 1e-6 },
+        1 => Prologue::Merge {
+            w: &nb,
+            x2: &x2b,
+            eps: 1e-6,
+        },
         _ => Prologue::Swiglu,
     };
-    run(gpu, |rec| ks.gemv_pro(rec, &xb, 0, x_stride, &mat, pro, &yb, 0, m, rows, acc).unwrap());
+    run(gpu, |rec| {
+        ks.gemv_pro(rec, &xb, 0, x_stride, &mat, pro, &yb, 0, m, rows, acc)
+            .unwrap()
+    });
     let got = read(gpu, &yb, rows * m);
     let wq = weights_as_stored(&w, m, k, dtype);
     let mut want = vec![0f32; rows * m];
@@ -660,7 +839,9 @@ fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usi
                 let b = rms_ref(&x2[t * x_stride..t * x_stride + k], &nw[k..], 1e-6);
                 a.iter().zip(&b).map(|(a, b)| (a + b) / 2.0).collect()
             }
-            _ => (0..k).map(|j| row[j] / (1.0 + (-row[j]).exp()) * row[k + j]).collect(),
+            _ => (0..k)
+                .map(|j| row[j] / (1.0 + (-row[j]).exp()) * row[k + j])
+                .collect(),
         };
         for j in 0..m {
             let mut s = 0f64;
@@ -673,12 +854,26 @@ fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usi
             want[t * m + j] = s as f32;
         }
     }
-    assert_close(&format!("gemv prologue {which} {dtype:?}"), &got, &want, 1e-4, 1e-4);
+    assert_close(
+        &format!("gemv prologue {which} {dtype:?}"),
+        &got,
+        &want,
+        1e-4,
+        1e-4,
+    );
 }
 
 #[test]
 fn gemv_with_fused_prologues() {
-    for (i, dtype) in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Q8, WeightDtype::Q4].into_iter().enumerate() {
+    for (i, dtype) in [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::Q8,
+        WeightDtype::Q4,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         gemv_pro_case(dtype, 0, 1, 37, 300, 81 + i as u64);
         gemv_pro_case(dtype, 1, 2, 45, 333, 83 + i as u64);
         gemv_pro_case(dtype, 2, 1, 29, 70, 85 + i as u64);
@@ -691,7 +886,22 @@ fn gemv_with_fused_prologues() {
 /// text positions [max(n_meta, q - window), q]; in a KV-owning layer the key (rotated here) and
 /// value of q come from the in_proj row, every other position from its cache slot.
 #[allow(clippy::too_many_arguments)]
-fn decode_attention_cpu(prow: &[f32], kc: &[f32], vc: &[f32], cs: &[f32], hq: usize, hkv: usize, dqk: usize, dv: usize, n_meta: usize, ring: usize, q: usize, window: Option<usize>, self_kv: bool, scale: f32) -> Vec<f32> {
+fn decode_attention_cpu(
+    prow: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    cs: &[f32],
+    hq: usize,
+    hkv: usize,
+    dqk: usize,
+    dv: usize,
+    n_meta: usize,
+    ring: usize,
+    q: usize,
+    window: Option<usize>,
+    self_kv: bool,
+    scale: f32,
+) -> Vec<f32> {
     let cap = n_meta + ring;
     let k_col = hq * dqk;
     let v_col = hq * dqk + hkv * dqk;
@@ -706,18 +916,35 @@ fn decode_attention_cpu(prow: &[f32], kc: &[f32], vc: &[f32], cs: &[f32], hq: us
         let qr = rotate(&prow[h * dqk..(h + 1) * dqk], cs, q);
         let kv = |pos: usize| -> (Vec<f32>, Vec<f32>) {
             if self_kv && pos == q {
-                (rotate(&prow[k_col + kvh * dqk..k_col + (kvh + 1) * dqk], cs, q), prow[v_col + kvh * dv..v_col + (kvh + 1) * dv].to_vec())
+                (
+                    rotate(&prow[k_col + kvh * dqk..k_col + (kvh + 1) * dqk], cs, q),
+                    prow[v_col + kvh * dv..v_col + (kvh + 1) * dv].to_vec(),
+                )
             } else {
-                let sl = if pos < n_meta { pos } else { n_meta + (pos - n_meta) % ring };
-                (kc[(kvh * cap + sl) * dqk..(kvh * cap + sl + 1) * dqk].to_vec(), vc[(kvh * cap + sl) * dv..(kvh * cap + sl + 1) * dv].to_vec())
+                let sl = if pos < n_meta {
+                    pos
+                } else {
+                    n_meta + (pos - n_meta) % ring
+                };
+                (
+                    kc[(kvh * cap + sl) * dqk..(kvh * cap + sl + 1) * dqk].to_vec(),
+                    vc[(kvh * cap + sl) * dv..(kvh * cap + sl + 1) * dv].to_vec(),
+                )
             }
         };
         let kvs: Vec<(Vec<f32>, Vec<f32>)> = keys.iter().map(|&p| kv(p)).collect();
-        let sc: Vec<f64> = kvs.iter().map(|(k, _)| (0..dqk).map(|e| qr[e] as f64 * k[e] as f64).sum::<f64>() * scale as f64).collect();
+        let sc: Vec<f64> = kvs
+            .iter()
+            .map(|(k, _)| (0..dqk).map(|e| qr[e] as f64 * k[e] as f64).sum::<f64>() * scale as f64)
+            .collect();
         let m = sc.iter().cloned().fold(f64::MIN, f64::max);
         let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
         for e in 0..dv {
-            out[h * dv + e] = (kvs.iter().zip(&sc).map(|((_, v), x)| (x - m).exp() / z * v[e] as f64).sum::<f64>()) as f32;
+            out[h * dv + e] = (kvs
+                .iter()
+                .zip(&sc)
+                .map(|((_, v), x)| (x - m).exp() / z * v[e] as f64)
+                .sum::<f64>()) as f32;
         }
     }
     out
@@ -781,16 +1008,38 @@ fn attention_decode_split_matches_unfused() {
         };
         run(gpu, |rec| {
             if self_kv == 1 {
-                ks.store_kv(rec, &csb, &p1, &k1, &v1, RopeParams { n_heads: hkv as u32, q_col: (hq * dqk) as u32, ..rp }).unwrap();
+                ks.store_kv(
+                    rec,
+                    &csb,
+                    &p1,
+                    &k1,
+                    &v1,
+                    RopeParams {
+                        n_heads: hkv as u32,
+                        q_col: (hq * dqk) as u32,
+                        ..rp
+                    },
+                )
+                .unwrap();
             }
             ks.rope_q(rec, &csb, &p1, rp).unwrap();
-            ks.attention(rec, &p1, &k1, &v1, &o1, AttentionParams { self_kv: 0, ..ap }).unwrap();
+            ks.attention(
+                rec,
+                &p1,
+                &k1,
+                &v1,
+                &o1,
+                AttentionParams { self_kv: 0, ..ap },
+            )
+            .unwrap();
         });
         // The split (flash-decoding) kernel on a third copy, with more splits than keys need.
         let (k3, v3, p3) = (mk(&kc), mk(&vc), mk(&prow));
         let o3 = gpu.upload("o3", &vec![NAN; hq * dv]).unwrap();
         let n_splits = 3u32;
-        let part = gpu.upload("part", &vec![NAN; hq * n_splits as usize * (2 + dv)]).unwrap();
+        let part = gpu
+            .upload("part", &vec![NAN; hq * n_splits as usize * (2 + dv)])
+            .unwrap();
         let dp = AttentionDecodeParams {
             n_heads: hq as u32,
             n_kv_heads: hkv as u32,
@@ -808,13 +1057,54 @@ fn attention_decode_split_matches_unfused() {
             scale: 0.25,
             n_splits,
         };
-        run(gpu, |rec| ks.attention_split(rec, &p3, &csb, &k3, &v3, &part, &o3, dp).unwrap());
-        assert_close("split decode attention", &read(gpu, &o3, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
-        let want = decode_attention_cpu(&prow, &kc, &vc, &cs, hq, hkv, dqk, dv, n_meta, ring, q, Some(w - 1), self_kv == 1, 0.25);
-        assert_close("split decode attention vs CPU", &read(gpu, &o3, hq * dv), &want, 2e-5, 1e-4);
-        assert_close("split decode keys", &read(gpu, &k3, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
-        assert_close("split decode values", &read(gpu, &v3, vc.len()), &read(gpu, &v1, vc.len()), 0.0, 0.0);
-
+        run(gpu, |rec| {
+            ks.attention_split(rec, &p3, &csb, &k3, &v3, &part, &o3, dp)
+                .unwrap()
+        });
+        assert_close(
+            "split decode attention",
+            &read(gpu, &o3, hq * dv),
+            &read(gpu, &o1, hq * dv),
+            1e-5,
+            1e-5,
+        );
+        let want = decode_attention_cpu(
+            &prow,
+            &kc,
+            &vc,
+            &cs,
+            hq,
+            hkv,
+            dqk,
+            dv,
+            n_meta,
+            ring,
+            q,
+            Some(w - 1),
+            self_kv == 1,
+            0.25,
+        );
+        assert_close(
+            "split decode attention vs CPU",
+            &read(gpu, &o3, hq * dv),
+            &want,
+            2e-5,
+            1e-4,
+        );
+        assert_close(
+            "split decode keys",
+            &read(gpu, &k3, kc.len()),
+            &read(gpu, &k1, kc.len()),
+            1e-6,
+            1e-6,
+        );
+        assert_close(
+            "split decode values",
+            &read(gpu, &v3, vc.len()),
+            &read(gpu, &v1, vc.len()),
+            0.0,
+            0.0,
+        );
     }
 }
 
@@ -825,7 +1115,10 @@ fn attention_split_over_many_key_blocks() {
     let (gpu, ks) = env();
     let mut r = Rng::new(93);
     let (hq, hkv, dqk, dv) = (4, 2, 8, 24);
-    for (n_meta, window, ring, q) in [(3usize, None, 200usize, 150usize), (5, Some(70usize), 90, 300)] {
+    for (n_meta, window, ring, q) in [
+        (3usize, None, 200usize, 150usize),
+        (5, Some(70usize), 90, 300),
+    ] {
         let cap = n_meta + ring;
         let cs = rope_table(400, dqk / 2, 555.0);
         let csb = gpu.upload("cs", &cs).unwrap();
@@ -874,7 +1167,9 @@ fn attention_split_over_many_key_blocks() {
             self_kv: 0,
         };
         let n_splits = (cap.div_ceil(64) + 1) as u32;
-        let part = gpu.upload("part", &vec![NAN; hq * n_splits as usize * (2 + dv)]).unwrap();
+        let part = gpu
+            .upload("part", &vec![NAN; hq * n_splits as usize * (2 + dv)])
+            .unwrap();
         let dp = AttentionDecodeParams {
             n_heads: hq as u32,
             n_kv_heads: hkv as u32,
@@ -893,15 +1188,61 @@ fn attention_split_over_many_key_blocks() {
             n_splits,
         };
         run(gpu, |rec| {
-            ks.store_kv(rec, &csb, &p1, &k1, &v1, RopeParams { n_heads: hkv as u32, q_col: (hq * dqk) as u32, ..rp }).unwrap();
+            ks.store_kv(
+                rec,
+                &csb,
+                &p1,
+                &k1,
+                &v1,
+                RopeParams {
+                    n_heads: hkv as u32,
+                    q_col: (hq * dqk) as u32,
+                    ..rp
+                },
+            )
+            .unwrap();
             ks.rope_q(rec, &csb, &p1, rp).unwrap();
             ks.attention(rec, &p1, &k1, &v1, &o1, ap).unwrap();
-            ks.attention_split(rec, &p2, &csb, &k2, &v2, &part, &o2, dp).unwrap();
+            ks.attention_split(rec, &p2, &csb, &k2, &v2, &part, &o2, dp)
+                .unwrap();
         });
-        assert_close("split attention, many blocks", &read(gpu, &o2, hq * dv), &read(gpu, &o1, hq * dv), 1e-5, 1e-5);
-        let want = decode_attention_cpu(&prow, &kc, &vc, &cs, hq, hkv, dqk, dv, n_meta, ring, q, window.map(|w| w - 1), true, 0.3);
-        assert_close("split attention, many blocks, vs CPU", &read(gpu, &o2, hq * dv), &want, 2e-5, 1e-4);
-        assert_close("split attention keys", &read(gpu, &k2, kc.len()), &read(gpu, &k1, kc.len()), 1e-6, 1e-6);
+        assert_close(
+            "split attention, many blocks",
+            &read(gpu, &o2, hq * dv),
+            &read(gpu, &o1, hq * dv),
+            1e-5,
+            1e-5,
+        );
+        let want = decode_attention_cpu(
+            &prow,
+            &kc,
+            &vc,
+            &cs,
+            hq,
+            hkv,
+            dqk,
+            dv,
+            n_meta,
+            ring,
+            q,
+            window.map(|w| w - 1),
+            true,
+            0.3,
+        );
+        assert_close(
+            "split attention, many blocks, vs CPU",
+            &read(gpu, &o2, hq * dv),
+            &want,
+            2e-5,
+            1e-4,
+        );
+        assert_close(
+            "split attention keys",
+            &read(gpu, &k2, kc.len()),
+            &read(gpu, &k1, kc.len()),
+            1e-6,
+            1e-6,
+        );
     }
 }
 
@@ -915,29 +1256,63 @@ fn conv_step_matches_chunk_conv() {
     let mut wbv = r.vec(d * k, 0.7);
     wbv.extend(r.vec(d, 0.3));
     let st = r.vec(d * k, 1.0);
-    let params = ConvParams { rows: 1, d: d as u32, k: k as u32, x_off: 2, x_stride: stride as u32, has_bias: 1 };
+    let params = ConvParams {
+        rows: 1,
+        d: d as u32,
+        k: k as u32,
+        x_off: 2,
+        x_stride: stride as u32,
+        has_bias: 1,
+    };
     let pb = gpu.upload("p", &p).unwrap();
     let wb = gpu.upload("wb", &wbv).unwrap();
-    let (s1, s2) = (gpu.upload("s1", &st).unwrap(), gpu.upload("s2", &st).unwrap());
-    let (x1, x2) = (gpu.upload("x1", &vec![NAN; d]).unwrap(), gpu.upload("x2", &vec![NAN; d]).unwrap());
+    let (s1, s2) = (
+        gpu.upload("s1", &st).unwrap(),
+        gpu.upload("s2", &st).unwrap(),
+    );
+    let (x1, x2) = (
+        gpu.upload("x1", &vec![NAN; d]).unwrap(),
+        gpu.upload("x2", &vec![NAN; d]).unwrap(),
+    );
     run(gpu, |rec| {
         ks.conv(rec, &pb, &wb, &s1, &x1, params).unwrap();
         ks.conv_step(rec, &pb, &wb, &s2, &x2, params).unwrap();
     });
-    assert_close("conv step out", &read(gpu, &x2, d), &read(gpu, &x1, d), 1e-6, 1e-6);
-    assert_close("conv step state", &read(gpu, &s2, d * k), &read(gpu, &s1, d * k), 0.0, 0.0);
+    assert_close(
+        "conv step out",
+        &read(gpu, &x2, d),
+        &read(gpu, &x1, d),
+        1e-6,
+        1e-6,
+    );
+    assert_close(
+        "conv step state",
+        &read(gpu, &s2, d * k),
+        &read(gpu, &s1, d * k),
+        0.0,
+        0.0,
+    );
     // And against the plain formula: window = state[1..] ++ new input.
     let mut want = vec![0f32; d];
     let mut want_s = vec![0f32; d * k];
     for c in 0..d {
         let mut win: Vec<f32> = (1..k).map(|j| st[c * k + j]).collect();
         win.push(p[2 + c]);
-        let a = (wbv[d * k + c] as f64 + (0..k).map(|j| wbv[c * k + j] as f64 * win[j] as f64).sum::<f64>()) as f32;
+        let a = (wbv[d * k + c] as f64
+            + (0..k)
+                .map(|j| wbv[c * k + j] as f64 * win[j] as f64)
+                .sum::<f64>()) as f32;
         want[c] = a / (1.0 + (-a).exp());
         want_s[c * k..(c + 1) * k].copy_from_slice(&win);
     }
     assert_close("conv step vs CPU", &read(gpu, &x2, d), &want, 1e-5, 1e-5);
-    assert_close("conv step state vs CPU", &read(gpu, &s2, d * k), &want_s, 0.0, 0.0);
+    assert_close(
+        "conv step state vs CPU",
+        &read(gpu, &s2, d * k),
+        &want_s,
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -962,8 +1337,15 @@ fn scan_fused_matches_norms_dtproj_and_scan() {
     let (xp1, xp2) = (up(&xp), up(&xp));
     let (s1, s2) = (up(&st), up(&st));
     let dtb = gpu.upload("dt", &vec![NAN; d]).unwrap();
-    let (y1, y2) = (gpu.upload("y1", &vec![NAN; d]).unwrap(), gpu.upload("y2", &vec![NAN; d]).unwrap());
-    let (n0, n1, n2) = (up(&nw[..rank].to_vec()), up(&nw[rank..rank + n].to_vec()), up(&nw[rank + n..].to_vec()));
+    let (y1, y2) = (
+        gpu.upload("y1", &vec![NAN; d]).unwrap(),
+        gpu.upload("y2", &vec![NAN; d]).unwrap(),
+    );
+    let (n0, n1, n2) = (
+        up(&nw[..rank].to_vec()),
+        up(&nw[rank..rank + n].to_vec()),
+        up(&nw[rank + n..].to_vec()),
+    );
     let sp = ScanParams {
         rows: 1,
         d: d as u32,
@@ -979,15 +1361,33 @@ fn scan_fused_matches_norms_dtproj_and_scan() {
         inner_norms: 1,
     };
     run(gpu, |rec| {
-        ks.rmsnorm(rec, None, &n0, &xp1, 0, xs, 1, rank, 1e-6).unwrap();
-        ks.rmsnorm(rec, None, &n1, &xp1, rank, xs, 1, n, 1e-6).unwrap();
-        ks.rmsnorm(rec, None, &n2, &xp1, rank + n, xs, 1, n, 1e-6).unwrap();
-        ks.matmul(rec, &xp1, 0, xs, &mat, None, &dtb, 0, d, 1, false).unwrap();
-        ks.scan(rec, &bxc, &dtb, &xp1, &bz, &bc, &s1, &y1, sp).unwrap();
-        ks.scan_fused(rec, &bxc, &mat, &xp2, &bz, &bc, &s2, &y2, Some(&bnw), sp).unwrap();
+        ks.rmsnorm(rec, None, &n0, &xp1, 0, xs, 1, rank, 1e-6)
+            .unwrap();
+        ks.rmsnorm(rec, None, &n1, &xp1, rank, xs, 1, n, 1e-6)
+            .unwrap();
+        ks.rmsnorm(rec, None, &n2, &xp1, rank + n, xs, 1, n, 1e-6)
+            .unwrap();
+        ks.matmul(rec, &xp1, 0, xs, &mat, None, &dtb, 0, d, 1, false)
+            .unwrap();
+        ks.scan(rec, &bxc, &dtb, &xp1, &bz, &bc, &s1, &y1, sp)
+            .unwrap();
+        ks.scan_fused(rec, &bxc, &mat, &xp2, &bz, &bc, &s2, &y2, Some(&bnw), sp)
+            .unwrap();
     });
-    assert_close("fused scan y", &read(gpu, &y2, d), &read(gpu, &y1, d), 1e-5, 1e-5);
-    assert_close("fused scan state", &read(gpu, &s2, d * n), &read(gpu, &s1, d * n), 1e-5, 1e-5);
+    assert_close(
+        "fused scan y",
+        &read(gpu, &y2, d),
+        &read(gpu, &y1, d),
+        1e-5,
+        1e-5,
+    );
+    assert_close(
+        "fused scan state",
+        &read(gpu, &s2, d * n),
+        &read(gpu, &s1, d * n),
+        1e-5,
+        1e-5,
+    );
     // And against the plain formulas: dt/B/C norms, dt = bias + W_dt·dt_n, softplus, one step.
     let dtn = rms_ref(&xp[..rank], &nw[..rank], 1e-6);
     let bn = rms_ref(&xp[rank..rank + n], &nw[rank..rank + n], 1e-6);
@@ -995,14 +1395,18 @@ fn scan_fused_matches_norms_dtproj_and_scan() {
     let mut want = vec![0f32; d];
     let mut want_s = vec![0f32; d * n];
     for c in 0..d {
-        let mut dt = consts[d * n + c] as f64 + (0..rank).map(|j| wdt[c * rank + j] as f64 * dtn[j] as f64).sum::<f64>();
+        let mut dt = consts[d * n + c] as f64
+            + (0..rank)
+                .map(|j| wdt[c * rank + j] as f64 * dtn[j] as f64)
+                .sum::<f64>();
         if dt <= 20.0 {
             dt = dt.exp().ln_1p();
         }
         let x = xc[c] as f64;
         let mut y = 0f64;
         for i in 0..n {
-            let h = (dt * consts[c * n + i] as f64).exp() * st[c * n + i] as f64 + dt * bn[i] as f64 * x;
+            let h = (dt * consts[c * n + i] as f64).exp() * st[c * n + i] as f64
+                + dt * bn[i] as f64 * x;
             want_s[c * n + i] = h as f32;
             y += cn[i] as f64 * h;
         }
@@ -1011,7 +1415,13 @@ fn scan_fused_matches_norms_dtproj_and_scan() {
         want[c] = (y * z / (1.0 + (-z).exp())) as f32;
     }
     assert_close("fused scan vs CPU", &read(gpu, &y2, d), &want, 1e-4, 1e-4);
-    assert_close("fused scan state vs CPU", &read(gpu, &s2, d * n), &want_s, 1e-4, 1e-4);
+    assert_close(
+        "fused scan state vs CPU",
+        &read(gpu, &s2, d * n),
+        &want_s,
+        1e-4,
+        1e-4,
+    );
 }
 
 #[test]
@@ -1021,18 +1431,43 @@ fn sampler_matches_cpu_mirror() {
     let vocab = 1000 + 3;
     let cases = [
         SamplingParams::greedy(),
-        SamplingParams { repetition_penalty: 1.3, ..SamplingParams::greedy() },
-        SamplingParams { temperature: 0.8, seed: 7, ..Default::default() },
-        SamplingParams { temperature: 1.0, top_k: 40, seed: 9, ..Default::default() },
-        SamplingParams { temperature: 0.7, top_p: 0.9, seed: 11, ..Default::default() },
-        SamplingParams { temperature: 1.2, top_k: 50, top_p: 0.8, repetition_penalty: 1.2, seed: 13 },
+        SamplingParams {
+            repetition_penalty: 1.3,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            seed: 7,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: 40,
+            seed: 9,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            seed: 11,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.2,
+            top_k: 50,
+            top_p: 0.8,
+            repetition_penalty: 1.2,
+            seed: 13,
+        },
     ];
     for (ci, sp) in cases.iter().enumerate() {
         for trial in 0..4u32 {
             let logits = r.vec(vocab, 6.0);
             let mut seen_v = vec![0u32; vocab];
             // make the argmax a seen token sometimes so the penalty matters
-            let amax = (0..vocab).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+            let amax = (0..vocab)
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+                .unwrap();
             seen_v[amax] = (trial % 2) as u32;
             for _ in 0..20 {
                 seen_v[(r.next_u32() as usize) % vocab] = 1;
@@ -1055,7 +1490,11 @@ fn sampler_matches_cpu_mirror() {
             let st = pollster::block_on(gpu.read_u32(&stb, 0, 2)).unwrap();
             let seen_b: Vec<bool> = seen_v.iter().map(|&s| s != 0).collect();
             let want = sample_cpu(&logits, &seen_b, sp, step);
-            assert_eq!(st[0], want, "case {ci} trial {trial}: GPU picked {}, CPU {}", st[0], want);
+            assert_eq!(
+                st[0], want,
+                "case {ci} trial {trial}: GPU picked {}, CPU {}",
+                st[0], want
+            );
             assert_eq!(st[1], step + 1);
             let seen_after = pollster::block_on(gpu.read_u32(&sb, want as u64, 1)).unwrap();
             assert_eq!(seen_after[0], 1);
@@ -1081,7 +1520,17 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("attention_decode", SRC_ATTENTION_DECODE, vec![]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec!["COMBINE"]),
         ("matmul", SRC_MATMUL, vec!["PRO_NORM"]),
-        ("matmul", SRC_MATMUL, vec!["PACKED_F16", "SHADER_F16", "PRO_NORM", "SUBGROUP32", "XSH=5632"]),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec![
+                "PACKED_F16",
+                "SHADER_F16",
+                "PRO_NORM",
+                "SUBGROUP32",
+                "XSH=5632",
+            ],
+        ),
         ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_MERGE"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "PRO_SWIGLU"]),
         ("conv1d", SRC_CONV1D, vec!["STEP"]),
@@ -1095,10 +1544,14 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
     ];
     for (file, src, defs) in all {
         let code = format!("enable f16;\n{}", crate::gpu::preprocess(src, &defs));
-        let module = naga::front::wgsl::parse_str(&code).unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&code)));
-        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        let module = naga::front::wgsl::parse_str(&code)
+            .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&code)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{file}: {e:?}"));
     }
 }
 
@@ -1119,20 +1572,37 @@ fn gemv_workgroup_and_rowwise_variants_agree() {
             let nw = r.vec(2 * k, 1.0);
             let w = r.vec(m * k, 0.5);
             let mat = Matrix::upload(gpu, "w", &w, m, k, dtype).unwrap();
-            let (xb, x2b, nb) = (gpu.upload("x", &x).unwrap(), gpu.upload("x2", &x2).unwrap(), gpu.upload("n", &nw).unwrap());
+            let (xb, x2b, nb) = (
+                gpu.upload("x", &x).unwrap(),
+                gpu.upload("x2", &x2).unwrap(),
+                gpu.upload("n", &nw).unwrap(),
+            );
             let mut outs = Vec::new();
             for ks in [&wg, &rw] {
                 let yb = gpu.upload("y", &vec![NAN; m]).unwrap();
                 let pro = match which {
                     0 => Prologue::None,
                     1 => Prologue::Norm(&nb, 1e-6),
-                    2 => Prologue::Merge { w: &nb, x2: &x2b, eps: 1e-6 },
+                    2 => Prologue::Merge {
+                        w: &nb,
+                        x2: &x2b,
+                        eps: 1e-6,
+                    },
                     _ => Prologue::Swiglu,
                 };
-                run(gpu, |rec| ks.gemv_pro(rec, &xb, 0, xw, &mat, pro, &yb, 0, m, 1, false).unwrap());
+                run(gpu, |rec| {
+                    ks.gemv_pro(rec, &xb, 0, xw, &mat, pro, &yb, 0, m, 1, false)
+                        .unwrap()
+                });
                 outs.push(read(gpu, &yb, m));
             }
-            assert_close(&format!("gemv variants, prologue {which}, {dtype:?}"), &outs[1], &outs[0], 1e-4, 1e-4);
+            assert_close(
+                &format!("gemv variants, prologue {which}, {dtype:?}"),
+                &outs[1],
+                &outs[0],
+                1e-4,
+                1e-4,
+            );
             // Both against the CPU: prologue, then a product with the stored (f16-rounded) weights.
             let xin: Vec<f32> = match which {
                 0 => x[..k].to_vec(),
@@ -1142,15 +1612,35 @@ fn gemv_workgroup_and_rowwise_variants_agree() {
                     let b = rms_ref(&x2[..k], &nw[k..], 1e-6);
                     a.iter().zip(&b).map(|(a, b)| (a + b) / 2.0).collect()
                 }
-                _ => (0..k).map(|j| x[j] / (1.0 + (-x[j]).exp()) * x[k + j]).collect(),
+                _ => (0..k)
+                    .map(|j| x[j] / (1.0 + (-x[j]).exp()) * x[k + j])
+                    .collect(),
             };
             let wq: Vec<f32> = match dtype {
                 WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
                 _ => w.clone(),
             };
-            let want: Vec<f32> = (0..m).map(|j| (0..k).map(|kk| xin[kk] as f64 * wq[j * k + kk] as f64).sum::<f64>() as f32).collect();
-            assert_close(&format!("workgroup gemv vs CPU, prologue {which}, {dtype:?}"), &outs[0], &want, 1e-4, 1e-4);
-            assert_close(&format!("row gemv vs CPU, prologue {which}, {dtype:?}"), &outs[1], &want, 1e-4, 1e-4);
+            let want: Vec<f32> = (0..m)
+                .map(|j| {
+                    (0..k)
+                        .map(|kk| xin[kk] as f64 * wq[j * k + kk] as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            assert_close(
+                &format!("workgroup gemv vs CPU, prologue {which}, {dtype:?}"),
+                &outs[0],
+                &want,
+                1e-4,
+                1e-4,
+            );
+            assert_close(
+                &format!("row gemv vs CPU, prologue {which}, {dtype:?}"),
+                &outs[1],
+                &want,
+                1e-4,
+                1e-4,
+            );
         }
     }
 }
