@@ -29,6 +29,11 @@ fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 export HYMBA_BACKEND="${HYMBA_BACKEND:-vulkan}"
 
+echo "== formatting (cargo fmt --check)"
+if cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt >/dev/null 2>&1; then
+    cargo fmt --all --check
+fi
+
 echo "== native tests (adapter: first Vulkan device; software lavapipe without a GPU)"
 cargo test --release --workspace --exclude hymba-web
 
