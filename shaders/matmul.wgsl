@@ -80,18 +80,6 @@ var<private> w8s: f32;
 fn w8a(i: u32) -> vec4<f32> { w8s = wscale(i / 4u); w8v = w[i]; return dq4(w8v) * w8s; }
 fn w8b(i: u32) -> vec4<f32> { return dq4(w8v >> 16u) * w8s; }
 #else
-#ifdef PACKED_F16
-// W: [m, kp4 / 2] eight halves packed in four u32, row-major (forced packed: 16-byte loads).
-@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
-fn w4(i: u32) -> vec4<f32> {
-    let v = w[i / 2u];
-    if ((i & 1u) == 0u) { return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
-    return vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w));
-}
-var<private> w8v: vec4<u32>;
-fn w8a(i: u32) -> vec4<f32> { w8v = w[i]; return vec4<f32>(unpack2x16float(w8v.x), unpack2x16float(w8v.y)); }
-fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x16float(w8v.w)); }
-#else
 #ifdef SHADER_F16
 // W: [m, kp4] vec4<f16>, row-major.
 @group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
@@ -99,7 +87,8 @@ fn w4(i: u32) -> vec4<f32> { return vec4<f32>(w[i]); }
 fn w8a(i: u32) -> vec4<f32> { return vec4<f32>(w[2u * i]); }
 fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(w[2u * i + 1u]); }
 #else
-// W: [m, kp4 / 2] eight halves packed in four u32, row-major.
+// W: [m, kp4 / 2] eight halves packed in four u32, row-major (no shader-f16, or PACKED_F16:
+// the host then leaves SHADER_F16 unset to get 16-byte loads).
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 fn w4(i: u32) -> vec4<f32> {
     let v = w[i / 2u];
@@ -109,7 +98,6 @@ fn w4(i: u32) -> vec4<f32> {
 var<private> w8v: vec4<u32>;
 fn w8a(i: u32) -> vec4<f32> { w8v = w[i]; return vec4<f32>(unpack2x16float(w8v.x), unpack2x16float(w8v.y)); }
 fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x16float(w8v.w)); }
-#endif
 #endif
 #endif
 #endif

@@ -120,7 +120,8 @@ impl Kernel {
         bindings: &[BindKind],
     ) -> Result<Kernel> {
         let mut defs: Vec<&str> = defines.to_vec();
-        if gpu.shader_f16 {
+        // PACKED_F16 asks for f16 weights read as packed u32 even where shader-f16 exists.
+        if gpu.shader_f16 && !defines.contains(&"PACKED_F16") {
             defs.push("SHADER_F16");
         }
         let code = preprocess(source, &defs);

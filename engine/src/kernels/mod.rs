@@ -261,6 +261,34 @@ pub struct MatmulParams {
     pub passes: u32,
 }
 
+impl MatmulParams {
+    /// Parameters for `rows` rows of X times `w`, without bias or prologue.
+    pub fn new(
+        w: &Matrix,
+        x_off: usize,
+        x_stride: usize,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Self {
+        MatmulParams {
+            rows: rows as u32,
+            m: w.rows as u32,
+            k: w.cols as u32,
+            kp4: w.kp4(),
+            x_off: x_off as u32,
+            x_stride: x_stride as u32,
+            y_off: y_off as u32,
+            y_stride: y_stride as u32,
+            accumulate: accumulate as u32,
+            has_bias: 0,
+            eps: 0.0,
+            passes: gemv_passes(w.rows),
+        }
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct RmsNormParams {
@@ -643,18 +671,8 @@ impl Kernels {
         accumulate: bool,
     ) -> Result<()> {
         let p = MatmulParams {
-            rows: rows as u32,
-            m: w.rows as u32,
-            k: w.cols as u32,
-            kp4: w.kp4(),
-            x_off: x_off as u32,
-            x_stride: x_stride as u32,
-            y_off: y_off as u32,
-            y_stride: y_stride as u32,
-            accumulate: accumulate as u32,
             has_bias: bias.is_some() as u32,
-            eps: 0.0,
-            passes: gemv_passes(w.rows),
+            ..MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate)
         };
         let b = bias.unwrap_or(&self.dummy);
         // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
@@ -707,20 +725,7 @@ impl Kernels {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let mut p = MatmulParams {
-            rows: rows as u32,
-            m: w.rows as u32,
-            k: w.cols as u32,
-            kp4: w.kp4(),
-            x_off: x_off as u32,
-            x_stride: x_stride as u32,
-            y_off: y_off as u32,
-            y_stride: y_stride as u32,
-            accumulate: accumulate as u32,
-            has_bias: 0,
-            eps: 0.0,
-            passes: gemv_passes(w.rows),
-        };
+        let mut p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate);
         let groups = [
             w.rows.div_ceil(8 * p.passes as usize) as u32,
             rows as u32,

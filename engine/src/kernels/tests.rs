@@ -1523,13 +1523,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         (
             "matmul",
             SRC_MATMUL,
-            vec![
-                "PACKED_F16",
-                "SHADER_F16",
-                "PRO_NORM",
-                "SUBGROUP32",
-                "XSH=5632",
-            ],
+            vec!["PRO_NORM", "SUBGROUP32", "XSH=5632"],
         ),
         ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_MERGE"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "PRO_SWIGLU"]),
