@@ -38,9 +38,15 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Case folders: tests/fixtures/* and $HYMBA_EXTRA_FIXTURES/* (folders holding case.json).
+/// Case folders (holding case.json): tests/fixtures/*, then the cases of the shared reference
+/// folder beside the checkout (../shared/fixtures/*) not already copied here, then
+/// $HYMBA_EXTRA_FIXTURES/*.
 pub fn fixture_cases() -> Vec<PathBuf> {
     let mut roots = vec![repo_root().join("tests/fixtures")];
+    let shared = repo_root().join("../shared/fixtures");
+    if shared.is_dir() {
+        roots.push(shared);
+    }
     if let Ok(extra) = std::env::var("HYMBA_EXTRA_FIXTURES") {
         if !extra.is_empty() {
             let p = PathBuf::from(&extra);
@@ -60,7 +66,20 @@ pub fn fixture_cases() -> Vec<PathBuf> {
             here.push(root.clone());
         }
         here.sort();
-        cases.extend(here);
+        for c in here {
+            // A shared case already in the project's copy runs once (the copy).
+            let dup = cases.iter().any(|k: &PathBuf| {
+                k.file_name() == c.file_name()
+                    && k.parent() == Some(&repo_root().join("tests/fixtures"))
+            });
+            let from_shared = c
+                .parent()
+                .map(|p| p.ends_with("shared/fixtures"))
+                .unwrap_or(false);
+            if !(dup && from_shared) {
+                cases.push(c);
+            }
+        }
     }
     cases
 }
