@@ -55,7 +55,7 @@ pub struct ModelOptions {
     pub chunk: usize,
     /// Longest sequence in positions, meta tokens included (default: n_meta + max_position_embeddings).
     pub max_positions: Option<usize>,
-    /// Decode with the fused kernels (8 dispatches per layer); false runs the prompt kernels
+    /// Decode with the fused kernels (9 dispatches per layer); false runs the prompt kernels
     /// one position at a time (20 dispatches per layer), kept as a cross-check.
     pub fused_decode: bool,
 }
@@ -850,7 +850,7 @@ impl Model {
         k.matmul(rec, &ws.gu, 0, i2, &w.down, None, &ws.h, 0, d, rows, true)
     }
 
-    /// One decode step of a hybrid layer with fused kernels: 8 dispatches, the attention
+    /// One decode step of a hybrid layer with fused kernels: 9 dispatches, the attention
     /// and SSM branches independent of each other.
     fn record_layer_decode(
         &self,
