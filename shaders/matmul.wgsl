@@ -5,6 +5,8 @@
 //           grid (ceil(m / 8), rows).
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
 //           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
+//   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs.
+//   gemv_row  - one thread per output row, no barriers (CPU adapters).
 // Variants (defines): W_F32 (f32 weights), W_Q8 / W_Q4 (block-quantized int8 / 4-bit weights with
 // one f16 scale per 32 weights along K, dequantized in the weight readers), or f16 weights, read
 // as native f16 when SHADER_F16 is set and as packed u32 pairs (unpack2x16float) otherwise.
@@ -317,6 +319,104 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         }
     }
 }
+
+#ifdef COOP
+// gemm_coop: the prompt-chunk GEMM on cooperative matrices (tensor cores), for f16 / q8 / q4
+// weights where the adapter has EXPERIMENTAL_COOPERATIVE_MATRIX with 16x16x16 f16 inputs and
+// f32 accumulators and subgroups of 32. X and the (dequantized) weights are rounded to f16 when
+// staged; accumulation is f32. One workgroup = 4 subgroups = a 64 (rows of X) x 64 (rows of W)
+// output tile, each subgroup a 32 x 32 quarter of it as 2 x 2 fragments of 16 x 16. K advances
+// CK at a time through workgroup memory; the next step's global loads are issued into registers
+// before the current step's multiplies. Grid: (ceil(m / 64), ceil(rows / 64)).
+const CK: u32 = 64u;
+// ax: [64 rows of X][CK] f16, row-major (fragment A, loaded row-major).
+var<workgroup> ax: array<f16, 4096>;
+// bw: [64 rows of W][CK] f16, row-major = W^T column-major (fragment B).
+var<workgroup> bw: array<f16, 4096>;
+// cy: [64 rows of X][64 rows of W] f32 accumulators, staged for the bounds-checked epilogue.
+var<workgroup> cy: array<f32, 4096>;
+// The next K step of this thread's share of the X and W tiles: 8 groups of 4 consecutive k.
+var<private> xr: array<vec4<f32>, 8>;
+var<private> wr: array<vec4<f32>, 8>;
+
+fn coop_fetch(li: u32, m0: u32, t0: u32, k0: u32) {
+    let kw = p.kp4 * 4u;
+    for (var i = 0u; i < 8u; i++) {
+        let e4 = li + i * 128u;
+        let r = e4 / (CK / 4u);
+        let k = k0 + (e4 % (CK / 4u)) * 4u;
+        let t = t0 + r;
+        var v = vec4<f32>(0.0);
+        if (t < p.rows) {
+            let b = p.x_off + t * p.x_stride + k;
+            if (k + 3u < p.k) {
+                v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+            } else {
+                for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
+            }
+        }
+        xr[i] = v;
+        let m = m0 + r;
+        var u = vec4<f32>(0.0);
+        if (m < p.m && k < kw) { u = w4(m * p.kp4 + k / 4u); }
+        wr[i] = u;
+    }
+}
+
+@compute @workgroup_size(128)
+fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
+    let m0 = wid.x * 64u;
+    let t0 = wid.y * 64u;
+    let st = (sg / 2u) * 32u; // this subgroup's first row of X in the tile
+    let sm = (sg % 2u) * 32u; // its first row of W
+    for (var i = li; i < 4096u; i += 128u) { cy[i] = 0.0; }
+    workgroupBarrier();
+    var c00 = coopLoadT<coop_mat16x16<f32, C>>(&cy[0], 64u);
+    var c01 = c00;
+    var c10 = c00;
+    var c11 = c00;
+    coop_fetch(li, m0, t0, 0u);
+    for (var k0 = 0u; k0 < p.k; k0 += CK) {
+        for (var i = 0u; i < 8u; i++) {
+            let o = (li + i * 128u) * 4u;
+            let v = vec4<f16>(xr[i]);
+            let u = vec4<f16>(wr[i]);
+            ax[o] = v.x;
+            ax[o + 1u] = v.y;
+            ax[o + 2u] = v.z;
+            ax[o + 3u] = v.w;
+            bw[o] = u.x;
+            bw[o + 1u] = u.y;
+            bw[o + 2u] = u.z;
+            bw[o + 3u] = u.w;
+        }
+        workgroupBarrier();
+        if (k0 + CK < p.k) { coop_fetch(li, m0, t0, k0 + CK); }
+        for (var kk = 0u; kk < CK; kk += 16u) {
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax[st * CK + kk], CK);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax[(st + 16u) * CK + kk], CK);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&bw[sm * CK + kk], CK);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&bw[(sm + 16u) * CK + kk], CK);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+        }
+        workgroupBarrier();
+    }
+    coopStoreT(c00, &cy[st * 64u + sm], 64u);
+    coopStoreT(c01, &cy[st * 64u + sm + 16u], 64u);
+    coopStoreT(c10, &cy[(st + 16u) * 64u + sm], 64u);
+    coopStoreT(c11, &cy[(st + 16u) * 64u + sm + 16u], 64u);
+    workgroupBarrier();
+    for (var i = 0u; i < 32u; i++) {
+        let e = li + i * 128u;
+        let t = t0 + e / 64u;
+        let m = m0 + e % 64u;
+        if (t < p.rows && m < p.m) { store(t, m, cy[e]); }
+    }
+}
+#endif
 
 // gemv_row: one thread per output row and no workgroup barriers, for CPU adapters (lavapipe,
 // SwiftShader), where barriers cost a context switch per invocation. Each thread computes the

@@ -130,6 +130,12 @@ impl Kernel {
         } else {
             code
         };
+        // COOP: the cooperative-matrix (tensor core) variants, native only.
+        let code = if defs.contains(&"COOP") {
+            format!("enable wgpu_cooperative_matrix;\n{code}")
+        } else {
+            code
+        };
         let name = format!("{file}:{entry}[{}]", defines.join(","));
         let device = &gpu.device;
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {

@@ -19,6 +19,9 @@ pub struct GpuOptions {
     pub adapter_index: Option<usize>,
     /// Use `shader-f16` when the adapter has it (otherwise f16 weights are read as packed u32).
     pub allow_shader_f16: bool,
+    /// Use cooperative matrices (tensor cores) for the prompt GEMM of f16 / q8 / q4 weights
+    /// when the adapter has them (native only; wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX).
+    pub allow_coop_matrix: bool,
 }
 
 impl Default for GpuOptions {
@@ -30,6 +33,7 @@ impl Default for GpuOptions {
             backends: wgpu::Backends::BROWSER_WEBGPU,
             adapter_index: None,
             allow_shader_f16: true,
+            allow_coop_matrix: true,
         }
     }
 }
@@ -47,6 +51,39 @@ pub fn parse_backends(name: &str) -> Option<wgpu::Backends> {
     })
 }
 
+/// Whether the adapter has 16x16x16 cooperative matrices with f16 inputs and an f32
+/// accumulator in subgroups of exactly 32 (what `gemm_coop` in matmul.wgsl is written for).
+/// Off on the web (wgpu exposes them natively only), when `allow_coop_matrix` is false, and when
+/// the environment variable `HYMBA_NO_COOP` is set.
+fn coop_matrix_f16(adapter: &wgpu::Adapter, opts: &GpuOptions, shader_f16: bool) -> bool {
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (adapter, opts, shader_f16);
+        false
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        if !opts.allow_coop_matrix || !shader_f16 || std::env::var_os("HYMBA_NO_COOP").is_some() {
+            return false;
+        }
+        let info = adapter.get_info();
+        let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SUBGROUP;
+        if !adapter.features().contains(needed)
+            || info.subgroup_min_size != 32
+            || info.subgroup_max_size != 32
+        {
+            return false;
+        }
+        adapter.cooperative_matrix_properties().iter().any(|c| {
+            c.m_size == 16
+                && c.n_size == 16
+                && c.k_size == 16
+                && c.ab_type == wgpu::CooperativeScalarType::F16
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        })
+    }
+}
+
 /// A device, its queue and what it can do.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -56,6 +93,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// Kernels read f16 weights as native `f16` (true) or as packed `u32` pairs.
     pub shader_f16: bool,
+    /// 16x16x16 cooperative matrices with f16 inputs and f32 accumulators, in subgroups of 32:
+    /// the prompt GEMM of f16 / q8 / q4 weights runs on them.
+    pub coop_f16: bool,
     errors: Arc<Mutex<Vec<String>>>,
 }
 
@@ -124,12 +164,22 @@ impl Gpu {
         if available.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
             features |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         }
+        let coop_f16 = coop_matrix_f16(&adapter, opts, shader_f16);
+        let mut experimental = wgpu::ExperimentalFeatures::disabled();
+        if coop_f16 {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            // SAFETY: wgpu asks callers of experimental features to accept that they may have
+            // bugs. Only the prompt GEMM uses it, and the kernel tests and golden tests check
+            // its results on every adapter that has it; HYMBA_NO_COOP=1 turns it off.
+            experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
+        }
         let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("hymba"),
                 required_features: features,
                 required_limits: limits.clone(),
+                experimental_features: experimental,
                 ..Default::default()
             })
             .await
@@ -146,6 +196,7 @@ impl Gpu {
             features,
             limits,
             shader_f16,
+            coop_f16,
             errors,
         })
     }

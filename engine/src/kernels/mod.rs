@@ -462,6 +462,8 @@ pub enum Prologue<'a> {
 pub struct Kernels {
     /// [dtype f32, f16, q8, q4]
     gemm: Vec<Arc<Kernel>>,
+    /// Cooperative-matrix GEMM [dtype f32 (unused), f16, q8, q4], where the adapter has it.
+    gemm_coop: Option<Vec<Option<Arc<Kernel>>>>,
     /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large]
     gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
@@ -575,8 +577,27 @@ impl Kernels {
         } else {
             None
         };
+        // Tensor-core GEMM for prompt chunks. f32 weights keep the exact f32 GEMM.
+        let gemm_coop = if gpu.coop_f16 {
+            let mut v = vec![None];
+            for dt in [&[][..], &["W_Q8"], &["W_Q4"]] {
+                let mut d = dt.to_vec();
+                d.push("COOP");
+                v.push(Some(k(
+                    "matmul.wgsl",
+                    SRC_MATMUL,
+                    &d,
+                    "gemm_coop",
+                    &[U, R, R, R, RW],
+                )?));
+            }
+            Some(v)
+        } else {
+            None
+        };
         Ok(Kernels {
             gemv_row,
+            gemm_coop,
             gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
                 .map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW]))
@@ -690,13 +711,31 @@ impl Kernels {
                 ],
             )
         } else {
+            let k = match self.coop_kernel(w, rows) {
+                Some(k) => k,
+                None => &self.gemm[dtype_index(w.dtype)],
+            };
             rec.dispatch(
-                &self.gemm[dtype_index(w.dtype)],
+                k,
                 &p,
                 &[x, &w.buf, b, y],
                 [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1],
             )
         }
+    }
+
+    /// The cooperative-matrix GEMM `matmul` uses for this weight and row count, if any
+    /// (it rounds X to f16, so callers' references must too).
+    fn coop_kernel(&self, w: &Matrix, rows: usize) -> Option<&Arc<Kernel>> {
+        if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
+            return None;
+        }
+        self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
+    }
+
+    /// Whether `matmul` runs this weight and row count on cooperative matrices (X rounded to f16).
+    pub fn uses_coop(&self, w: &Matrix, rows: usize) -> bool {
+        self.coop_kernel(w, rows).is_some()
     }
 
     fn gemv_kernel(&self, w: &Matrix, pro: usize) -> &Arc<Kernel> {

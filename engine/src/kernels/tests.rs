@@ -122,12 +122,27 @@ fn matmul_case(
         .unwrap()
     });
     let got = read(gpu, &yb, y0.len());
-    let wq = weights_as_stored(&w, m, k, dtype);
+    // The tensor-core GEMM rounds X and the dequantized weights to f16 as it stages them: so
+    // does the reference then.
+    let coop = ks.uses_coop(&mat, rows);
+    let mut wq = weights_as_stored(&w, m, k, dtype);
+    if coop {
+        wq.iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+    }
+    let xr = |v: f32| {
+        if coop {
+            half::f16::from_f32(v).to_f32()
+        } else {
+            v
+        }
+    };
+    let tol = if coop { 1e-3 } else { 1e-4 };
     for t in 0..rows {
         for j in 0..m {
             let mut acc = 0f64;
             for kk in 0..k {
-                acc += x[x_off + t * x_stride + kk] as f64 * wq[j * k + kk] as f64;
+                acc += xr(x[x_off + t * x_stride + kk]) as f64 * wq[j * k + kk] as f64;
             }
             if bias {
                 acc += b[j] as f64;
@@ -138,8 +153,8 @@ fn matmul_case(
             let g = got[y_off + t * y_stride + j];
             let want = acc as f32;
             assert!(
-                (g - want).abs() <= 1e-4 + 1e-4 * want.abs(),
-                "matmul {dtype:?} rows {rows} m {m} k {k}: y[{t},{j}] = {g}, want {want}"
+                (g - want).abs() <= tol + tol * want.abs(),
+                "matmul {dtype:?} rows {rows} m {m} k {k} (tensor cores: {coop}): y[{t},{j}] = {g}, want {want}"
             );
         }
         // padding between rows must stay untouched
@@ -188,6 +203,34 @@ fn matmul_gemm_quantized() {
         matmul_case(dt, 129, 300, 33, false, true, s + 1);
         matmul_case(dt, 65, 65, 100, false, true, s + 2);
     }
+}
+
+#[test]
+fn matmul_gemm_prompt_shapes_all_dtypes() {
+    // Output widths above 256 take the tiled GEMM: the tensor-core one (f16 / q8 / q4) where
+    // the adapter has cooperative matrices, the f32-FMA one elsewhere. Odd sizes cover partial
+    // tiles in every dimension and K not a multiple of the 32-deep k step.
+    let (gpu, ks) = env();
+    println!(
+        "cooperative matrices (tensor-core GEMM): {}",
+        if gpu.coop_f16 { "yes" } else { "no, FMA GEMM" }
+    );
+    for (i, dt) in [
+        WeightDtype::F16,
+        WeightDtype::Q8,
+        WeightDtype::Q4,
+        WeightDtype::F32,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let s = 500 + 10 * i as u64;
+        matmul_case(dt, 129, 300, 45, true, false, s);
+        matmul_case(dt, 70, 321, 100, false, true, s + 1);
+        matmul_case(dt, 5, 257, 70, false, false, s + 2);
+        matmul_case(dt, 64, 320, 96, false, false, s + 3);
+    }
+    let _ = ks;
 }
 
 #[test]
@@ -1535,9 +1578,21 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("merge", SRC_MERGE, vec![]),
         ("swiglu", SRC_SWIGLU, vec![]),
         ("sample", SRC_SAMPLE, vec![]),
+        // cooperative-matrix GEMM (the test adapter may not have it)
+        ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP"]),
+        ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q8"]),
+        ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q4"]),
     ];
     for (file, src, defs) in all {
-        let code = format!("enable f16;\n{}", crate::gpu::preprocess(src, &defs));
+        let coop = if defs.contains(&"COOP") {
+            "enable wgpu_cooperative_matrix;\n"
+        } else {
+            ""
+        };
+        let code = format!(
+            "enable f16;\n{coop}{}",
+            crate::gpu::preprocess(src, &defs)
+        );
         let module = naga::front::wgsl::parse_str(&code)
             .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&code)));
         naga::valid::Validator::new(
