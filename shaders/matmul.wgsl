@@ -128,13 +128,27 @@ fn store(t: u32, m: u32, v: f32) {
 }
 
 const TPR: u32 = 32u;   // threads per row of W
-const RPW: u32 = 8u;    // rows of W per workgroup
+const RPW: u32 = 8u;    // rows of W per workgroup pass (one per 32-lane group)
 var<workgroup> red: array<f32, 256>;
 var<workgroup> red2: array<f32, 256>;
-var<workgroup> scal: array<f32, 2>;
 
-// Sums v (and v2) over the workgroup into scal[0] (and scal[1]) as rsqrt(mean + eps).
-fn norm_scales(li: u32, v: f32, v2: f32) {
+// Sums (v, v2) over the 256 threads of the workgroup; every thread gets the totals. With
+// SUBGROUP32 one subgroupAdd per 32 lanes and a single barrier, else a workgroup-memory tree.
+// Contains barriers: call from uniform control flow.
+fn wg_sum2(li: u32, v: f32, v2: f32) -> vec2<f32> {
+#ifdef SUBGROUP32
+    let a = subgroupAdd(v);
+    let b = subgroupAdd(v2);
+    if (li % 32u == 0u) {
+        red[li / 32u] = a;
+        red2[li / 32u] = b;
+    }
+    workgroupBarrier();
+    var r = vec2<f32>(0.0);
+    for (var i = 0u; i < 8u; i++) { r += vec2<f32>(red[i], red2[i]); }
+    workgroupBarrier();
+    return r;
+#else
     red[li] = v;
     red2[li] = v2;
     workgroupBarrier();
@@ -145,21 +159,34 @@ fn norm_scales(li: u32, v: f32, v2: f32) {
         }
         workgroupBarrier();
     }
-    if (li == 0u) {
-        scal[0] = inverseSqrt(red[0] / f32(p.k) + p.eps);
-        scal[1] = inverseSqrt(red2[0] / f32(p.k) + p.eps);
-    }
+    let r = vec2<f32>(red[0], red2[0]);
     workgroupBarrier();
+    return r;
+#endif
 }
 
-// X[t, k] after the prologue; xb = offset of row t.
-fn xv(xb: u32, k: u32) -> f32 {
+fn xraw(xb: u32, k: u32) -> f32 {
+    if (k >= p.k) { return 0.0; }
+    return x[xb + k];
+}
+
+#ifdef PRO_NORM
+fn auxk(k: u32) -> f32 {
+    if (k >= p.k) { return 0.0; }
+    return aux[k];
+}
+#endif
+
+// X[t, k] after the prologue, except that PRO_NORM leaves out the row's RMS scale `sc.x`
+// (the dot product is scaled instead, so staging need not wait for the reduction);
+// PRO_MERGE uses both scales sc = (attention branch, SSM branch). xb = offset of row t.
+fn xv(xb: u32, k: u32, sc: vec2<f32>) -> f32 {
     if (k >= p.k) { return 0.0; }
 #ifdef PRO_NORM
-    return aux[k] * (x[xb + k] * scal[0]);
+    return aux[k] * x[xb + k];
 #else
 #ifdef PRO_MERGE
-    return (aux[k] * (x[xb + k] * scal[0]) + aux[p.k + k] * (x2[xb + k] * scal[1])) / 2.0;
+    return (aux[k] * (x[xb + k] * sc.x) + aux[p.k + k] * (x2[xb + k] * sc.y)) / 2.0;
 #else
 #ifdef PRO_SWIGLU
     let g = x[xb + k];
@@ -194,17 +221,42 @@ fn lane_sum(li: u32, lane: u32, v: f32) -> f32 {
 #endif
 }
 
+// One 8-weight chunk c of a row (weights at wb) against the staged X.
+fn dot8s(wb: u32, c: u32) -> f32 {
+    let wa = w8a(wb + c);
+    let wv = w8b(wb + c);
+    return dot(wa, xsh[2u * c]) + dot(wv, xsh[2u * c + 1u]);
+}
+
+// Each 32-lane group computes two rows of W at a time (RPW rows apart), so four 16-byte weight
+// loads per lane are in flight per iteration.
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r = li / TPR;
     let lane = li % TPR;
     let t = wid.y;
     let xb = p.x_off + t * p.x_stride;
+    let n8 = (p.k + 7u) / 8u;
+    let staged = n8 * 8u <= XSH;
+    var sc = vec2<f32>(1.0);
+    // rs: factor applied to each row's dot product (the RMS scale of PRO_NORM).
+    var rs = 1.0;
 #ifdef PRO_NORM
+    // Stage aux * x and sum x^2 in the same pass; one reduction (whose barrier also publishes
+    // the staged row) gives the scale.
     var s1 = 0.0;
-    for (var k = li; k < p.k; k += 256u) { let v = x[xb + k]; s1 += v * v; }
-    norm_scales(li, s1, 0.0);
-#endif
+    if (staged) {
+        for (var c = li; c < n8 * 2u; c += 256u) {
+            let k = c * 4u;
+            let v = vec4<f32>(xraw(xb, k), xraw(xb, k + 1u), xraw(xb, k + 2u), xraw(xb, k + 3u));
+            s1 += dot(v, v);
+            xsh[c] = v * vec4<f32>(auxk(k), auxk(k + 1u), auxk(k + 2u), auxk(k + 3u));
+        }
+    } else {
+        for (var k = li; k < p.k; k += 256u) { let v = x[xb + k]; s1 += v * v; }
+    }
+    rs = inverseSqrt(wg_sum2(li, s1, 0.0).x / f32(p.k) + p.eps);
+#else
 #ifdef PRO_MERGE
     var sa = 0.0;
     var sb = 0.0;
@@ -214,51 +266,79 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         sa += a * a;
         sb += b * b;
     }
-    norm_scales(li, sa, sb);
+    let ss = wg_sum2(li, sa, sb);
+    sc = vec2<f32>(inverseSqrt(ss.x / f32(p.k) + p.eps), inverseSqrt(ss.y / f32(p.k) + p.eps));
 #endif
-    let n8 = (p.k + 7u) / 8u;
-    let staged = n8 * 8u <= XSH;
     if (staged) {
         for (var c = li; c < n8 * 2u; c += 256u) {
             let k = c * 4u;
-            xsh[c] = vec4<f32>(xv(xb, k), xv(xb, k + 1u), xv(xb, k + 2u), xv(xb, k + 3u));
+            xsh[c] = vec4<f32>(xv(xb, k, sc), xv(xb, k + 1u, sc), xv(xb, k + 2u, sc), xv(xb, k + 3u, sc));
         }
     }
     workgroupBarrier();
-    for (var ps = 0u; ps < p.passes; ps++) {
-        let row = (wid.x * p.passes + ps) * RPW + r;
-        var acc = 0.0;
-        if (row < p.m) {
-            let wb = row * (p.kp4 / 2u);
-            if (staged) {
+#endif
+    for (var ps = 0u; ps < p.passes; ps += 2u) {
+        let row0 = (wid.x * p.passes + ps) * RPW + r;
+        let row1 = row0 + RPW;
+        let two = ps + 1u < p.passes;
+        // Out-of-range rows read row m - 1 (keeps loads in bounds and control flow uniform).
+        let wb0 = min(row0, p.m - 1u) * (p.kp4 / 2u);
+        let wb1 = min(row1, p.m - 1u) * (p.kp4 / 2u);
+        var acc0 = 0.0;
+        var acc1 = 0.0;
+        if (staged) {
+            if (two) {
                 var c = lane;
-                // Two chunks per iteration, both weight loads issued before the math.
                 for (; c + TPR < n8; c += 2u * TPR) {
-                    let wa0 = w8a(wb + c);
-                    let wb0 = w8b(wb + c);
-                    let wa1 = w8a(wb + c + TPR);
-                    let wb1 = w8b(wb + c + TPR);
-                    acc += dot(wa0, xsh[2u * c]) + dot(wb0, xsh[2u * c + 1u]);
-                    acc += dot(wa1, xsh[2u * (c + TPR)]) + dot(wb1, xsh[2u * (c + TPR) + 1u]);
+                    let a0 = w8a(wb0 + c);
+                    let b0 = w8b(wb0 + c);
+                    let a1 = w8a(wb1 + c);
+                    let b1 = w8b(wb1 + c);
+                    let a2 = w8a(wb0 + c + TPR);
+                    let b2 = w8b(wb0 + c + TPR);
+                    let a3 = w8a(wb1 + c + TPR);
+                    let b3 = w8b(wb1 + c + TPR);
+                    let xa = xsh[2u * c];
+                    let xc = xsh[2u * c + 1u];
+                    let xd = xsh[2u * (c + TPR)];
+                    let xe = xsh[2u * (c + TPR) + 1u];
+                    acc0 += (dot(a0, xa) + dot(b0, xc)) + (dot(a2, xd) + dot(b2, xe));
+                    acc1 += (dot(a1, xa) + dot(b1, xc)) + (dot(a3, xd) + dot(b3, xe));
                 }
                 if (c < n8) {
-                    let wa0 = w8a(wb + c);
-                    let wb0 = w8b(wb + c);
-                    acc += dot(wa0, xsh[2u * c]) + dot(wb0, xsh[2u * c + 1u]);
+                    acc0 += dot8s(wb0, c);
+                    acc1 += dot8s(wb1, c);
                 }
             } else {
-                for (var c = lane; c < n8; c += TPR) {
-                    let kk = c * 8u;
-                    let wa = w8a(wb + c);
-                    let wbv = w8b(wb + c);
-                    let xa = vec4<f32>(xv(xb, kk), xv(xb, kk + 1u), xv(xb, kk + 2u), xv(xb, kk + 3u));
-                    let xc = vec4<f32>(xv(xb, kk + 4u), xv(xb, kk + 5u), xv(xb, kk + 6u), xv(xb, kk + 7u));
-                    acc += dot(wa, xa) + dot(wbv, xc);
+                var c = lane;
+                for (; c + TPR < n8; c += 2u * TPR) {
+                    let a0 = w8a(wb0 + c);
+                    let b0 = w8b(wb0 + c);
+                    let a2 = w8a(wb0 + c + TPR);
+                    let b2 = w8b(wb0 + c + TPR);
+                    acc0 += (dot(a0, xsh[2u * c]) + dot(b0, xsh[2u * c + 1u])) + (dot(a2, xsh[2u * (c + TPR)]) + dot(b2, xsh[2u * (c + TPR) + 1u]));
+                }
+                if (c < n8) { acc0 += dot8s(wb0, c); }
+            }
+        } else {
+            for (var c = lane; c < n8; c += TPR) {
+                let kk = c * 8u;
+                let xa = vec4<f32>(xv(xb, kk, sc), xv(xb, kk + 1u, sc), xv(xb, kk + 2u, sc), xv(xb, kk + 3u, sc));
+                let xc = vec4<f32>(xv(xb, kk + 4u, sc), xv(xb, kk + 5u, sc), xv(xb, kk + 6u, sc), xv(xb, kk + 7u, sc));
+                let a0 = w8a(wb0 + c);
+                let b0 = w8b(wb0 + c);
+                acc0 += dot(a0, xa) + dot(b0, xc);
+                if (two) {
+                    let a1 = w8a(wb1 + c);
+                    let b1 = w8b(wb1 + c);
+                    acc1 += dot(a1, xa) + dot(b1, xc);
                 }
             }
         }
-        let total = lane_sum(li, lane, acc);
-        if (lane == 0u && row < p.m) { store(t, row, total); }
+        let total0 = lane_sum(li, lane, acc0);
+        let total1 = lane_sum(li, lane, acc1);
+        if (lane == 0u && row0 < p.m) { store(t, row0, total0 * rs); }
+        if (lane == 0u && two && row1 < p.m) { store(t, row1, total1 * rs); }
     }
 }
 

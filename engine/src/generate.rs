@@ -137,10 +137,24 @@ impl Model {
             });
         }
         self.record_sample(seq, &opts.sampling)?.run(&self.gpu);
-        let mut next = self.read_token(seq).await?;
-        let prefill_secs = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
+        let mut prefill_secs = 0.0;
+        let mut t1 = Instant::now();
         loop {
+            // While the GPU computes the token read below, encode the step that will feed it
+            // (it takes the token from the GPU-side slot, so its commands do not depend on
+            // the value). It is submitted only once the token is known not to end the reply,
+            // so stopping leaves the cache exactly as without the overlap.
+            let more = ids.len() + 1 < opts.max_new_tokens && seq.position() < self.max_positions;
+            let mut prepared = if more {
+                self.prepare_decode(seq, &opts.sampling, true).ok()
+            } else {
+                None
+            };
+            let next = self.read_token(seq).await?;
+            if ids.is_empty() {
+                prefill_secs = t0.elapsed().as_secs_f64();
+                t1 = Instant::now();
+            }
             ids.push(next);
             let piece = match tokenizer {
                 Some(t) => stream.push(t, next)?,
@@ -176,9 +190,11 @@ impl Model {
                 break;
             }
             // Feed `next` (already in the token slot) and sample the one after it.
-            self.submit_decode(seq, &opts.sampling, true)?;
+            match prepared.take() {
+                Some(step) => self.submit_prepared(seq, step),
+                None => self.submit_decode(seq, &opts.sampling, true)?,
+            }
             seq.tokens.push(next);
-            next = self.read_token(seq).await?;
         }
         // The last chosen token is not in the cache yet; the next turn's prompt should start with it
         // only if the caller wants it there (chat templates add their own text).

@@ -48,6 +48,14 @@ impl std::str::FromStr for DtypeChoice {
     }
 }
 
+/// A decode step encoded ahead of time (see `Model::prepare_decode`).
+pub struct PreparedDecode {
+    commands: wgpu::CommandBuffer,
+    params: Option<Vec<u8>>,
+    pos: usize,
+    sample: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
     pub dtype: DtypeChoice,
@@ -1170,6 +1178,21 @@ impl Model {
         sp: &SamplingParams,
         sample: bool,
     ) -> Result<()> {
+        let step = self.prepare_decode(seq, sp, sample)?;
+        self.submit_prepared(seq, step);
+        Ok(())
+    }
+
+    /// Encodes the next decode step of `seq` without submitting it, so that the CPU work
+    /// (parameters, command encoding) overlaps the GPU's work on the step before. The step
+    /// consumes whatever token is in the slot when it runs; submit it with `submit_prepared`
+    /// before any other decode step of this sequence, or drop it.
+    pub fn prepare_decode(
+        &self,
+        seq: &mut Sequence,
+        sp: &SamplingParams,
+        sample: bool,
+    ) -> Result<PreparedDecode> {
         self.check_room(seq, 1)?;
         seq.ensure_capacity(
             &self.gpu,
@@ -1179,25 +1202,38 @@ impl Model {
         )?;
         let key = seq.layout_gen * 2 + sample as u64;
         let reuse = matches!(&seq.decode, Some((_, k)) if *k == key);
-        if reuse {
+        let params = if reuse {
             let mut rec = Recorder::params_only(&self.gpu);
             self.record_decode(&mut rec, seq, sp, sample)?;
-            let bytes = rec.into_params();
-            let (prog, _) = seq.decode.as_ref().unwrap();
-            prog.update_params(&self.gpu, &bytes);
-            prog.run(&self.gpu);
+            Some(rec.into_params())
         } else {
             let mut rec = Recorder::new(&self.gpu);
             self.record_decode(&mut rec, seq, sp, sample)?;
-            let prog = rec.finish();
-            prog.run(&self.gpu);
-            seq.decode = Some((prog, key));
+            seq.decode = Some((rec.finish(), key));
+            None
+        };
+        let (prog, _) = seq.decode.as_ref().unwrap();
+        Ok(PreparedDecode {
+            commands: prog.commands(&self.gpu),
+            params,
+            pos: seq.pos,
+            sample,
+        })
+    }
+
+    /// Submits a step from `prepare_decode` (its parameters are written to the queue first,
+    /// so they never reach a step already submitted).
+    pub fn submit_prepared(&self, seq: &mut Sequence, step: PreparedDecode) {
+        assert_eq!(step.pos, seq.pos, "a prepared decode step is stale");
+        let (prog, _) = seq.decode.as_ref().expect("prepared step has a program");
+        if let Some(bytes) = &step.params {
+            prog.update_params(&self.gpu, bytes);
         }
+        self.gpu.queue.submit([step.commands]);
         seq.pos += 1;
-        if sample {
+        if step.sample {
             seq.sampled += 1;
         }
-        Ok(())
     }
 
     /// Profiles one decode step (GPU time per dispatch, from timestamps), without advancing

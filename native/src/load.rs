@@ -200,7 +200,7 @@ pub fn open_gpu(args: &ModelArgs) -> CliResult<Arc<Gpu>> {
     let opts = GpuOptions {
         backends,
         adapter_index: args.adapter,
-        allow_shader_f16: true,
+        ..GpuOptions::default()
     };
     Ok(Arc::new(pollster::block_on(Gpu::new(&opts)).map_err(err)?))
 }

@@ -173,12 +173,18 @@ impl Program {
 
     /// Encodes and submits the program alone.
     pub fn run(&self, gpu: &Gpu) {
+        gpu.queue.submit([self.commands(gpu)]);
+    }
+
+    /// The program as a command buffer (one compute pass), encoded now and submitted later:
+    /// decode encodes step N + 1 on the CPU while the GPU runs step N.
+    pub fn commands(&self, gpu: &Gpu) -> wgpu::CommandBuffer {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             self.encode(&mut pass);
         }
-        gpu.queue.submit([enc.finish()]);
+        enc.finish()
     }
 
     /// Runs the program once with a GPU timestamp after every dispatch and returns, per

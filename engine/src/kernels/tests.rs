@@ -922,6 +922,12 @@ fn gemv_with_fused_prologues() {
         gemv_pro_case(dtype, 2, 1, 29, 70, 85 + i as u64);
         gemv_pro_case(dtype, 2, 1, 19, 8400, 87 + i as u64);
         gemv_pro_case(dtype, 0, 1, 4300, 40, 89 + i as u64);
+        // odd and even numbers of 8-row passes per workgroup (rows in pairs), the RMS-norm
+        // prologue staged and unstaged, SwiGLU with several passes
+        gemv_pro_case(dtype, 0, 1, 6500, 64, 91 + i as u64);
+        gemv_pro_case(dtype, 0, 1, 23, 7000, 93 + i as u64);
+        gemv_pro_case(dtype, 2, 1, 4500, 50, 95 + i as u64);
+        gemv_pro_case(dtype, 1, 1, 9000, 40, 97 + i as u64);
     }
 }
 
