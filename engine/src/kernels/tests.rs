@@ -928,6 +928,10 @@ fn gemv_with_fused_prologues() {
         gemv_pro_case(dtype, 0, 1, 23, 7000, 93 + i as u64);
         gemv_pro_case(dtype, 2, 1, 4500, 50, 95 + i as u64);
         gemv_pro_case(dtype, 1, 1, 9000, 40, 97 + i as u64);
+        // K over one register block of weights (2048) but staged; tall enough for 2 passes
+        gemv_pro_case(dtype, 0, 1, 50, 3000, 99 + i as u64);
+        gemv_pro_case(dtype, 2, 1, 40, 2500, 101 + i as u64);
+        gemv_pro_case(dtype, 0, 1, 17000, 24, 103 + i as u64);
     }
 }
 
