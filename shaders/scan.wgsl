@@ -35,6 +35,14 @@ struct Params {
 var<workgroup> xs: array<f32, 640>;
 var<workgroup> sred: array<f32, 64>;
 fn wsum(li: u32, v: f32) -> f32 {
+#ifdef SUBGROUP32
+    let a = subgroupAdd(v);
+    if (li % 32u == 0u) { sred[li / 32u] = a; }
+    workgroupBarrier();
+    let r2 = sred[0] + sred[1];
+    workgroupBarrier();
+    return r2;
+#endif
     sred[li] = v;
     workgroupBarrier();
     for (var s = 32u; s > 0u; s = s >> 1u) {

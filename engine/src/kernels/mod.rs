@@ -629,7 +629,11 @@ impl Kernels {
             scan_fused: k(
                 "scan.wgsl",
                 SRC_SCAN,
-                &["FUSED_DT"],
+                if sg32 {
+                    &["FUSED_DT", "SUBGROUP32"]
+                } else {
+                    &["FUSED_DT"]
+                },
                 "main",
                 &[U, R, R, R, R, R, RW, RW, R],
             )?,

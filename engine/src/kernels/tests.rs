@@ -1582,6 +1582,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "PRO_SWIGLU"]),
         ("conv1d", SRC_CONV1D, vec!["STEP"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT"]),
+        ("scan", SRC_SCAN, vec!["FUSED_DT", "SUBGROUP32"]),
         ("conv1d", SRC_CONV1D, vec![]),
         ("conv1d", SRC_CONV1D, vec!["STATE"]),
         ("scan", SRC_SCAN, vec![]),
