@@ -31,57 +31,44 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // pbuf: [rows, q_stride] f32 in_proj output, RoPE already applied to q.
 @group(0) @binding(1) var<storage, read> pbuf: array<f32>;
-// kc: [n_kv_heads, cap, d_qk] f32 keys.
-@group(0) @binding(2) var<storage, read> kc: array<f32>;
-// vc: [n_kv_heads, cap, d_v] f32 values.
-@group(0) @binding(3) var<storage, read> vc: array<f32>;
+// kc: [n_kv_heads, cap, d_qk / 4] vec4<f32> keys (d_qk % 4 == 0).
+@group(0) @binding(2) var<storage, read> kc: array<vec4<f32>>;
+// vc: [n_kv_heads, cap, d_v / 4] vec4<f32> values (d_v % 4 == 0).
+@group(0) @binding(3) var<storage, read> vc: array<vec4<f32>>;
 // out: [rows, out_stride] f32, heads concatenated (head h at h * d_v).
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-const WG: u32 = 64u;
+// 256 threads per (head, query row). Per block of KB keys: scores with 4 lanes per key (each a
+// strided quarter of q.k, vec4 loads); the block max and sum read by every thread from
+// workgroup memory (no reduction trees); P.V by 256 / (d_v / 4) groups of lanes, each lane one
+// vec4 of the value and a share of the block's keys, with a running (rescaled) accumulator per
+// lane; the groups meet once at the end. d_qk <= 256, d_v <= 1024.
+const WG: u32 = 256u;
+const KB: u32 = 64u;
 const NEG: f32 = -3.0e38;
-var<workgroup> qs: array<f32, 256>;
-var<workgroup> pr: array<f32, 64>;
-var<workgroup> sl: array<u32, 64>;
-var<workgroup> red: array<f32, 64>;
+var<workgroup> qs: array<vec4<f32>, 64>;
+var<workgroup> sq: array<f32, 256>;         // [KB keys][4] partial scores
+var<workgroup> pr: array<f32, 64>;          // [KB] exp(score - running max)
+var<workgroup> sl: array<u32, 64>;          // [KB] cache slot of each key
+var<workgroup> pv: array<vec4<f32>, 256>;   // [groups][d_v / 4] partial outputs
 
 fn slot(pos: u32) -> u32 {
     if (pos < p.n_meta) { return pos; }
     return p.n_meta + (pos - p.n_meta) % p.ring;
 }
 
-fn reduce_max(li: u32, v: f32) -> f32 {
-    red[li] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) { red[li] = max(red[li], red[li + s]); }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn reduce_sum(li: u32, v: f32) -> f32 {
-    red[li] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (li < s) { red[li] = red[li] + red[li + s]; }
-        workgroupBarrier();
-    }
-    let r = red[0];
-    workgroupBarrier();
-    return r;
-}
-
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wid.x;
     let t = wid.y;
     let q = p.pos0 + t;
     let kvh = h / (p.n_heads / p.n_kv_heads);
+    let dq4 = p.d_qk / 4u;
+    let dv4 = p.d_v / 4u;
     let qb = p.q_off + t * p.q_stride + h * p.d_qk;
-    for (var e = li; e < p.d_qk; e += WG) { qs[e] = pbuf[qb + e]; }
+    for (var e4 = li; e4 < dq4; e4 += WG) {
+        qs[e4] = vec4<f32>(pbuf[qb + 4u * e4], pbuf[qb + 4u * e4 + 1u], pbuf[qb + 4u * e4 + 2u], pbuf[qb + 4u * e4 + 3u]);
+    }
     workgroupBarrier();
 
     // Visible keys: meta [0, n_meta_vis) then text [lo, q].
@@ -92,49 +79,79 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if (q >= lo) { n_text = q + 1u - lo; }
     let n_keys = n_meta_vis + n_text;
 
+    let jl = li / 4u;
+    let qd = li % 4u;
+    let groups = max(WG / max(dv4, 1u), 1u);
+    let g = li / max(dv4, 1u);
+    let e4 = li % max(dv4, 1u);
     var m = NEG;
     var l = 0.0;
-    var acc: array<f32, 4>;
-    for (var i = 0u; i < 4u; i++) { acc[i] = 0.0; }
-    for (var kb = 0u; kb < n_keys; kb += WG) {
-        let j = kb + li;
-        var s = NEG;
+    var acc = vec4<f32>(0.0);
+    for (var kb = 0u; kb < n_keys; kb += KB) {
+        let j = kb + jl;
+        var d = vec4<f32>(0.0);
         var sidx = 0u;
         if (j < n_keys) {
             var pos = j;
             if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
             sidx = slot(pos);
-            let kbase = (kvh * p.cap + sidx) * p.d_qk;
-            var d = 0.0;
-            for (var e = 0u; e < p.d_qk; e++) { d += qs[e] * kc[kbase + e]; }
-            s = d * p.scale;
+            let b = (kvh * p.cap + sidx) * dq4;
+            var f = qd;
+            for (; f + 4u < dq4; f += 8u) {
+                let k0 = kc[b + f];
+                let k1 = kc[b + f + 4u];
+                d += qs[f] * k0 + qs[f + 4u] * k1;
+            }
+            if (f < dq4) { d += qs[f] * kc[b + f]; }
         }
-        sl[li] = sidx;
-        let bm = reduce_max(li, s);
+        sq[li] = (d.x + d.y) + (d.z + d.w);
+        if (qd == 0u) { sl[jl] = sidx; }
+        workgroupBarrier();
+        let nk = min(KB, n_keys - kb);
+        var bm = NEG;
+        for (var jj = 0u; jj < nk; jj++) {
+            bm = max(bm, ((sq[4u * jj] + sq[4u * jj + 1u]) + (sq[4u * jj + 2u] + sq[4u * jj + 3u])) * p.scale);
+        }
         let nm = max(m, bm);
         let corr = exp(m - nm);
-        var pj = 0.0;
-        if (j < n_keys) { pj = exp(s - nm); }
-        pr[li] = pj;
-        let bs = reduce_sum(li, pj);
-        l = l * corr + bs;
-        let nk = min(WG, n_keys - kb);
-        for (var i = 0u; i < 4u; i++) {
-            let e = li + i * WG;
-            if (e < p.d_v) {
-                var a = acc[i] * corr;
-                for (var jj = 0u; jj < nk; jj++) {
-                    a += pr[jj] * vc[(kvh * p.cap + sl[jj]) * p.d_v + e];
-                }
-                acc[i] = a;
+        if (li < KB) {
+            var pj = 0.0;
+            if (li < nk) {
+                pj = exp(((sq[4u * li] + sq[4u * li + 1u]) + (sq[4u * li + 2u] + sq[4u * li + 3u])) * p.scale - nm);
             }
+            pr[li] = pj;
         }
+        workgroupBarrier();
+        var bs = 0.0;
+        for (var jj = 0u; jj < nk; jj++) { bs += pr[jj]; }
+        l = l * corr + bs;
         m = nm;
+        if (g < groups && e4 < dv4) {
+            var a = acc * corr;
+            let vb = kvh * p.cap;
+            var jj = g;
+            for (; jj + 3u * groups < nk; jj += 4u * groups) {
+                let v0 = vc[(vb + sl[jj]) * dv4 + e4];
+                let v1 = vc[(vb + sl[jj + groups]) * dv4 + e4];
+                let v2 = vc[(vb + sl[jj + 2u * groups]) * dv4 + e4];
+                let v3 = vc[(vb + sl[jj + 3u * groups]) * dv4 + e4];
+                a += (pr[jj] * v0 + pr[jj + groups] * v1) + (pr[jj + 2u * groups] * v2 + pr[jj + 3u * groups] * v3);
+            }
+            for (; jj < nk; jj += groups) { a += pr[jj] * vc[(vb + sl[jj]) * dv4 + e4]; }
+            acc = a;
+        }
         workgroupBarrier();
     }
+    if (g < groups && e4 < dv4) { pv[g * dv4 + e4] = acc; }
+    workgroupBarrier();
     let ob = p.out_off + t * p.out_stride + h * p.d_v;
-    for (var i = 0u; i < 4u; i++) {
-        let e = li + i * WG;
-        if (e < p.d_v) { out[ob + e] = acc[i] / l; }
+    for (var f = li; f < dv4; f += WG) {
+        var a = vec4<f32>(0.0);
+        for (var gg = 0u; gg < groups; gg++) { a += pv[gg * dv4 + f]; }
+        a = a / l;
+        out[ob + 4u * f] = a.x;
+        out[ob + 4u * f + 1u] = a.y;
+        out[ob + 4u * f + 2u] = a.z;
+        out[ob + 4u * f + 3u] = a.w;
     }
 }
