@@ -134,6 +134,49 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
     y[c] = y0 * (z / (1.0 + exp(-z)));
 }
 #else
+#ifdef PAR_STATES
+// One lane per (channel, state): n lanes per channel (n a power of two <= 32, subgroups of 32),
+// the sum over states by butterfly shuffles; the next row's inputs are loaded while the current
+// row is computed. Grid: (ceil(d * n / 64), 1, 1).
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = min(gid.x / p.n, p.d - 1u);
+    let i = gid.x % p.n;
+    let live = gid.x / p.n < p.d;
+    var h = state[c * p.n + i];
+    let a = consts[c * p.n + i];
+    let dtb = consts[p.d * p.n + c];
+    let dd = consts[p.d * p.n + p.d + c];
+    var dtn = dtr[c];
+    var xn = xc[c];
+    var bn = xp[p.b_col + i];
+    var cn = xp[p.c_col + i];
+    var zn = pbuf[p.z_off + c];
+    for (var t = 0u; t < p.rows; t++) {
+        var dt = dtn + dtb;
+        let xv = xn;
+        let bv = bn;
+        let cv = cn;
+        let z = zn;
+        if (t + 1u < p.rows) {
+            dtn = dtr[(t + 1u) * p.d + c];
+            xn = xc[(t + 1u) * p.d + c];
+            bn = xp[(t + 1u) * p.xp_stride + p.b_col + i];
+            cn = xp[(t + 1u) * p.xp_stride + p.c_col + i];
+            zn = pbuf[p.z_off + (t + 1u) * p.z_stride + c];
+        }
+        if (dt <= 20.0) { dt = log1p_(exp(dt)); }
+        h = exp(dt * a) * h + dt * bv * xv;
+        var acc = cv * h;
+        for (var o = p.n / 2u; o > 0u; o = o >> 1u) { acc += subgroupShuffleXor(acc, o); }
+        if (i == 0u && live) {
+            acc += dd * xv;
+            y[t * p.d + c] = acc * (z / (1.0 + exp(-z)));
+        }
+    }
+    if (live) { state[c * p.n + i] = h; }
+}
+#else
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x;
@@ -163,4 +206,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     for (var i = 0u; i < p.n; i++) { state[c * p.n + i] = h[i]; }
 }
+#endif
 #endif

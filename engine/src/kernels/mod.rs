@@ -485,6 +485,8 @@ pub struct Kernels {
     conv: Arc<Kernel>,
     conv_state: Arc<Kernel>,
     scan: Arc<Kernel>,
+    /// The prompt scan with one lane per (channel, state), where subgroups are 32 wide.
+    scan_states: Option<Arc<Kernel>>,
     merge: Arc<Kernel>,
     swiglu: Arc<Kernel>,
     sample: Arc<Kernel>,
@@ -673,6 +675,17 @@ impl Kernels {
                 "main",
                 &[U, R, R, R, R, R, RW, RW],
             )?,
+            scan_states: if sg32 {
+                Some(k(
+                    "scan.wgsl",
+                    SRC_SCAN,
+                    &["PAR_STATES"],
+                    "main",
+                    &[U, R, R, R, R, R, RW, RW],
+                )?)
+            } else {
+                None
+            },
             merge: k("merge.wgsl", SRC_MERGE, &[], "main", &[U, R, R, R, RW])?,
             swiglu: k("swiglu.wgsl", SRC_SWIGLU, &[], "main", &[U, RW])?,
             sample: k("sample.wgsl", SRC_SAMPLE, &[], "main", &[U, R, RW, RW])?,
@@ -1021,6 +1034,17 @@ impl Kernels {
         y: &wgpu::Buffer,
         p: ScanParams,
     ) -> Result<()> {
+        // One lane per (channel, state) where subgroups of 32 can sum a channel's states.
+        if let Some(k) = &self.scan_states {
+            if p.n.is_power_of_two() && p.n <= 32 && p.n >= 2 {
+                return rec.dispatch(
+                    k,
+                    &p,
+                    &[xc, dtr, xp, pbuf, consts, state, y],
+                    [(p.d * p.n).div_ceil(64), 1, 1],
+                );
+            }
+        }
         rec.dispatch(
             &self.scan,
             &p,

@@ -1583,6 +1583,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("conv1d", SRC_CONV1D, vec!["STEP"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT", "SUBGROUP32"]),
+        ("scan", SRC_SCAN, vec!["PAR_STATES"]),
         ("conv1d", SRC_CONV1D, vec![]),
         ("conv1d", SRC_CONV1D, vec!["STATE"]),
         ("scan", SRC_SCAN, vec![]),
