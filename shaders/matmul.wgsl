@@ -2,7 +2,7 @@
 //
 // Entry points:
 //   gemv  - few rows (decode): one workgroup of 256 threads = 8 rows of W x 32 threads per row,
-//           `passes` groups of 8 rows each, grid (ceil(m / (8 * passes)), rows).
+//           grid (ceil(m / 8), rows).
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
 //           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
 //   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs.
@@ -221,36 +221,15 @@ fn lane_sum(li: u32, lane: u32, v: f32) -> f32 {
 #endif
 }
 
-// Weight chunks a lane holds in registers at once: chunk c of a row is 8 weights (16 bytes of
-// f16); lane l takes chunks l, l + TPR, ... so one block of U * TPR chunks (K up to 2048) is one
-// round of loads per lane, all in flight together.
-const U: u32 = 8u;
-var<private> wv: array<vec4<f32>, 16>;
-
-// Loads block c0 (chunks c0 + lane + u * TPR) of the row at wb into wv; chunks past the row
-// load nothing.
-fn load_block(wb: u32, c0: u32, lane: u32, n8: u32) {
-    for (var u = 0u; u < U; u++) {
-        let c = c0 + lane + u * TPR;
-        if (c < n8) {
-            wv[2u * u] = w8a(wb + c);
-            wv[2u * u + 1u] = w8b(wb + c);
-        }
-    }
+// One 8-weight chunk c of a row (weights at wb) against the staged X.
+fn dot8s(wb: u32, c: u32) -> f32 {
+    let wa = w8a(wb + c);
+    let wv = w8b(wb + c);
+    return dot(wa, xsh[2u * c]) + dot(wv, xsh[2u * c + 1u]);
 }
 
-// Dot product of the loaded block with the staged X.
-fn dot_block(c0: u32, lane: u32, n8: u32) -> f32 {
-    var acc = 0.0;
-    for (var u = 0u; u < U; u++) {
-        let c = c0 + lane + u * TPR;
-        if (c < n8) { acc += dot(wv[2u * u], xsh[2u * c]) + dot(wv[2u * u + 1u], xsh[2u * c + 1u]); }
-    }
-    return acc;
-}
-
-// Each 32-lane group computes one row at a time (rows RPW apart per pass). The first row's
-// weight loads are issued before the prologue, so their latency overlaps the staging of X.
+// Each 32-lane group computes two rows of W at a time (RPW rows apart), so four 16-byte weight
+// loads per lane are in flight per iteration.
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r = li / TPR;
@@ -259,9 +238,6 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let xb = p.x_off + t * p.x_stride;
     let n8 = (p.k + 7u) / 8u;
     let staged = n8 * 8u <= XSH;
-    let first = wid.x * p.passes * RPW + r;
-    // Out-of-range rows read row m - 1 (keeps loads in bounds and control flow uniform).
-    if (staged) { load_block(min(first, p.m - 1u) * (p.kp4 / 2u), 0u, lane, n8); }
     var sc = vec2<f32>(1.0);
     // rs: factor applied to each row's dot product (the RMS scale of PRO_NORM).
     var rs = 1.0;
@@ -301,29 +277,68 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     workgroupBarrier();
 #endif
-    for (var ps = 0u; ps < p.passes; ps++) {
-        let row = first + ps * RPW;
-        let wb = min(row, p.m - 1u) * (p.kp4 / 2u);
-        var acc = 0.0;
+    for (var ps = 0u; ps < p.passes; ps += 2u) {
+        let row0 = (wid.x * p.passes + ps) * RPW + r;
+        let row1 = row0 + RPW;
+        let two = ps + 1u < p.passes;
+        // Out-of-range rows read row m - 1 (keeps loads in bounds and control flow uniform).
+        let wb0 = min(row0, p.m - 1u) * (p.kp4 / 2u);
+        let wb1 = min(row1, p.m - 1u) * (p.kp4 / 2u);
+        var acc0 = 0.0;
+        var acc1 = 0.0;
         if (staged) {
-            if (ps > 0u) { load_block(wb, 0u, lane, n8); }
-            acc = dot_block(0u, lane, n8);
-            for (var c0 = U * TPR; c0 < n8; c0 += U * TPR) {
-                load_block(wb, c0, lane, n8);
-                acc += dot_block(c0, lane, n8);
+            if (two) {
+                var c = lane;
+                for (; c + TPR < n8; c += 2u * TPR) {
+                    let a0 = w8a(wb0 + c);
+                    let b0 = w8b(wb0 + c);
+                    let a1 = w8a(wb1 + c);
+                    let b1 = w8b(wb1 + c);
+                    let a2 = w8a(wb0 + c + TPR);
+                    let b2 = w8b(wb0 + c + TPR);
+                    let a3 = w8a(wb1 + c + TPR);
+                    let b3 = w8b(wb1 + c + TPR);
+                    let xa = xsh[2u * c];
+                    let xc = xsh[2u * c + 1u];
+                    let xd = xsh[2u * (c + TPR)];
+                    let xe = xsh[2u * (c + TPR) + 1u];
+                    acc0 += (dot(a0, xa) + dot(b0, xc)) + (dot(a2, xd) + dot(b2, xe));
+                    acc1 += (dot(a1, xa) + dot(b1, xc)) + (dot(a3, xd) + dot(b3, xe));
+                }
+                if (c < n8) {
+                    acc0 += dot8s(wb0, c);
+                    acc1 += dot8s(wb1, c);
+                }
+            } else {
+                var c = lane;
+                for (; c + TPR < n8; c += 2u * TPR) {
+                    let a0 = w8a(wb0 + c);
+                    let b0 = w8b(wb0 + c);
+                    let a2 = w8a(wb0 + c + TPR);
+                    let b2 = w8b(wb0 + c + TPR);
+                    acc0 += (dot(a0, xsh[2u * c]) + dot(b0, xsh[2u * c + 1u])) + (dot(a2, xsh[2u * (c + TPR)]) + dot(b2, xsh[2u * (c + TPR) + 1u]));
+                }
+                if (c < n8) { acc0 += dot8s(wb0, c); }
             }
         } else {
             for (var c = lane; c < n8; c += TPR) {
                 let kk = c * 8u;
                 let xa = vec4<f32>(xv(xb, kk, sc), xv(xb, kk + 1u, sc), xv(xb, kk + 2u, sc), xv(xb, kk + 3u, sc));
                 let xc = vec4<f32>(xv(xb, kk + 4u, sc), xv(xb, kk + 5u, sc), xv(xb, kk + 6u, sc), xv(xb, kk + 7u, sc));
-                let a0 = w8a(wb + c);
-                let b0 = w8b(wb + c);
-                acc += dot(a0, xa) + dot(b0, xc);
+                let a0 = w8a(wb0 + c);
+                let b0 = w8b(wb0 + c);
+                acc0 += dot(a0, xa) + dot(b0, xc);
+                if (two) {
+                    let a1 = w8a(wb1 + c);
+                    let b1 = w8b(wb1 + c);
+                    acc1 += dot(a1, xa) + dot(b1, xc);
+                }
             }
         }
-        let total = lane_sum(li, lane, acc);
-        if (lane == 0u && row < p.m) { store(t, row, total * rs); }
+        let total0 = lane_sum(li, lane, acc0);
+        let total1 = lane_sum(li, lane, acc1);
+        if (lane == 0u && row0 < p.m) { store(t, row0, total0 * rs); }
+        if (lane == 0u && two && row1 < p.m) { store(t, row1, total1 * rs); }
     }
 }
 
