@@ -221,15 +221,9 @@ fn lane_sum(li: u32, lane: u32, v: f32) -> f32 {
 #endif
 }
 
-// One 8-weight chunk c of a row (weights at wb) against the staged X.
-fn dot8s(wb: u32, c: u32) -> f32 {
-    let wa = w8a(wb + c);
-    let wv = w8b(wb + c);
-    return dot(wa, xsh[2u * c]) + dot(wv, xsh[2u * c + 1u]);
-}
-
-// Each 32-lane group computes two rows of W at a time (RPW rows apart), so four 16-byte weight
-// loads per lane are in flight per iteration.
+// Each 32-lane group computes two rows of W at a time (RPW rows apart) where the workgroup has
+// two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are in
+// flight per iteration.
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r = li / TPR;
@@ -287,38 +281,41 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var acc0 = 0.0;
         var acc1 = 0.0;
         if (staged) {
-            if (two) {
-                var c = lane;
-                for (; c + TPR < n8; c += 2u * TPR) {
-                    let a0 = w8a(wb0 + c);
-                    let b0 = w8b(wb0 + c);
-                    let a1 = w8a(wb1 + c);
-                    let b1 = w8b(wb1 + c);
-                    let a2 = w8a(wb0 + c + TPR);
-                    let b2 = w8b(wb0 + c + TPR);
-                    let a3 = w8a(wb1 + c + TPR);
-                    let b3 = w8b(wb1 + c + TPR);
-                    let xa = xsh[2u * c];
-                    let xc = xsh[2u * c + 1u];
-                    let xd = xsh[2u * (c + TPR)];
-                    let xe = xsh[2u * (c + TPR) + 1u];
-                    acc0 += (dot(a0, xa) + dot(b0, xc)) + (dot(a2, xd) + dot(b2, xe));
-                    acc1 += (dot(a1, xa) + dot(b1, xc)) + (dot(a3, xd) + dot(b3, xe));
+            // Four chunks per row per iteration, all loads issued before the math; chunks past
+            // the row are clamped to its last chunk and masked out.
+            for (var c = lane; c < n8; c += 4u * TPR) {
+                let c1 = min(c + TPR, n8 - 1u);
+                let c2 = min(c + 2u * TPR, n8 - 1u);
+                let c3 = min(c + 3u * TPR, n8 - 1u);
+                let a0 = w8a(wb0 + c);
+                let b0 = w8b(wb0 + c);
+                let a1 = w8a(wb0 + c1);
+                let b1 = w8b(wb0 + c1);
+                let a2 = w8a(wb0 + c2);
+                let b2 = w8b(wb0 + c2);
+                let a3 = w8a(wb0 + c3);
+                let b3 = w8b(wb0 + c3);
+                let m1 = select(0.0, 1.0, c + TPR < n8);
+                let m2 = select(0.0, 1.0, c + 2u * TPR < n8);
+                let m3 = select(0.0, 1.0, c + 3u * TPR < n8);
+                if (two) {
+                    let d0 = w8a(wb1 + c);
+                    let e0 = w8b(wb1 + c);
+                    let d1 = w8a(wb1 + c1);
+                    let e1 = w8b(wb1 + c1);
+                    let d2 = w8a(wb1 + c2);
+                    let e2 = w8b(wb1 + c2);
+                    let d3 = w8a(wb1 + c3);
+                    let e3 = w8b(wb1 + c3);
+                    acc1 += (dot(d0, xsh[2u * c]) + dot(e0, xsh[2u * c + 1u]))
+                        + m1 * (dot(d1, xsh[2u * c1]) + dot(e1, xsh[2u * c1 + 1u]))
+                        + m2 * (dot(d2, xsh[2u * c2]) + dot(e2, xsh[2u * c2 + 1u]))
+                        + m3 * (dot(d3, xsh[2u * c3]) + dot(e3, xsh[2u * c3 + 1u]));
                 }
-                if (c < n8) {
-                    acc0 += dot8s(wb0, c);
-                    acc1 += dot8s(wb1, c);
-                }
-            } else {
-                var c = lane;
-                for (; c + TPR < n8; c += 2u * TPR) {
-                    let a0 = w8a(wb0 + c);
-                    let b0 = w8b(wb0 + c);
-                    let a2 = w8a(wb0 + c + TPR);
-                    let b2 = w8b(wb0 + c + TPR);
-                    acc0 += (dot(a0, xsh[2u * c]) + dot(b0, xsh[2u * c + 1u])) + (dot(a2, xsh[2u * (c + TPR)]) + dot(b2, xsh[2u * (c + TPR) + 1u]));
-                }
-                if (c < n8) { acc0 += dot8s(wb0, c); }
+                acc0 += (dot(a0, xsh[2u * c]) + dot(b0, xsh[2u * c + 1u]))
+                    + m1 * (dot(a1, xsh[2u * c1]) + dot(b1, xsh[2u * c1 + 1u]))
+                    + m2 * (dot(a2, xsh[2u * c2]) + dot(b2, xsh[2u * c2 + 1u]))
+                    + m3 * (dot(a3, xsh[2u * c3]) + dot(b3, xsh[2u * c3 + 1u]));
             }
         } else {
             for (var c = lane; c < n8; c += TPR) {
