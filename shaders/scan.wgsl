@@ -53,6 +53,7 @@ fn wsum(li: u32, v: f32) -> f32 {
     workgroupBarrier();
     return r;
 }
+fn xs4(r: u32) -> vec4<f32> { return vec4<f32>(xs[4u * r], xs[4u * r + 1u], xs[4u * r + 2u], xs[4u * r + 3u]); }
 // Normalizes xs[off..off+width) in place with weights nw[woff..].
 fn norm_slice(li: u32, off: u32, width: u32, woff: u32) {
     var s = 0.0;
@@ -102,18 +103,23 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
     // dt = bias + dt_proj row . normed dt_rank slice (row padded with zeros to a multiple of 8).
     let r4 = (p.rank + 3u) / 4u;
     let wb = c * (p.wdt_stride / 4u);
+    // Eight vec4 loads in flight per iteration (a dt_rank of 100 is 4 rounds, not 13).
     var d0 = vec4<f32>(0.0);
     var d1 = vec4<f32>(0.0);
     var r = 0u;
-    for (; r + 1u < r4; r += 2u) {
+    for (; r + 7u < r4; r += 8u) {
         let w0 = wdt4[wb + r];
         let w1 = wdt4[wb + r + 1u];
-        d0 += w0 * vec4<f32>(xs[4u * r], xs[4u * r + 1u], xs[4u * r + 2u], xs[4u * r + 3u]);
-        d1 += w1 * vec4<f32>(xs[4u * r + 4u], xs[4u * r + 5u], xs[4u * r + 6u], xs[4u * r + 7u]);
+        let w2 = wdt4[wb + r + 2u];
+        let w3 = wdt4[wb + r + 3u];
+        let w4 = wdt4[wb + r + 4u];
+        let w5 = wdt4[wb + r + 5u];
+        let w6 = wdt4[wb + r + 6u];
+        let w7 = wdt4[wb + r + 7u];
+        d0 += w0 * xs4(r) + w1 * xs4(r + 1u) + w2 * xs4(r + 2u) + w3 * xs4(r + 3u);
+        d1 += w4 * xs4(r + 4u) + w5 * xs4(r + 5u) + w6 * xs4(r + 6u) + w7 * xs4(r + 7u);
     }
-    if (r < r4) {
-        d0 += wdt4[wb + r] * vec4<f32>(xs[4u * r], xs[4u * r + 1u], xs[4u * r + 2u], xs[4u * r + 3u]);
-    }
+    for (; r < r4; r++) { d0 += wdt4[wb + r] * xs4(r); }
     let dv = d0 + d1;
     var dt = consts[p.d * p.n + c] + ((dv.x + dv.y) + (dv.z + dv.w));
     if (dt <= 20.0) { dt = log1p_(exp(dt)); }

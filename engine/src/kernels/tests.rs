@@ -1370,9 +1370,15 @@ fn conv_step_matches_chunk_conv() {
 
 #[test]
 fn scan_fused_matches_norms_dtproj_and_scan() {
+    // the fused kernel needs d_state % 4 == 0; a dt_rank of 100 (Hymba-1.5B) takes the
+    // unrolled dt_proj loop, 6 only its remainder; d_state 16 the lane-per-state prompt scan
+    scan_fused_case(70, 8, 6, 97);
+    scan_fused_case(70, 16, 100, 98);
+}
+
+fn scan_fused_case(d: usize, n: usize, rank: usize, seed: u64) {
     let (gpu, ks) = env();
-    let mut r = Rng::new(97);
-    let (d, n, rank) = (70, 8, 6); // the fused kernel needs d_state % 4 == 0
+    let mut r = Rng::new(seed);
     let xs = rank + 2 * n;
     let zw = d + 3;
     let xc = r.vec(d, 1.0);
