@@ -16,6 +16,8 @@
 //   PRO_NORM   x' = aux * (x * rsqrt(mean(x^2) + eps))              (input / pre-MLP / final RMSNorm)
 //   PRO_MERGE  x' = (aux[:k] * norm(x) + aux[k:] * norm(x2)) / 2    (hybrid-head merge before out_proj)
 //   PRO_SWIGLU x' = silu(x[:, :k]) * x[:, k:2k]                      (SwiGLU before down_proj)
+//   PRO_CONV   x' = silu(conv1d(state ++ x))                          (Mamba conv before x_proj,
+//              one decode step; the state itself is shifted later by the fused scan)
 
 struct Params {
     rows: u32,       // T: rows of X and Y
@@ -30,6 +32,7 @@ struct Params {
     has_bias: u32,   // 1: add bias[m]
     eps: f32,        // RMSNorm epsilon of the PRO_NORM / PRO_MERGE prologues
     passes: u32,     // gemv: groups of 8 rows each workgroup computes (rows per workgroup / 8)
+    aux_n: u32,      // PRO_CONV: conv kernel width
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -112,6 +115,19 @@ fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x1
 // aux: [k] f32 RMSNorm weight.
 @group(0) @binding(5) var<storage, read> aux: array<f32>;
 #endif
+#ifdef PRO_CONV
+// aux: [k, aux_n] f32 conv1d weights, then [k] f32 bias.
+@group(0) @binding(5) var<storage, read> aux: array<f32>;
+// x2: [k, aux_n] f32 conv state before this step (the last aux_n inputs, oldest first).
+@group(0) @binding(6) var<storage, read> x2: array<f32>;
+fn conv_x(xb: u32, k: u32) -> f32 {
+    let w = p.aux_n;
+    var acc = aux[p.k * w + k];
+    for (var j = 0u; j + 1u < w; j++) { acc += aux[k * w + j] * x2[k * w + j + 1u]; }
+    acc += aux[k * w + w - 1u] * x[xb + k];
+    return acc / (1.0 + exp(-acc));
+}
+#endif
 #ifdef PRO_MERGE
 // aux: [2, k] f32: pre_avg_layernorm1 weight, then pre_avg_layernorm2 weight.
 @group(0) @binding(5) var<storage, read> aux: array<f32>;
@@ -192,7 +208,11 @@ fn xv(xb: u32, k: u32, sc: vec2<f32>) -> f32 {
     let g = x[xb + k];
     return (g / (1.0 + exp(-g))) * x[xb + p.k + k];
 #else
+#ifdef PRO_CONV
+    return conv_x(xb, k);
+#else
     return x[xb + k];
+#endif
 #endif
 #endif
 #endif
@@ -511,7 +531,11 @@ fn xv_row(xb: u32, k: u32, sa: f32, sb: f32) -> f32 {
     let g = x[xb + k];
     return (g / (1.0 + exp(-g))) * x[xb + p.k + k];
 #else
+#ifdef PRO_CONV
+    return conv_x(xb, k);
+#else
     return x[xb + k];
+#endif
 #endif
 #endif
 #endif

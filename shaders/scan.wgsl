@@ -5,6 +5,8 @@
 // A = -exp(A_log) is precomputed. B and C are the (RMS-normed) slices of the x_proj output,
 // shared by all channels. The same kernel runs a prompt chunk (rows > 1) and one decode step.
 // Grid: (ceil(d_inner / 64), 1, 1).
+// Define CONV_IN with FUSED_DT: the Mamba conv1d of the step (and its state shift) runs here
+//   too, from the in_proj output, instead of reading a conv output buffer.
 // Define FUSED_DT (one decode step, rows = 1): the dt / B / C RMSNorms and dt_proj run inside
 //   the kernel (each workgroup normalizes the small x_proj row in workgroup memory, each thread
 //   computes its channel's dt from the dt_proj row), so the SSM branch needs no extra dispatches.
@@ -22,11 +24,20 @@ struct Params {
     wdt_stride: u32, // FUSED_DT: row stride of dt_proj (elements)
     eps: f32,        // FUSED_DT: RMSNorm epsilon
     inner_norms: u32,// FUSED_DT: 1 when the dt/B/C RMSNorms exist
+    x_off: u32,      // CONV_IN: element offset of the conv input x in the in_proj output row
+    conv_k: u32,     // CONV_IN: conv kernel width
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+#ifdef CONV_IN
+// cw: [d, conv_k] f32 conv1d weights, then [d] f32 bias (the conv runs here, per channel).
+@group(0) @binding(1) var<storage, read> cw: array<f32>;
+// cstate: [d, conv_k] f32 conv state, shifted in place by this step.
+@group(0) @binding(9) var<storage, read_write> cstate: array<f32>;
+#else
 // xc: [rows, d] f32 conv output (post-silu).
 @group(0) @binding(1) var<storage, read> xc: array<f32>;
+#endif
 #ifdef FUSED_DT
 // wdt4: [d, wdt_stride / 4] vec4<f32> dt_proj weight (row c = channel c, zero-padded).
 @group(0) @binding(2) var<storage, read> wdt4: array<vec4<f32>>;
@@ -123,7 +134,23 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
     let dv = d0 + d1;
     var dt = consts[p.d * p.n + c] + ((dv.x + dv.y) + (dv.z + dv.w));
     if (dt <= 20.0) { dt = log1p_(exp(dt)); }
+#ifdef CONV_IN
+    // The Mamba conv of this step for channel c (the x_proj GEMV before computed the same
+    // values from the same old state), then the state shift, which only this thread touches.
+    let kw = p.conv_k;
+    let xnew = pbuf[p.x_off + c];
+    var ca = cw[p.d * kw + c];
+    for (var j = 0u; j + 1u < kw; j++) {
+        let v = cstate[c * kw + j + 1u];
+        ca += cw[c * kw + j] * v;
+        cstate[c * kw + j] = v;
+    }
+    ca += cw[c * kw + kw - 1u] * xnew;
+    cstate[c * kw + kw - 1u] = xnew;
+    let xv = ca / (1.0 + exp(-ca));
+#else
     let xv = xc[c];
+#endif
     let n4 = p.n / 4u;
     var acc = vec4<f32>(0.0);
     for (var i = 0u; i < n4; i++) {

@@ -821,6 +821,8 @@ impl Model {
                 wdt_stride: 0,
                 eps: c.eps,
                 inner_norms: c.inner_norms as u32,
+                x_off: 0,
+                conv_k: 0,
             },
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
@@ -924,27 +926,31 @@ impl Model {
                 n_splits: cap.div_ceil(DECODE_KEYS_PER_SPLIT) as u32,
             },
         )?;
+        // SSM branch: x_proj with the step's conv in its prologue, then the scan, which
+        // recomputes its channels' conv outputs and shifts the conv state.
         let st = &seq.layers[l];
-        k.conv_step(
+        let xs = c.x_proj_rows();
+        k.gemv_pro(
             rec,
             &ws.p,
+            split.x,
+            pw,
+            &w.x_proj,
+            Prologue::Conv {
+                w: &w.conv,
+                state: &st.conv,
+                width: c.d_conv,
+            },
+            &ws.xp,
+            0,
+            xs,
+            1,
+            false,
+        )?;
+        k.scan_fused_conv(
+            rec,
             &w.conv,
             &st.conv,
-            &ws.xc,
-            ConvParams {
-                rows: 1,
-                d: di as u32,
-                k: c.d_conv as u32,
-                x_off: split.x as u32,
-                x_stride: pw as u32,
-                has_bias: 1,
-            },
-        )?;
-        let xs = c.x_proj_rows();
-        k.matmul(rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, 1, false)?;
-        k.scan_fused(
-            rec,
-            &ws.xc,
             &w.dt_proj,
             &ws.xp,
             &ws.p,
@@ -965,6 +971,8 @@ impl Model {
                 wdt_stride: (w.dt_proj.kp4() * 4),
                 eps: c.eps,
                 inner_norms: c.inner_norms as u32,
+                x_off: split.x as u32,
+                conv_k: c.d_conv as u32,
             },
         )?;
         k.gemv_pro(

@@ -259,6 +259,7 @@ pub struct MatmulParams {
     pub has_bias: u32,
     pub eps: f32,
     pub passes: u32,
+    pub aux_n: u32,
 }
 
 impl MatmulParams {
@@ -285,6 +286,7 @@ impl MatmulParams {
             has_bias: 0,
             eps: 0.0,
             passes: gemv_passes(w.rows),
+            aux_n: 0,
         }
     }
 }
@@ -403,6 +405,9 @@ pub struct ScanParams {
     pub wdt_stride: u32,
     pub eps: f32,
     pub inner_norms: u32,
+    /// `scan_fused_conv`: column of the conv input in the in_proj output row, kernel width.
+    pub x_off: u32,
+    pub conv_k: u32,
 }
 
 #[repr(C)]
@@ -458,6 +463,13 @@ pub enum Prologue<'a> {
     },
     /// SwiGLU: X rows are [gate | up], each k wide.
     Swiglu,
+    /// Mamba conv1d of one decode step (f32 weights only): X = this step's inputs, `w` = conv
+    /// weights [k, width] then bias [k], `state` = the conv state before the step [k, width].
+    Conv {
+        w: &'a wgpu::Buffer,
+        state: &'a wgpu::Buffer,
+        width: usize,
+    },
 }
 
 /// Every pipeline the engine uses, compiled once per device.
@@ -472,10 +484,15 @@ pub struct Kernels {
     xsh: [usize; 2],
     /// Barrier-free one-row-per-thread GEMVs [f32, f16][prologue], used on CPU adapters.
     gemv_row: Option<Vec<Vec<Arc<Kernel>>>>,
+    /// f32 GEMV with the conv prologue (x_proj of a decode step) [staging small, large], and
+    /// its barrier-free version on CPU adapters.
+    gemv_conv: [Arc<Kernel>; 2],
+    gemv_conv_row: Option<Arc<Kernel>>,
     attention_split: Arc<Kernel>,
     attention_combine: Arc<Kernel>,
     conv_step: Arc<Kernel>,
     scan_fused: Arc<Kernel>,
+    scan_fused_conv: Arc<Kernel>,
     /// [dtype f32, f16, q8, q4]
     embed: Vec<Arc<Kernel>>,
     rmsnorm: Arc<Kernel>,
@@ -581,6 +598,31 @@ impl Kernels {
         } else {
             None
         };
+        let conv_binds = &[U, R, R, R, RW, R, R][..];
+        let conv_defs = |n: usize| {
+            let mut d = vec!["W_F32".to_string(), "PRO_CONV".into(), format!("XSH={n}")];
+            if sg32 {
+                d.push("SUBGROUP32".into());
+            }
+            d
+        };
+        let mk_conv = |n: usize| -> Result<Arc<Kernel>> {
+            let d = conv_defs(n);
+            let d: Vec<&str> = d.iter().map(|s| s.as_str()).collect();
+            k("matmul.wgsl", SRC_MATMUL, &d, "gemv", conv_binds)
+        };
+        let gemv_conv = [mk_conv(xsh[0])?, mk_conv(xsh[1])?];
+        let gemv_conv_row = if rowwise {
+            Some(k(
+                "matmul.wgsl",
+                SRC_MATMUL,
+                &["W_F32", "PRO_CONV"],
+                "gemv_row",
+                conv_binds,
+            )?)
+        } else {
+            None
+        };
         // Tensor-core GEMM for prompt chunks. f32 weights keep the exact f32 GEMM.
         let gemm_coop = if gpu.coop_f16 {
             let mut v = vec![None];
@@ -601,6 +643,8 @@ impl Kernels {
         };
         Ok(Kernels {
             gemv_row,
+            gemv_conv,
+            gemv_conv_row,
             gemm_coop,
             gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
@@ -639,6 +683,17 @@ impl Kernels {
                 },
                 "main",
                 &[U, R, R, R, R, R, RW, RW, R],
+            )?,
+            scan_fused_conv: k(
+                "scan.wgsl",
+                SRC_SCAN,
+                if sg32 {
+                    &["FUSED_DT", "CONV_IN", "SUBGROUP32"]
+                } else {
+                    &["FUSED_DT", "CONV_IN"]
+                },
+                "main",
+                &[U, R, R, R, R, R, RW, RW, R, RW],
             )?,
             embed: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
@@ -817,6 +872,24 @@ impl Kernels {
                 &[x, &w.buf, &self.dummy, y],
                 groups,
             ),
+            Prologue::Conv {
+                w: cw,
+                state,
+                width,
+            } => {
+                if w.dtype != WeightDtype::F32 {
+                    return Err(crate::error::Error::Invalid(format!(
+                        "the conv prologue needs f32 weights, got {}",
+                        w.dtype.name()
+                    )));
+                }
+                p.aux_n = width as u32;
+                let kern = match &self.gemv_conv_row {
+                    Some(k) => k,
+                    None => &self.gemv_conv[(Matrix::padded_cols(w.cols) > self.xsh[0]) as usize],
+                };
+                rec.dispatch(kern, &p, &[x, &w.buf, &self.dummy, y, cw, state], groups)
+            }
         }
     }
 
@@ -882,6 +955,43 @@ impl Kernels {
             &self.scan_fused,
             &p,
             &[xc, &dt_proj.buf, xp, pbuf, consts, state, y, nb],
+            [p.d.div_ceil(64), 1, 1],
+        )
+    }
+
+    /// `scan_fused` with the step's Mamba conv1d (and conv-state shift) done inside it: the
+    /// conv input comes from the in_proj output `pbuf` at column `p.x_off`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_fused_conv(
+        &self,
+        rec: &mut Recorder,
+        conv_w: &wgpu::Buffer,
+        conv_state: &wgpu::Buffer,
+        dt_proj: &Matrix,
+        xp: &wgpu::Buffer,
+        pbuf: &wgpu::Buffer,
+        consts: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        norms: Option<&wgpu::Buffer>,
+        p: ScanParams,
+    ) -> Result<()> {
+        assert_eq!(dt_proj.dtype, WeightDtype::F32);
+        let nb = norms.unwrap_or(&self.dummy);
+        rec.dispatch(
+            &self.scan_fused_conv,
+            &p,
+            &[
+                conv_w,
+                &dt_proj.buf,
+                xp,
+                pbuf,
+                consts,
+                state,
+                y,
+                nb,
+                conv_state,
+            ],
             [p.d.div_ceil(64), 1, 1],
         )
     }

@@ -754,6 +754,8 @@ fn selective_scan_chunk_and_step() {
             wdt_stride: 0,
             eps: 1e-6,
             inner_norms: 0,
+            x_off: 0,
+            conv_k: 0,
         };
         run(gpu, |rec| {
             ks.scan(rec, &bx, &bd, &bp, &bz, &bc, &bs, &by, params)
@@ -1369,6 +1371,118 @@ fn conv_step_matches_chunk_conv() {
 }
 
 #[test]
+fn conv_fused_into_x_proj_and_scan() {
+    // Decode's SSM branch as two dispatches (x_proj GEMV with the conv prologue, scan with the
+    // conv and state shift inside) against conv_step + x_proj + scan_fused.
+    let (gpu, ks) = env();
+    let mut r = Rng::new(131);
+    let (d, n, rank, kw) = (70, 16, 6, 4);
+    let xs = rank + 2 * n;
+    let (x_off, z_off) = (3, 3 + d);
+    let pw = z_off + d + 2;
+    let pbv = r.vec(pw, 1.5);
+    let mut cw = r.vec(d * kw, 0.7);
+    cw.extend(r.vec(d, 0.3));
+    let cst = r.vec(d * kw, 1.0);
+    let wx = r.vec(xs * d, 0.4);
+    let wdt = r.vec(d * rank, 0.5);
+    let nw = r.vec(rank + 2 * n, 1.0);
+    let mut consts: Vec<f32> = (0..d * n).map(|_| -(r.f() * 1.5).exp()).collect();
+    consts.extend(r.vec(d, 0.5));
+    consts.extend(r.vec(d, 1.0));
+    let sst = r.vec(d * n, 1.0);
+    let up = |v: &Vec<f32>| gpu.upload("b", v).unwrap();
+    let (pb, cwb, bc, bnw) = (up(&pbv), up(&cw), up(&consts), up(&nw));
+    let (cs1, cs2, ss1, ss2) = (up(&cst), up(&cst), up(&sst), up(&sst));
+    let xproj = Matrix::upload(gpu, "x_proj", &wx, xs, d, WeightDtype::F32).unwrap();
+    let dtp = Matrix::upload(gpu, "dt_proj", &wdt, d, rank, WeightDtype::F32).unwrap();
+    let poison = |len: usize| gpu.upload("o", &vec![NAN; len]).unwrap();
+    let (xc, xp1, xp2, y1, y2) = (poison(d), poison(xs), poison(xs), poison(d), poison(d));
+    let sp = ScanParams {
+        rows: 1,
+        d: d as u32,
+        n: n as u32,
+        xp_stride: xs as u32,
+        b_col: rank as u32,
+        c_col: (rank + n) as u32,
+        z_off: z_off as u32,
+        z_stride: pw as u32,
+        rank: rank as u32,
+        wdt_stride: dtp.kp4() * 4,
+        eps: 1e-6,
+        inner_norms: 1,
+        x_off: x_off as u32,
+        conv_k: kw as u32,
+    };
+    let cp = ConvParams {
+        rows: 1,
+        d: d as u32,
+        k: kw as u32,
+        x_off: x_off as u32,
+        x_stride: pw as u32,
+        has_bias: 1,
+    };
+    run(gpu, |rec| {
+        ks.conv_step(rec, &pb, &cwb, &cs1, &xc, cp).unwrap();
+        ks.matmul(rec, &xc, 0, d, &xproj, None, &xp1, 0, xs, 1, false)
+            .unwrap();
+        ks.scan_fused(rec, &xc, &dtp, &xp1, &pb, &bc, &ss1, &y1, Some(&bnw), sp)
+            .unwrap();
+        let conv = Prologue::Conv {
+            w: &cwb,
+            state: &cs2,
+            width: kw,
+        };
+        ks.gemv_pro(rec, &pb, x_off, pw, &xproj, conv, &xp2, 0, xs, 1, false)
+            .unwrap();
+        ks.scan_fused_conv(
+            rec,
+            &cwb,
+            &cs2,
+            &dtp,
+            &xp2,
+            &pb,
+            &bc,
+            &ss2,
+            &y2,
+            Some(&bnw),
+            sp,
+        )
+        .unwrap();
+    });
+    // xp is normalized in place by neither kernel (the norms run in workgroup memory).
+    let tol = 1e-5;
+    assert_close(
+        "x_proj with conv prologue",
+        &read(gpu, &xp2, xs),
+        &read(gpu, &xp1, xs),
+        tol,
+        tol,
+    );
+    assert_close(
+        "scan y with conv inside",
+        &read(gpu, &y2, d),
+        &read(gpu, &y1, d),
+        tol,
+        tol,
+    );
+    assert_close(
+        "ssm state",
+        &read(gpu, &ss2, d * n),
+        &read(gpu, &ss1, d * n),
+        tol,
+        tol,
+    );
+    assert_close(
+        "conv state shifted",
+        &read(gpu, &cs2, d * kw),
+        &read(gpu, &cs1, d * kw),
+        0.0,
+        0.0,
+    );
+}
+
+#[test]
 fn scan_fused_matches_norms_dtproj_and_scan() {
     // the fused kernel needs d_state % 4 == 0; a dt_rank of 100 (Hymba-1.5B) takes the
     // unrolled dt_proj loop, 6 only its remainder; d_state 16 the lane-per-state prompt scan
@@ -1418,6 +1532,8 @@ fn scan_fused_case(d: usize, n: usize, rank: usize, seed: u64) {
         wdt_stride: mat.kp4() * 4,
         eps: 1e-6,
         inner_norms: 1,
+        x_off: 0,
+        conv_k: 0,
     };
     run(gpu, |rec| {
         ks.rmsnorm(rec, None, &n0, &xp1, 0, xs, 1, rank, 1e-6)
@@ -1590,6 +1706,8 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("scan", SRC_SCAN, vec!["FUSED_DT"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT", "SUBGROUP32"]),
         ("scan", SRC_SCAN, vec!["PAR_STATES"]),
+        ("scan", SRC_SCAN, vec!["FUSED_DT", "CONV_IN", "SUBGROUP32"]),
+        ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_CONV", "SUBGROUP32"]),
         ("conv1d", SRC_CONV1D, vec![]),
         ("conv1d", SRC_CONV1D, vec!["STATE"]),
         ("scan", SRC_SCAN, vec![]),
@@ -1607,10 +1725,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         } else {
             ""
         };
-        let code = format!(
-            "enable f16;\n{coop}{}",
-            crate::gpu::preprocess(src, &defs)
-        );
+        let code = format!("enable f16;\n{coop}{}", crate::gpu::preprocess(src, &defs));
         let module = naga::front::wgsl::parse_str(&code)
             .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&code)));
         naga::valid::Validator::new(
