@@ -3,8 +3,7 @@
 //   key k visible to query q  iff  k <= q  and (k < n_meta  or  q - k <= window)
 // (window = 0xffffffff for global layers). Prefill uses window = W, a reference decode step W - 1.
 // Online softmax over blocks of 64 keys (flash style): no [T, T] score matrix exists.
-// KV consumers pass their producer's cache. One workgroup per (query head, query row).
-// Grid: (n_heads, rows, 1).
+// KV consumers pass their producer's cache.
 // Single-token decode steps use attention_decode.wgsl (split over the keys).
 
 struct Params {
@@ -38,120 +37,146 @@ struct Params {
 // out: [rows, out_stride] f32, heads concatenated (head h at h * d_v).
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-// 256 threads per (head, query row). Per block of KB keys: scores with 4 lanes per key (each a
-// strided quarter of q.k, vec4 loads); the block max and sum read by every thread from
-// workgroup memory (no reduction trees); P.V by 256 / (d_v / 4) groups of lanes, each lane one
-// vec4 of the value and a share of the block's keys, with a running (rescaled) accumulator per
-// lane; the groups meet once at the end. d_qk <= 256, d_v <= 1024.
+// One workgroup of 256 threads per (head, block of QB = 8 consecutive query rows), so each key
+// and value loaded serves 8 queries (the rest of the reuse comes from L1). The block's queries
+// walk one common key list: the meta slots visible to its last query, then text positions from
+// the first query's window start to the last query; each (query, key) pair is masked with the
+// query's own visibility. Per block of KB keys: 2 scores per thread (q.k with vec4 loads), an
+// online softmax per query row (32 lanes per query), then P.V with each lane owning one vec4
+// of the value (d_v <= 128). d_qk <= 256.
+// Grid: (n_heads, ceil(rows / QB), 1).
 const WG: u32 = 256u;
 const KB: u32 = 64u;
+const QB: u32 = 8u;
 const NEG: f32 = -3.0e38;
-var<workgroup> qs: array<vec4<f32>, 64>;
-var<workgroup> sq: array<f32, 256>;         // [KB keys][4] partial scores
-var<workgroup> pr: array<f32, 64>;          // [KB] exp(score - running max)
-var<workgroup> sl: array<u32, 64>;          // [KB] cache slot of each key
-var<workgroup> pv: array<vec4<f32>, 256>;   // [groups][d_v / 4] partial outputs
+var<workgroup> qs: array<vec4<f32>, 512>;   // [QB][d_qk / 4] queries
+var<workgroup> ps: array<f32, 512>;         // [QB][KB] scores, then probabilities
+var<workgroup> kp: array<u32, 64>;          // [KB] position of each key of the block
+var<workgroup> sl: array<u32, 64>;          // [KB] its cache slot
 
 fn slot(pos: u32) -> u32 {
     if (pos < p.n_meta) { return pos; }
     return p.n_meta + (pos - p.n_meta) % p.ring;
 }
 
+// First visible text position of query position q.
+fn text_lo(q: u32) -> u32 {
+    if (p.window != 0xffffffffu && q > p.window) { return max(p.n_meta, q - p.window); }
+    return p.n_meta;
+}
+
+fn visible(q: u32, pos: u32) -> bool {
+    if (pos > q) { return false; }
+    if (pos < p.n_meta) { return true; }
+    return pos >= text_lo(q);
+}
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let h = wid.x;
-    let t = wid.y;
-    let q = p.pos0 + t;
+    let t0 = wid.y * QB;
+    let nq = min(QB, p.rows - t0);
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let dq4 = p.d_qk / 4u;
     let dv4 = p.d_v / 4u;
-    let qb = p.q_off + t * p.q_stride + h * p.d_qk;
-    for (var e4 = li; e4 < dq4; e4 += WG) {
-        qs[e4] = vec4<f32>(pbuf[qb + 4u * e4], pbuf[qb + 4u * e4 + 1u], pbuf[qb + 4u * e4 + 2u], pbuf[qb + 4u * e4 + 3u]);
+    for (var i = li; i < QB * dq4; i += WG) {
+        let qi = min(i / dq4, nq - 1u);
+        let e = 4u * (i % dq4);
+        let qb = p.q_off + (t0 + qi) * p.q_stride + h * p.d_qk + e;
+        qs[i] = vec4<f32>(pbuf[qb], pbuf[qb + 1u], pbuf[qb + 2u], pbuf[qb + 3u]);
     }
-    workgroupBarrier();
-
-    // Visible keys: meta [0, n_meta_vis) then text [lo, q].
-    let n_meta_vis = min(p.n_meta, q + 1u);
-    var lo = p.n_meta;
-    if (p.window != 0xffffffffu && q > p.window) { lo = max(p.n_meta, q - p.window); }
+    let q_first = p.pos0 + t0;
+    let q_last = q_first + nq - 1u;
+    let n_meta_vis = min(p.n_meta, q_last + 1u);
+    let lo = text_lo(q_first);
     var n_text = 0u;
-    if (q >= lo) { n_text = q + 1u - lo; }
+    if (q_last >= lo) { n_text = q_last + 1u - lo; }
     let n_keys = n_meta_vis + n_text;
 
-    let jl = li / 4u;
-    let qd = li % 4u;
-    let groups = max(WG / max(dv4, 1u), 1u);
-    let g = li / max(dv4, 1u);
-    let e4 = li % max(dv4, 1u);
+    // Softmax and P.V: query row qr of the block, lane ln of its 32.
+    let qr = li / 32u;
+    let ln = li % 32u;
+    let q_mine = q_first + min(qr, nq - 1u);
     var m = NEG;
     var l = 0.0;
-    var acc = vec4<f32>(0.0);
+    var acc0 = vec4<f32>(0.0);
     for (var kb = 0u; kb < n_keys; kb += KB) {
-        let j = kb + jl;
-        var d = vec4<f32>(0.0);
-        var sidx = 0u;
-        if (j < n_keys) {
-            var pos = j;
-            if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
-            sidx = slot(pos);
-            let b = (kvh * p.cap + sidx) * dq4;
-            var f = qd;
-            for (; f + 4u < dq4; f += 8u) {
-                let k0 = kc[b + f];
-                let k1 = kc[b + f + 4u];
-                d += qs[f] * k0 + qs[f + 4u] * k1;
+        workgroupBarrier();
+        if (li < KB) {
+            let j = kb + li;
+            var pos = 0xffffffffu;
+            if (j < n_keys) {
+                pos = j;
+                if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
             }
-            if (f < dq4) { d += qs[f] * kc[b + f]; }
+            kp[li] = pos;
+            sl[li] = slot(min(pos, q_last));
         }
-        sq[li] = (d.x + d.y) + (d.z + d.w);
-        if (qd == 0u) { sl[jl] = sidx; }
+        workgroupBarrier();
+        // Scores: pairs (query i / KB, key i % KB) for i = li and li + 256.
+        for (var i = li; i < QB * KB; i += WG) {
+            let qi = i / KB;
+            let jl = i % KB;
+            let pos = kp[jl];
+            var s = NEG;
+            if (qi < nq && pos != 0xffffffffu && visible(q_first + qi, pos)) {
+                let b = (kvh * p.cap + sl[jl]) * dq4;
+                var d = vec4<f32>(0.0);
+                var f = 0u;
+                for (; f + 3u < dq4; f += 4u) {
+                    let k0 = kc[b + f];
+                    let k1 = kc[b + f + 1u];
+                    let k2 = kc[b + f + 2u];
+                    let k3 = kc[b + f + 3u];
+                    d += (qs[qi * dq4 + f] * k0 + qs[qi * dq4 + f + 1u] * k1) + (qs[qi * dq4 + f + 2u] * k2 + qs[qi * dq4 + f + 3u] * k3);
+                }
+                for (; f < dq4; f++) { d += qs[qi * dq4 + f] * kc[b + f]; }
+                s = ((d.x + d.y) + (d.z + d.w)) * p.scale;
+            }
+            ps[i] = s;
+        }
         workgroupBarrier();
         let nk = min(KB, n_keys - kb);
         var bm = NEG;
-        for (var jj = 0u; jj < nk; jj++) {
-            bm = max(bm, ((sq[4u * jj] + sq[4u * jj + 1u]) + (sq[4u * jj + 2u] + sq[4u * jj + 3u])) * p.scale);
-        }
+        for (var jj = 0u; jj < nk; jj++) { bm = max(bm, ps[qr * KB + jj]); }
         let nm = max(m, bm);
         let corr = exp(m - nm);
-        if (li < KB) {
+        workgroupBarrier();
+        // Probabilities of this row's keys (masked keys exactly 0).
+        for (var jj = ln; jj < KB; jj += 32u) {
+            let sv = ps[qr * KB + jj];
             var pj = 0.0;
-            if (li < nk) {
-                pj = exp(((sq[4u * li] + sq[4u * li + 1u]) + (sq[4u * li + 2u] + sq[4u * li + 3u])) * p.scale - nm);
-            }
-            pr[li] = pj;
+            if (jj < nk && sv > NEG) { pj = exp(sv - nm); }
+            ps[qr * KB + jj] = pj;
         }
         workgroupBarrier();
         var bs = 0.0;
-        for (var jj = 0u; jj < nk; jj++) { bs += pr[jj]; }
+        for (var jj = 0u; jj < nk; jj++) { bs += ps[qr * KB + jj]; }
         l = l * corr + bs;
         m = nm;
-        if (g < groups && e4 < dv4) {
-            var a = acc * corr;
-            let vb = kvh * p.cap;
-            var jj = g;
-            for (; jj + 3u * groups < nk; jj += 4u * groups) {
-                let v0 = vc[(vb + sl[jj]) * dv4 + e4];
-                let v1 = vc[(vb + sl[jj + groups]) * dv4 + e4];
-                let v2 = vc[(vb + sl[jj + 2u * groups]) * dv4 + e4];
-                let v3 = vc[(vb + sl[jj + 3u * groups]) * dv4 + e4];
-                a += (pr[jj] * v0 + pr[jj + groups] * v1) + (pr[jj + 2u * groups] * v2 + pr[jj + 3u * groups] * v3);
+        var a0 = acc0 * corr;
+        let vb = kvh * p.cap;
+        if (ln < dv4) {
+            var jj = 0u;
+            for (; jj + 3u < nk; jj += 4u) {
+                let v0 = vc[(vb + sl[jj]) * dv4 + ln];
+                let v1 = vc[(vb + sl[jj + 1u]) * dv4 + ln];
+                let v2 = vc[(vb + sl[jj + 2u]) * dv4 + ln];
+                let v3 = vc[(vb + sl[jj + 3u]) * dv4 + ln];
+                a0 += (ps[qr * KB + jj] * v0 + ps[qr * KB + jj + 1u] * v1) + (ps[qr * KB + jj + 2u] * v2 + ps[qr * KB + jj + 3u] * v3);
             }
-            for (; jj < nk; jj += groups) { a += pr[jj] * vc[(vb + sl[jj]) * dv4 + e4]; }
-            acc = a;
+            for (; jj < nk; jj++) { a0 += ps[qr * KB + jj] * vc[(vb + sl[jj]) * dv4 + ln]; }
         }
-        workgroupBarrier();
+        acc0 = a0;
     }
-    if (g < groups && e4 < dv4) { pv[g * dv4 + e4] = acc; }
-    workgroupBarrier();
-    let ob = p.out_off + t * p.out_stride + h * p.d_v;
-    for (var f = li; f < dv4; f += WG) {
-        var a = vec4<f32>(0.0);
-        for (var gg = 0u; gg < groups; gg++) { a += pv[gg * dv4 + f]; }
-        a = a / l;
-        out[ob + 4u * f] = a.x;
-        out[ob + 4u * f + 1u] = a.y;
-        out[ob + 4u * f + 2u] = a.z;
-        out[ob + 4u * f + 3u] = a.w;
+    if (qr < nq) {
+        let ob = p.out_off + (t0 + qr) * p.out_stride + h * p.d_v;
+        if (ln < dv4) {
+            let a = acc0 / l;
+            out[ob + 4u * ln] = a.x;
+            out[ob + 4u * ln + 1u] = a.y;
+            out[ob + 4u * ln + 2u] = a.z;
+            out[ob + 4u * ln + 3u] = a.w;
+        }
     }
 }

@@ -291,9 +291,9 @@ impl HymbaConfig {
                 "q/k head dim {d_qk} must be even for rotary embeddings"
             )));
         }
-        if d_qk > 256 || d_v > 256 {
+        if d_qk > 256 || d_v > 128 {
             return Err(unsup(format!(
-                "head dims q/k {d_qk}, v {d_v}: the attention kernels support up to 256"
+                "head dims q/k {d_qk}, v {d_v}: the attention kernels support q/k up to 256 and v up to 128"
             )));
         }
         if raw.mamba_d_state == 0 || raw.mamba_d_state > 64 {

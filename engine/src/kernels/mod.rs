@@ -1100,11 +1100,18 @@ impl Kernels {
         out: &wgpu::Buffer,
         p: AttentionParams,
     ) -> Result<()> {
+        if p.d_v > 128 || p.d_qk > 256 {
+            return Err(crate::error::Error::Invalid(format!(
+                "prompt attention supports d_v up to 128 and d_qk up to 256 (got d_qk {}, d_v {})",
+                p.d_qk, p.d_v
+            )));
+        }
+        // Blocks of 8 query rows per workgroup (QB in attention.wgsl).
         rec.dispatch(
             &self.attention,
             &p,
             &[pbuf, k, v, out],
-            [p.n_heads, p.rows, 1],
+            [p.n_heads, p.rows.div_ceil(8), 1],
         )
     }
 

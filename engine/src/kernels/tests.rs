@@ -1707,7 +1707,11 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("scan", SRC_SCAN, vec!["FUSED_DT", "SUBGROUP32"]),
         ("scan", SRC_SCAN, vec!["PAR_STATES"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT", "CONV_IN", "SUBGROUP32"]),
-        ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_CONV", "SUBGROUP32"]),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["W_F32", "PRO_CONV", "SUBGROUP32"],
+        ),
         ("conv1d", SRC_CONV1D, vec![]),
         ("conv1d", SRC_CONV1D, vec!["STATE"]),
         ("scan", SRC_SCAN, vec![]),
