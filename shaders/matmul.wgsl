@@ -426,10 +426,13 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 // CK at a time through workgroup memory; the next step's global loads are issued into registers
 // before the current step's multiplies. Grid: (ceil(m / 64), ceil(rows / 64)).
 const CK: u32 = 64u;
-// ax: [64 rows of X][CK] f16, row-major (fragment A, loaded row-major).
-var<workgroup> ax: array<f16, 4096>;
-// bw: [64 rows of W][CK] f16, row-major = W^T column-major (fragment B).
-var<workgroup> bw: array<f16, 4096>;
+// Row stride of the staged tiles in f16: CK plus 8 of padding, so that the 16 rows a fragment
+// load reads start in different shared-memory banks.
+const SK: u32 = 72u;
+// ax: [64 rows of X][SK] f16, row-major (fragment A, loaded row-major).
+var<workgroup> ax: array<f16, 4608>;
+// bw: [64 rows of W][SK] f16, row-major = W^T column-major (fragment B).
+var<workgroup> bw: array<f16, 4608>;
 // cy: [64 rows of X][64 rows of W] f32 accumulators, staged for the bounds-checked epilogue.
 var<workgroup> cy: array<f32, 4096>;
 // The next K step of this thread's share of the X and W tiles: 8 groups of 4 consecutive k.
@@ -475,7 +478,8 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     coop_fetch(li, m0, t0, 0u);
     for (var k0 = 0u; k0 < p.k; k0 += CK) {
         for (var i = 0u; i < 8u; i++) {
-            let o = (li + i * 128u) * 4u;
+            let e4 = li + i * 128u;
+            let o = (e4 / (CK / 4u)) * SK + (e4 % (CK / 4u)) * 4u;
             let v = vec4<f16>(xr[i]);
             let u = vec4<f16>(wr[i]);
             ax[o] = v.x;
@@ -490,10 +494,10 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         workgroupBarrier();
         if (k0 + CK < p.k) { coop_fetch(li, m0, t0, k0 + CK); }
         for (var kk = 0u; kk < CK; kk += 16u) {
-            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax[st * CK + kk], CK);
-            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax[(st + 16u) * CK + kk], CK);
-            let b0 = coopLoad<coop_mat16x16<f16, B>>(&bw[sm * CK + kk], CK);
-            let b1 = coopLoad<coop_mat16x16<f16, B>>(&bw[(sm + 16u) * CK + kk], CK);
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax[st * SK + kk], SK);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax[(st + 16u) * SK + kk], SK);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&bw[sm * SK + kk], SK);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&bw[(sm + 16u) * SK + kk], SK);
             c00 = coopMultiplyAdd(a0, b0, c00);
             c01 = coopMultiplyAdd(a0, b1, c01);
             c10 = coopMultiplyAdd(a1, b0, c10);
