@@ -97,31 +97,83 @@ pub fn quantize(data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> V
     let kp = Matrix::padded_cols_for(cols, dtype);
     let nb = kp / QBLOCK;
     let qwords = Matrix::quant_words(rows, cols, dtype);
+    let row_words = if rows > 0 { qwords / rows } else { 0 };
     let mut out = vec![0u32; qwords + (rows * nb).div_ceil(2)];
-    let mut block = [0f32; QBLOCK];
-    for r in 0..rows {
-        for b in 0..nb {
-            block.fill(0.0);
-            let c0 = b * QBLOCK;
-            let c1 = (c0 + QBLOCK).min(cols);
-            block[..c1 - c0].copy_from_slice(&data[r * cols + c0..r * cols + c1]);
-            let (s, q) = match dtype {
-                WeightDtype::Q8 => q8_block(&block),
-                _ => q4_block(&block),
-            };
-            let bi = r * nb + b;
-            out[qwords + bi / 2] |= (s.to_bits() as u32) << (16 * (bi % 2));
-            let e0 = r * kp + c0; // flattened element index of the block's first weight
-            for (j, &q) in q.iter().enumerate() {
-                let e = e0 + j;
-                match dtype {
-                    WeightDtype::Q8 => out[e / 4] |= ((q as u8) as u32) << (8 * (e % 4)),
-                    _ => out[e / 8] |= ((q + 8) as u32) << (4 * (e % 8)),
-                }
+    let mut scales = vec![0u16; rows * nb];
+    // Rows are independent: natively, spread them over the CPU's threads (the q4 search is
+    // the costly part of loading a large model as q4).
+    #[cfg(not(target_arch = "wasm32"))]
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(rows.div_ceil(64).max(1));
+    #[cfg(target_arch = "wasm32")]
+    let threads = 1usize;
+    let work = |r0: usize, words: &mut [u32], sc: &mut [u16]| {
+        let mut block = [0f32; QBLOCK];
+        for (i, (w, s)) in words
+            .chunks_mut(row_words.max(1))
+            .zip(sc.chunks_mut(nb))
+            .enumerate()
+        {
+            quantize_row(
+                &data[(r0 + i) * cols..(r0 + i + 1) * cols],
+                dtype,
+                &mut block,
+                w,
+                s,
+            );
+        }
+    };
+    let (qpart, _) = out.split_at_mut(qwords);
+    if threads <= 1 || row_words == 0 {
+        work(0, qpart, &mut scales);
+    } else {
+        #[cfg(not(target_arch = "wasm32"))]
+        std::thread::scope(|sc| {
+            let per = rows.div_ceil(threads);
+            for (i, (w, s)) in qpart
+                .chunks_mut(per * row_words)
+                .zip(scales.chunks_mut(per * nb))
+                .enumerate()
+            {
+                let work = &work;
+                sc.spawn(move || work(i * per, w, s));
+            }
+        });
+    }
+    for (bi, s) in scales.iter().enumerate() {
+        out[qwords + bi / 2] |= (*s as u32) << (16 * (bi % 2));
+    }
+    out
+}
+
+/// Quantizes one row (`cols` weights) into its quant words and block scales (f16 bits).
+fn quantize_row(
+    row: &[f32],
+    dtype: WeightDtype,
+    block: &mut [f32; QBLOCK],
+    words: &mut [u32],
+    scales: &mut [u16],
+) {
+    for (b, sc) in scales.iter_mut().enumerate() {
+        block.fill(0.0);
+        let c0 = b * QBLOCK;
+        let c1 = (c0 + QBLOCK).min(row.len());
+        block[..c1 - c0].copy_from_slice(&row[c0..c1]);
+        let (s, q) = match dtype {
+            WeightDtype::Q8 => q8_block(block),
+            _ => q4_block(block),
+        };
+        *sc = s.to_bits();
+        for (j, &q) in q.iter().enumerate() {
+            let e = c0 + j; // element index within the padded row
+            match dtype {
+                WeightDtype::Q8 => words[e / 4] |= ((q as u8) as u32) << (8 * (e % 4)),
+                _ => words[e / 8] |= ((q + 8) as u32) << (4 * (e % 8)),
             }
         }
     }
-    out
 }
 
 /// Quants of `block` with the f16 scale `s` (0 where `s` is 0), clamped to [lo, hi].
@@ -606,7 +658,7 @@ pub struct Kernels {
     gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
     xsh: [usize; 2],
-    /// Barrier-free one-row-per-thread GEMVs [f32, f16][prologue], used on CPU adapters.
+    /// Barrier-free one-row-per-thread GEMVs [dtype f32, f16, q8, q4][prologue], used on CPU adapters.
     gemv_row: Option<Vec<Vec<Arc<Kernel>>>>,
     attention_split: Arc<Kernel>,
     attention_combine: Arc<Kernel>,
@@ -695,7 +747,7 @@ impl Kernels {
         // give them the barrier-free GEMV.
         let gemv_row = if rowwise {
             let mut v = Vec::new();
-            for dt in ["W_F32", "PACKED_F16"] {
+            for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
                 let mut per = Vec::new();
                 for (pro, binds) in [
                     ("", &[U, R, R, R, RW][..]),
@@ -841,9 +893,7 @@ impl Kernels {
 
     fn gemv_kernel(&self, w: &Matrix, pro: usize) -> &Arc<Kernel> {
         if let Some(rowwise) = &self.gemv_row {
-            if matches!(w.dtype, WeightDtype::F32 | WeightDtype::F16) {
-                return &rowwise[dtype_index(w.dtype)][pro];
-            }
+            return &rowwise[dtype_index(w.dtype)][pro];
         }
         let big = (Matrix::padded_cols(w.cols) > self.xsh[0]) as usize;
         &self.gemv[dtype_index(w.dtype)][pro][big]

@@ -214,6 +214,7 @@ fn quantize_round_trip() {
             (4, 100),
             (2, 257),
             (16, 512),
+            (300, 45), // enough rows to be split over threads
         ] {
             let mut w = r.vec(rows * cols, 0.3);
             // an all-zero block and one large outlier
@@ -303,6 +304,41 @@ fn quantize_round_trip() {
     let back = dequantize(&q, 1, 40, WeightDtype::Q8);
     for (a, b) in w.iter().zip(&back) {
         assert!((a - b).abs() <= 1.985 / 127.0 * 0.5 + 1e-6, "{a} {b}");
+    }
+}
+
+/// Stacking pre-quantized matrices by rows gives the layout of quantizing the stacked matrix,
+/// also when a part has an odd number of scales (its last scale word is half used).
+#[test]
+fn stack_quantized_matches_quantizing_the_stack() {
+    let mut r = Rng::new(301);
+    for dt in [WeightDtype::Q8, WeightDtype::Q4] {
+        for &(cols, rows) in &[
+            (32usize, [3usize, 5, 1]),
+            (45, [2, 3, 4]),
+            (100, [1, 1, 2]),
+            (33, [150, 1, 257]),
+        ] {
+            let parts: Vec<Vec<f32>> = rows.iter().map(|&n| r.vec(n * cols, 0.5)).collect();
+            let words: Vec<Vec<u32>> = parts
+                .iter()
+                .zip(rows)
+                .map(|(p, n)| quantize(p, n, cols, dt))
+                .collect();
+            let bytes: Vec<(&[u8], usize)> = words
+                .iter()
+                .zip(rows)
+                .map(|(w, n)| (bytemuck::cast_slice::<u32, u8>(w), n))
+                .collect();
+            let all: Vec<f32> = parts.concat();
+            let total: usize = rows.iter().sum();
+            let want = quantize(&all, total, cols, dt);
+            assert_eq!(
+                stack_quantized(&bytes, cols, dt),
+                bytemuck::cast_slice::<u32, u8>(&want),
+                "{dt:?} cols {cols} rows {rows:?}"
+            );
+        }
     }
 }
 
@@ -1591,12 +1627,17 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
 #[test]
 fn gemv_workgroup_and_rowwise_variants_agree() {
     // CPU adapters run the barrier-free GEMV; GPUs the workgroup one. Check each against the
-    // other on every prologue and both storage types, whichever adapter runs the tests.
+    // other on every prologue and every storage type, whichever adapter runs the tests.
     let (gpu, _) = env();
     let wg = Kernels::new_with(gpu, false).unwrap();
     let rw = Kernels::new_with(gpu, true).unwrap();
     let mut r = Rng::new(401);
-    for dtype in [WeightDtype::F32, WeightDtype::F16] {
+    for dtype in [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::Q8,
+        WeightDtype::Q4,
+    ] {
         for which in 0..4 {
             let (m, k) = (4300 + which, 37 + 64 * which);
             let xw = if which == 3 { 2 * k } else { k };
@@ -1636,7 +1677,8 @@ fn gemv_workgroup_and_rowwise_variants_agree() {
                 1e-4,
                 1e-4,
             );
-            // Both against the CPU: prologue, then a product with the stored (f16-rounded) weights.
+            // Both against the CPU: prologue, then a product with the stored (f16-rounded or
+            // dequantized) weights.
             let xin: Vec<f32> = match which {
                 0 => x[..k].to_vec(),
                 1 => rms_ref(&x[..k], &nw[..k], 1e-6),
@@ -1649,10 +1691,7 @@ fn gemv_workgroup_and_rowwise_variants_agree() {
                     .map(|j| x[j] / (1.0 + (-x[j]).exp()) * x[k + j])
                     .collect(),
             };
-            let wq: Vec<f32> = match dtype {
-                WeightDtype::F16 => w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-                _ => w.clone(),
-            };
+            let wq = weights_as_stored(&w, m, k, dtype);
             let want: Vec<f32> = (0..m)
                 .map(|j| {
                     (0..k)
