@@ -97,7 +97,7 @@ pub fn quantize(data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> V
     let kp = Matrix::padded_cols_for(cols, dtype);
     let nb = kp / QBLOCK;
     let qwords = Matrix::quant_words(rows, cols, dtype);
-    let row_words = if rows > 0 { qwords / rows } else { 0 };
+    let row_words = qwords.checked_div(rows).unwrap_or(0);
     let mut out = vec![0u32; qwords + (rows * nb).div_ceil(2)];
     let mut scales = vec![0u16; rows * nb];
     // Rows are independent: natively, spread them over the CPU's threads (the q4 search is
