@@ -70,7 +70,7 @@ pub struct ModelArgs {
     /// Index of the adapter to use among those of the backend (see `hymba info`); default: the best one
     #[arg(long, value_name = "N")]
     pub adapter: Option<usize>,
-    /// Weight storage on the GPU: auto = f32 up to 1 GiB of f32 weights, f16 above; q8 / q4 = block-quantized 8 / 4-bit matrices
+    /// Weight storage on the GPU: auto = f32 up to 1 GiB of f32 weights, f16 above; q8 / q4 = block-quantized 8 / 4-bit matrices. A folder written by `hymba quantize` loads only as its own q8 / q4 (auto picks it)
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "q8", "q4"])]
     pub dtype: String,
 }
@@ -193,7 +193,7 @@ pub struct InfoArgs {
     /// Index of the adapter to upload to (with --model)
     #[arg(long, value_name = "N")]
     pub adapter: Option<usize>,
-    /// Weight storage to upload and report (with --model); a pre-quantized model reports its own
+    /// Weight storage to upload and report (with --model); a folder written by `hymba quantize` loads only as its own q8 / q4 (auto)
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "q8", "q4"])]
     pub dtype: String,
     /// List every weight tensor instead of grouping same-role tensors across layers
