@@ -522,7 +522,9 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 // gemv_row: one thread per output row and no workgroup barriers, for CPU adapters (lavapipe,
 // SwiftShader), where barriers cost a context switch per invocation. Each thread computes the
 // prologue's RMS scales itself. Same bindings and parameters as gemv; 8 * passes rows per
-// workgroup of 32. Grid: (ceil(m / (8 * passes)), rows).
+// workgroup of 32. Grid: (ceil(m / (8 * passes)), rows). Weights are read through w8a / w8b, so
+// every storage variant works (W_F32, f16, W_Q8, W_Q4; the q8 / q4 readers' private state is
+// per invocation).
 fn xv_row(xb: u32, k: u32, sa: f32, sb: f32) -> f32 {
     if (k >= p.k) { return 0.0; }
 #ifdef PRO_NORM

@@ -29,6 +29,16 @@ pub enum Error {
     },
     #[error("tensor {name} has dtype {found}; supported weight dtypes are bf16, f16 and f32")]
     Dtype { name: String, found: String },
+    /// A pre-quantized checkpoint (`hymba quantize`) whose metadata and tensors disagree.
+    #[error("{file}: pre-quantized checkpoint, {what}: {msg}")]
+    Quantized {
+        file: String,
+        /// "tensor NAME" or "metadata KEY".
+        what: String,
+        msg: String,
+    },
+    #[error("this checkpoint's weights are pre-quantized to {stored} (written by hymba quantize); it loads only as {stored} (--dtype {stored} or auto), not as {requested}. To run {requested}, load the original full-precision checkpoint")]
+    DtypeConflict { stored: String, requested: String },
     #[error("no GPU adapter found ({0}). Install a Vulkan driver; for a software one on Debian/Ubuntu: apt-get install mesa-vulkan-drivers")]
     NoAdapter(String),
     #[error("GPU device request failed: {0}")]

@@ -4,11 +4,16 @@
 //! Every tensor's presence, dtype and shape is checked against the config
 //! before anything touches the GPU. Natively the files are memory-mapped; on
 //! wasm (no filesystem) they come in as byte buffers.
+//!
+//! A checkpoint written by `hymba quantize` ([`Checkpoint::save_quantized`]) holds the large
+//! matrices already in the engine's q8 / q4 block layout (U8 tensors), described by the JSON in
+//! the safetensors metadata key [`QUANT_METADATA_KEY`]; see docs/quantization.md.
 
 use crate::config::HymbaConfig;
 use crate::error::{Error, Result};
+use crate::kernels::{Matrix, WeightDtype, QBLOCK};
 use half::{bf16, f16};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Element type of a stored tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +21,73 @@ pub enum StoredDtype {
     BF16,
     F16,
     F32,
+    /// Pre-quantized 8-bit blocks (the engine's q8 layout), from `hymba quantize`.
+    Q8,
+    /// Pre-quantized 4-bit blocks (the engine's q4 layout), from `hymba quantize`.
+    Q4,
+}
+
+/// The safetensors `__metadata__` key whose value (JSON, [`QuantMetadata`]) describes the
+/// pre-quantized tensors of a file written by [`Checkpoint::save_quantized`].
+pub const QUANT_METADATA_KEY: &str = "hymba.quantization";
+/// `format` of [`QuantMetadata`].
+pub const QUANT_FORMAT: &str = "hymba-block-quant";
+/// The [`QuantMetadata`] version this engine writes and reads.
+pub const QUANT_FORMAT_VERSION: u32 = 1;
+
+/// The JSON under [`QUANT_METADATA_KEY`]: how to read the U8 tensors of a pre-quantized file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QuantMetadata {
+    /// Always [`QUANT_FORMAT`].
+    pub format: String,
+    /// [`QUANT_FORMAT_VERSION`].
+    pub version: u32,
+    /// "q8" or "q4": the dtype of every quantized tensor of the checkpoint.
+    pub dtype: String,
+    /// Weights per block along a row (32).
+    pub block_size: usize,
+    /// Type of the per-block scales ("f16").
+    pub scale_dtype: String,
+    /// One line on the layout, for people reading the header.
+    #[serde(default)]
+    pub layout: String,
+    /// How the scales were chosen (informational).
+    #[serde(default)]
+    pub quantizer: String,
+    /// Per quantized tensor (by name): its dtype and logical shape.
+    pub tensors: BTreeMap<String, QuantTensorInfo>,
+}
+
+/// One quantized tensor of [`QuantMetadata`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QuantTensorInfo {
+    /// "q8" or "q4".
+    pub dtype: String,
+    /// Logical shape [rows, cols] of the full-precision matrix.
+    pub shape: Vec<usize>,
+    /// Row length padded to whole blocks (`ceil(cols / 32) * 32`).
+    pub padded_cols: usize,
+    /// Bytes of the quants (the first part of the tensor); the f16 scales follow.
+    pub quant_bytes: usize,
+    /// Bytes of the whole tensor (quants, then scales padded to 4 bytes).
+    pub bytes: usize,
+}
+
+/// Whether the engine stores `name` in the weight dtype (f32 / f16 / q8 / q4): the embedding
+/// (and untied LM head), in_proj, out_proj and the MLP matrices. Everything else stays f32.
+pub fn is_weight_matrix(name: &str) -> bool {
+    name == "model.embed_tokens.weight"
+        || name == "lm_head.weight"
+        || (name.starts_with("model.layers.")
+            && [
+                ".mamba.in_proj.weight",
+                ".mamba.out_proj.weight",
+                ".moe.experts.0.gate_proj.weight",
+                ".moe.experts.0.up_proj.weight",
+                ".moe.experts.0.down_proj.weight",
+            ]
+            .iter()
+            .any(|s| name.ends_with(s)))
 }
 
 enum Storage {
@@ -38,6 +110,7 @@ impl Storage {
 struct TensorEntry {
     file: usize,
     dtype: StoredDtype,
+    /// The logical shape (for quantized tensors: of the full-precision matrix).
     shape: Vec<usize>,
     start: usize,
     end: usize,
@@ -48,6 +121,8 @@ pub struct Checkpoint {
     pub config: HymbaConfig,
     files: Vec<(String, Storage)>,
     tensors: HashMap<String, TensorEntry>,
+    /// q8 / q4 when the large matrices are stored pre-quantized.
+    quantized: Option<WeightDtype>,
 }
 
 /// The tensor names and shapes a config requires (spec §2).
@@ -159,6 +234,7 @@ impl Checkpoint {
 
     fn from_storage(config: HymbaConfig, files: Vec<(String, Storage)>) -> Result<Checkpoint> {
         let mut tensors = HashMap::new();
+        let mut quantized: Option<(WeightDtype, String)> = None;
         for (fi, (name, st)) in files.iter().enumerate() {
             let bytes = st.bytes();
             let parsed =
@@ -166,40 +242,100 @@ impl Checkpoint {
                     file: name.clone(),
                     msg: e.to_string(),
                 })?;
-            let base = bytes.as_ptr() as usize;
-            for (tname, view) in parsed.tensors() {
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::BF16 => StoredDtype::BF16,
-                    safetensors::Dtype::F16 => StoredDtype::F16,
-                    safetensors::Dtype::F32 => StoredDtype::F32,
-                    other => {
-                        if expected_name(&config, &tname) {
-                            return Err(Error::Dtype {
-                                name: tname,
-                                found: format!("{other:?}"),
-                            });
-                        }
-                        continue;
+            let (_, header) =
+                safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+                    file: name.clone(),
+                    msg: e.to_string(),
+                })?;
+            let qmeta = match header
+                .metadata()
+                .as_ref()
+                .and_then(|m| m.get(QUANT_METADATA_KEY))
+            {
+                Some(json) => Some(parse_quant_metadata(json, name)?),
+                None => None,
+            };
+            if let Some((qd, _)) = &qmeta {
+                match &quantized {
+                    Some((d, other)) if d != qd => {
+                        return Err(Error::Quantized {
+                            file: name.clone(),
+                            what: format!("metadata {QUANT_METADATA_KEY}"),
+                            msg: format!(
+                                "the file is quantized to {} but {other} to {}; all files of a checkpoint must use one dtype",
+                                qd.name(),
+                                d.name()
+                            ),
+                        })
                     }
-                };
+                    _ => quantized = Some((*qd, name.clone())),
+                }
+            }
+            let base = bytes.as_ptr() as usize;
+            let mut seen_quant = 0usize;
+            for (tname, view) in parsed.tensors() {
                 let data = view.data();
                 let start = data.as_ptr() as usize - base;
+                let qinfo = qmeta.as_ref().and_then(|(_, m)| m.tensors.get(&tname));
+                let (dtype, shape) = if let Some(qi) = qinfo {
+                    seen_quant += 1;
+                    let qd = qmeta.as_ref().unwrap().0;
+                    check_quant_tensor(&tname, name, qd, qi, view.dtype(), view.shape())?;
+                    let dt = if qd == WeightDtype::Q8 {
+                        StoredDtype::Q8
+                    } else {
+                        StoredDtype::Q4
+                    };
+                    (dt, qi.shape.clone())
+                } else {
+                    let dtype = match view.dtype() {
+                        safetensors::Dtype::BF16 => StoredDtype::BF16,
+                        safetensors::Dtype::F16 => StoredDtype::F16,
+                        safetensors::Dtype::F32 => StoredDtype::F32,
+                        other => {
+                            if expected_name(&config, &tname) {
+                                return Err(Error::Dtype {
+                                    name: tname,
+                                    found: format!("{other:?}"),
+                                });
+                            }
+                            continue;
+                        }
+                    };
+                    (dtype, view.shape().to_vec())
+                };
                 tensors.insert(
                     tname,
                     TensorEntry {
                         file: fi,
                         dtype,
-                        shape: view.shape().to_vec(),
+                        shape,
                         start,
                         end: start + data.len(),
                     },
                 );
+            }
+            if let Some((_, m)) = &qmeta {
+                if seen_quant != m.tensors.len() {
+                    let missing = m
+                        .tensors
+                        .keys()
+                        .find(|t| parsed.tensor(t).is_err())
+                        .cloned()
+                        .unwrap_or_default();
+                    return Err(Error::Quantized {
+                        file: name.clone(),
+                        what: format!("tensor {missing}"),
+                        msg: format!("listed in the {QUANT_METADATA_KEY} metadata but not stored in the file"),
+                    });
+                }
             }
         }
         let ck = Checkpoint {
             config,
             files,
             tensors,
+            quantized: quantized.map(|q| q.0),
         };
         ck.validate()?;
         Ok(ck)
@@ -227,8 +363,59 @@ impl Checkpoint {
                     expected: shape,
                 });
             }
+            // A pre-quantized checkpoint has every large matrix in its dtype and nothing else.
+            let tq = match t.dtype {
+                StoredDtype::Q8 => Some(WeightDtype::Q8),
+                StoredDtype::Q4 => Some(WeightDtype::Q4),
+                _ => None,
+            };
+            let want = self.quantized.filter(|_| is_weight_matrix(&name));
+            if tq != want {
+                return Err(Error::Quantized {
+                    file: self.files[t.file].0.clone(),
+                    what: format!("tensor {name}"),
+                    msg: match (tq, want) {
+                        (Some(d), None) if is_weight_matrix(&name) => format!("stored as {} but the other matrices are not quantized", d.name()),
+                        (Some(d), None) => format!("stored as {} but the engine keeps this tensor in f32; only embeddings, in_proj, out_proj and the MLP matrices may be quantized", d.name()),
+                        (None, Some(d)) => format!("stored as {:?} while the checkpoint's other large matrices are {}; quantize all of them", t.dtype, d.name()),
+                        (Some(a), Some(b)) => format!("stored as {} but the checkpoint is {}", a.name(), b.name()),
+                        (None, None) => unreachable!(),
+                    },
+                });
+            }
         }
         Ok(())
+    }
+
+    /// q8 / q4 when the checkpoint's large matrices are stored pre-quantized (`hymba quantize`).
+    pub fn quantization(&self) -> Option<WeightDtype> {
+        self.quantized
+    }
+
+    /// The packed words of a pre-quantized tensor (little-endian bytes in the layout of
+    /// [`crate::kernels::quantize`]), or None when `name` is stored in full precision.
+    pub fn quantized_bytes(&self, name: &str) -> Result<Option<(WeightDtype, &[u8])>> {
+        let (t, b) = self.raw(name)?;
+        Ok(match t.dtype {
+            StoredDtype::Q8 => Some((WeightDtype::Q8, b)),
+            StoredDtype::Q4 => Some((WeightDtype::Q4, b)),
+            _ => None,
+        })
+    }
+
+    /// Names of all tensors, sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.tensors.keys().map(|s| s.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    /// Bytes of one tensor as stored.
+    pub fn stored_bytes_of(&self, name: &str) -> u64 {
+        self.tensors
+            .get(name)
+            .map(|t| (t.end - t.start) as u64)
+            .unwrap_or(0)
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -280,7 +467,122 @@ impl Checkpoint {
                 .chunks_exact(2)
                 .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
                 .collect(),
+            StoredDtype::Q8 | StoredDtype::Q4 => {
+                let dt = if t.dtype == StoredDtype::Q8 {
+                    WeightDtype::Q8
+                } else {
+                    WeightDtype::Q4
+                };
+                let words: Vec<u32> = b
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                crate::kernels::dequantize(&words, t.shape[0], t.shape[1], dt)
+            }
         })
+    }
+}
+
+/// Parses and checks the [`QUANT_METADATA_KEY`] JSON of `file`.
+fn parse_quant_metadata(json: &str, file: &str) -> Result<(WeightDtype, QuantMetadata)> {
+    let bad = |msg: String| Error::Quantized {
+        file: file.to_string(),
+        what: format!("metadata {QUANT_METADATA_KEY}"),
+        msg,
+    };
+    let m: QuantMetadata = serde_json::from_str(json)
+        .map_err(|e| bad(format!("invalid {QUANT_METADATA_KEY} metadata: {e}")))?;
+    if m.format != QUANT_FORMAT {
+        return Err(bad(format!(
+            "unknown quantization format {:?} (this engine reads {QUANT_FORMAT:?})",
+            m.format
+        )));
+    }
+    if m.version != QUANT_FORMAT_VERSION {
+        return Err(bad(format!(
+            "{QUANT_FORMAT} version {} is not supported (this engine reads version {QUANT_FORMAT_VERSION}); use a matching engine or quantize again",
+            m.version
+        )));
+    }
+    let dt = WeightDtype::from_name(&m.dtype)
+        .filter(|d| d.is_quantized())
+        .ok_or_else(|| {
+            bad(format!(
+                "unknown quantized dtype {:?} (expected q8 or q4)",
+                m.dtype
+            ))
+        })?;
+    if m.block_size != QBLOCK || m.scale_dtype != "f16" {
+        return Err(bad(format!(
+            "blocks of {} weights with {} scales; this engine reads blocks of {QBLOCK} with f16 scales",
+            m.block_size, m.scale_dtype
+        )));
+    }
+    Ok((dt, m))
+}
+
+/// Checks one pre-quantized tensor against its metadata entry.
+fn check_quant_tensor(
+    name: &str,
+    file: &str,
+    dt: WeightDtype,
+    qi: &QuantTensorInfo,
+    stored: safetensors::Dtype,
+    stored_shape: &[usize],
+) -> Result<()> {
+    let bad = |msg: String| Error::Quantized {
+        file: file.to_string(),
+        what: format!("tensor {name}"),
+        msg,
+    };
+    if !is_weight_matrix(name) {
+        return Err(bad(
+            "the engine keeps this tensor in f32; only embeddings, in_proj, out_proj and the MLP matrices may be quantized".into(),
+        ));
+    }
+    if qi.dtype != dt.name() {
+        return Err(bad(format!(
+            "dtype {:?} differs from the file's {}",
+            qi.dtype,
+            dt.name()
+        )));
+    }
+    if qi.shape.len() != 2 {
+        return Err(bad(format!(
+            "logical shape {:?} is not 2-D [rows, cols]",
+            qi.shape
+        )));
+    }
+    let (rows, cols) = (qi.shape[0], qi.shape[1]);
+    let want = Matrix::bytes_for(rows, cols, dt) as usize;
+    let qbytes = Matrix::quant_words(rows, cols, dt) * 4;
+    let kp = Matrix::padded_cols_for(cols, dt);
+    if stored != safetensors::Dtype::U8 || stored_shape != [want] {
+        return Err(bad(format!(
+            "stored as {stored:?} {stored_shape:?}; a {} [{rows}, {cols}] matrix is U8 [{want}] (the file may be truncated or edited; quantize again)",
+            dt.name()
+        )));
+    }
+    if qi.bytes != want || qi.quant_bytes != qbytes || qi.padded_cols != kp {
+        return Err(bad(format!(
+            "metadata says {} bytes ({} of quants, padded_cols {}); a {} [{rows}, {cols}] matrix has {want} ({qbytes} of quants, padded_cols {kp})",
+            qi.bytes,
+            qi.quant_bytes,
+            qi.padded_cols,
+            dt.name()
+        )));
+    }
+    Ok(())
+}
+
+/// The [`QuantTensorInfo`] of a [rows, cols] matrix stored as `dt`.
+pub fn quant_tensor_info(rows: usize, cols: usize, dt: WeightDtype) -> QuantTensorInfo {
+    QuantTensorInfo {
+        dtype: dt.name().to_string(),
+        shape: vec![rows, cols],
+        padded_cols: Matrix::padded_cols_for(cols, dt),
+        quant_bytes: Matrix::quant_words(rows, cols, dt) * 4,
+        bytes: Matrix::bytes_for(rows, cols, dt) as usize,
     }
 }
 
@@ -389,6 +691,7 @@ impl Checkpoint {
             config,
             files: vec![("<random>".into(), Storage::Bytes(bytes))],
             tensors,
+            quantized: None,
         })
     }
 
@@ -434,4 +737,127 @@ impl Checkpoint {
         let cp = dir.join("config.json");
         std::fs::write(&cp, serde_json::to_string_pretty(&cfg).unwrap()).map_err(|e| io(&cp, e))
     }
+
+    /// Writes the tensors as one `model.safetensors` at `path` with the large matrices
+    /// ([`is_weight_matrix`]) quantized to `dtype` (q8 / q4) in the engine's block layout, as
+    /// U8 tensors described by the [`QUANT_METADATA_KEY`] metadata, and every other tensor in its
+    /// stored dtype. Tensors are quantized one at a time while the file is written, so memory
+    /// holds one tensor's f32 copy at a time, not the model's. Returns the bytes written.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn save_quantized(&self, path: &std::path::Path, dtype: WeightDtype) -> Result<u64> {
+        use safetensors::Dtype;
+        use std::borrow::Cow;
+        let file = path.display().to_string();
+        if !dtype.is_quantized() {
+            return Err(Error::Invalid(format!(
+                "{file}: cannot quantize to {}; choose q8 or q4",
+                dtype.name()
+            )));
+        }
+        if let Some(q) = self.quantized {
+            if q != dtype {
+                return Err(Error::DtypeConflict {
+                    stored: q.name().into(),
+                    requested: dtype.name().into(),
+                });
+            }
+        }
+        /// A tensor of the output file; quantized ones are computed when the writer asks.
+        struct Out<'a> {
+            ck: &'a Checkpoint,
+            name: &'a str,
+            dtype: Dtype,
+            shape: Vec<usize>,
+            len: usize,
+            quantize: Option<WeightDtype>,
+        }
+        impl safetensors::View for Out<'_> {
+            fn dtype(&self) -> Dtype {
+                self.dtype
+            }
+            fn shape(&self) -> &[usize] {
+                &self.shape
+            }
+            fn data(&self) -> Cow<'_, [u8]> {
+                let (_, raw) = self.ck.raw(self.name).expect("tensor listed above");
+                match self.quantize {
+                    Some(dt) => {
+                        let t = &self.ck.tensors[self.name];
+                        let (rows, cols) = (t.shape[0], t.shape[1]);
+                        let v = self.ck.f32(self.name).expect("tensor listed above");
+                        let words = crate::kernels::quantize(&v, rows, cols, dt);
+                        Cow::Owned(bytemuck::cast_slice(&words).to_vec())
+                    }
+                    None => Cow::Borrowed(raw),
+                }
+            }
+            fn data_len(&self) -> usize {
+                self.len
+            }
+        }
+        let mut meta = QuantMetadata {
+            format: QUANT_FORMAT.into(),
+            version: QUANT_FORMAT_VERSION,
+            dtype: dtype.name().into(),
+            block_size: QBLOCK,
+            scale_dtype: "f16".into(),
+            layout: QUANT_LAYOUT.into(),
+            quantizer: match dtype {
+                WeightDtype::Q8 => "q8: scale = max|w| / 127 per block".into(),
+                _ => "q4: per-block search for the f16 scale with the least squared error (max-magnitude weight at -8..-6.5 or 6.5..7.5 steps, least-squares refit)".into(),
+            },
+            tensors: BTreeMap::new(),
+        };
+        let mut outs = Vec::new();
+        for name in self.tensor_names() {
+            let t = &self.tensors[name];
+            let (dt, shape, len, quantize) = if is_weight_matrix(name) && t.shape.len() == 2 {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let info = quant_tensor_info(rows, cols, dtype);
+                let len = info.bytes;
+                meta.tensors.insert(name.to_string(), info);
+                // Already in this dtype (quantizing a pre-quantized checkpoint): copy the words.
+                let q = (self.quantized.is_none()).then_some(dtype);
+                (Dtype::U8, vec![len], len, q)
+            } else {
+                let dt = match t.dtype {
+                    StoredDtype::BF16 => Dtype::BF16,
+                    StoredDtype::F16 => Dtype::F16,
+                    StoredDtype::F32 => Dtype::F32,
+                    StoredDtype::Q8 | StoredDtype::Q4 => Dtype::U8,
+                };
+                (dt, t.shape.clone(), t.end - t.start, None)
+            };
+            outs.push((
+                name.to_string(),
+                Out {
+                    ck: self,
+                    name,
+                    dtype: dt,
+                    shape,
+                    len,
+                    quantize,
+                },
+            ));
+        }
+        let mut md = HashMap::new();
+        md.insert("format".to_string(), "pt".to_string());
+        md.insert(
+            QUANT_METADATA_KEY.to_string(),
+            serde_json::to_string(&meta).map_err(|e| Error::Invalid(e.to_string()))?,
+        );
+        safetensors::serialize_to_file(outs, Some(md), path).map_err(|e| Error::Safetensors {
+            file: file.clone(),
+            msg: e.to_string(),
+        })?;
+        std::fs::metadata(path)
+            .map(|m| m.len())
+            .map_err(|e| Error::Io {
+                path: file,
+                source: e,
+            })
+    }
 }
+
+/// The `layout` line of [`QuantMetadata`].
+pub const QUANT_LAYOUT: &str = "per tensor, little-endian u32 words: rows padded with zeros to padded_cols = ceil(cols/32)*32; quants row-major first (q8: 4 int8 per word, element 4i+j in byte j; q4: 8 nibbles per word, element 8i+j in bits 4j..4j+3 holding q+8), then one f16 scale per 32-weight block (block 2i in the low half of a word), padded to a whole word; weight = q * scale";

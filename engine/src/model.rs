@@ -154,7 +154,176 @@ pub struct Model {
     global_cap0: usize,
     fused_decode: bool,
     prefix: Option<Sequence>,
-    weight_bytes: u64,
+    weight_report: Vec<TensorStorage>,
+}
+
+/// How one weight buffer is stored on the GPU ([`Model::weight_report`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TensorStorage {
+    /// The checkpoint tensor it holds; buffers made of several tensors join their names with
+    /// `+` (e.g. `model.layers.0.moe.experts.0.gate_proj+up_proj.weight`).
+    pub name: String,
+    /// Element storage on the GPU: f32, f16, q8 or q4.
+    pub dtype: WeightDtype,
+    /// Logical shape (before row padding).
+    pub shape: Vec<usize>,
+    /// Size of the GPU buffer in bytes (`wgpu::Buffer::size`: padding included).
+    pub bytes: u64,
+}
+
+/// Tensors of [`Model::weight_report`] with the same role, dtype and shape in several layers,
+/// grouped: `model.layers.*.mamba.in_proj.weight` for layers 0-31.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TensorGroup {
+    /// The name with the layer number replaced by `*` (or the name itself outside layers).
+    pub pattern: String,
+    /// Layer numbers in the group (empty outside layers).
+    pub layers: Vec<usize>,
+    pub dtype: WeightDtype,
+    pub shape: Vec<usize>,
+    /// Bytes of all the group's buffers together.
+    pub bytes: u64,
+}
+
+/// Groups a weight report by role (layer number → `*`), dtype and shape, in first-seen order.
+pub fn group_weight_report(report: &[TensorStorage]) -> Vec<TensorGroup> {
+    let mut groups: Vec<TensorGroup> = Vec::new();
+    for t in report {
+        let (pattern, layer) = match t.name.strip_prefix("model.layers.") {
+            Some(rest) => match rest.split_once('.') {
+                Some((num, tail)) if num.parse::<usize>().is_ok() => {
+                    (format!("model.layers.*.{tail}"), num.parse::<usize>().ok())
+                }
+                _ => (t.name.clone(), None),
+            },
+            None => (t.name.clone(), None),
+        };
+        match groups
+            .iter_mut()
+            .find(|g| g.pattern == pattern && g.dtype == t.dtype && g.shape == t.shape)
+        {
+            Some(g) => {
+                g.layers.extend(layer);
+                g.bytes += t.bytes;
+            }
+            None => groups.push(TensorGroup {
+                pattern,
+                layers: layer.into_iter().collect(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                bytes: t.bytes,
+            }),
+        }
+    }
+    groups
+}
+
+/// Uploads weights for [`Model::load`], recording each buffer in the weight report.
+struct Uploader<'a, P: FnMut(u64, u64)> {
+    gpu: &'a Gpu,
+    ck: &'a Checkpoint,
+    report: Vec<TensorStorage>,
+    done: u64,
+    total: u64,
+    progress: P,
+}
+
+impl<P: FnMut(u64, u64)> Uploader<'_, P> {
+    fn note(&mut self, name: String, dtype: WeightDtype, shape: Vec<usize>, buf: &wgpu::Buffer) {
+        self.report.push(TensorStorage {
+            name,
+            dtype,
+            shape,
+            bytes: buf.size(),
+        });
+    }
+
+    fn advance(&mut self, names: &[&str]) {
+        for n in names {
+            self.done += self.ck.stored_bytes_of(n);
+        }
+        (self.progress)(self.done.min(self.total), self.total);
+    }
+
+    /// One matrix, or several with the same columns stacked by rows, stored as `dt`. Pre-quantized
+    /// tensors are uploaded as stored (stacked parts are joined without requantizing).
+    fn matrix(&mut self, names: &[&str], dt: WeightDtype) -> Result<Matrix> {
+        let ck = self.ck;
+        let shape = ck.shape(names[0]).unwrap_or(&[]).to_vec();
+        let cols: usize = shape[1..].iter().product();
+        let label = joined_name(names);
+        let mut packed = Vec::new();
+        for n in names {
+            if let Some((qd, b)) = ck.quantized_bytes(n)? {
+                packed.push((qd, b, ck.shape(n).map(|s| s[0]).unwrap_or(0)));
+            }
+        }
+        let m = if packed.is_empty() {
+            let mut data = Vec::new();
+            for n in names {
+                data.extend(ck.f32(n)?);
+            }
+            let rows = data.len() / cols.max(1);
+            Matrix::upload(self.gpu, &label, &data, rows, cols, dt)?
+        } else {
+            // Loader validation makes every part quantized to the checkpoint's dtype.
+            if packed.len() != names.len() || packed.iter().any(|p| p.0 != dt) {
+                return Err(Error::Invalid(format!(
+                    "{label}: mixed pre-quantized and full-precision parts, or not {}",
+                    dt.name()
+                )));
+            }
+            let rows: usize = packed.iter().map(|p| p.2).sum();
+            if packed.len() == 1 {
+                Matrix::upload_quantized_bytes(self.gpu, &label, packed[0].1, rows, cols, dt)?
+            } else {
+                let parts: Vec<(&[u8], usize)> = packed.iter().map(|p| (p.1, p.2)).collect();
+                let bytes = crate::kernels::stack_quantized(&parts, cols, dt);
+                Matrix::upload_quantized_bytes(self.gpu, &label, &bytes, rows, cols, dt)?
+            }
+        };
+        self.note(label, dt, vec![m.rows, m.cols], &m.buf);
+        self.advance(names);
+        Ok(m)
+    }
+
+    /// One f32 tensor as stored in the checkpoint.
+    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
+        let v = self.ck.f32(name)?;
+        let b = self.gpu.upload(name, &v)?;
+        let shape = self.ck.shape(name).unwrap_or(&[]).to_vec();
+        self.note(name.to_string(), WeightDtype::F32, shape, &b);
+        self.advance(&[name]);
+        Ok(b)
+    }
+
+    /// An f32 buffer computed from checkpoint tensors (`sources`, for the progress count).
+    fn derived(&mut self, name: &str, data: &[f32], sources: &[&str]) -> Result<wgpu::Buffer> {
+        let b = self.gpu.upload(name, data)?;
+        self.note(name.to_string(), WeightDtype::F32, vec![data.len()], &b);
+        self.advance(sources);
+        Ok(b)
+    }
+}
+
+/// `a.x.weight` + `a.y.weight` → `a.x+y.weight` (names that differ in one dotted part).
+fn joined_name(names: &[&str]) -> String {
+    if names.len() == 1 {
+        return names[0].to_string();
+    }
+    let parts: Vec<Vec<&str>> = names.iter().map(|n| n.split('.').collect()).collect();
+    let same_len = parts.iter().all(|p| p.len() == parts[0].len());
+    let diff: Vec<usize> = (0..parts[0].len())
+        .filter(|&i| same_len && parts.iter().any(|p| p[i] != parts[0][i]))
+        .collect();
+    if diff.len() == 1 {
+        let i = diff[0];
+        let mut out = parts[0].clone();
+        let joined = parts.iter().map(|p| p[i]).collect::<Vec<_>>().join("+");
+        out[i] = &joined;
+        return out.join(".");
+    }
+    names.join("+")
 }
 
 fn aggregate(v: Vec<(String, f64)>) -> Vec<(String, f64, usize)> {
@@ -183,20 +352,36 @@ fn round_up(x: usize, m: usize) -> usize {
 
 impl Model {
     /// Uploads a validated checkpoint and computes the meta-token prefix.
+    ///
+    /// A pre-quantized checkpoint (`hymba quantize`, [`Checkpoint::quantization`]) has its packed
+    /// words uploaded as they are; it loads with [`DtypeChoice::Auto`] or its own dtype, and any
+    /// other choice is an [`Error::DtypeConflict`] (re-quantizing or widening stored 4/8-bit
+    /// weights would only lose accuracy or memory silently).
     pub async fn load(
         gpu: Arc<Gpu>,
         kernels: Arc<Kernels>,
         ck: &Checkpoint,
         opts: &ModelOptions,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<Model> {
         let cfg = ck.config.clone();
-        let dtype = match opts.dtype {
-            DtypeChoice::F32 => WeightDtype::F32,
-            DtypeChoice::F16 => WeightDtype::F16,
-            DtypeChoice::Q8 => WeightDtype::Q8,
-            DtypeChoice::Q4 => WeightDtype::Q4,
-            DtypeChoice::Auto => {
+        let chosen = match opts.dtype {
+            DtypeChoice::F32 => Some(WeightDtype::F32),
+            DtypeChoice::F16 => Some(WeightDtype::F16),
+            DtypeChoice::Q8 => Some(WeightDtype::Q8),
+            DtypeChoice::Q4 => Some(WeightDtype::Q4),
+            DtypeChoice::Auto => None,
+        };
+        let dtype = match (ck.quantization(), chosen) {
+            (Some(q), Some(c)) if q != c => {
+                return Err(Error::DtypeConflict {
+                    stored: q.name().into(),
+                    requested: c.name().into(),
+                })
+            }
+            (Some(q), _) => q,
+            (None, Some(c)) => c,
+            (None, None) => {
                 if (cfg.parameter_count() as u64) * 4 <= 1 << 30 {
                     WeightDtype::F32
                 } else {
@@ -204,67 +389,54 @@ impl Model {
                 }
             }
         };
-        let total = ck.stored_bytes();
-        let mut done = 0u64;
-        let mut weight_bytes = 0u64;
-        let g = &*gpu;
-        let tick = |name: &str, wb: &mut u64, bytes: u64| {
-            let _ = name;
-            *wb += bytes;
+        let mut up = Uploader {
+            gpu: &gpu,
+            ck,
+            report: Vec::new(),
+            done: 0,
+            total: ck.stored_bytes(),
+            progress,
         };
-        // Uploads one matrix, or several with the same columns stacked by rows.
-        let mut mat_rows = |names: &[&str], dt: WeightDtype, done: &mut u64| -> Result<Matrix> {
-            let shape = ck.shape(names[0]).unwrap().to_vec();
-            let cols: usize = shape[1..].iter().product();
-            let mut data = Vec::new();
-            for n in names {
-                data.extend(ck.f32(n)?);
-            }
-            let rows = data.len() / cols;
-            *done += (data.len() * 2) as u64;
-            progress((*done).min(total), total);
-            Matrix::upload(g, names[0], &data, rows, cols, dt)
-        };
-        let vec_f32 = |name: &str| -> Result<wgpu::Buffer> { g.upload(name, &ck.f32(name)?) };
-        let embed = mat_rows(&["model.embed_tokens.weight"], dtype, &mut done)?;
-        tick("embed", &mut weight_bytes, embed.bytes());
+        let embed = up.matrix(&["model.embed_tokens.weight"], dtype)?;
         let lm_head = if cfg.raw.tie_word_embeddings {
             None
         } else {
-            let m = mat_rows(&["lm_head.weight"], dtype, &mut done)?;
-            tick("lm_head", &mut weight_bytes, m.bytes());
-            Some(m)
+            Some(up.matrix(&["lm_head.weight"], dtype)?)
         };
         let meta = if cfg.n_meta > 0 {
-            vec_f32("model.memory_tokens")?
+            up.vector("model.memory_tokens")?
         } else {
-            g.buffer("no meta tokens", 16)?
+            gpu.buffer("no meta tokens", 16)?
         };
-        let final_norm = vec_f32("model.final_layernorm.weight")?;
-        weight_bytes += ((cfg.n_meta + 1) * cfg.hidden * 4) as u64;
+        let final_norm = up.vector("model.final_layernorm.weight")?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}.");
             let n = |s: &str| format!("{p}{s}");
-            let in_proj = mat_rows(&[&n("mamba.in_proj.weight")], dtype, &mut done)?;
-            let x_proj = mat_rows(&[&n("mamba.x_proj.0.weight")], WeightDtype::F32, &mut done)?;
-            let dt_proj = mat_rows(&[&n("mamba.dt_proj.0.weight")], WeightDtype::F32, &mut done)?;
-            let out_proj = mat_rows(&[&n("mamba.out_proj.weight")], dtype, &mut done)?;
-            let gate_up = mat_rows(
+            let input_norm = up.vector(&n("input_layernorm.weight"))?;
+            let in_proj = up.matrix(&[&n("mamba.in_proj.weight")], dtype)?;
+            let x_proj = up.matrix(&[&n("mamba.x_proj.0.weight")], WeightDtype::F32)?;
+            let dt_proj = up.matrix(&[&n("mamba.dt_proj.0.weight")], WeightDtype::F32)?;
+            let out_proj = up.matrix(&[&n("mamba.out_proj.weight")], dtype)?;
+            let gate_up = up.matrix(
                 &[
                     &n("moe.experts.0.gate_proj.weight"),
                     &n("moe.experts.0.up_proj.weight"),
                 ],
                 dtype,
-                &mut done,
             )?;
-            let down = mat_rows(&[&n("moe.experts.0.down_proj.weight")], dtype, &mut done)?;
+            let down = up.matrix(&[&n("moe.experts.0.down_proj.weight")], dtype)?;
             let mut conv = ck.f32(&n("mamba.conv1d.weight"))?;
             if cfg.conv_bias {
                 conv.extend(ck.f32(&n("mamba.conv1d.bias"))?);
             } else {
                 conv.extend(std::iter::repeat_n(0.0, cfg.d_inner));
             }
+            let conv = up.derived(
+                &n("mamba.conv1d.weight+bias"),
+                &conv,
+                &[&n("mamba.conv1d.weight"), &n("mamba.conv1d.bias")],
+            )?;
             let mut consts: Vec<f32> = ck
                 .f32(&n("mamba.A_log.0"))?
                 .iter()
@@ -272,64 +444,70 @@ impl Model {
                 .collect();
             consts.extend(ck.f32(&n("mamba.dt_proj.0.bias"))?);
             consts.extend(ck.f32(&n("mamba.D.0"))?);
+            let ssm_consts = up.derived(
+                &n("mamba.-exp(A_log.0)+dt_proj.0.bias+D.0"),
+                &consts,
+                &[
+                    &n("mamba.A_log.0"),
+                    &n("mamba.dt_proj.0.bias"),
+                    &n("mamba.D.0"),
+                ],
+            )?;
             let mut pre_avg = ck.f32(&n("mamba.pre_avg_layernorm1.weight"))?;
             pre_avg.extend(ck.f32(&n("mamba.pre_avg_layernorm2.weight"))?);
-            let inner_norms = if cfg.inner_norms {
-                Some((
-                    vec_f32(&n("mamba.dt_layernorm.weight"))?,
-                    vec_f32(&n("mamba.B_layernorm.weight"))?,
-                    vec_f32(&n("mamba.C_layernorm.weight"))?,
-                ))
+            let pre_avg = up.derived(
+                &n("mamba.pre_avg_layernorm1+2.weight"),
+                &pre_avg,
+                &[
+                    &n("mamba.pre_avg_layernorm1.weight"),
+                    &n("mamba.pre_avg_layernorm2.weight"),
+                ],
+            )?;
+            let (inner_norms, inner_norms_cat) = if cfg.inner_norms {
+                let names = [
+                    n("mamba.dt_layernorm.weight"),
+                    n("mamba.B_layernorm.weight"),
+                    n("mamba.C_layernorm.weight"),
+                ];
+                let sep = (
+                    up.vector(&names[0])?,
+                    up.vector(&names[1])?,
+                    up.vector(&names[2])?,
+                );
+                // The same three again, concatenated for the fused decode scan.
+                let mut v = ck.f32(&names[0])?;
+                v.extend(ck.f32(&names[1])?);
+                v.extend(ck.f32(&names[2])?);
+                let cat = up.derived(
+                    &n("mamba.dt+B+C_layernorm.weight (fused decode copy)"),
+                    &v,
+                    &[],
+                )?;
+                (Some(sep), Some(cat))
             } else {
-                None
+                (None, None)
             };
-            let inner_norms_cat = if cfg.inner_norms {
-                let mut v = ck.f32(&n("mamba.dt_layernorm.weight"))?;
-                v.extend(ck.f32(&n("mamba.B_layernorm.weight"))?);
-                v.extend(ck.f32(&n("mamba.C_layernorm.weight"))?);
-                Some(g.upload(&n("inner norms"), &v)?)
-            } else {
-                None
-            };
-            let small =
-                (conv.len() + consts.len() + pre_avg.len() + 2 * cfg.hidden + cfg.x_proj_rows())
-                    * 4;
-            weight_bytes += in_proj.bytes()
-                + x_proj.bytes()
-                + dt_proj.bytes()
-                + out_proj.bytes()
-                + gate_up.bytes()
-                + down.bytes()
-                + small as u64;
+            let pre_mlp_norm = up.vector(&n("pre_moe_layernorm.weight"))?;
             layers.push(LayerWeights {
-                input_norm: vec_f32(&n("input_layernorm.weight"))?,
+                input_norm,
                 in_proj,
-                conv: g.upload(&n("conv"), &conv)?,
+                conv,
                 x_proj,
                 inner_norms,
                 inner_norms_cat,
                 dt_proj,
-                ssm_consts: g.upload(&n("ssm consts"), &consts)?,
-                pre_avg: g.upload(&n("pre_avg"), &pre_avg)?,
+                ssm_consts,
+                pre_avg,
                 out_proj,
-                pre_mlp_norm: vec_f32(&n("pre_moe_layernorm.weight"))?,
+                pre_mlp_norm,
                 gate_up,
                 down,
             });
         }
-        progress(total, total);
+        (up.progress)(up.total, up.total);
+        let report = up.report;
         Self::assemble(
-            gpu,
-            kernels,
-            cfg,
-            dtype,
-            embed,
-            lm_head,
-            meta,
-            final_norm,
-            layers,
-            opts,
-            weight_bytes,
+            gpu, kernels, cfg, dtype, embed, lm_head, meta, final_norm, layers, opts, report,
         )
         .await
     }
@@ -346,7 +524,7 @@ impl Model {
         final_norm: wgpu::Buffer,
         layers: Vec<LayerWeights>,
         opts: &ModelOptions,
-        weight_bytes: u64,
+        weight_report: Vec<TensorStorage>,
     ) -> Result<Model> {
         let chunk = opts.chunk.max(cfg.n_meta).max(1);
         let max_positions = opts
@@ -421,7 +599,7 @@ impl Model {
             global_cap0,
             fused_decode: opts.fused_decode && cfg_fusable(&cfg_copy),
             prefix: None,
-            weight_bytes,
+            weight_report,
         };
         // The meta-token prefix is a constant of the checkpoint: compute it once.
         let mut prefix = model.empty_sequence()?;
@@ -433,9 +611,15 @@ impl Model {
         Ok(model)
     }
 
-    /// Bytes of weights on the GPU.
+    /// Bytes of weights on the GPU: the sum of [`Model::weight_report`].
     pub fn weight_bytes(&self) -> u64 {
-        self.weight_bytes
+        self.weight_report.iter().map(|t| t.bytes).sum()
+    }
+
+    /// Every weight buffer on the GPU: what it holds, its storage dtype, logical shape and
+    /// size in bytes, measured from the uploaded buffers, in upload order.
+    pub fn weight_report(&self) -> &[TensorStorage] {
+        &self.weight_report
     }
 
     /// A sequence with nothing in it (not even the meta tokens).

@@ -208,6 +208,11 @@ pub fn open_gpu(args: &ModelArgs) -> CliResult<Arc<Gpu>> {
 /// Everything a command needs: checkpoint, GPU, kernels, weights uploaded.
 pub fn load_model(args: &ModelArgs, show_progress: bool) -> CliResult<LoadedModel> {
     let src = open_source(args.model.as_deref(), show_progress)?;
+    upload(src, args, show_progress)
+}
+
+/// Opens the GPU named by `args` and uploads an opened checkpoint.
+pub fn upload(src: Source, args: &ModelArgs, show_progress: bool) -> CliResult<LoadedModel> {
     let gpu = open_gpu(args)?;
     let kernels = Arc::new(Kernels::new(&gpu).map_err(err)?);
     let opts = ModelOptions {

@@ -2,13 +2,15 @@
 //!
 //! Subcommands: `generate` (one prompt, streamed or as JSON), `chat` (multi-turn
 //! with the Hymba Instruct template, keeping the cache between turns), `score`
-//! (perplexity of a text) and `info` (GPU adapters, or a model's layout and
-//! memory needs). With no `--model`, the built-in tiny-shakespeare checkpoint
+//! (perplexity of a text), `info` (GPU adapters, or a model's layout and
+//! memory needs, with the storage of every weight buffer) and `quantize` (write a
+//! pre-quantized q8 / q4 copy of a model). With no `--model`, the built-in tiny-shakespeare checkpoint
 //! is used, so everything works offline.
 
 mod chat;
 mod load;
 mod output;
+mod quantize;
 mod score;
 
 use clap::{Args, Parser, Subcommand};
@@ -50,8 +52,10 @@ enum Command {
     Chat(ChatArgs),
     /// Mean negative log-likelihood per token and perplexity of a text file
     Score(ScoreArgs),
-    /// List GPU adapters, or describe a model with --model
+    /// List GPU adapters, or describe a model with --model (layout, weight storage per tensor on the GPU, cache sizes)
     Info(InfoArgs),
+    /// Write a copy of a model with its large matrices pre-quantized to q8 or q4 (loads without the full-precision file)
+    Quantize(QuantizeArgs),
 }
 
 /// Where the model comes from and how it runs.
@@ -66,7 +70,7 @@ pub struct ModelArgs {
     /// Index of the adapter to use among those of the backend (see `hymba info`); default: the best one
     #[arg(long, value_name = "N")]
     pub adapter: Option<usize>,
-    /// Weight storage on the GPU: auto = f32 up to 1 GiB of f32 weights, f16 above; q8 / q4 = block-quantized 8 / 4-bit matrices
+    /// Weight storage on the GPU: auto = f32 up to 1 GiB of f32 weights, f16 above; q8 / q4 = block-quantized 8 / 4-bit matrices. A folder written by `hymba quantize` loads only as its own q8 / q4 (auto picks it)
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "q8", "q4"])]
     pub dtype: String,
 }
@@ -179,12 +183,38 @@ pub struct ScoreArgs {
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// Describe this model (folder or Hugging Face repo id, or "builtin") instead of listing adapters
+    /// Describe this model (folder or Hugging Face repo id, or "builtin") instead of listing adapters;
+    /// its weights are uploaded with --dtype to report each buffer's storage on the GPU
     #[arg(long, value_name = "DIR_OR_REPO")]
     pub model: Option<String>,
-    /// Backends whose adapters to list
+    /// Backends whose adapters to list (with --model: the backend to upload to)
     #[arg(long, default_value = "auto", value_parser = ["auto", "vulkan", "metal", "dx12", "gl"])]
     pub backend: String,
+    /// Index of the adapter to upload to (with --model)
+    #[arg(long, value_name = "N")]
+    pub adapter: Option<usize>,
+    /// Weight storage to upload and report (with --model); a folder written by `hymba quantize` loads only as its own q8 / q4 (auto)
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "q8", "q4"])]
+    pub dtype: String,
+    /// List every weight tensor instead of grouping same-role tensors across layers
+    #[arg(long)]
+    pub tensors: bool,
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// Model folder or Hugging Face repo id to quantize; default: built-in tiny-shakespeare
+    #[arg(long, value_name = "DIR_OR_REPO")]
+    pub model: Option<String>,
+    /// Format of the large matrices (embeddings, in_proj, out_proj, MLP): q8 or q4 (32-weight blocks, f16 scales)
+    #[arg(long, value_parser = ["q8", "q4"])]
+    pub dtype: String,
+    /// Folder to write (config.json, model.safetensors, tokenizer files); created if missing
+    #[arg(long, value_name = "DIR")]
+    pub out: std::path::PathBuf,
+    /// Overwrite an existing model.safetensors in --out
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Set by Ctrl-C while a generation runs; the token callback returns false when it is set.
@@ -221,6 +251,7 @@ fn main() {
         Command::Chat(a) => chat::run(a),
         Command::Score(a) => score::run(a),
         Command::Info(a) => output::info(a),
+        Command::Quantize(a) => quantize::run(a),
     }));
     match result {
         Ok(Ok(())) => {}

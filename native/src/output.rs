@@ -1,11 +1,11 @@
 //! `hymba info`: GPU adapters, or a model's layout and memory needs.
 
-use crate::load::open_source;
-use crate::{CliResult, InfoArgs};
+use crate::load::{open_source, upload};
+use crate::{CliResult, InfoArgs, ModelArgs};
 use hymba_engine::config::{AttentionKind, HymbaConfig, KvRole};
 use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu};
 use hymba_engine::kernels::{Matrix, WeightDtype};
-use hymba_engine::model::ModelOptions;
+use hymba_engine::model::{group_weight_report, ModelOptions, TensorStorage};
 
 pub fn human_bytes(b: u64) -> String {
     let f = b as f64;
@@ -21,8 +21,8 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 pub fn info(a: InfoArgs) -> CliResult<()> {
-    match a.model {
-        Some(m) => model_info(&m),
+    match &a.model {
+        Some(_) => model_info(&a),
         None => adapters_info(&a.backend),
     }
 }
@@ -77,7 +77,8 @@ fn adapters_info(backend: &str) -> CliResult<()> {
     Ok(())
 }
 
-/// Bytes of weights on the GPU, counted as `Model::load` counts them.
+/// Bytes of weights on the GPU estimated from the config (matrices and f32 vectors, without
+/// buffer padding and the second copy of the inner norms); `hymba info --model` also measures them.
 pub fn gpu_weight_bytes(c: &HymbaConfig, dt: WeightDtype) -> u64 {
     let mat = Matrix::bytes_for;
     let f32 = WeightDtype::F32;
@@ -137,7 +138,89 @@ pub fn cache_bytes_at(c: &HymbaConfig, opts: &ModelOptions, tokens: usize) -> u6
     total
 }
 
-fn model_info(spec: &str) -> CliResult<()> {
+fn shape_str(s: &[usize]) -> String {
+    format!(
+        "[{}]",
+        s.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// "0-5,7,9-11" for sorted layer numbers.
+fn ranges(v: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i {
+            format!("{}-{}", v[i], v[j])
+        } else {
+            v[i].to_string()
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// The weight storage table of `hymba info`: per tensor, or grouped by role across layers.
+pub fn storage_table(report: &[TensorStorage], per_tensor: bool) -> String {
+    let mut rows: Vec<[String; 5]> = vec![[
+        "tensor".into(),
+        "layers".into(),
+        "stored".into(),
+        "shape".into(),
+        "GPU bytes".into(),
+    ]];
+    if per_tensor {
+        for t in report {
+            rows.push([
+                t.name.clone(),
+                String::new(),
+                t.dtype.name().into(),
+                shape_str(&t.shape),
+                t.bytes.to_string(),
+            ]);
+        }
+    } else {
+        for g in group_weight_report(report) {
+            rows.push([
+                g.pattern,
+                ranges(&g.layers),
+                g.dtype.name().into(),
+                shape_str(&g.shape),
+                g.bytes.to_string(),
+            ]);
+        }
+    }
+    let w: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut s = String::new();
+    for r in rows {
+        s.push_str(&format!(
+            "  {:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:>w4$}\n",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2],
+            w3 = w[3],
+            w4 = w[4]
+        ));
+    }
+    s
+}
+
+fn model_info(a: &InfoArgs) -> CliResult<()> {
+    let spec = a.model.as_deref().unwrap_or("builtin");
     let src = open_source(Some(spec), true)?;
     let c = &src.checkpoint.config;
     let opts = ModelOptions::default();
@@ -151,14 +234,21 @@ fn model_info(spec: &str) -> CliResult<()> {
     );
     let auto_f32 = (c.parameter_count() as u64) * 4 <= 1 << 30;
     let b = |dt| human_bytes(gpu_weight_bytes(c, dt));
-    println!(
-        "GPU weights: {} as f32, {} as f16, {} as q8, {} as q4 (--dtype auto picks {})",
-        b(WeightDtype::F32),
-        b(WeightDtype::F16),
-        b(WeightDtype::Q8),
-        b(WeightDtype::Q4),
-        if auto_f32 { "f32" } else { "f16" }
-    );
+    match src.checkpoint.quantization() {
+        Some(q) => println!(
+            "stored pre-quantized to {} (hymba quantize); it loads as {} only",
+            q.name(),
+            q.name()
+        ),
+        None => println!(
+            "GPU weights (estimated): {} as f32, {} as f16, {} as q8, {} as q4 (--dtype auto picks {})",
+            b(WeightDtype::F32),
+            b(WeightDtype::F16),
+            b(WeightDtype::Q8),
+            b(WeightDtype::Q4),
+            if auto_f32 { "f32" } else { "f16" }
+        ),
+    }
     println!(
         "hidden {}, {} layers, {} query heads / {} KV heads (q/k dim {}, v dim {}), SSM inner {} (d_state {}, d_conv {}, dt_rank {}), MLP {}, vocabulary {}",
         c.hidden, c.n_layers, c.n_heads, c.n_kv_heads, c.d_qk, c.d_v, c.d_inner, c.d_state, c.d_conv, c.dt_rank, c.intermediate, c.vocab_size
@@ -220,5 +310,30 @@ fn model_info(spec: &str) -> CliResult<()> {
             note
         );
     }
+    // Upload the weights and report what each buffer holds.
+    let args = ModelArgs {
+        model: a.model.clone(),
+        backend: a.backend.clone(),
+        adapter: a.adapter,
+        dtype: a.dtype.clone(),
+    };
+    let lm = upload(src, &args, true)?;
+    let report = lm.model.weight_report();
+    println!(
+        "weight storage on the GPU ({}, measured from the uploaded buffers{}):",
+        lm.model.dtype.name(),
+        if a.tensors {
+            ""
+        } else {
+            "; tensors of the same role grouped across layers, --tensors lists each"
+        }
+    );
+    print!("{}", storage_table(report, a.tensors));
+    println!(
+        "total weight bytes on the GPU: {} ({}) in {} buffers",
+        lm.model.weight_bytes(),
+        human_bytes(lm.model.weight_bytes()),
+        report.len()
+    );
     Ok(())
 }

@@ -306,11 +306,131 @@ fn info_describes_the_builtin_model() {
         "{out}"
     );
     assert!(out.contains("1024 tokens"), "{out}");
+    // Weight storage measured from the uploaded buffers: grouped by role, the groups add up.
+    assert!(out.contains("weight storage on the GPU (f32"), "{out}");
+    assert!(
+        out.contains("model.layers.*.mamba.in_proj.weight") && out.contains("[1472, 256]"),
+        "{out}"
+    );
+    assert_storage_totals(&out);
+    let out = ok(&run(&[
+        "info",
+        "--model",
+        "builtin",
+        "--dtype",
+        "q8",
+        "--tensors",
+    ]));
+    assert!(out.contains("weight storage on the GPU (q8"), "{out}");
+    for i in 0..7 {
+        let line = out
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "model.layers.{i}.moe.experts.0.gate_proj+up_proj.weight"
+                ))
+            })
+            .unwrap_or_else(|| panic!("layer {i} gate|up missing: {out}"));
+        assert!(
+            line.contains(" q8 ") && line.contains("[1280, 256]"),
+            "{line}"
+        );
+    }
+    assert_storage_totals(&out);
     let out = ok(&run(&["info"]));
     assert!(
         out.contains("shader-f16") && out.contains("max_buffer_size"),
         "{out}"
     );
+}
+
+/// The bytes column of `hymba info`'s storage table adds up to its total line; returns the total.
+fn assert_storage_totals(out: &str) -> u64 {
+    let start = out
+        .lines()
+        .position(|l| l.starts_with("weight storage on the GPU"))
+        .unwrap_or_else(|| panic!("no storage table: {out}"));
+    let mut sum = 0u64;
+    let mut total = None;
+    for l in out.lines().skip(start + 2) {
+        if let Some(rest) = l.strip_prefix("total weight bytes on the GPU: ") {
+            total = rest.split(' ').next().and_then(|n| n.parse::<u64>().ok());
+            break;
+        }
+        sum += l
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("bad row {l:?}"));
+    }
+    assert_eq!(Some(sum), total, "{out}");
+    sum
+}
+
+#[test]
+fn quantize_writes_a_model_that_runs_like_quantizing_at_load() {
+    let dir = temp_dir("quantize");
+    let out_dir = dir.join("tiny-q4");
+    let o = out_dir.to_str().unwrap();
+    let msg = ok(&run(&["quantize", "--dtype", "q4", "--out", o]));
+    assert!(msg.contains("quantized to q4"), "{msg}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out_dir.join(f).is_file(), "{f} missing: {msg}");
+    }
+    assert_eq!(
+        std::fs::read(out_dir.join("config.json")).unwrap(),
+        std::fs::read(root().join("models/tiny-shakespeare/config.json")).unwrap()
+    );
+    let size = std::fs::metadata(out_dir.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let full = std::fs::metadata(root().join("models/tiny-shakespeare/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(size < full / 2, "{size} vs {full}");
+    // Same greedy tokens as quantizing the built-in model at load.
+    let args = ["generate", "--json", "--max-tokens", "12", "ROMEO:"];
+    let pre: Value =
+        serde_json::from_str(&ok(&run(&[&args[..], &["--model", o]].concat()))).unwrap();
+    let at_load: Value =
+        serde_json::from_str(&ok(&run(&[&args[..], &["--dtype", "q4"]].concat()))).unwrap();
+    assert_eq!(ids(&pre["ids"]), ids(&at_load["ids"]));
+    // It loads as q4 only.
+    let e = failed(&run(
+        &[&args[..], &["--model", o, "--dtype", "f16"]].concat()
+    ));
+    assert!(
+        e.contains("pre-quantized to q4") && e.contains("--dtype q4"),
+        "{e}"
+    );
+    // info reports the stored dtype and the same GPU bytes as quantizing at load.
+    let info = ok(&run(&["info", "--model", o]));
+    assert!(info.contains("stored pre-quantized to q4"), "{info}");
+    assert!(info.contains("weight storage on the GPU (q4"), "{info}");
+    let at_load = ok(&run(&["info", "--model", "builtin", "--dtype", "q4"]));
+    assert_eq!(
+        assert_storage_totals(&info),
+        assert_storage_totals(&at_load)
+    );
+    // No silent overwrite; a folder of its own, not the source.
+    let e = failed(&run(&["quantize", "--dtype", "q8", "--out", o]));
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    let e = failed(&run(&[
+        "quantize", "--model", o, "--dtype", "q4", "--out", o, "--force",
+    ]));
+    assert!(e.contains("source model folder"), "{e}");
+    // Re-quantizing a q4 folder to q8 is refused (it would only lose accuracy).
+    let e = failed(&run(&[
+        "quantize",
+        "--model",
+        o,
+        "--dtype",
+        "q8",
+        "--out",
+        dir.join("again").to_str().unwrap(),
+    ]));
+    assert!(e.contains("pre-quantized to q4"), "{e}");
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// The c5 fixture with the real Hymba tokenizer in a temporary model folder, or None (printed why).

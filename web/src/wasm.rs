@@ -504,6 +504,7 @@ fn stats_json(model: &Model, seq: &Sequence, g: &Generation, prefill_tokens: usi
         "decode_tok_s": g.decode_tok_s(),
         "cache_bytes": g.cache_bytes,
         "weight_bytes": model.weight_bytes(),
+        "weights": hymba_engine::model::group_weight_report(model.weight_report()),
         "gpu_bytes": g.cache_bytes + model.weight_bytes(),
         "position": seq.position(),
         "max_positions": model.max_positions,

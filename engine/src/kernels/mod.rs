@@ -3,7 +3,7 @@
 //! size; parameter structs mirror the WGSL `Params` structs field by field,
 //! with explicit offsets and strides so views need no copies.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{BindKind, Gpu, Kernel, Recorder};
 use bytemuck::{Pod, Zeroable};
 use std::sync::Arc;
@@ -24,7 +24,8 @@ pub const SRC_SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
 pub const SRC_SAMPLE: &str = include_str!("../../../shaders/sample.wgsl");
 
 /// Storage type of a weight matrix on the GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
     F32,
     F16,
@@ -55,12 +56,16 @@ impl WeightDtype {
     pub fn is_quantized(self) -> bool {
         matches!(self, WeightDtype::Q8 | WeightDtype::Q4)
     }
-    /// Largest quantized magnitude (symmetric range [-qmax, qmax]).
-    fn qmax(self) -> f32 {
-        match self {
-            WeightDtype::Q8 => 127.0,
-            _ => 7.0,
-        }
+    /// The dtype named `name` ("f32", "f16", "q8", "q4").
+    pub fn from_name(name: &str) -> Option<WeightDtype> {
+        [
+            WeightDtype::F32,
+            WeightDtype::F16,
+            WeightDtype::Q8,
+            WeightDtype::Q4,
+        ]
+        .into_iter()
+        .find(|d| d.name() == name)
     }
 }
 
@@ -72,12 +77,18 @@ pub const QBLOCK: usize = 32;
 ///
 /// * Rows are padded with zeros to `kp = ceil(cols / 32) * 32` columns, so a block never
 ///   crosses a row and block `b` of row `r` is block `r * kp / 32 + b` of the flattened matrix.
-/// * Each block of 32 weights has one scale `s = max|w| / qmax` (qmax 127 for q8, 7 for q4),
-///   rounded to f16; the quantized value is `q = clamp(round(w / s), -qmax, qmax)` (0 where s = 0),
-///   and the weight is read back as `q * s`. Symmetric, no zero point.
+/// * Each block of 32 weights has one f16 scale `s` and integer quants `q`; a weight is read back
+///   as `q * s`. Symmetric, no zero point. The scale may be negative.
+///   - q8: `s = max|w| / 127` (rounded to f16), `q = clamp(round(w / s), -127, 127)`.
+///   - q4: the scale is searched per block ([`q4_block`]): candidates that put the largest-magnitude
+///     weight at -8 (the full signed range of the nibble) or at 7 and around, each with its
+///     least-squares refit, keeping the one with the least squared error after the f16 rounding of
+///     the scale; `q = clamp(round(w / s), -8, 7)`. The candidates include `s = max|w| / 7`, so a
+///     block's squared error is never above that of plain max-abs scaling.
+///   - a block of zeros gets `s = 0`, `q = 0`.
 /// * Quants first, row-major: q8 packs 4 weights per u32 (element `4i + j` in byte `j`, little-endian,
 ///   two's complement int8), q4 packs 8 weights per u32 (element `8i + j` in bits `4j..4j+3` as
-///   `q + 8`, offset binary in [1, 15]). That is `rows * kp / 4` (q8) or `rows * kp / 8` (q4) words.
+///   `q + 8`, offset binary in [0, 15]). That is `rows * kp / 4` (q8) or `rows * kp / 8` (q4) words.
 /// * Then the scales: `rows * kp / 32` f16 values, two per u32 (block `2i` in the low half), padded
 ///   to a whole word. The kernels find them at word `rows * kp / 4` (q8) / `rows * kp / 8` (q4).
 pub fn quantize(data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> Vec<u32> {
@@ -85,47 +96,186 @@ pub fn quantize(data: &[f32], rows: usize, cols: usize, dtype: WeightDtype) -> V
     assert_eq!(data.len(), rows * cols);
     let kp = Matrix::padded_cols_for(cols, dtype);
     let nb = kp / QBLOCK;
-    let per_word = if dtype == WeightDtype::Q8 { 4 } else { 8 };
-    let qwords = rows * kp / per_word;
+    let qwords = Matrix::quant_words(rows, cols, dtype);
+    let row_words = qwords.checked_div(rows).unwrap_or(0);
     let mut out = vec![0u32; qwords + (rows * nb).div_ceil(2)];
-    let qmax = dtype.qmax();
-    let mut block = [0f32; QBLOCK];
-    for r in 0..rows {
-        for b in 0..nb {
-            block.fill(0.0);
-            let c0 = b * QBLOCK;
-            let c1 = (c0 + QBLOCK).min(cols);
-            block[..c1 - c0].copy_from_slice(&data[r * cols + c0..r * cols + c1]);
-            let amax = block.iter().fold(0f32, |m, &v| m.max(v.abs()));
-            let s = half::f16::from_f32(amax / qmax);
-            let sf = s.to_f32();
-            let inv = if sf > 0.0 { 1.0 / sf } else { 0.0 };
-            let bi = r * nb + b;
-            out[qwords + bi / 2] |= (s.to_bits() as u32) << (16 * (bi % 2));
-            let e0 = r * kp + c0; // flattened element index of the block's first weight
-            for (j, &v) in block.iter().enumerate() {
-                let q = (v * inv).round().clamp(-qmax, qmax) as i32;
-                let e = e0 + j;
-                match dtype {
-                    WeightDtype::Q8 => out[e / 4] |= ((q as u8) as u32) << (8 * (e % 4)),
-                    _ => out[e / 8] |= ((q + 8) as u32) << (4 * (e % 8)),
-                }
-            }
+    let mut scales = vec![0u16; rows * nb];
+    // Rows are independent: natively, spread them over the CPU's threads (the q4 search is
+    // the costly part of loading a large model as q4).
+    #[cfg(not(target_arch = "wasm32"))]
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(rows.div_ceil(64).max(1));
+    #[cfg(target_arch = "wasm32")]
+    let threads = 1usize;
+    let work = |r0: usize, words: &mut [u32], sc: &mut [u16]| {
+        let mut block = [0f32; QBLOCK];
+        for (i, (w, s)) in words
+            .chunks_mut(row_words.max(1))
+            .zip(sc.chunks_mut(nb))
+            .enumerate()
+        {
+            quantize_row(
+                &data[(r0 + i) * cols..(r0 + i + 1) * cols],
+                dtype,
+                &mut block,
+                w,
+                s,
+            );
         }
+    };
+    let (qpart, _) = out.split_at_mut(qwords);
+    if threads <= 1 || row_words == 0 {
+        work(0, qpart, &mut scales);
+    } else {
+        #[cfg(not(target_arch = "wasm32"))]
+        std::thread::scope(|sc| {
+            let per = rows.div_ceil(threads);
+            for (i, (w, s)) in qpart
+                .chunks_mut(per * row_words)
+                .zip(scales.chunks_mut(per * nb))
+                .enumerate()
+            {
+                let work = &work;
+                sc.spawn(move || work(i * per, w, s));
+            }
+        });
+    }
+    for (bi, s) in scales.iter().enumerate() {
+        out[qwords + bi / 2] |= (*s as u32) << (16 * (bi % 2));
     }
     out
 }
+
+/// Quantizes one row (`cols` weights) into its quant words and block scales (f16 bits).
+fn quantize_row(
+    row: &[f32],
+    dtype: WeightDtype,
+    block: &mut [f32; QBLOCK],
+    words: &mut [u32],
+    scales: &mut [u16],
+) {
+    for (b, sc) in scales.iter_mut().enumerate() {
+        block.fill(0.0);
+        let c0 = b * QBLOCK;
+        let c1 = (c0 + QBLOCK).min(row.len());
+        block[..c1 - c0].copy_from_slice(&row[c0..c1]);
+        let (s, q) = match dtype {
+            WeightDtype::Q8 => q8_block(block),
+            _ => q4_block(block),
+        };
+        *sc = s.to_bits();
+        for (j, &q) in q.iter().enumerate() {
+            let e = c0 + j; // element index within the padded row
+            match dtype {
+                WeightDtype::Q8 => words[e / 4] |= ((q as u8) as u32) << (8 * (e % 4)),
+                _ => words[e / 8] |= ((q + 8) as u32) << (4 * (e % 8)),
+            }
+        }
+    }
+}
+
+/// Quants of `block` with the f16 scale `s` (0 where `s` is 0), clamped to [lo, hi].
+fn quants_for(block: &[f32; QBLOCK], s: half::f16, lo: f32, hi: f32) -> [i8; QBLOCK] {
+    let sf = s.to_f32();
+    let inv = if sf != 0.0 { 1.0 / sf } else { 0.0 };
+    let mut q = [0i8; QBLOCK];
+    for (q, &v) in q.iter_mut().zip(block) {
+        *q = (v * inv).round().clamp(lo, hi) as i8;
+    }
+    q
+}
+
+/// Squared error of reading `block` back as `q * s`.
+fn block_sq_err(block: &[f32; QBLOCK], s: half::f16, q: &[i8; QBLOCK]) -> f64 {
+    let sf = s.to_f32();
+    block
+        .iter()
+        .zip(q)
+        .map(|(&w, &q)| {
+            let e = (w - q as f32 * sf) as f64;
+            e * e
+        })
+        .sum()
+}
+
+/// q8 block: `s = max|w| / 127`, `q = round(w / s)`.
+fn q8_block(block: &[f32; QBLOCK]) -> (half::f16, [i8; QBLOCK]) {
+    let amax = block.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let s = half::f16::from_f32(amax / 127.0);
+    (s, quants_for(block, s, -127.0, 127.0))
+}
+
+/// q4 block: the f16 scale with the least squared error among candidates `wmax / t` (wmax = the
+/// weight of largest magnitude, t from -8.5 to -6.5 and 6.5 to 7.5 in steps of 0.25 — -8 uses the
+/// nibble's full signed range, 7 is plain max-abs scaling — each also refitted by least squares
+/// for its quants, and t = ±1..±6).
+fn q4_block(block: &[f32; QBLOCK]) -> (half::f16, [i8; QBLOCK]) {
+    let wmax = block
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    if wmax == 0.0 {
+        return (half::f16::ZERO, [0; QBLOCK]);
+    }
+    // Plain max-abs scaling first: ties keep it.
+    let s0 = half::f16::from_f32(wmax.abs() / 7.0);
+    let q0 = quants_for(block, s0, -8.0, 7.0);
+    let mut best = (block_sq_err(block, s0, &q0), s0, q0);
+    // Integer t: a block already on a q4 grid (max-magnitude quant 1..8) is found exactly, so
+    // quantizing dequantized weights gives them back.
+    for t in 1..=6 {
+        for s in [wmax / t as f32, -wmax / t as f32] {
+            let s = half::f16::from_f32(s);
+            let q = quants_for(block, s, -8.0, 7.0);
+            let e = block_sq_err(block, s, &q);
+            if e < best.0 {
+                best = (e, s, q);
+            }
+        }
+    }
+    let mut consider = |s: half::f16| {
+        if !s.to_f32().is_finite() || s.to_f32() == 0.0 {
+            return;
+        }
+        let q = quants_for(block, s, -8.0, 7.0);
+        let e = block_sq_err(block, s, &q);
+        if e < best.0 {
+            best = (e, s, q);
+        }
+        // Least-squares scale for these quants: sum(w q) / sum(q^2).
+        let (mut wq, mut qq) = (0f64, 0f64);
+        for (&w, &q) in block.iter().zip(&q) {
+            wq += w as f64 * q as f64;
+            qq += (q as f64) * (q as f64);
+        }
+        if qq > 0.0 {
+            let s2 = half::f16::from_f32((wq / qq) as f32);
+            let e2 = block_sq_err(block, s2, &q);
+            if e2 < best.0 {
+                best = (e2, s2, q);
+            }
+        }
+    };
+    for i in 0..=Q4_STEPS {
+        let t = 6.5 + 2.0 * i as f32 / Q4_STEPS as f32; // 6.5 ..= 8.5
+        consider(half::f16::from_f32(-wmax / t));
+        if t <= 7.5 {
+            consider(half::f16::from_f32(wmax / t));
+        }
+    }
+    (best.1, best.2)
+}
+
+/// Steps of the q4 scale search between t = 6.5 and 8.5.
+const Q4_STEPS: usize = 8;
 
 /// The inverse of [`quantize`]: the [rows, cols] f32 matrix the kernels compute with.
 pub fn dequantize(words: &[u32], rows: usize, cols: usize, dtype: WeightDtype) -> Vec<f32> {
     assert!(dtype.is_quantized());
     let kp = Matrix::padded_cols_for(cols, dtype);
     let nb = kp / QBLOCK;
-    let qwords = if dtype == WeightDtype::Q8 {
-        rows * kp / 4
-    } else {
-        rows * kp / 8
-    };
+    let qwords = Matrix::quant_words(rows, cols, dtype);
     let mut out = Vec::with_capacity(rows * cols);
     for r in 0..rows {
         for c in 0..cols {
@@ -181,6 +331,14 @@ impl Matrix {
     pub fn bytes(&self) -> u64 {
         Self::bytes_for(self.rows, self.cols, self.dtype)
     }
+    /// Words of quants (before the scales) of a [rows, cols] q8 / q4 matrix.
+    pub fn quant_words(rows: usize, cols: usize, dtype: WeightDtype) -> usize {
+        let kp = Self::padded_cols_for(cols, dtype);
+        match dtype {
+            WeightDtype::Q8 => rows * kp / 4,
+            _ => rows * kp / 8,
+        }
+    }
     /// Uploads a row-major [rows, cols] f32 matrix, converting to `dtype`.
     pub fn upload(
         gpu: &Gpu,
@@ -229,19 +387,53 @@ impl Matrix {
         cols: usize,
         dtype: WeightDtype,
     ) -> Result<Matrix> {
-        assert!(dtype.is_quantized());
-        assert_eq!(
-            (words.len() * 4) as u64,
-            Self::bytes_for(rows, cols, dtype),
-            "{label}: quantized size"
-        );
+        Self::upload_quantized_bytes(gpu, label, bytemuck::cast_slice(words), rows, cols, dtype)
+    }
+    /// Uploads the little-endian bytes of words in the layout of [`quantize`] as they are
+    /// (no conversion); `bytes` must be exactly [`Matrix::bytes_for`] long.
+    pub fn upload_quantized_bytes(
+        gpu: &Gpu,
+        label: &str,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        dtype: WeightDtype,
+    ) -> Result<Matrix> {
+        let want = Self::bytes_for(rows, cols, dtype);
+        if !dtype.is_quantized() || bytes.len() as u64 != want {
+            return Err(Error::Invalid(format!(
+                "{label}: {} bytes of {} weights for a [{rows}, {cols}] matrix; the {} block layout needs {want}",
+                bytes.len(),
+                dtype.name(),
+                dtype.name()
+            )));
+        }
         Ok(Matrix {
-            buf: gpu.upload(label, words)?,
+            buf: gpu.upload(label, bytes)?,
             rows,
             cols,
             dtype,
         })
     }
+}
+
+/// Stacks q8 / q4 matrices with the same columns by rows, each given as the bytes of its
+/// [`quantize`] layout with its row count: the result is the layout of the stacked matrix
+/// (quants of every part, then the scales of every part; no requantization).
+pub fn stack_quantized(parts: &[(&[u8], usize)], cols: usize, dtype: WeightDtype) -> Vec<u8> {
+    let nb = Matrix::padded_cols_for(cols, dtype) / QBLOCK;
+    let rows: usize = parts.iter().map(|p| p.1).sum();
+    let mut out = Vec::with_capacity(Matrix::bytes_for(rows, cols, dtype) as usize);
+    for &(b, r) in parts {
+        out.extend_from_slice(&b[..Matrix::quant_words(r, cols, dtype) * 4]);
+    }
+    // The scales are f16 pairs per word: concatenate them as f16 values (a part's count may be odd).
+    for &(b, r) in parts {
+        let s0 = Matrix::quant_words(r, cols, dtype) * 4;
+        out.extend_from_slice(&b[s0..s0 + r * nb * 2]);
+    }
+    out.resize(Matrix::bytes_for(rows, cols, dtype) as usize, 0);
+    out
 }
 
 #[repr(C)]
@@ -482,7 +674,7 @@ pub struct Kernels {
     gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
     xsh: [usize; 2],
-    /// Barrier-free one-row-per-thread GEMVs [f32, f16][prologue], used on CPU adapters.
+    /// Barrier-free one-row-per-thread GEMVs [dtype f32, f16, q8, q4][prologue], used on CPU adapters.
     gemv_row: Option<Vec<Vec<Arc<Kernel>>>>,
     /// f32 GEMV with the conv prologue (x_proj of a decode step) [staging small, large], and
     /// its barrier-free version on CPU adapters.
@@ -578,7 +770,7 @@ impl Kernels {
         // give them the barrier-free GEMV.
         let gemv_row = if rowwise {
             let mut v = Vec::new();
-            for dt in ["W_F32", "PACKED_F16"] {
+            for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
                 let mut per = Vec::new();
                 for (pro, binds) in [
                     ("", &[U, R, R, R, RW][..]),
@@ -814,9 +1006,7 @@ impl Kernels {
 
     fn gemv_kernel(&self, w: &Matrix, pro: usize) -> &Arc<Kernel> {
         if let Some(rowwise) = &self.gemv_row {
-            if matches!(w.dtype, WeightDtype::F32 | WeightDtype::F16) {
-                return &rowwise[dtype_index(w.dtype)][pro];
-            }
+            return &rowwise[dtype_index(w.dtype)][pro];
         }
         let big = (Matrix::padded_cols(w.cols) > self.xsh[0]) as usize;
         &self.gemv[dtype_index(w.dtype)][pro][big]
