@@ -33,6 +33,8 @@ struct Params {
     eps: f32,        // RMSNorm epsilon of the PRO_NORM / PRO_MERGE prologues
     passes: u32,     // gemv: groups of 8 rows each workgroup computes (rows per workgroup / 8)
     aux_n: u32,      // PRO_CONV: conv kernel width
+    kslice: u32,     // gemv: K columns per slice (grid z = slice; = k without a split)
+    ypart: u32,      // gemv: Y offset between the slices' partial results (0 without a split)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -135,10 +137,13 @@ fn conv_x(xb: u32, k: u32) -> f32 {
 @group(0) @binding(6) var<storage, read> x2: array<f32>;
 #endif
 
+// Offset of this workgroup's K slice's partial results in Y (gemv split over K).
+var<private> yslice: u32;
+
 fn store(t: u32, m: u32, v: f32) {
     var r = v;
     if (p.has_bias != 0u) { r += bias[m]; }
-    let i = p.y_off + t * p.y_stride + m;
+    let i = p.y_off + yslice + t * p.y_stride + m;
     if (p.accumulate != 0u) { r += y[i]; }
     y[i] = r;
 }
@@ -250,7 +255,12 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let lane = li % TPR;
     let t = wid.y;
     let xb = p.x_off + t * p.x_stride;
-    let n8 = (p.k + 7u) / 8u;
+    // K slice wid.z: columns [k0, k0 + kslice) (the whole row without a split; only prologues
+    // without a reduction over K are split, and each slice writes its own partial Y row).
+    let k0 = wid.z * p.kslice;
+    let c0 = k0 / 8u;
+    yslice = wid.z * p.ypart;
+    let n8 = (min(p.kslice, p.k - k0) + 7u) / 8u;
     let staged = n8 * 8u <= XSH;
     var sc = vec2<f32>(1.0);
     // rs: factor applied to each row's dot product (the RMS scale of PRO_NORM).
@@ -285,7 +295,7 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 #endif
     if (staged) {
         for (var c = li; c < n8 * 2u; c += 256u) {
-            let k = c * 4u;
+            let k = k0 + c * 4u;
             xsh[c] = vec4<f32>(xv(xb, k, sc), xv(xb, k + 1u, sc), xv(xb, k + 2u, sc), xv(xb, k + 3u, sc));
         }
     }
@@ -296,8 +306,8 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let row1 = row0 + RPW;
         let two = ps + 1u < p.passes;
         // Out-of-range rows read row m - 1 (keeps loads in bounds and control flow uniform).
-        let wb0 = min(row0, p.m - 1u) * (p.kp4 / 2u);
-        let wb1 = min(row1, p.m - 1u) * (p.kp4 / 2u);
+        let wb0 = min(row0, p.m - 1u) * (p.kp4 / 2u) + c0;
+        let wb1 = min(row1, p.m - 1u) * (p.kp4 / 2u) + c0;
         var acc0 = 0.0;
         var acc1 = 0.0;
         if (staged) {
@@ -339,7 +349,7 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         } else {
             for (var c = lane; c < n8; c += TPR) {
-                let kk = c * 8u;
+                let kk = k0 + c * 8u;
                 let xa = vec4<f32>(xv(xb, kk, sc), xv(xb, kk + 1u, sc), xv(xb, kk + 2u, sc), xv(xb, kk + 3u, sc));
                 let xc = vec4<f32>(xv(xb, kk + 4u, sc), xv(xb, kk + 5u, sc), xv(xb, kk + 6u, sc), xv(xb, kk + 7u, sc));
                 let a0 = w8a(wb0 + c);

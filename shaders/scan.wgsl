@@ -26,6 +26,7 @@ struct Params {
     inner_norms: u32,// FUSED_DT: 1 when the dt/B/C RMSNorms exist
     x_off: u32,      // CONV_IN: element offset of the conv input x in the in_proj output row
     conv_k: u32,     // CONV_IN: conv kernel width
+    xp_parts: u32,   // FUSED_DT: partial x_proj rows to sum (an x_proj GEMV split over K)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -77,7 +78,8 @@ fn norm_slice(li: u32, off: u32, width: u32, woff: u32) {
 // dtr: [rows, d] f32 dt_proj output without bias.
 @group(0) @binding(2) var<storage, read> dtr: array<f32>;
 #endif
-// xp: [rows, xp_stride] f32 x_proj output (dt | B | C), normed.
+// xp: [rows, xp_stride] f32 x_proj output (dt | B | C), normed; FUSED_DT: [xp_parts, xp_stride]
+// partial rows of one step, summed here.
 @group(0) @binding(3) var<storage, read> xp: array<f32>;
 // pbuf: [rows, z_stride] f32 in_proj output (gate z).
 @group(0) @binding(4) var<storage, read> pbuf: array<f32>;
@@ -103,7 +105,11 @@ fn log1p_(u: f32) -> f32 {
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let c = gid.x;
-    for (var i = li; i < p.xp_stride; i += 64u) { xs[i] = xp[i]; }
+    for (var i = li; i < p.xp_stride; i += 64u) {
+        var v = 0.0;
+        for (var s = 0u; s < p.xp_parts; s++) { v += xp[s * p.xp_stride + i]; }
+        xs[i] = v;
+    }
     workgroupBarrier();
     if (p.inner_norms != 0u) {
         norm_slice(li, 0u, p.rank, 0u);

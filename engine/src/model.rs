@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::kernels::{
     AttentionDecodeParams, AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams,
-    SampleParams, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
+    SampleParams, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW, X_PROJ_SLICES,
 };
 use crate::loader::Checkpoint;
 use crate::sampling::SamplingParams;
@@ -566,7 +566,11 @@ impl Model {
             p: g.buffer("in_proj out", (c * pw * 4) as u64)?,
             att: g.buffer("attention out", (c * cfg.d_inner * 4) as u64)?,
             xc: g.buffer("conv out", (c * cfg.d_inner * 4) as u64)?,
-            xp: g.buffer("x_proj out", (c * cfg.x_proj_rows() * 4) as u64)?,
+            // A prompt chunk's rows, or a decode step's partial rows (x_proj split over K).
+            xp: g.buffer(
+                "x_proj out",
+                (c.max(X_PROJ_SLICES) * cfg.x_proj_rows() * 4) as u64,
+            )?,
             dt: g.buffer("dt", (c * cfg.d_inner * 4) as u64)?,
             y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
             m: g.buffer("merged", (c * cfg.d_inner * 4) as u64)?,
@@ -1007,6 +1011,7 @@ impl Model {
                 inner_norms: c.inner_norms as u32,
                 x_off: 0,
                 conv_k: 0,
+                xp_parts: 1,
             },
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
@@ -1114,22 +1119,8 @@ impl Model {
         // recomputes its channels' conv outputs and shifts the conv state.
         let st = &seq.layers[l];
         let xs = c.x_proj_rows();
-        k.gemv_pro(
-            rec,
-            &ws.p,
-            split.x,
-            pw,
-            &w.x_proj,
-            Prologue::Conv {
-                w: &w.conv,
-                state: &st.conv,
-                width: c.d_conv,
-            },
-            &ws.xp,
-            0,
-            xs,
-            1,
-            false,
+        let xp_parts = k.x_proj_conv(
+            rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &ws.xp,
         )?;
         k.scan_fused_conv(
             rec,
@@ -1157,6 +1148,7 @@ impl Model {
                 inner_norms: c.inner_norms as u32,
                 x_off: split.x as u32,
                 conv_k: c.d_conv as u32,
+                xp_parts,
             },
         )?;
         k.gemv_pro(

@@ -452,6 +452,10 @@ pub struct MatmulParams {
     pub eps: f32,
     pub passes: u32,
     pub aux_n: u32,
+    /// K columns per slice of a GEMV split over K (grid z), and the Y offset between the
+    /// slices' partial results; `k` and 0 without a split.
+    pub kslice: u32,
+    pub ypart: u32,
 }
 
 impl MatmulParams {
@@ -479,6 +483,8 @@ impl MatmulParams {
             eps: 0.0,
             passes: gemv_passes(w.rows),
             aux_n: 0,
+            kslice: w.cols as u32,
+            ypart: 0,
         }
     }
 }
@@ -600,6 +606,8 @@ pub struct ScanParams {
     /// `scan_fused_conv`: column of the conv input in the in_proj output row, kernel width.
     pub x_off: u32,
     pub conv_k: u32,
+    /// FUSED_DT: partial x_proj rows to sum (from `Kernels::x_proj_conv`; 1 = one whole row).
+    pub xp_parts: u32,
 }
 
 #[repr(C)]
@@ -631,6 +639,10 @@ pub struct SampleParams {
     pub logits_off: u32,
 }
 
+/// K slices of the decode x_proj GEMV (its output has only dt_rank + 2 d_state rows, so
+/// without a split it would occupy a few workgroups).
+pub const X_PROJ_SLICES: usize = 8;
+
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
@@ -655,13 +667,6 @@ pub enum Prologue<'a> {
     },
     /// SwiGLU: X rows are [gate | up], each k wide.
     Swiglu,
-    /// Mamba conv1d of one decode step (f32 weights only): X = this step's inputs, `w` = conv
-    /// weights [k, width] then bias [k], `state` = the conv state before the step [k, width].
-    Conv {
-        w: &'a wgpu::Buffer,
-        state: &'a wgpu::Buffer,
-        width: usize,
-    },
 }
 
 /// Every pipeline the engine uses, compiled once per device.
@@ -1062,24 +1067,6 @@ impl Kernels {
                 &[x, &w.buf, &self.dummy, y],
                 groups,
             ),
-            Prologue::Conv {
-                w: cw,
-                state,
-                width,
-            } => {
-                if w.dtype != WeightDtype::F32 {
-                    return Err(crate::error::Error::Invalid(format!(
-                        "the conv prologue needs f32 weights, got {}",
-                        w.dtype.name()
-                    )));
-                }
-                p.aux_n = width as u32;
-                let kern = match &self.gemv_conv_row {
-                    Some(k) => k,
-                    None => &self.gemv_conv[(Matrix::padded_cols(w.cols) > self.xsh[0]) as usize],
-                };
-                rec.dispatch(kern, &p, &[x, &w.buf, &self.dummy, y, cw, state], groups)
-            }
         }
     }
 
@@ -1147,6 +1134,49 @@ impl Kernels {
             &[xc, &dt_proj.buf, xp, pbuf, consts, state, y, nb],
             [p.d.div_ceil(64), 1, 1],
         )
+    }
+
+    /// x_proj of one decode step with the Mamba conv1d in the GEMV's prologue: X = the step's
+    /// conv inputs (`x` at `x_off`), `conv_w` = conv weights [k, width] then bias [k], `conv_state`
+    /// = the state before the step [k, width] (not modified). On GPUs the product is split over
+    /// K into slices (more workgroups, each convolving only its channels) whose partial rows go
+    /// to `y` one after another: the return value is how many rows of `w.rows` to sum
+    /// (`ScanParams::xp_parts`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn x_proj_conv(
+        &self,
+        rec: &mut Recorder,
+        x: &wgpu::Buffer,
+        x_off: usize,
+        w: &Matrix,
+        conv_w: &wgpu::Buffer,
+        conv_state: &wgpu::Buffer,
+        width: usize,
+        y: &wgpu::Buffer,
+    ) -> Result<u32> {
+        if w.dtype != WeightDtype::F32 {
+            return Err(crate::error::Error::Invalid(format!(
+                "the conv prologue needs f32 x_proj weights, got {}",
+                w.dtype.name()
+            )));
+        }
+        let mut p = MatmulParams::new(w, x_off, 0, 0, w.rows, 1, false);
+        p.aux_n = width as u32;
+        let groups = w.rows.div_ceil(8 * p.passes as usize) as u32;
+        let binds = [x, &w.buf, &self.dummy, y, conv_w, conv_state];
+        if let Some(k) = &self.gemv_conv_row {
+            rec.dispatch(k, &p, &binds, [groups, 1, 1])?;
+            return Ok(1);
+        }
+        // Slices of at least 256 columns, a multiple of 8 (whole 8-weight chunks).
+        let slices = w.cols.div_ceil(256).clamp(1, X_PROJ_SLICES);
+        let kslice = w.cols.div_ceil(slices).div_ceil(8) * 8;
+        let slices = w.cols.div_ceil(kslice);
+        p.kslice = kslice as u32;
+        p.ypart = w.rows as u32;
+        let kern = &self.gemv_conv[(Matrix::padded_cols(kslice) > self.xsh[0]) as usize];
+        rec.dispatch(kern, &p, &binds, [groups, 1, slices as u32])?;
+        Ok(slices as u32)
     }
 
     /// `scan_fused` with the step's Mamba conv1d (and conv-state shift) done inside it: the

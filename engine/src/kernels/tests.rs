@@ -831,6 +831,7 @@ fn selective_scan_chunk_and_step() {
             inner_norms: 0,
             x_off: 0,
             conv_k: 0,
+            xp_parts: 1,
         };
         run(gpu, |rec| {
             ks.scan(rec, &bx, &bd, &bp, &bz, &bc, &bs, &by, params)
@@ -1448,10 +1449,21 @@ fn conv_step_matches_chunk_conv() {
 #[test]
 fn conv_fused_into_x_proj_and_scan() {
     // Decode's SSM branch as two dispatches (x_proj GEMV with the conv prologue, scan with the
-    // conv and state shift inside) against conv_step + x_proj + scan_fused.
+    // conv and state shift inside) against conv_step + x_proj + scan_fused; with the kernels
+    // this adapter gets and with the workgroup kernels GPUs get (x_proj split over K: 600
+    // channels = 3 slices).
     let (gpu, ks) = env();
-    let mut r = Rng::new(131);
-    let (d, n, rank, kw) = (70, 16, 6, 4);
+    let wg = Kernels::new_with(gpu, false).unwrap();
+    for (i, kern) in [ks, &wg].into_iter().enumerate() {
+        conv_fused_case(kern, 70, 131 + i as u64);
+        conv_fused_case(kern, 600, 133 + i as u64);
+    }
+}
+
+fn conv_fused_case(ks: &Kernels, d: usize, seed: u64) {
+    let (gpu, _) = env();
+    let mut r = Rng::new(seed);
+    let (n, rank, kw) = (16, 6, 4);
     let xs = rank + 2 * n;
     let (x_off, z_off) = (3, 3 + d);
     let pw = z_off + d + 2;
@@ -1472,7 +1484,8 @@ fn conv_fused_into_x_proj_and_scan() {
     let xproj = Matrix::upload(gpu, "x_proj", &wx, xs, d, WeightDtype::F32).unwrap();
     let dtp = Matrix::upload(gpu, "dt_proj", &wdt, d, rank, WeightDtype::F32).unwrap();
     let poison = |len: usize| gpu.upload("o", &vec![NAN; len]).unwrap();
-    let (xc, xp1, xp2, y1, y2) = (poison(d), poison(xs), poison(xs), poison(d), poison(d));
+    let (xc, xp1, y1, y2) = (poison(d), poison(xs), poison(d), poison(d));
+    let xp2 = poison(xs * X_PROJ_SLICES);
     let sp = ScanParams {
         rows: 1,
         d: d as u32,
@@ -1488,6 +1501,7 @@ fn conv_fused_into_x_proj_and_scan() {
         inner_norms: 1,
         x_off: x_off as u32,
         conv_k: kw as u32,
+        xp_parts: 1,
     };
     let cp = ConvParams {
         rows: 1,
@@ -1497,19 +1511,20 @@ fn conv_fused_into_x_proj_and_scan() {
         x_stride: pw as u32,
         has_bias: 1,
     };
+    let mut parts = 0;
     run(gpu, |rec| {
         ks.conv_step(rec, &pb, &cwb, &cs1, &xc, cp).unwrap();
         ks.matmul(rec, &xc, 0, d, &xproj, None, &xp1, 0, xs, 1, false)
             .unwrap();
         ks.scan_fused(rec, &xc, &dtp, &xp1, &pb, &bc, &ss1, &y1, Some(&bnw), sp)
             .unwrap();
-        let conv = Prologue::Conv {
-            w: &cwb,
-            state: &cs2,
-            width: kw,
-        };
-        ks.gemv_pro(rec, &pb, x_off, pw, &xproj, conv, &xp2, 0, xs, 1, false)
+        parts = ks
+            .x_proj_conv(rec, &pb, x_off, &xproj, &cwb, &cs2, kw, &xp2)
             .unwrap();
+        let sp2 = ScanParams {
+            xp_parts: parts,
+            ..sp
+        };
         ks.scan_fused_conv(
             rec,
             &cwb,
@@ -1521,15 +1536,29 @@ fn conv_fused_into_x_proj_and_scan() {
             &ss2,
             &y2,
             Some(&bnw),
-            sp,
+            sp2,
         )
         .unwrap();
     });
-    // xp is normalized in place by neither kernel (the norms run in workgroup memory).
+    // xp is normalized in place by neither kernel (the norms run in workgroup memory); a split
+    // x_proj leaves partial rows that sum to the whole product.
     let tol = 1e-5;
+    let parts = parts as usize;
+    assert!(parts == 1 || ks.gemv_conv_row.is_none());
+    if ks.gemv_conv_row.is_none() {
+        assert_eq!(
+            parts,
+            d.div_ceil(256).clamp(1, X_PROJ_SLICES),
+            "x_proj slices"
+        );
+    }
+    let raw = read(gpu, &xp2, xs * parts);
+    let summed: Vec<f32> = (0..xs)
+        .map(|i| (0..parts).map(|s| raw[s * xs + i]).sum())
+        .collect();
     assert_close(
         "x_proj with conv prologue",
-        &read(gpu, &xp2, xs),
+        &summed,
         &read(gpu, &xp1, xs),
         tol,
         tol,
@@ -1609,6 +1638,7 @@ fn scan_fused_case(d: usize, n: usize, rank: usize, seed: u64) {
         inner_norms: 1,
         x_off: 0,
         conv_k: 0,
+        xp_parts: 1,
     };
     run(gpu, |rec| {
         ks.rmsnorm(rec, None, &n0, &xp1, 0, xs, 1, rank, 1e-6)
