@@ -15,8 +15,9 @@ use crate::kernels::{
     AttentionDecodeParams, AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams,
     SampleParams, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
 };
-use crate::loader::Checkpoint;
+use crate::loader::{expected_tensors, Checkpoint, StoredDtype};
 use crate::sampling::SamplingParams;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Weight storage choice.
@@ -173,16 +174,32 @@ fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
-impl Model {
-    /// Uploads a validated checkpoint and computes the meta-token prefix.
-    pub async fn load(
+/// Builds a [`Model`] from tensors handed over one at a time, in any order: each weight is
+/// converted, quantized if asked, and uploaded when it arrives, so a streaming load (the
+/// browser's) holds about one tensor in memory, not the checkpoint. Small per-layer vectors
+/// that the GPU keeps concatenated (conv weight and bias, A / dt bias / D, the merge norms)
+/// and the gate projection until its up projection arrives wait on the CPU.
+pub struct ModelBuilder {
+    gpu: Arc<Gpu>,
+    kernels: Arc<Kernels>,
+    cfg: HymbaConfig,
+    opts: ModelOptions,
+    dtype: WeightDtype,
+    /// Expected tensors not yet received: name -> shape.
+    missing: HashMap<String, Vec<usize>>,
+    /// Received tensors that wait for their partners.
+    pending: HashMap<String, Vec<f32>>,
+    buffers: HashMap<String, wgpu::Buffer>,
+    matrices: HashMap<String, Matrix>,
+}
+
+impl ModelBuilder {
+    pub fn new(
         gpu: Arc<Gpu>,
         kernels: Arc<Kernels>,
-        ck: &Checkpoint,
+        cfg: HymbaConfig,
         opts: &ModelOptions,
-        mut progress: impl FnMut(u64, u64),
-    ) -> Result<Model> {
-        let cfg = ck.config.clone();
+    ) -> Result<ModelBuilder> {
         let dtype = match opts.dtype {
             DtypeChoice::F32 => WeightDtype::F32,
             DtypeChoice::F16 => WeightDtype::F16,
@@ -196,105 +213,209 @@ impl Model {
                 }
             }
         };
-        let total = ck.stored_bytes();
-        let mut done = 0u64;
-        let mut weight_bytes = 0u64;
-        let g = &*gpu;
-        let tick = |name: &str, wb: &mut u64, bytes: u64| {
-            let _ = name;
-            *wb += bytes;
-        };
-        // Uploads one matrix, or several with the same columns stacked by rows.
-        let mut mat_rows = |names: &[&str], dt: WeightDtype, done: &mut u64| -> Result<Matrix> {
-            let shape = ck.shape(names[0]).unwrap().to_vec();
-            let cols: usize = shape[1..].iter().product();
-            let mut data = Vec::new();
-            for n in names {
-                data.extend(ck.f32(n)?);
+        Ok(ModelBuilder {
+            missing: expected_tensors(&cfg).into_iter().collect(),
+            gpu,
+            kernels,
+            cfg,
+            opts: opts.clone(),
+            dtype,
+            pending: HashMap::new(),
+            buffers: HashMap::new(),
+            matrices: HashMap::new(),
+        })
+    }
+
+    /// Whether `name` is a tensor the model still needs.
+    pub fn wants(&self, name: &str) -> bool {
+        self.missing.contains_key(name)
+    }
+
+    /// Checks a tensor's shape against config.json before its bytes arrive.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        match self.missing.get(name) {
+            Some(want) if want.as_slice() != shape => Err(Error::Shape {
+                name: name.to_string(),
+                found: shape.to_vec(),
+                expected: want.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes one tensor (widened to f32, row-major); names the model does not use are ignored.
+    pub fn add(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> Result<()> {
+        self.check_shape(name, shape)?;
+        if self.missing.remove(name).is_none() {
+            return Ok(());
+        }
+        let g = &*self.gpu;
+        let cols: usize = shape[1..].iter().product();
+        let rows = if cols == 0 { 0 } else { data.len() / cols };
+        let layer_part = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .map(|(_, rest)| rest);
+        match (name, layer_part) {
+            ("model.embed_tokens.weight" | "lm_head.weight", _)
+            | (
+                _,
+                Some(
+                    "mamba.in_proj.weight"
+                    | "mamba.out_proj.weight"
+                    | "moe.experts.0.down_proj.weight",
+                ),
+            ) => {
+                let m = Matrix::upload(g, name, &data, rows, cols, self.dtype)?;
+                self.matrices.insert(name.to_string(), m);
             }
-            let rows = data.len() / cols;
-            *done += (data.len() * 2) as u64;
-            progress((*done).min(total), total);
-            Matrix::upload(g, names[0], &data, rows, cols, dt)
+            (_, Some("mamba.x_proj.0.weight")) => {
+                let m = Matrix::upload(g, name, &data, rows, cols, WeightDtype::F32)?;
+                self.matrices.insert(name.to_string(), m);
+            }
+            // The fused decode scan binds dt_proj whole (it is d_inner x dt_rank, small).
+            (_, Some("mamba.dt_proj.0.weight")) => {
+                let m =
+                    Matrix::upload_parts(g, name, &data, rows, cols, WeightDtype::F32, u64::MAX)?;
+                self.matrices.insert(name.to_string(), m);
+            }
+            (_, Some("moe.experts.0.gate_proj.weight" | "moe.experts.0.up_proj.weight")) => {
+                let base = name
+                    .rsplit_once("moe.experts.0.")
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or_default();
+                let gate = format!("{base}moe.experts.0.gate_proj.weight");
+                let up = format!("{base}moe.experts.0.up_proj.weight");
+                self.pending.insert(name.to_string(), data);
+                if self.pending.contains_key(&gate) && self.pending.contains_key(&up) {
+                    let mut gu = self.pending.remove(&gate).unwrap_or_default();
+                    gu.extend(self.pending.remove(&up).unwrap_or_default());
+                    let rows = gu.len() / cols.max(1);
+                    let m = Matrix::upload(g, &gate, &gu, rows, cols, self.dtype)?;
+                    self.matrices.insert(format!("{base}gate_up"), m);
+                }
+            }
+            ("model.memory_tokens" | "model.final_layernorm.weight", _)
+            | (_, Some("input_layernorm.weight" | "pre_moe_layernorm.weight")) => {
+                let b = g.upload(name, &data)?;
+                self.buffers.insert(name.to_string(), b);
+            }
+            _ => {
+                self.pending.insert(name.to_string(), data);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the tensors received so far that still wait on the CPU.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.values().map(|v| v.len() as u64 * 4).sum()
+    }
+
+    /// Assembles the model once every tensor has arrived (an error names the first missing
+    /// one) and computes the meta-token prefix.
+    pub async fn finish(mut self) -> Result<Model> {
+        if let Some(name) = expected_tensors(&self.cfg)
+            .into_iter()
+            .map(|t| t.0)
+            .find(|n| self.missing.contains_key(n))
+        {
+            return Err(Error::MissingTensor {
+                name,
+                files: "the checkpoint's safetensors files".into(),
+            });
+        }
+        let cfg = self.cfg.clone();
+        let g = &*self.gpu;
+        let mut weight_bytes = 0u64;
+        let mut take_m = |name: &str| -> Result<Matrix> {
+            let m = self
+                .matrices
+                .remove(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: "the checkpoint's safetensors files".into(),
+                })?;
+            weight_bytes += m.bytes();
+            Ok(m)
         };
-        let vec_f32 = |name: &str| -> Result<wgpu::Buffer> { g.upload(name, &ck.f32(name)?) };
-        let embed = mat_rows(&["model.embed_tokens.weight"], dtype, &mut done)?;
-        tick("embed", &mut weight_bytes, embed.bytes());
+        let embed = take_m("model.embed_tokens.weight")?;
         let lm_head = if cfg.raw.tie_word_embeddings {
             None
         } else {
-            let m = mat_rows(&["lm_head.weight"], dtype, &mut done)?;
-            tick("lm_head", &mut weight_bytes, m.bytes());
-            Some(m)
+            Some(take_m("lm_head.weight")?)
+        };
+        let mut layer_mats = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |s: &str| format!("model.layers.{i}.{s}");
+            layer_mats.push((
+                take_m(&n("mamba.in_proj.weight"))?,
+                take_m(&n("mamba.x_proj.0.weight"))?,
+                take_m(&n("mamba.dt_proj.0.weight"))?,
+                take_m(&n("mamba.out_proj.weight"))?,
+                take_m(&n("gate_up"))?,
+                take_m(&n("moe.experts.0.down_proj.weight"))?,
+            ));
+        }
+        let mut take_v = |name: &str| -> Vec<f32> { self.pending.remove(name).unwrap_or_default() };
+        let mut take_b = |name: &str| -> Result<wgpu::Buffer> {
+            self.buffers
+                .remove(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: "the checkpoint's safetensors files".into(),
+                })
         };
         let meta = if cfg.n_meta > 0 {
-            vec_f32("model.memory_tokens")?
+            take_b("model.memory_tokens")?
         } else {
             g.buffer("no meta tokens", 16)?
         };
-        let final_norm = vec_f32("model.final_layernorm.weight")?;
+        let final_norm = take_b("model.final_layernorm.weight")?;
         weight_bytes += ((cfg.n_meta + 1) * cfg.hidden * 4) as u64;
         let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let p = format!("model.layers.{i}.");
-            let n = |s: &str| format!("{p}{s}");
-            let in_proj = mat_rows(&[&n("mamba.in_proj.weight")], dtype, &mut done)?;
-            let x_proj = mat_rows(&[&n("mamba.x_proj.0.weight")], WeightDtype::F32, &mut done)?;
-            let dt_proj = mat_rows(&[&n("mamba.dt_proj.0.weight")], WeightDtype::F32, &mut done)?;
-            let out_proj = mat_rows(&[&n("mamba.out_proj.weight")], dtype, &mut done)?;
-            let gate_up = mat_rows(
-                &[
-                    &n("moe.experts.0.gate_proj.weight"),
-                    &n("moe.experts.0.up_proj.weight"),
-                ],
-                dtype,
-                &mut done,
-            )?;
-            let down = mat_rows(&[&n("moe.experts.0.down_proj.weight")], dtype, &mut done)?;
-            let mut conv = ck.f32(&n("mamba.conv1d.weight"))?;
+        for (i, (in_proj, x_proj, dt_proj, out_proj, gate_up, down)) in
+            layer_mats.into_iter().enumerate()
+        {
+            let n = |s: &str| format!("model.layers.{i}.{s}");
+            let mut conv = take_v(&n("mamba.conv1d.weight"));
             if cfg.conv_bias {
-                conv.extend(ck.f32(&n("mamba.conv1d.bias"))?);
+                conv.extend(take_v(&n("mamba.conv1d.bias")));
             } else {
                 conv.extend(std::iter::repeat_n(0.0, cfg.d_inner));
             }
-            let mut consts: Vec<f32> = ck
-                .f32(&n("mamba.A_log.0"))?
+            let mut consts: Vec<f32> = take_v(&n("mamba.A_log.0"))
                 .iter()
                 .map(|a| -a.exp())
                 .collect();
-            consts.extend(ck.f32(&n("mamba.dt_proj.0.bias"))?);
-            consts.extend(ck.f32(&n("mamba.D.0"))?);
-            let mut pre_avg = ck.f32(&n("mamba.pre_avg_layernorm1.weight"))?;
-            pre_avg.extend(ck.f32(&n("mamba.pre_avg_layernorm2.weight"))?);
-            let inner_norms = if cfg.inner_norms {
-                Some((
-                    vec_f32(&n("mamba.dt_layernorm.weight"))?,
-                    vec_f32(&n("mamba.B_layernorm.weight"))?,
-                    vec_f32(&n("mamba.C_layernorm.weight"))?,
-                ))
+            consts.extend(take_v(&n("mamba.dt_proj.0.bias")));
+            consts.extend(take_v(&n("mamba.D.0")));
+            let mut pre_avg = take_v(&n("mamba.pre_avg_layernorm1.weight"));
+            pre_avg.extend(take_v(&n("mamba.pre_avg_layernorm2.weight")));
+            let (inner_norms, inner_norms_cat) = if cfg.inner_norms {
+                let (dt, b, c) = (
+                    take_v(&n("mamba.dt_layernorm.weight")),
+                    take_v(&n("mamba.B_layernorm.weight")),
+                    take_v(&n("mamba.C_layernorm.weight")),
+                );
+                let cat: Vec<f32> = dt.iter().chain(&b).chain(&c).copied().collect();
+                (
+                    Some((
+                        g.upload(&n("mamba.dt_layernorm.weight"), &dt)?,
+                        g.upload(&n("mamba.B_layernorm.weight"), &b)?,
+                        g.upload(&n("mamba.C_layernorm.weight"), &c)?,
+                    )),
+                    Some(g.upload(&n("inner norms"), &cat)?),
+                )
             } else {
-                None
-            };
-            let inner_norms_cat = if cfg.inner_norms {
-                let mut v = ck.f32(&n("mamba.dt_layernorm.weight"))?;
-                v.extend(ck.f32(&n("mamba.B_layernorm.weight"))?);
-                v.extend(ck.f32(&n("mamba.C_layernorm.weight"))?);
-                Some(g.upload(&n("inner norms"), &v)?)
-            } else {
-                None
+                (None, None)
             };
             let small =
                 (conv.len() + consts.len() + pre_avg.len() + 2 * cfg.hidden + cfg.x_proj_rows())
                     * 4;
-            weight_bytes += in_proj.bytes()
-                + x_proj.bytes()
-                + dt_proj.bytes()
-                + out_proj.bytes()
-                + gate_up.bytes()
-                + down.bytes()
-                + small as u64;
+            weight_bytes += small as u64;
             layers.push(LayerWeights {
-                input_norm: vec_f32(&n("input_layernorm.weight"))?,
+                input_norm: take_b(&n("input_layernorm.weight"))?,
                 in_proj,
                 conv: g.upload(&n("conv"), &conv)?,
                 x_proj,
@@ -304,26 +425,50 @@ impl Model {
                 ssm_consts: g.upload(&n("ssm consts"), &consts)?,
                 pre_avg: g.upload(&n("pre_avg"), &pre_avg)?,
                 out_proj,
-                pre_mlp_norm: vec_f32(&n("pre_moe_layernorm.weight"))?,
+                pre_mlp_norm: take_b(&n("pre_moe_layernorm.weight"))?,
                 gate_up,
                 down,
             });
         }
-        progress(total, total);
-        Self::assemble(
-            gpu,
-            kernels,
+        Model::assemble(
+            self.gpu.clone(),
+            self.kernels.clone(),
             cfg,
-            dtype,
+            self.dtype,
             embed,
             lm_head,
             meta,
             final_norm,
             layers,
-            opts,
+            &self.opts,
             weight_bytes,
         )
         .await
+    }
+}
+
+impl Model {
+    /// Uploads a validated checkpoint and computes the meta-token prefix.
+    pub async fn load(
+        gpu: Arc<Gpu>,
+        kernels: Arc<Kernels>,
+        ck: &Checkpoint,
+        opts: &ModelOptions,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Model> {
+        let mut b = ModelBuilder::new(gpu, kernels, ck.config.clone(), opts)?;
+        let total = ck.stored_bytes();
+        let mut done = 0u64;
+        for (name, shape) in expected_tensors(&ck.config) {
+            b.add(&name, &shape, ck.f32(&name)?)?;
+            done += match ck.dtype(&name) {
+                Some(StoredDtype::F32) => 4,
+                _ => 2,
+            } * shape.iter().product::<usize>() as u64;
+            progress(done.min(total), total);
+        }
+        progress(total, total);
+        b.finish().await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -428,6 +573,27 @@ impl Model {
     /// Bytes of weights on the GPU.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// The weight matrices split across several buffers (larger than one storage binding),
+    /// with their part counts.
+    pub fn split_matrices(&self) -> Vec<(String, usize)> {
+        let mut all: Vec<&Matrix> = vec![&self.embed];
+        all.extend(self.lm_head.as_ref());
+        for l in &self.layers {
+            all.extend([
+                &l.in_proj,
+                &l.x_proj,
+                &l.dt_proj,
+                &l.out_proj,
+                &l.gate_up,
+                &l.down,
+            ]);
+        }
+        all.into_iter()
+            .filter(|m| m.parts.len() > 1)
+            .map(|m| (m.label.clone(), m.parts.len()))
+            .collect()
     }
 
     /// A sequence with nothing in it (not even the meta tokens).

@@ -201,6 +201,7 @@ pub fn open_gpu(args: &ModelArgs) -> CliResult<Arc<Gpu>> {
         backends,
         adapter_index: args.adapter,
         allow_shader_f16: true,
+        ..Default::default()
     };
     Ok(Arc::new(pollster::block_on(Gpu::new(&opts)).map_err(err)?))
 }
