@@ -320,3 +320,116 @@ fn row_larger_than_a_gpu_binding_is_a_clear_error() {
         "{e}"
     );
 }
+
+/// Streams `bytes` (one safetensors file) in chunks of `chunk` bytes through a TensorStream
+/// into a ModelBuilder, as the browser loads a download or a picked file.
+fn stream_load(
+    bytes: &[u8],
+    chunk: usize,
+    opts: &ModelOptions,
+) -> hymba_engine::Result<(Model, usize)> {
+    use hymba_engine::loader::{expected_tensors, TensorStream};
+    use hymba_engine::model::ModelBuilder;
+    let (gpu, kernels) = gpu();
+    let cfg_text = std::fs::read_to_string(fixture().join("config.json")).unwrap();
+    let cfg = hymba_engine::HymbaConfig::from_json_str(&cfg_text, "config.json")?;
+    let expected: std::collections::HashMap<String, Vec<usize>> =
+        expected_tensors(&cfg).into_iter().collect();
+    let mut b = ModelBuilder::new(gpu, kernels, cfg, opts)?;
+    let mut s = TensorStream::new("model.safetensors");
+    let mut most_held = 0usize;
+    for c in bytes.chunks(chunk) {
+        s.push(
+            c,
+            &|n, shape| match expected.get(n) {
+                Some(w) if w.as_slice() != shape => Err(hymba_engine::Error::Shape {
+                    name: n.to_string(),
+                    found: shape.to_vec(),
+                    expected: w.clone(),
+                }),
+                w => Ok(w.is_some()),
+            },
+            &mut |t| {
+                let data = t.to_f32();
+                b.add(&t.name, &t.shape, data)
+            },
+        )?;
+        most_held = most_held.max(s.buffered_bytes() as usize);
+    }
+    s.finish()?;
+    Ok((pollster::block_on(b.finish())?, most_held))
+}
+
+#[test]
+fn streamed_load_matches_the_memory_mapped_one() {
+    let (gpu, kernels) = gpu();
+    let opts = ModelOptions {
+        dtype: hymba_engine::model::DtypeChoice::F32,
+        ..Default::default()
+    };
+    let ck = Checkpoint::open_dir(&fixture()).unwrap();
+    let model = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {})).unwrap();
+    let ids = [5u32, 77, 300, 12, 9];
+    let want = {
+        let mut seq = model.new_sequence().unwrap();
+        pollster::block_on(model.forward(&mut seq, &ids, Logits::All, None)).unwrap()
+    };
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let largest = ck
+        .config
+        .raw
+        .vocab_size
+        .max(1)
+        .saturating_mul(ck.config.hidden * 4);
+    for chunk in [1, 7, 65536, bytes.len()] {
+        let (m, held) = stream_load(&bytes, chunk, &opts).unwrap();
+        let mut seq = m.new_sequence().unwrap();
+        let got = pollster::block_on(m.forward(&mut seq, &ids, Logits::All, None)).unwrap();
+        assert_eq!(got, want, "streamed in chunks of {chunk} bytes");
+        // At most the header or one tensor is held, never the file.
+        assert!(held <= largest.max(16384), "{held} bytes held");
+    }
+}
+
+#[test]
+fn streamed_load_errors_name_the_file_or_tensor() {
+    let opts = ModelOptions::default();
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    // Cut short.
+    let e = stream_load(&bytes[..bytes.len() - 100], 4096, &opts)
+        .err()
+        .expect("a truncated file must fail")
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("ended"),
+        "{e}"
+    );
+    // A shape that config.json refutes is refused from the header, before any upload.
+    let d = tmpdir("stream-shape");
+    copy_case(&d);
+    rewrite(&d, |n, dt, s, b| {
+        if n == "model.layers.1.mamba.in_proj.weight" {
+            let mut s2 = s.clone();
+            s2[0] -= 1;
+            let row = s[1] * 4;
+            (dt, s2, b[..b.len() - row].to_vec())
+        } else {
+            (dt, s, b)
+        }
+    });
+    let bad = std::fs::read(d.join("model.safetensors")).unwrap();
+    let e = stream_load(&bad, 1 << 20, &opts)
+        .err()
+        .expect("a wrong shape must fail")
+        .to_string();
+    assert!(
+        e.contains("model.layers.1.mamba.in_proj.weight") && e.contains("[415, 64]"),
+        "{e}"
+    );
+    // Not a safetensors file at all.
+    let e = stream_load(b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage", 3, &opts)
+        .err()
+        .expect("garbage must fail")
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+}

@@ -301,6 +301,8 @@ impl Matrix {
                 format!("{label} rows {row0}..{}", row0 + n)
             };
             let buf = match dtype {
+                // Rows already a multiple of 8 long: upload the caller's slice, no copy.
+                WeightDtype::F32 if kp == cols => gpu.upload(&name, d)?,
                 WeightDtype::F32 => {
                     let mut v = vec![0f32; n * kp];
                     for r in 0..n {
