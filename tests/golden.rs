@@ -10,11 +10,14 @@
 //!      reference's top-2 margin exceeds 1e-3;
 //!  (d) cache contents after prefill and after the last step (conv, SSM, K, V).
 
+use hymba_engine::gpu::{Gpu, GpuOptions};
+use hymba_engine::kernels::Kernels;
 use hymba_engine::loader::Checkpoint;
 use hymba_engine::model::{DtypeChoice, Logits, Model, ModelOptions, Trace};
 use hymba_tests::*;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 struct Expected {
     t: HashMap<String, (Vec<usize>, Vec<f32>)>,
@@ -79,11 +82,28 @@ struct Tol {
 
 fn run_case(dir: &Path, choice: DtypeChoice, fused: bool, rep: &mut Report) {
     let (gpu, kernels) = gpu();
+    run_case_on(gpu, kernels, dir, choice, fused, rep);
+}
+
+fn run_case_on(
+    gpu: Arc<Gpu>,
+    kernels: Arc<Kernels>,
+    dir: &Path,
+    choice: DtypeChoice,
+    fused: bool,
+    rep: &mut Report,
+) -> Model {
+    let split = gpu.weight_binding_limit < gpu.limits.max_storage_buffer_binding_size as u64;
     let name = format!(
-        "{}[{:?}{}]",
+        "{}[{:?}{}{}]",
         dir.file_name().unwrap().to_string_lossy(),
         choice,
-        if fused { "" } else { ", unfused decode" }
+        if fused { "" } else { ", unfused decode" },
+        if split {
+            format!(", weights split at {} bytes", gpu.weight_binding_limit)
+        } else {
+            String::new()
+        }
     );
     let case: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
@@ -260,6 +280,8 @@ fn run_case(dir: &Path, choice: DtypeChoice, fused: bool, rep: &mut Report) {
     let e = check_cache(&model, &seq, &exp, "cache.final", &name, cache_tol, rep);
     line += &format!(", (d) final cache max|err| {e:.2e}");
     rep.lines.push(line);
+    drop(seq);
+    model
 }
 
 fn check_cache(
@@ -395,6 +417,65 @@ fn golden_fixtures() {
             eprintln!("FAIL {f}");
         }
         panic!("{} golden checks failed", rep.failures.len());
+    }
+}
+
+/// The same checks with every weight matrix split across buffers of at most 16 KiB, as if the
+/// device's storage-binding limit were that small: the embedding / tied LM head and the large
+/// projections of every fixture become several parts, each dispatched with its row offset.
+/// Same tolerances as `golden_fixtures`.
+#[test]
+fn golden_fixtures_with_weights_split_across_bindings() {
+    const CAP: u64 = 16 << 10;
+    let mut opts = GpuOptions {
+        weight_binding_cap: Some(CAP),
+        ..GpuOptions::default()
+    };
+    if let Ok(b) = std::env::var("HYMBA_BACKEND") {
+        opts.backends = hymba_engine::gpu::parse_backends(&b).expect("HYMBA_BACKEND");
+    }
+    let gpu = Arc::new(pollster::block_on(Gpu::new(&opts)).expect("GPU adapter"));
+    assert_eq!(gpu.weight_binding_limit, CAP);
+    let kernels = Arc::new(Kernels::new(&gpu).expect("kernels compile"));
+    let cases = fixture_cases();
+    assert!(!cases.is_empty(), "no golden fixtures found");
+    let mut rep = Report {
+        failures: Vec::new(),
+        lines: Vec::new(),
+    };
+    for dir in &cases {
+        for choice in [DtypeChoice::F32, DtypeChoice::F16] {
+            let model = run_case_on(gpu.clone(), kernels.clone(), dir, choice, true, &mut rep);
+            let split = model.split_matrices();
+            let parts: usize = split.iter().map(|s| s.1).sum();
+            let embed = split
+                .iter()
+                .find(|s| s.0 == "model.embed_tokens.weight")
+                .map(|s| s.1)
+                .unwrap_or(1);
+            rep.lines.push(format!(
+                "  {} matrices split into {parts} parts (embedding / tied LM head: {embed})",
+                split.len()
+            ));
+            if embed < 2 || split.len() < 2 {
+                rep.failures.push(format!(
+                    "{}[{choice:?}]: expected the embedding and other matrices to be split at {CAP} bytes, got {split:?}",
+                    dir.display()
+                ));
+            }
+        }
+    }
+    for l in &rep.lines {
+        eprintln!("{l}");
+    }
+    if !rep.failures.is_empty() {
+        for f in rep.failures.iter().take(40) {
+            eprintln!("FAIL {f}");
+        }
+        panic!(
+            "{} golden checks with split weights failed",
+            rep.failures.len()
+        );
     }
 }
 

@@ -1,11 +1,14 @@
 //! Bad input gets a clear error naming the file, tensor, shape or limit — never a panic.
 
+use hymba_engine::gpu::{Gpu, GpuOptions};
+use hymba_engine::kernels::Kernels;
 use hymba_engine::loader::Checkpoint;
 use hymba_engine::model::{Logits, Model, ModelOptions};
 use hymba_tests::*;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 fn fixture() -> PathBuf {
     repo_root().join("tests/fixtures/c1_global_small")
@@ -239,9 +242,10 @@ fn sharded_checkpoint_loads_like_the_single_file() {
 }
 
 #[test]
-fn tensor_larger_than_a_gpu_binding_is_a_clear_error() {
+fn tensor_larger_than_a_gpu_binding_is_split_across_bindings() {
     // A one-layer model with Hymba-1.5B's vocabulary and width: the f32 embedding / tied head is
-    // 32001 x 1600 x 4 B = 205 MB, above the 128 MiB storage-binding limit of software adapters.
+    // 32001 x 1600 x 4 B = 205 MB, above the 128 MiB storage-binding limit of software adapters
+    // (and WebGPU's default). It is split by rows into parts that fit, and runs.
     let mut cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("tests/configs/hymba-1.5b-config.json")).unwrap(),
     )
@@ -254,29 +258,178 @@ fn tensor_larger_than_a_gpu_binding_is_a_clear_error() {
     cfg["conv_dim"] = serde_json::json!({"0": 3200});
     let ck = Checkpoint::random(&cfg.to_string(), 7).unwrap();
     let (gpu, kernels) = gpu();
-    let limit = gpu.limits.max_storage_buffer_binding_size as u64;
+    let limit = gpu.weight_binding_limit;
     let embed_bytes = 32001u64 * 1600 * 4;
+    let opts = ModelOptions {
+        dtype: hymba_engine::model::DtypeChoice::F32,
+        max_positions: Some(256),
+        chunk: 32,
+        ..Default::default()
+    };
+    let model = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {}))
+        .unwrap_or_else(|e| panic!("a {embed_bytes}-byte embedding must load split: {e}"));
+    let parts = model
+        .split_matrices()
+        .iter()
+        .find(|s| s.0 == "model.embed_tokens.weight")
+        .map(|s| s.1)
+        .unwrap_or(1);
+    assert_eq!(
+        parts as u64,
+        embed_bytes.div_ceil(limit),
+        "parts at limit {limit}"
+    );
+    eprintln!("embedding of {embed_bytes} bytes in {parts} part(s) (limit {limit})");
+    // Ids from both halves of the vocabulary, through prefill and one decode step.
+    let mut seq = model.new_sequence().unwrap();
+    let logits =
+        pollster::block_on(model.forward(&mut seq, &[5, 31000, 17000], Logits::Last, None))
+            .unwrap();
+    assert_eq!(logits.len(), 32001);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    let next = pollster::block_on(model.decode_logits(&mut seq, 30999)).unwrap();
+    assert!(next.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn row_larger_than_a_gpu_binding_is_a_clear_error() {
+    // Splitting is by rows: a limit below one row (64 f32 = 256 bytes here) cannot work.
+    let mut opts = GpuOptions {
+        weight_binding_cap: Some(128),
+        ..GpuOptions::default()
+    };
+    if let Ok(b) = std::env::var("HYMBA_BACKEND") {
+        opts.backends = hymba_engine::gpu::parse_backends(&b).expect("HYMBA_BACKEND");
+    }
+    let gpu = Arc::new(pollster::block_on(Gpu::new(&opts)).expect("GPU adapter"));
+    let kernels = Arc::new(Kernels::new(&gpu).expect("kernels compile"));
+    let ck = Checkpoint::open_dir(&fixture()).unwrap();
     let opts = ModelOptions {
         dtype: hymba_engine::model::DtypeChoice::F32,
         ..Default::default()
     };
-    let r = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {}));
-    if embed_bytes > limit {
-        let e = r
-            .err()
-            .expect("a 205 MB binding must be refused on this adapter")
-            .to_string();
-        assert!(
-            e.contains("model.embed_tokens.weight")
-                && e.contains("max_storage_buffer_binding_size")
-                && e.contains(&limit.to_string()),
-            "{e}"
-        );
-    } else {
-        assert!(
-            r.is_ok(),
-            "the adapter allows {limit}-byte bindings, so the model must load: {:?}",
-            r.err()
-        );
+    let e = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {}))
+        .err()
+        .expect("a 256-byte row cannot be bound in 128 bytes")
+        .to_string();
+    assert!(
+        e.contains("model.embed_tokens.weight")
+            && e.contains("256")
+            && e.contains("128")
+            && e.contains("weight_binding_cap"),
+        "{e}"
+    );
+}
+
+/// Streams `bytes` (one safetensors file) in chunks of `chunk` bytes through a TensorStream
+/// into a ModelBuilder, as the browser loads a download or a picked file.
+fn stream_load(
+    bytes: &[u8],
+    chunk: usize,
+    opts: &ModelOptions,
+) -> hymba_engine::Result<(Model, usize)> {
+    use hymba_engine::loader::{expected_tensors, TensorStream};
+    use hymba_engine::model::ModelBuilder;
+    let (gpu, kernels) = gpu();
+    let cfg_text = std::fs::read_to_string(fixture().join("config.json")).unwrap();
+    let cfg = hymba_engine::HymbaConfig::from_json_str(&cfg_text, "config.json")?;
+    let expected: std::collections::HashMap<String, Vec<usize>> =
+        expected_tensors(&cfg).into_iter().collect();
+    let mut b = ModelBuilder::new(gpu, kernels, cfg, opts)?;
+    let mut s = TensorStream::new("model.safetensors");
+    let mut most_held = 0usize;
+    for c in bytes.chunks(chunk) {
+        s.push(
+            c,
+            &|n, shape| match expected.get(n) {
+                Some(w) if w.as_slice() != shape => Err(hymba_engine::Error::Shape {
+                    name: n.to_string(),
+                    found: shape.to_vec(),
+                    expected: w.clone(),
+                }),
+                w => Ok(w.is_some()),
+            },
+            &mut |t| {
+                let data = t.to_f32();
+                b.add(&t.name, &t.shape, data)
+            },
+        )?;
+        most_held = most_held.max(s.buffered_bytes() as usize);
     }
+    s.finish()?;
+    Ok((pollster::block_on(b.finish())?, most_held))
+}
+
+#[test]
+fn streamed_load_matches_the_memory_mapped_one() {
+    let (gpu, kernels) = gpu();
+    let opts = ModelOptions {
+        dtype: hymba_engine::model::DtypeChoice::F32,
+        ..Default::default()
+    };
+    let ck = Checkpoint::open_dir(&fixture()).unwrap();
+    let model = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {})).unwrap();
+    let ids = [5u32, 77, 300, 12, 9];
+    let want = {
+        let mut seq = model.new_sequence().unwrap();
+        pollster::block_on(model.forward(&mut seq, &ids, Logits::All, None)).unwrap()
+    };
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    let largest = ck
+        .config
+        .raw
+        .vocab_size
+        .max(1)
+        .saturating_mul(ck.config.hidden * 4);
+    for chunk in [1, 7, 65536, bytes.len()] {
+        let (m, held) = stream_load(&bytes, chunk, &opts).unwrap();
+        let mut seq = m.new_sequence().unwrap();
+        let got = pollster::block_on(m.forward(&mut seq, &ids, Logits::All, None)).unwrap();
+        assert_eq!(got, want, "streamed in chunks of {chunk} bytes");
+        // At most the header or one tensor is held, never the file.
+        assert!(held <= largest.max(16384), "{held} bytes held");
+    }
+}
+
+#[test]
+fn streamed_load_errors_name_the_file_or_tensor() {
+    let opts = ModelOptions::default();
+    let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
+    // Cut short.
+    let e = stream_load(&bytes[..bytes.len() - 100], 4096, &opts)
+        .err()
+        .expect("a truncated file must fail")
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("ended"),
+        "{e}"
+    );
+    // A shape that config.json refutes is refused from the header, before any upload.
+    let d = tmpdir("stream-shape");
+    copy_case(&d);
+    rewrite(&d, |n, dt, s, b| {
+        if n == "model.layers.1.mamba.in_proj.weight" {
+            let mut s2 = s.clone();
+            s2[0] -= 1;
+            let row = s[1] * 4;
+            (dt, s2, b[..b.len() - row].to_vec())
+        } else {
+            (dt, s, b)
+        }
+    });
+    let bad = std::fs::read(d.join("model.safetensors")).unwrap();
+    let e = stream_load(&bad, 1 << 20, &opts)
+        .err()
+        .expect("a wrong shape must fail")
+        .to_string();
+    assert!(
+        e.contains("model.layers.1.mamba.in_proj.weight") && e.contains("[415, 64]"),
+        "{e}"
+    );
+    // Not a safetensors file at all.
+    let e = stream_load(b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage", 3, &opts)
+        .err()
+        .expect("garbage must fail")
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
 }

@@ -455,18 +455,6 @@ impl Checkpoint {
     pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
         let (t, b) = self.raw(name)?;
         Ok(match t.dtype {
-            StoredDtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            StoredDtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            StoredDtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
             StoredDtype::Q8 | StoredDtype::Q4 => {
                 let dt = if t.dtype == StoredDtype::Q8 {
                     WeightDtype::Q8
@@ -479,6 +467,7 @@ impl Checkpoint {
                     .collect();
                 crate::kernels::dequantize(&words, t.shape[0], t.shape[1], dt)
             }
+            _ => widen(t.dtype, b),
         })
     }
 }
@@ -586,7 +575,31 @@ pub fn quant_tensor_info(rows: usize, cols: usize, dt: WeightDtype) -> QuantTens
     }
 }
 
-fn expected_name(c: &HymbaConfig, name: &str) -> bool {
+/// Stored bytes widened to f32 (exact for bf16/f16).
+fn widen(dtype: StoredDtype, b: &[u8]) -> Vec<f32> {
+    match dtype {
+        StoredDtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        StoredDtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        StoredDtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        // Packed q8 / q4 words are not floats: `Checkpoint::f32` dequantizes them, and the
+        // streaming parser hands over float tensors only.
+        StoredDtype::Q8 | StoredDtype::Q4 => {
+            debug_assert!(false, "widen() called on packed quantized bytes");
+            Vec::new()
+        }
+    }
+}
+
+pub fn expected_name(c: &HymbaConfig, name: &str) -> bool {
     expected_tensors(c).iter().any(|(n, _)| n == name)
 }
 
@@ -861,3 +874,238 @@ impl Checkpoint {
 
 /// The `layout` line of [`QuantMetadata`].
 pub const QUANT_LAYOUT: &str = "per tensor, little-endian u32 words: rows padded with zeros to padded_cols = ceil(cols/32)*32; quants row-major first (q8: 4 int8 per word, element 4i+j in byte j; q4: 8 nibbles per word, element 8i+j in bits 4j..4j+3 holding q+8), then one f16 scale per 32-weight block (block 2i in the low half of a word), padded to a whole word; weight = q * scale";
+/// One tensor of a [`TensorStream`], complete.
+pub struct StreamedTensor {
+    pub name: String,
+    pub dtype: StoredDtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl StreamedTensor {
+    /// The tensor widened to f32 (exact for bf16/f16).
+    pub fn to_f32(&self) -> Vec<f32> {
+        widen(self.dtype, &self.bytes)
+    }
+}
+
+/// Parses a safetensors file from its bytes as they arrive (a download or a file read in
+/// chunks) and hands over each tensor of `wanted` as soon as its last byte is in, so a
+/// caller that uploads and drops it holds about one tensor, not the file. The header is
+/// parsed first and checked (dtype of every wanted tensor, offsets within the file) before
+/// any tensor is handed over; tensors not wanted are skipped without being kept.
+pub struct TensorStream {
+    file: String,
+    /// Header bytes until the header is parsed, then the bytes of the tensor being filled.
+    buf: Vec<u8>,
+    header_len: Option<usize>,
+    parsed: bool,
+    /// (name, dtype, shape, start, end) of wanted tensors, by start offset (from the data start).
+    tensors: Vec<(String, StoredDtype, Vec<usize>, usize, usize)>,
+    /// Data bytes the header declares.
+    data_len: usize,
+    /// Data bytes consumed so far.
+    pos: usize,
+    next: usize,
+}
+
+impl TensorStream {
+    pub fn new(file: &str) -> TensorStream {
+        TensorStream {
+            file: file.to_string(),
+            buf: Vec::new(),
+            header_len: None,
+            parsed: false,
+            tensors: Vec::new(),
+            data_len: 0,
+            pos: 0,
+            next: 0,
+        }
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Safetensors {
+            file: self.file.clone(),
+            msg: msg.into(),
+        }
+    }
+
+    /// The file's name.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Bytes held: the header until it is parsed, then the part of the tensor being filled.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    /// (name, dtype, shape) of the wanted tensors, once the header has been parsed.
+    pub fn header(&self) -> Option<Vec<(String, StoredDtype, Vec<usize>)>> {
+        self.parsed.then(|| {
+            self.tensors
+                .iter()
+                .map(|t| (t.0.clone(), t.1, t.2.clone()))
+                .collect()
+        })
+    }
+
+    /// Bytes of the wanted tensors as stored (known once the header is parsed).
+    pub fn wanted_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| (t.4 - t.3) as u64).sum()
+    }
+
+    fn parse_header(&mut self, wanted: &dyn Fn(&str, &[usize]) -> Result<bool>) -> Result<()> {
+        let n = self.header_len.unwrap_or(0);
+        let text = std::str::from_utf8(&self.buf[8..8 + n])
+            .map_err(|e| self.err(format!("header is not UTF-8: {e}")))?;
+        let meta: safetensors::tensor::Metadata =
+            serde_json::from_str(text).map_err(|e| self.err(format!("invalid header: {e}")))?;
+        let mut all: Vec<(usize, usize)> = Vec::new();
+        let mut tensors = Vec::new();
+        for (name, info) in meta.tensors() {
+            let (start, end) = info.data_offsets;
+            let elems = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let size = elems.and_then(|e| e.checked_mul(info.dtype.bitsize() / 8));
+            if end < start || size != Some(end - start) {
+                return Err(self.err(format!(
+                    "tensor {name}: offsets {start}..{end} do not match shape {:?} of {:?}",
+                    info.shape, info.dtype
+                )));
+            }
+            all.push((start, end));
+            if !wanted(&name, &info.shape)? {
+                continue;
+            }
+            let dtype = match info.dtype {
+                safetensors::Dtype::BF16 => StoredDtype::BF16,
+                safetensors::Dtype::F16 => StoredDtype::F16,
+                safetensors::Dtype::F32 => StoredDtype::F32,
+                other => {
+                    return Err(Error::Dtype {
+                        name,
+                        found: format!("{other:?}"),
+                    })
+                }
+            };
+            tensors.push((name, dtype, info.shape.clone(), start, end));
+        }
+        all.sort();
+        if all.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(self.err("tensors overlap in the header"));
+        }
+        tensors.sort_by_key(|t| t.3);
+        self.data_len = all.last().map(|t| t.1).unwrap_or(0);
+        self.tensors = tensors;
+        self.buf = Vec::new();
+        self.parsed = true;
+        Ok(())
+    }
+
+    /// Consumes the next bytes of the file; `each` gets every wanted tensor completed by them.
+    /// `wanted(name, shape)` decides, when the header arrives, which tensors to keep (an error
+    /// stops the load before any tensor is handed over, e.g. a shape that config.json refutes).
+    pub fn push(
+        &mut self,
+        mut chunk: &[u8],
+        wanted: &dyn Fn(&str, &[usize]) -> Result<bool>,
+        each: &mut dyn FnMut(StreamedTensor) -> Result<()>,
+    ) -> Result<()> {
+        // The header: 8 bytes of length, then the JSON.
+        while !self.parsed {
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let need = match self.header_len {
+                None => 8 - self.buf.len(),
+                Some(n) => 8 + n - self.buf.len(),
+            };
+            let take = need.min(chunk.len());
+            self.buf.extend_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
+            if self.header_len.is_none() && self.buf.len() == 8 {
+                let n = u64::from_le_bytes(self.buf[..8].try_into().unwrap());
+                if n > 100_000_000 {
+                    return Err(self.err(format!("header length {n} is implausible")));
+                }
+                self.header_len = Some(n as usize);
+            }
+            if let Some(n) = self.header_len {
+                if self.buf.len() == 8 + n {
+                    self.parse_header(wanted)?;
+                    break;
+                }
+            }
+        }
+        // Data: fill the next wanted tensor, skip what lies between.
+        loop {
+            // Empty tensors are complete as soon as their offset is reached.
+            if let Some(t) = self.tensors.get(self.next) {
+                if t.3 == t.4 && self.pos >= t.3 {
+                    let (name, dtype, shape, _, _) = t.clone();
+                    self.next += 1;
+                    each(StreamedTensor {
+                        name,
+                        dtype,
+                        shape,
+                        bytes: Vec::new(),
+                    })?;
+                    continue;
+                }
+            }
+            if chunk.is_empty() {
+                break;
+            }
+            if self.pos >= self.data_len {
+                return Err(self.err(format!(
+                    "more bytes than the header declares ({} data bytes)",
+                    self.data_len
+                )));
+            }
+            let Some(t) = self.tensors.get(self.next) else {
+                // Nothing wanted after this point: skip to the end of the data.
+                let skip = (self.data_len - self.pos).min(chunk.len());
+                self.pos += skip;
+                chunk = &chunk[skip..];
+                continue;
+            };
+            let (start, end) = (t.3, t.4);
+            if self.pos < start {
+                let skip = (start - self.pos).min(chunk.len());
+                self.pos += skip;
+                chunk = &chunk[skip..];
+                continue;
+            }
+            if self.buf.capacity() < end - start {
+                self.buf.reserve_exact(end - start - self.buf.len());
+            }
+            let take = (end - self.pos).min(chunk.len());
+            self.buf.extend_from_slice(&chunk[..take]);
+            self.pos += take;
+            chunk = &chunk[take..];
+            if self.pos == end {
+                let (name, dtype, shape, _, _) = self.tensors[self.next].clone();
+                self.next += 1;
+                let bytes = std::mem::take(&mut self.buf);
+                each(StreamedTensor {
+                    name,
+                    dtype,
+                    shape,
+                    bytes,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the whole file arrived.
+    pub fn finish(&self) -> Result<()> {
+        if !self.parsed || self.pos < self.data_len {
+            return Err(self.err(format!(
+                "the file ended after {} of {} data bytes",
+                self.pos, self.data_len
+            )));
+        }
+        Ok(())
+    }
+}

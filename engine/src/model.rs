@@ -15,8 +15,9 @@ use crate::kernels::{
     AttentionDecodeParams, AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams,
     SampleParams, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW, X_PROJ_SLICES,
 };
-use crate::loader::Checkpoint;
+use crate::loader::{expected_tensors, Checkpoint};
 use crate::sampling::SamplingParams;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Weight storage choice.
@@ -218,94 +219,6 @@ pub fn group_weight_report(report: &[TensorStorage]) -> Vec<TensorGroup> {
     groups
 }
 
-/// Uploads weights for [`Model::load`], recording each buffer in the weight report.
-struct Uploader<'a, P: FnMut(u64, u64)> {
-    gpu: &'a Gpu,
-    ck: &'a Checkpoint,
-    report: Vec<TensorStorage>,
-    done: u64,
-    total: u64,
-    progress: P,
-}
-
-impl<P: FnMut(u64, u64)> Uploader<'_, P> {
-    fn note(&mut self, name: String, dtype: WeightDtype, shape: Vec<usize>, buf: &wgpu::Buffer) {
-        self.report.push(TensorStorage {
-            name,
-            dtype,
-            shape,
-            bytes: buf.size(),
-        });
-    }
-
-    fn advance(&mut self, names: &[&str]) {
-        for n in names {
-            self.done += self.ck.stored_bytes_of(n);
-        }
-        (self.progress)(self.done.min(self.total), self.total);
-    }
-
-    /// One matrix, or several with the same columns stacked by rows, stored as `dt`. Pre-quantized
-    /// tensors are uploaded as stored (stacked parts are joined without requantizing).
-    fn matrix(&mut self, names: &[&str], dt: WeightDtype) -> Result<Matrix> {
-        let ck = self.ck;
-        let shape = ck.shape(names[0]).unwrap_or(&[]).to_vec();
-        let cols: usize = shape[1..].iter().product();
-        let label = joined_name(names);
-        let mut packed = Vec::new();
-        for n in names {
-            if let Some((qd, b)) = ck.quantized_bytes(n)? {
-                packed.push((qd, b, ck.shape(n).map(|s| s[0]).unwrap_or(0)));
-            }
-        }
-        let m = if packed.is_empty() {
-            let mut data = Vec::new();
-            for n in names {
-                data.extend(ck.f32(n)?);
-            }
-            let rows = data.len() / cols.max(1);
-            Matrix::upload(self.gpu, &label, &data, rows, cols, dt)?
-        } else {
-            // Loader validation makes every part quantized to the checkpoint's dtype.
-            if packed.len() != names.len() || packed.iter().any(|p| p.0 != dt) {
-                return Err(Error::Invalid(format!(
-                    "{label}: mixed pre-quantized and full-precision parts, or not {}",
-                    dt.name()
-                )));
-            }
-            let rows: usize = packed.iter().map(|p| p.2).sum();
-            if packed.len() == 1 {
-                Matrix::upload_quantized_bytes(self.gpu, &label, packed[0].1, rows, cols, dt)?
-            } else {
-                let parts: Vec<(&[u8], usize)> = packed.iter().map(|p| (p.1, p.2)).collect();
-                let bytes = crate::kernels::stack_quantized(&parts, cols, dt);
-                Matrix::upload_quantized_bytes(self.gpu, &label, &bytes, rows, cols, dt)?
-            }
-        };
-        self.note(label, dt, vec![m.rows, m.cols], &m.buf);
-        self.advance(names);
-        Ok(m)
-    }
-
-    /// One f32 tensor as stored in the checkpoint.
-    fn vector(&mut self, name: &str) -> Result<wgpu::Buffer> {
-        let v = self.ck.f32(name)?;
-        let b = self.gpu.upload(name, &v)?;
-        let shape = self.ck.shape(name).unwrap_or(&[]).to_vec();
-        self.note(name.to_string(), WeightDtype::F32, shape, &b);
-        self.advance(&[name]);
-        Ok(b)
-    }
-
-    /// An f32 buffer computed from checkpoint tensors (`sources`, for the progress count).
-    fn derived(&mut self, name: &str, data: &[f32], sources: &[&str]) -> Result<wgpu::Buffer> {
-        let b = self.gpu.upload(name, data)?;
-        self.note(name.to_string(), WeightDtype::F32, vec![data.len()], &b);
-        self.advance(sources);
-        Ok(b)
-    }
-}
-
 /// `a.x.weight` + `a.y.weight` → `a.x+y.weight` (names that differ in one dotted part).
 fn joined_name(names: &[&str]) -> String {
     if names.len() == 1 {
@@ -350,6 +263,384 @@ fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
+/// Builds a [`Model`] from tensors handed over one at a time, in any order: each weight is
+/// converted, quantized if asked, and uploaded when it arrives, so a streaming load (the
+/// browser's) holds about one tensor in memory, not the checkpoint. Small per-layer vectors
+/// that the GPU keeps concatenated (conv weight and bias, A / dt bias / D, the merge norms)
+/// and the gate projection until its up projection arrives wait on the CPU.
+pub struct ModelBuilder {
+    gpu: Arc<Gpu>,
+    kernels: Arc<Kernels>,
+    cfg: HymbaConfig,
+    opts: ModelOptions,
+    dtype: WeightDtype,
+    /// Expected tensors not yet received: name -> shape.
+    missing: HashMap<String, Vec<usize>>,
+    /// Received tensors that wait for their partners.
+    pending: HashMap<String, Vec<f32>>,
+    /// Pre-quantized gate / up projections waiting for their partner: packed bytes, rows.
+    pending_q: HashMap<String, (Vec<u8>, usize)>,
+    buffers: HashMap<String, wgpu::Buffer>,
+    matrices: HashMap<String, Matrix>,
+    /// Every weight buffer uploaded so far ([`Model::weight_report`]).
+    report: Vec<TensorStorage>,
+}
+
+impl ModelBuilder {
+    pub fn new(
+        gpu: Arc<Gpu>,
+        kernels: Arc<Kernels>,
+        cfg: HymbaConfig,
+        opts: &ModelOptions,
+    ) -> Result<ModelBuilder> {
+        let dtype = match opts.dtype {
+            DtypeChoice::F32 => WeightDtype::F32,
+            DtypeChoice::F16 => WeightDtype::F16,
+            DtypeChoice::Q8 => WeightDtype::Q8,
+            DtypeChoice::Q4 => WeightDtype::Q4,
+            DtypeChoice::Auto => {
+                if (cfg.parameter_count() as u64) * 4 <= 1 << 30 {
+                    WeightDtype::F32
+                } else {
+                    WeightDtype::F16
+                }
+            }
+        };
+        Ok(Self::with_dtype(gpu, kernels, cfg, opts, dtype))
+    }
+
+    /// A builder that stores the large matrices as `dtype` whatever `opts.dtype` says (a
+    /// pre-quantized checkpoint's own dtype).
+    pub fn with_dtype(
+        gpu: Arc<Gpu>,
+        kernels: Arc<Kernels>,
+        cfg: HymbaConfig,
+        opts: &ModelOptions,
+        dtype: WeightDtype,
+    ) -> ModelBuilder {
+        ModelBuilder {
+            missing: expected_tensors(&cfg).into_iter().collect(),
+            gpu,
+            kernels,
+            cfg,
+            opts: opts.clone(),
+            dtype,
+            pending: HashMap::new(),
+            pending_q: HashMap::new(),
+            buffers: HashMap::new(),
+            matrices: HashMap::new(),
+            report: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, name: String, dtype: WeightDtype, shape: Vec<usize>, bytes: u64) {
+        self.report.push(TensorStorage {
+            name,
+            dtype,
+            shape,
+            bytes,
+        });
+    }
+
+    fn note_matrix(&mut self, name: String, m: &Matrix) {
+        let bytes = m.parts.iter().map(|p| p.buf.size()).sum();
+        self.note(name, m.dtype, vec![m.rows, m.cols], bytes);
+    }
+
+    fn note_buffer(&mut self, name: &str, shape: Vec<usize>, b: &wgpu::Buffer) {
+        self.note(name.to_string(), WeightDtype::F32, shape, b.size());
+    }
+
+    /// Takes one tensor of a pre-quantized checkpoint ([`Checkpoint::quantized_bytes`]): the
+    /// packed words of a q8 / q4 matrix of logical `shape`, uploaded as they are (gate and up
+    /// are joined without requantizing). Its dtype must be the builder's.
+    pub fn add_quantized(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: WeightDtype,
+        bytes: Vec<u8>,
+    ) -> Result<()> {
+        self.check_shape(name, shape)?;
+        if dtype != self.dtype {
+            return Err(Error::DtypeConflict {
+                stored: dtype.name().into(),
+                requested: self.dtype.name().into(),
+            });
+        }
+        if self.missing.remove(name).is_none() {
+            return Ok(());
+        }
+        let g = &*self.gpu;
+        let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+        let layer_part = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .map(|(_, rest)| rest);
+        match layer_part {
+            Some("moe.experts.0.gate_proj.weight" | "moe.experts.0.up_proj.weight") => {
+                let base = name
+                    .rsplit_once("moe.experts.0.")
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or_default();
+                let gate = format!("{base}moe.experts.0.gate_proj.weight");
+                let up = format!("{base}moe.experts.0.up_proj.weight");
+                self.pending_q.insert(name.to_string(), (bytes, rows));
+                if self.pending_q.contains_key(&gate) && self.pending_q.contains_key(&up) {
+                    let (gb, gr) = self.pending_q.remove(&gate).unwrap_or_default();
+                    let (ub, ur) = self.pending_q.remove(&up).unwrap_or_default();
+                    let joined =
+                        crate::kernels::stack_quantized(&[(&gb, gr), (&ub, ur)], cols, dtype);
+                    let label = joined_name(&[&gate, &up]);
+                    let m =
+                        Matrix::upload_quantized_bytes(g, &label, &joined, gr + ur, cols, dtype)?;
+                    self.note_matrix(label, &m);
+                    self.matrices.insert(format!("{base}gate_up"), m);
+                }
+            }
+            _ => {
+                let m = Matrix::upload_quantized_bytes(g, name, &bytes, rows, cols, dtype)?;
+                self.note_matrix(name.to_string(), &m);
+                self.matrices.insert(name.to_string(), m);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `name` is a tensor the model still needs.
+    pub fn wants(&self, name: &str) -> bool {
+        self.missing.contains_key(name)
+    }
+
+    /// Checks a tensor's shape against config.json before its bytes arrive.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        match self.missing.get(name) {
+            Some(want) if want.as_slice() != shape => Err(Error::Shape {
+                name: name.to_string(),
+                found: shape.to_vec(),
+                expected: want.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes one tensor (widened to f32, row-major); names the model does not use are ignored.
+    pub fn add(&mut self, name: &str, shape: &[usize], data: Vec<f32>) -> Result<()> {
+        self.check_shape(name, shape)?;
+        if self.missing.remove(name).is_none() {
+            return Ok(());
+        }
+        let g = &*self.gpu;
+        let cols: usize = shape[1..].iter().product();
+        let rows = if cols == 0 { 0 } else { data.len() / cols };
+        let layer_part = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .map(|(_, rest)| rest);
+        match (name, layer_part) {
+            ("model.embed_tokens.weight" | "lm_head.weight", _)
+            | (
+                _,
+                Some(
+                    "mamba.in_proj.weight"
+                    | "mamba.out_proj.weight"
+                    | "moe.experts.0.down_proj.weight",
+                ),
+            ) => {
+                let m = Matrix::upload(g, name, &data, rows, cols, self.dtype)?;
+                self.note_matrix(name.to_string(), &m);
+                self.matrices.insert(name.to_string(), m);
+            }
+            // The fused decode kernels bind x_proj (dt_rank + 2 d_state rows) and dt_proj
+            // (d_inner x dt_rank) whole: both are small.
+            (_, Some("mamba.x_proj.0.weight" | "mamba.dt_proj.0.weight")) => {
+                let m =
+                    Matrix::upload_parts(g, name, &data, rows, cols, WeightDtype::F32, u64::MAX)?;
+                self.note_matrix(name.to_string(), &m);
+                self.matrices.insert(name.to_string(), m);
+            }
+            (_, Some("moe.experts.0.gate_proj.weight" | "moe.experts.0.up_proj.weight")) => {
+                let base = name
+                    .rsplit_once("moe.experts.0.")
+                    .map(|(b, _)| b.to_string())
+                    .unwrap_or_default();
+                let gate = format!("{base}moe.experts.0.gate_proj.weight");
+                let up = format!("{base}moe.experts.0.up_proj.weight");
+                self.pending.insert(name.to_string(), data);
+                if self.pending.contains_key(&gate) && self.pending.contains_key(&up) {
+                    let mut gu = self.pending.remove(&gate).unwrap_or_default();
+                    gu.extend(self.pending.remove(&up).unwrap_or_default());
+                    let rows = gu.len() / cols.max(1);
+                    let label = joined_name(&[&gate, &up]);
+                    let m = Matrix::upload(g, &label, &gu, rows, cols, self.dtype)?;
+                    self.note_matrix(label, &m);
+                    self.matrices.insert(format!("{base}gate_up"), m);
+                }
+            }
+            ("model.memory_tokens" | "model.final_layernorm.weight", _)
+            | (_, Some("input_layernorm.weight" | "pre_moe_layernorm.weight")) => {
+                let b = g.upload(name, &data)?;
+                self.note_buffer(name, shape.to_vec(), &b);
+                self.buffers.insert(name.to_string(), b);
+            }
+            _ => {
+                self.pending.insert(name.to_string(), data);
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the tensors received so far that still wait on the CPU.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.values().map(|v| v.len() as u64 * 4).sum()
+    }
+
+    /// Assembles the model once every tensor has arrived (an error names the first missing
+    /// one) and computes the meta-token prefix.
+    pub async fn finish(mut self) -> Result<Model> {
+        if let Some(name) = expected_tensors(&self.cfg)
+            .into_iter()
+            .map(|t| t.0)
+            .find(|n| self.missing.contains_key(n))
+        {
+            return Err(Error::MissingTensor {
+                name,
+                files: "the checkpoint's safetensors files".into(),
+            });
+        }
+        let cfg = self.cfg.clone();
+        let g = &*self.gpu;
+        let mut take_m = |name: &str| -> Result<Matrix> {
+            let m = self
+                .matrices
+                .remove(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: "the checkpoint's safetensors files".into(),
+                })?;
+            Ok(m)
+        };
+        let embed = take_m("model.embed_tokens.weight")?;
+        let lm_head = if cfg.raw.tie_word_embeddings {
+            None
+        } else {
+            Some(take_m("lm_head.weight")?)
+        };
+        let mut layer_mats = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |s: &str| format!("model.layers.{i}.{s}");
+            layer_mats.push((
+                take_m(&n("mamba.in_proj.weight"))?,
+                take_m(&n("mamba.x_proj.0.weight"))?,
+                take_m(&n("mamba.dt_proj.0.weight"))?,
+                take_m(&n("mamba.out_proj.weight"))?,
+                take_m(&n("gate_up"))?,
+                take_m(&n("moe.experts.0.down_proj.weight"))?,
+            ));
+        }
+        let mut take_v = |name: &str| -> Vec<f32> { self.pending.remove(name).unwrap_or_default() };
+        let mut take_b = |name: &str| -> Result<wgpu::Buffer> {
+            self.buffers
+                .remove(name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    files: "the checkpoint's safetensors files".into(),
+                })
+        };
+        let meta = if cfg.n_meta > 0 {
+            take_b("model.memory_tokens")?
+        } else {
+            g.buffer("no meta tokens", 16)?
+        };
+        let final_norm = take_b("model.final_layernorm.weight")?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        let mut extra: Vec<TensorStorage> = Vec::new();
+        for (i, (in_proj, x_proj, dt_proj, out_proj, gate_up, down)) in
+            layer_mats.into_iter().enumerate()
+        {
+            let n = |s: &str| format!("model.layers.{i}.{s}");
+            let mut conv = take_v(&n("mamba.conv1d.weight"));
+            if cfg.conv_bias {
+                conv.extend(take_v(&n("mamba.conv1d.bias")));
+            } else {
+                conv.extend(std::iter::repeat_n(0.0, cfg.d_inner));
+            }
+            let mut consts: Vec<f32> = take_v(&n("mamba.A_log.0"))
+                .iter()
+                .map(|a| -a.exp())
+                .collect();
+            consts.extend(take_v(&n("mamba.dt_proj.0.bias")));
+            consts.extend(take_v(&n("mamba.D.0")));
+            let mut pre_avg = take_v(&n("mamba.pre_avg_layernorm1.weight"));
+            pre_avg.extend(take_v(&n("mamba.pre_avg_layernorm2.weight")));
+            // Buffers computed from several tensors, named as in the weight report.
+            let mut derived = |name: String, data: &[f32]| -> Result<wgpu::Buffer> {
+                let b = g.upload(&name, data)?;
+                extra.push(TensorStorage {
+                    name,
+                    dtype: WeightDtype::F32,
+                    shape: vec![data.len()],
+                    bytes: b.size(),
+                });
+                Ok(b)
+            };
+            let conv = derived(n("mamba.conv1d.weight+bias"), &conv)?;
+            let ssm_consts = derived(n("mamba.-exp(A_log.0)+dt_proj.0.bias+D.0"), &consts)?;
+            let pre_avg = derived(n("mamba.pre_avg_layernorm1+2.weight"), &pre_avg)?;
+            let (inner_norms, inner_norms_cat) = if cfg.inner_norms {
+                let names = [
+                    n("mamba.dt_layernorm.weight"),
+                    n("mamba.B_layernorm.weight"),
+                    n("mamba.C_layernorm.weight"),
+                ];
+                let (dt, b, c) = (take_v(&names[0]), take_v(&names[1]), take_v(&names[2]));
+                let cat: Vec<f32> = dt.iter().chain(&b).chain(&c).copied().collect();
+                let sep = (
+                    derived(names[0].clone(), &dt)?,
+                    derived(names[1].clone(), &b)?,
+                    derived(names[2].clone(), &c)?,
+                );
+                // The same three again, concatenated for the fused decode scan.
+                let cat = derived(n("mamba.dt+B+C_layernorm.weight (fused decode copy)"), &cat)?;
+                (Some(sep), Some(cat))
+            } else {
+                (None, None)
+            };
+            layers.push(LayerWeights {
+                input_norm: take_b(&n("input_layernorm.weight"))?,
+                in_proj,
+                conv,
+                x_proj,
+                inner_norms,
+                inner_norms_cat,
+                dt_proj,
+                ssm_consts,
+                pre_avg,
+                out_proj,
+                pre_mlp_norm: take_b(&n("pre_moe_layernorm.weight"))?,
+                gate_up,
+                down,
+            });
+        }
+        let mut report = std::mem::take(&mut self.report);
+        report.extend(extra);
+        Model::assemble(
+            self.gpu.clone(),
+            self.kernels.clone(),
+            cfg,
+            self.dtype,
+            embed,
+            lm_head,
+            meta,
+            final_norm,
+            layers,
+            &self.opts,
+            report,
+        )
+        .await
+    }
+}
+
 impl Model {
     /// Uploads a validated checkpoint and computes the meta-token prefix.
     ///
@@ -362,7 +653,7 @@ impl Model {
         kernels: Arc<Kernels>,
         ck: &Checkpoint,
         opts: &ModelOptions,
-        progress: impl FnMut(u64, u64),
+        mut progress: impl FnMut(u64, u64),
     ) -> Result<Model> {
         let cfg = ck.config.clone();
         let chosen = match opts.dtype {
@@ -389,127 +680,19 @@ impl Model {
                 }
             }
         };
-        let mut up = Uploader {
-            gpu: &gpu,
-            ck,
-            report: Vec::new(),
-            done: 0,
-            total: ck.stored_bytes(),
-            progress,
-        };
-        let embed = up.matrix(&["model.embed_tokens.weight"], dtype)?;
-        let lm_head = if cfg.raw.tie_word_embeddings {
-            None
-        } else {
-            Some(up.matrix(&["lm_head.weight"], dtype)?)
-        };
-        let meta = if cfg.n_meta > 0 {
-            up.vector("model.memory_tokens")?
-        } else {
-            gpu.buffer("no meta tokens", 16)?
-        };
-        let final_norm = up.vector("model.final_layernorm.weight")?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let p = format!("model.layers.{i}.");
-            let n = |s: &str| format!("{p}{s}");
-            let input_norm = up.vector(&n("input_layernorm.weight"))?;
-            let in_proj = up.matrix(&[&n("mamba.in_proj.weight")], dtype)?;
-            let x_proj = up.matrix(&[&n("mamba.x_proj.0.weight")], WeightDtype::F32)?;
-            let dt_proj = up.matrix(&[&n("mamba.dt_proj.0.weight")], WeightDtype::F32)?;
-            let out_proj = up.matrix(&[&n("mamba.out_proj.weight")], dtype)?;
-            let gate_up = up.matrix(
-                &[
-                    &n("moe.experts.0.gate_proj.weight"),
-                    &n("moe.experts.0.up_proj.weight"),
-                ],
-                dtype,
-            )?;
-            let down = up.matrix(&[&n("moe.experts.0.down_proj.weight")], dtype)?;
-            let mut conv = ck.f32(&n("mamba.conv1d.weight"))?;
-            if cfg.conv_bias {
-                conv.extend(ck.f32(&n("mamba.conv1d.bias"))?);
-            } else {
-                conv.extend(std::iter::repeat_n(0.0, cfg.d_inner));
+        let mut b = ModelBuilder::with_dtype(gpu, kernels, cfg.clone(), opts, dtype);
+        let total = ck.stored_bytes();
+        let mut done = 0u64;
+        for (name, shape) in expected_tensors(&cfg) {
+            match ck.quantized_bytes(&name)? {
+                Some((qd, bytes)) => b.add_quantized(&name, &shape, qd, bytes.to_vec())?,
+                None => b.add(&name, &shape, ck.f32(&name)?)?,
             }
-            let conv = up.derived(
-                &n("mamba.conv1d.weight+bias"),
-                &conv,
-                &[&n("mamba.conv1d.weight"), &n("mamba.conv1d.bias")],
-            )?;
-            let mut consts: Vec<f32> = ck
-                .f32(&n("mamba.A_log.0"))?
-                .iter()
-                .map(|a| -a.exp())
-                .collect();
-            consts.extend(ck.f32(&n("mamba.dt_proj.0.bias"))?);
-            consts.extend(ck.f32(&n("mamba.D.0"))?);
-            let ssm_consts = up.derived(
-                &n("mamba.-exp(A_log.0)+dt_proj.0.bias+D.0"),
-                &consts,
-                &[
-                    &n("mamba.A_log.0"),
-                    &n("mamba.dt_proj.0.bias"),
-                    &n("mamba.D.0"),
-                ],
-            )?;
-            let mut pre_avg = ck.f32(&n("mamba.pre_avg_layernorm1.weight"))?;
-            pre_avg.extend(ck.f32(&n("mamba.pre_avg_layernorm2.weight"))?);
-            let pre_avg = up.derived(
-                &n("mamba.pre_avg_layernorm1+2.weight"),
-                &pre_avg,
-                &[
-                    &n("mamba.pre_avg_layernorm1.weight"),
-                    &n("mamba.pre_avg_layernorm2.weight"),
-                ],
-            )?;
-            let (inner_norms, inner_norms_cat) = if cfg.inner_norms {
-                let names = [
-                    n("mamba.dt_layernorm.weight"),
-                    n("mamba.B_layernorm.weight"),
-                    n("mamba.C_layernorm.weight"),
-                ];
-                let sep = (
-                    up.vector(&names[0])?,
-                    up.vector(&names[1])?,
-                    up.vector(&names[2])?,
-                );
-                // The same three again, concatenated for the fused decode scan.
-                let mut v = ck.f32(&names[0])?;
-                v.extend(ck.f32(&names[1])?);
-                v.extend(ck.f32(&names[2])?);
-                let cat = up.derived(
-                    &n("mamba.dt+B+C_layernorm.weight (fused decode copy)"),
-                    &v,
-                    &[],
-                )?;
-                (Some(sep), Some(cat))
-            } else {
-                (None, None)
-            };
-            let pre_mlp_norm = up.vector(&n("pre_moe_layernorm.weight"))?;
-            layers.push(LayerWeights {
-                input_norm,
-                in_proj,
-                conv,
-                x_proj,
-                inner_norms,
-                inner_norms_cat,
-                dt_proj,
-                ssm_consts,
-                pre_avg,
-                out_proj,
-                pre_mlp_norm,
-                gate_up,
-                down,
-            });
+            done += ck.stored_bytes_of(&name);
+            progress(done.min(total), total);
         }
-        (up.progress)(up.total, up.total);
-        let report = up.report;
-        Self::assemble(
-            gpu, kernels, cfg, dtype, embed, lm_head, meta, final_norm, layers, opts, report,
-        )
-        .await
+        progress(total, total);
+        b.finish().await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -624,6 +807,27 @@ impl Model {
     /// size in bytes, measured from the uploaded buffers, in upload order.
     pub fn weight_report(&self) -> &[TensorStorage] {
         &self.weight_report
+    }
+
+    /// The weight matrices split across several buffers (larger than one storage binding),
+    /// with their part counts.
+    pub fn split_matrices(&self) -> Vec<(String, usize)> {
+        let mut all: Vec<&Matrix> = vec![&self.embed];
+        all.extend(self.lm_head.as_ref());
+        for l in &self.layers {
+            all.extend([
+                &l.in_proj,
+                &l.x_proj,
+                &l.dt_proj,
+                &l.out_proj,
+                &l.gate_up,
+                &l.down,
+            ]);
+        }
+        all.into_iter()
+            .filter(|m| m.parts.len() > 1)
+            .map(|m| (m.label.clone(), m.parts.len()))
+            .collect()
     }
 
     /// A sequence with nothing in it (not even the meta tokens).

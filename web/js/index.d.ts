@@ -4,10 +4,15 @@ export declare const CACHE_NAME: string;
 
 export interface Progress {
   phase: 'download' | 'read' | 'upload';
-  /** Bytes loaded so far (all files, or uploaded to the GPU in the 'upload' phase). */
+  /**
+   * Bytes so far. 'download': fetched into the Cache API (all files); 'upload': bytes of the
+   * weights files streamed into the engine, which uploads each tensor as soon as it is complete
+   * (a picked File or an uncached download streams in this phase). 'read' is no longer used.
+   */
   loaded: number;
   total: number;
-  /** Per file: bytes loaded / total (download and read phases). */
+  /** Per file: bytes loaded / total (download phase); `file`: the file being streamed (upload phase). */
+  file?: string;
   files?: Record<string, { loaded: number; total: number }>;
   fromCache?: boolean;
 }
@@ -16,7 +21,8 @@ export interface LoadOptions {
   onProgress?: (p: Progress) => void;
   /** Keep downloads in the Cache API and reuse them (default true). */
   cache?: boolean;
-  dtype?: 'auto' | 'f32' | 'f16';
+  /** Weight storage: 'auto' (f32 up to 1 GiB of f32 weights, f16 above), 'f32', 'f16', or block-quantized 'q8' / 'q4'. */
+  dtype?: 'auto' | 'f32' | 'f16' | 'q8' | 'q4';
   maxPositions?: number;
   name?: string;
 }
@@ -153,8 +159,17 @@ export declare function init(source?: unknown): Promise<void>;
 /** Makes a Node WebGPU object (e.g. `create([])` from the `webgpu` package) the engine's navigator.gpu. */
 export declare function useNodeWebGPU(gpu: unknown): void;
 export declare function detectWebGPU(): Promise<{ ok: boolean; reason: string; adapter?: Record<string, unknown> }>;
-export declare function createEngine(options?: { allowShaderF16?: boolean; wasm?: unknown }): Promise<Engine>;
-export declare function createWorkerEngine(options?: { allowShaderF16?: boolean; workerUrl?: string | URL }): Promise<WorkerEngine>;
+/**
+ * The device is requested with the adapter's limits; maxStorageBufferBindingSize / maxBufferSize
+ * cap that request (e.g. WebGPU's defaults 134217728 / 268435456, to check a model on any adapter).
+ * Weight tensors larger than a binding are split across several buffers.
+ */
+export interface EngineOptions { allowShaderF16?: boolean; maxStorageBufferBindingSize?: number; maxBufferSize?: number }
+export declare function createEngine(options?: EngineOptions & { wasm?: unknown }): Promise<Engine>;
+export declare function createWorkerEngine(options?: EngineOptions & { workerUrl?: string | URL }): Promise<WorkerEngine>;
+/** Bytes of the engine's WebAssembly memory (it only grows, so this is the peak so far). */
+export declare function wasmMemoryBytes(): number;
+/** Downloads a model's files into memory (and the Cache API). loadModel does not use it: it streams. */
 export declare function fetchModelFiles(base: string, options?: { cache?: boolean; onProgress?: (p: Omit<Progress, 'phase'>) => void; fetchOptions?: RequestInit }): Promise<{ base: string; files: Record<string, Uint8Array>; fromCache: boolean }>;
 export declare function listCachedModels(): Promise<CachedModel[]>;
 export declare function deleteCachedModel(base?: string): Promise<boolean>;

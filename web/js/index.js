@@ -30,6 +30,11 @@ export function init(source) {
   return initPromise;
 }
 
+/** Bytes of the engine's WebAssembly memory (it only grows: the peak so far); 0 before init(). */
+export function wasmMemoryBytes() {
+  try { return wasm.wasmMemoryBytes(); } catch (_) { return 0; }
+}
+
 /** Makes a Node WebGPU implementation (e.g. the `webgpu` npm package's `create([])`) visible to the engine. */
 export function useNodeWebGPU(gpu) {
   globalThis.__hymbaGpu = gpu; // keep it referenced (dawn.node crashes if it is collected)
@@ -199,20 +204,190 @@ export async function deleteCachedModel(base) {
   return any;
 }
 
-async function filesFromPicked(list, onProgress) {
-  const files = {};
-  const progress = { files: {}, loaded: 0, total: 0, fromCache: false };
-  for (const f of list) {
-    const name = (f.name || '').split('/').pop();
-    let bytes;
-    if (f.data) bytes = f.data instanceof Uint8Array ? f.data : new Uint8Array(f.data);
-    else bytes = new Uint8Array(await f.arrayBuffer());
-    files[name] = bytes;
-    progress.files[name] = { loaded: bytes.length, total: bytes.length };
-    progress.loaded += bytes.length; progress.total += bytes.length;
-    onProgress && onProgress({ ...progress, files: { ...progress.files } });
+// ---------------------------------------------------------------- streamed model sources
+// A source opens each file as an async iterable of Uint8Array chunks, so loadModel never holds
+// a whole weights file: bytes go from the network, the Cache API or a picked File straight to
+// the engine, which uploads each tensor as soon as it is complete.
+
+async function* streamChunks(stream) {
+  const reader = stream.getReader();
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) return;
+      yield value;
+    }
+  } finally {
+    reader.releaseLock();
   }
-  return files;
+}
+
+function* byteChunks(bytes, size = 1 << 20) {
+  for (let o = 0; o < bytes.length; o += size) yield bytes.subarray(o, Math.min(o + size, bytes.length));
+}
+
+async function readAll(chunks) {
+  const parts = [];
+  let n = 0;
+  for await (const c of chunks) { parts.push(c); n += c.length; }
+  const out = new Uint8Array(n);
+  let o = 0;
+  for (const c of parts) { out.set(c, o); o += c.length; }
+  return out;
+}
+
+/** Picked files (File / Blob with .stream(), or {name, data}). */
+function pickedSource(list) {
+  const byName = new Map();
+  for (const f of list) byName.set((f.name || '').split('/').pop(), f);
+  return {
+    name: 'local files',
+    has: (n) => byName.has(n),
+    size: (n) => { const f = byName.get(n); return f ? (f.data ? (f.data.byteLength ?? f.data.length) : f.size) : 0; },
+    open: (n) => {
+      const f = byName.get(n);
+      if (!f) throw new Error(`the model files have no ${n}`);
+      if (f.data) return byteChunks(f.data instanceof Uint8Array ? f.data : new Uint8Array(f.data));
+      return streamChunks(f.stream());
+    },
+    names: () => [...byName.keys()],
+  };
+}
+
+/**
+ * A model folder URL. With the Cache API, every file is first stored in the cache as it
+ * downloads (streamed into the cache, never held whole), then read back from it in chunks;
+ * a complete cached copy is used without any network request. Without the Cache API (Node,
+ * or cache: false) the download streams straight into the engine.
+ */
+async function urlSource(base, { cache: useCache = true, onProgress, fetchOptions } = {}) {
+  base = normBase(base);
+  const cache = await openCache(useCache);
+  const progress = { files: {}, loaded: 0, total: 0, fromCache: false };
+  const report = () => onProgress && onProgress({ ...progress, files: { ...progress.files } });
+  const onFile = (name, loaded, total) => {
+    progress.files[name] = { loaded, total };
+    progress.loaded = Object.values(progress.files).reduce((a, f) => a + f.loaded, 0);
+    progress.total = Object.values(progress.files).reduce((a, f) => a + f.total, 0);
+    report();
+  };
+  const sizes = new Map();
+  const fromCache = (name) => cache.match(base + name);
+  const cachedSource = (names) => ({
+    name: base,
+    fromCache: true,
+    has: (n) => names.includes(n),
+    size: (n) => sizes.get(n) || 0,
+    open: async function* (n) {
+      const r = await fromCache(n);
+      if (!r) throw new Error(`${base + n} disappeared from the Cache API while loading; load the model again`);
+      yield* streamChunks(r.body);
+    },
+    names: () => names,
+  });
+  if (cache) {
+    const m = await fromCache(MANIFEST);
+    if (m) {
+      const manifest = await m.json();
+      let complete = true;
+      for (const name of manifest.files) {
+        const r = await fromCache(name);
+        if (!r) { complete = false; break; }
+        sizes.set(name, Number(r.headers.get('content-length')) || 0);
+      }
+      if (complete) { progress.fromCache = true; report(); return cachedSource(manifest.files); }
+    }
+  }
+  const fetchFile = async (name, optional) => {
+    const url = base + name;
+    let resp;
+    try { resp = await fetch(url, fetchOptions); } catch (e) {
+      if (optional) return null;
+      throw new Error(`cannot download ${url}: ${e && e.message || e} (offline, or the server does not allow cross-origin requests)`);
+    }
+    if (!resp.ok) {
+      if (optional) return null;
+      throw new Error(`cannot download ${url}: HTTP ${resp.status} ${resp.statusText}`);
+    }
+    return resp;
+  };
+  // Which files exist: config, weights (single file or index + shards), tokenizer files.
+  const small = {};
+  const smallFile = async (name, optional) => {
+    const r = await fetchFile(name, optional);
+    if (!r) return null;
+    const b = new Uint8Array(await r.arrayBuffer());
+    onFile(name, b.length, b.length);
+    small[name] = b;
+    sizes.set(name, b.length);
+    return b;
+  };
+  await smallFile('config.json', false);
+  let weights = [];
+  const single = await fetchFile('model.safetensors', true);
+  const pendingResp = new Map();
+  if (single) {
+    weights = ['model.safetensors'];
+    pendingResp.set('model.safetensors', single);
+  } else {
+    const idx = await smallFile('model.safetensors.index.json', true);
+    if (!idx) throw new Error(`${base} has neither model.safetensors nor model.safetensors.index.json`);
+    await init();
+    weights = wasm.shardNames(new TextDecoder().decode(idx));
+  }
+  await smallFile('tokenizer.json', true);
+  await smallFile('tokenizer_config.json', true);
+  const openNet = async (name) => {
+    let r = pendingResp.get(name);
+    pendingResp.delete(name);
+    if (!r) r = await fetchFile(name, false);
+    sizes.set(name, Number(r.headers.get('content-length')) || 0);
+    return r;
+  };
+  const names = [...Object.keys(small), ...weights];
+  if (cache) {
+    // Download every weights file into the cache (streamed: the body goes to disk as it comes).
+    try {
+      for (const [name, bytes] of Object.entries(small))
+        await cache.put(base + name, new Response(bytes, { headers: { 'content-type': 'application/octet-stream', 'content-length': String(bytes.length) } }));
+      for (const name of weights) {
+        const r = await openNet(name);
+        const total = sizes.get(name);
+        let loaded = 0, last = 0;
+        const counted = r.body.pipeThrough(new TransformStream({
+          transform(chunk, ctl) {
+            loaded += chunk.length;
+            if (loaded - last > (1 << 20) || loaded === total) { onFile(name, loaded, total || loaded); last = loaded; }
+            ctl.enqueue(chunk);
+          },
+        }));
+        const headers = { 'content-type': 'application/octet-stream' };
+        if (total) headers['content-length'] = String(total);
+        await cache.put(base + name, new Response(counted, { headers }));
+        onFile(name, loaded, loaded);
+        sizes.set(name, loaded);
+      }
+      const manifest = { base, files: names, bytes: names.reduce((a, n) => a + (sizes.get(n) || 0), 0), saved: new Date().toISOString() };
+      await cache.put(base + MANIFEST, new Response(JSON.stringify(manifest), { headers: { 'content-type': 'application/json' } }));
+      return cachedSource(names);
+    } catch (e) {
+      console.warn(`hymba-web: could not keep ${base} in the Cache API (${e && e.message || e}); loading it straight from the network, it will be downloaded again next time`);
+      pendingResp.clear();
+    }
+  }
+  return {
+    name: base,
+    fromCache: false,
+    has: (n) => names.includes(n),
+    size: (n) => sizes.get(n) || 0,
+    open: async function* (n) {
+      if (small[n]) { yield small[n]; return; }
+      const r = await openNet(n);
+      let loaded = 0;
+      for await (const c of streamChunks(r.body)) { loaded += c.length; onFile(n, loaded, sizes.get(n) || loaded); yield c; }
+    },
+    names: () => names,
+  };
 }
 
 // ---------------------------------------------------------------- engine & model (in this thread)
@@ -221,7 +396,7 @@ async function filesFromPicked(list, onProgress) {
 export async function createEngine(options = {}) {
   await init(options.wasm);
   let eng;
-  try { eng = await wasm.Engine.create(JSON.stringify({ allow_shader_f16: options.allowShaderF16 })); } catch (e) { throw errorFrom(e); }
+  try { eng = await wasm.Engine.create(JSON.stringify({ allow_shader_f16: options.allowShaderF16, maxStorageBufferBindingSize: options.maxStorageBufferBindingSize, maxBufferSize: options.maxBufferSize })); } catch (e) { throw errorFrom(e); }
   return new Engine(eng);
 }
 
@@ -235,34 +410,49 @@ export class Engine {
    */
   async loadModel(source, options = {}) {
     const onProgress = options.onProgress || (() => {});
-    let files, name = options.name;
+    let src;
     if (typeof source === 'string' || source instanceof URL) {
-      const r = await fetchModelFiles(String(source), { cache: options.cache !== false, onProgress: (p) => onProgress({ phase: 'download', ...p }) });
-      files = r.files;
-      name = name || r.base;
+      src = await urlSource(String(source), { cache: options.cache !== false, onProgress: (p) => onProgress({ phase: 'download', ...p }) });
     } else if (source && source.files) {
-      files = await filesFromPicked(Array.from(source.files), (p) => onProgress({ phase: 'read', ...p }));
-      name = name || 'local files';
+      src = pickedSource(Array.from(source.files));
     } else throw new TypeError('loadModel: give a base URL or {files}');
+    const name = options.name || src.name;
     const td = new TextDecoder();
-    if (!files['config.json']) throw new Error('the model files have no config.json');
-    let weights = Object.keys(files).filter((n) => n.endsWith('.safetensors'));
-    if (files['model.safetensors']) weights = ['model.safetensors'];
-    else if (files['model.safetensors.index.json']) {
-      const shards = wasm.shardNames(td.decode(files['model.safetensors.index.json']));
-      for (const s of shards) if (!files[s]) throw new Error(`missing shard ${s} (listed in model.safetensors.index.json)`);
-      weights = shards;
-    }
+    const text = async (n) => (src.has(n) ? td.decode(await readAll(src.open(n))) : undefined);
+    const config = await text('config.json');
+    if (config === undefined) throw new Error('the model files have no config.json');
+    let weights;
+    if (src.has('model.safetensors')) weights = ['model.safetensors'];
+    else if (src.has('model.safetensors.index.json')) {
+      weights = wasm.shardNames(await text('model.safetensors.index.json'));
+      for (const s of weights) if (!src.has(s)) throw new Error(`missing shard ${s} (listed in model.safetensors.index.json)`);
+    } else weights = src.names().filter((n) => n.endsWith('.safetensors'));
     if (!weights.length) throw new Error('the model files have no model.safetensors (or index and shards)');
-    const data = weights.map((n) => files[n]);
-    const tokCfg = files['tokenizer_config.json'] ? td.decode(files['tokenizer_config.json']) : undefined;
+    const tokenizer = src.has('tokenizer.json') ? await readAll(src.open('tokenizer.json')) : undefined;
+    const tokCfg = await text('tokenizer_config.json');
     const opts = JSON.stringify({ dtype: options.dtype, max_positions: options.maxPositions, name });
-    let m;
+    let loader = null;
     try {
-      m = await this._e.loadModel(td.decode(files['config.json']), weights, data, files['tokenizer.json'], tokCfg, opts,
-        (done, total) => onProgress({ phase: 'upload', loaded: done, total }));
-    } catch (e) { throw errorFrom(e); }
-    return new Model(m);
+      loader = this._e.beginLoad(config, tokenizer, tokCfg, opts);
+      const total = weights.reduce((a, n) => a + src.size(n), 0);
+      let done = 0, last = 0;
+      for (const file of weights) {
+        loader.beginFile(file);
+        for await (const chunk of src.open(file)) {
+          loader.push(chunk);
+          done += chunk.length;
+          if (done - last > (4 << 20)) { onProgress({ phase: 'upload', file, loaded: done, total: Math.max(total, done) }); last = done; }
+        }
+        loader.endFile();
+      }
+      onProgress({ phase: 'upload', loaded: done, total: Math.max(total, done) });
+      const m = await loader.finish();
+      return new Model(m);
+    } catch (e) {
+      throw errorFrom(e);
+    } finally {
+      if (loader) loader.free();
+    }
   }
   dispose() { if (this._e) { this._e.free(); this._e = null; } }
 }
@@ -381,7 +571,7 @@ export async function createWorkerEngine(options = {}) {
       worker.postMessage({ id, op, args }, files);
     });
   }
-  await call('create', [{ allowShaderF16: options.allowShaderF16 }]);
+  await call('create', [{ allowShaderF16: options.allowShaderF16, maxStorageBufferBindingSize: options.maxStorageBufferBindingSize, maxBufferSize: options.maxBufferSize }]);
   const engineInfo = await call('engineInfo');
   class WorkerModel {
     constructor(handle) { this.handle = handle; this.chat = makeChat(this); }
@@ -401,7 +591,8 @@ export async function createWorkerEngine(options = {}) {
     async loadModel(source, options = {}) {
       const { onProgress, ...rest } = options;
       let src = source;
-      if (source && source.files) src = { files: await Promise.all(Array.from(source.files).map(async (f) => ({ name: f.name, data: f.data || new Uint8Array(await f.arrayBuffer()) }))) };
+      // Files (structured-cloneable) go to the worker as they are; it streams them.
+      if (source && source.files) src = { files: Array.from(source.files).map((f) => (f.data ? { name: f.name, data: f.data } : f)) };
       else src = String(source instanceof URL ? source.href : normBase(source));
       const handle = await call('load', [src, rest], { onProgress });
       return new WorkerModel(handle);

@@ -4,17 +4,19 @@
 use crate::chat::{next_turn_ids, render, split_system, Message, StopFilter, REPLY_STOPS};
 use crate::{GenOptions, LoadOptions, REQUIRED_LIMITS};
 use hymba_engine::cache::Sequence;
+use hymba_engine::config::HymbaConfig;
 use hymba_engine::generate::{GenerateOptions, Generation, StopReason};
 use hymba_engine::gpu::{describe_adapter, Gpu, GpuOptions};
 use hymba_engine::kernels::Kernels;
-use hymba_engine::loader::{shard_names, Checkpoint};
-use hymba_engine::model::{DtypeChoice, Model, ModelOptions};
+use hymba_engine::loader::{expected_tensors, shard_names, TensorStream};
+use hymba_engine::model::{DtypeChoice, Model, ModelBuilder, ModelOptions};
 use hymba_engine::sampling::SamplingParams;
 use hymba_engine::tokenizer::Tokenizer;
 use hymba_engine::Error;
-use js_sys::{Function, Promise, Reflect, Uint8Array};
+use js_sys::{Function, Promise, Reflect};
 use serde_json::{json, Value};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use wasm_bindgen::prelude::*;
@@ -161,6 +163,12 @@ impl Engine {
         #[serde(default)]
         struct O {
             allow_shader_f16: Option<bool>,
+            /// Caps of the device request (WebGPU names): e.g. the defaults, 134217728 and
+            /// 268435456, to check that a model loads on any conforming adapter.
+            #[serde(rename = "maxStorageBufferBindingSize")]
+            max_storage_buffer_binding_size: Option<u64>,
+            #[serde(rename = "maxBufferSize")]
+            max_buffer_size: Option<u64>,
         }
         let o: O = parse_json(options_json, "engine options")?;
         if navigator_gpu().is_none() {
@@ -171,6 +179,8 @@ impl Engine {
         }
         let opts = GpuOptions {
             allow_shader_f16: o.allow_shader_f16.unwrap_or(true),
+            max_storage_buffer_binding_size: o.max_storage_buffer_binding_size,
+            max_buffer_size: o.max_buffer_size,
             ..GpuOptions::default()
         };
         let gpu = Gpu::new(&opts).await.map_err(|e| match e {
@@ -218,94 +228,181 @@ impl Engine {
         .to_string()
     }
 
-    /// Uploads a checkpoint. `names[i]` / `data[i]` are the safetensors files (a single
-    /// `model.safetensors` or the shards of an index); `progress(done, total)` reports
-    /// bytes uploaded to the GPU. Resolves to a `HymbaModel`.
-    #[wasm_bindgen(js_name = loadModel)]
-    pub fn load_model(
+    /// Starts loading a model whose safetensors files are then streamed through the returned
+    /// [`ModelLoader`] (`beginFile`, `push` chunks, `endFile`, then `finish`). Each tensor is
+    /// converted and uploaded as soon as its bytes are in and then dropped, so wasm memory holds
+    /// about one tensor, never a whole file.
+    #[wasm_bindgen(js_name = beginLoad)]
+    pub fn begin_load(
         &self,
         config_json: String,
-        names: Vec<String>,
-        data: js_sys::Array,
-        tokenizer_json: Option<Uint8Array>,
+        tokenizer_json: Option<Vec<u8>>,
         tokenizer_config_json: Option<String>,
         options_json: Option<String>,
-        progress: Option<Function>,
-    ) -> Promise {
-        let inner = self.inner.clone();
-        future_to_promise(async move {
-            let opts: LoadOptions = parse_json(options_json, "load options")?;
-            if names.len() as u32 != data.length() {
+    ) -> Result<ModelLoader, JsValue> {
+        let opts: LoadOptions = parse_json(options_json, "load options")?;
+        let cfg = HymbaConfig::from_json_str(&config_json, "config.json").map_err(engine_error)?;
+        let tokenizer = match tokenizer_json {
+            Some(t) => Some(Tokenizer::from_bytes(&t).map_err(engine_error)?),
+            None => None,
+        };
+        let chat_template = tokenizer_config_json
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<Value>(t).ok())
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(|c| c.as_str().map(|s| s.contains("extra_id_1")))
+            })
+            .unwrap_or(false);
+        let dtype = match opts.dtype.as_deref().unwrap_or("auto") {
+            "auto" => DtypeChoice::Auto,
+            "f32" => DtypeChoice::F32,
+            "f16" => DtypeChoice::F16,
+            "q8" => DtypeChoice::Q8,
+            "q4" => DtypeChoice::Q4,
+            d => {
                 return Err(js_error(
                     "TypeError",
-                    "loadModel: names and data differ in length",
+                    &format!("unknown dtype {d:?} (expected auto, f32, f16, q8 or q4)"),
+                ))
+            }
+        };
+        let mut mopts = ModelOptions {
+            dtype,
+            ..ModelOptions::default()
+        };
+        if let Some(c) = opts.chunk {
+            mopts.chunk = c;
+        }
+        mopts.max_positions = opts.max_positions;
+        let expected = expected_tensors(&cfg).into_iter().collect();
+        let builder = ModelBuilder::new(
+            self.inner.gpu.clone(),
+            self.inner.kernels.clone(),
+            cfg,
+            &mopts,
+        )
+        .map_err(engine_error)?;
+        Ok(ModelLoader {
+            builder: Some(builder),
+            expected,
+            stream: None,
+            tokenizer,
+            chat_template,
+            name: opts.name.unwrap_or_else(|| "model".into()),
+        })
+    }
+}
+
+/// A model being loaded from streamed safetensors files (see `Engine.beginLoad`).
+#[wasm_bindgen]
+pub struct ModelLoader {
+    builder: Option<ModelBuilder>,
+    /// Tensor name -> shape from config.json, for checking each file's header.
+    expected: HashMap<String, Vec<usize>>,
+    stream: Option<TensorStream>,
+    tokenizer: Option<Tokenizer>,
+    chat_template: bool,
+    name: String,
+}
+
+impl ModelLoader {
+    fn builder(&mut self) -> Result<&mut ModelBuilder, JsValue> {
+        self.builder.as_mut().ok_or_else(|| {
+            js_error(
+                "InvalidStateError",
+                "this loader has finished or failed; start a new load",
+            )
+        })
+    }
+}
+
+#[wasm_bindgen]
+impl ModelLoader {
+    /// Starts the next safetensors file (files are streamed one after another).
+    #[wasm_bindgen(js_name = beginFile)]
+    pub fn begin_file(&mut self, name: String) -> Result<(), JsValue> {
+        self.builder()?;
+        if let Some(s) = &self.stream {
+            return Err(js_error(
+                "InvalidStateError",
+                &format!("beginFile({name}) before endFile() of {}", s.file()),
+            ));
+        }
+        self.stream = Some(TensorStream::new(&name));
+        Ok(())
+    }
+
+    /// The next bytes of the current file. Every tensor they complete is converted,
+    /// uploaded and dropped before this returns. Returns the bytes of tensors still held
+    /// on the CPU (the current partial tensor and small pieces waiting for partners).
+    pub fn push(&mut self, chunk: &[u8]) -> Result<f64, JsValue> {
+        let mut builder = self
+            .builder
+            .take()
+            .ok_or_else(|| js_error("InvalidStateError", "this loader has finished or failed"))?;
+        let Some(stream) = self.stream.as_mut() else {
+            self.builder = Some(builder);
+            return Err(js_error("InvalidStateError", "push() before beginFile()"));
+        };
+        let expected = &self.expected;
+        let wanted = |name: &str, shape: &[usize]| -> hymba_engine::Result<bool> {
+            match expected.get(name) {
+                Some(want) if want.as_slice() != shape => Err(Error::Shape {
+                    name: name.to_string(),
+                    found: shape.to_vec(),
+                    expected: want.clone(),
+                }),
+                Some(_) => Ok(true),
+                None => Ok(false),
+            }
+        };
+        let r = stream.push(chunk, &wanted, &mut |t| {
+            let data = t.to_f32();
+            drop(t.bytes);
+            builder.add(&t.name, &t.shape, data)
+        });
+        // A failed load keeps nothing: the builder (and its GPU buffers) is dropped.
+        r.map_err(engine_error)?;
+        let held = builder.pending_bytes() + stream.buffered_bytes();
+        self.builder = Some(builder);
+        Ok(held as f64)
+    }
+
+    /// Ends the current file; an error when it was cut short.
+    #[wasm_bindgen(js_name = endFile)]
+    pub fn end_file(&mut self) -> Result<(), JsValue> {
+        let s = self
+            .stream
+            .take()
+            .ok_or_else(|| js_error("InvalidStateError", "endFile() before beginFile()"))?;
+        if let Err(e) = s.finish() {
+            self.builder = None;
+            return Err(engine_error(e));
+        }
+        Ok(())
+    }
+
+    /// Assembles the model once all files are in (an error names a missing tensor) and
+    /// resolves to a `HymbaModel`.
+    pub fn finish(&mut self) -> Promise {
+        let builder = self.builder.take();
+        let tokenizer = self.tokenizer.take();
+        let chat_template = self.chat_template;
+        let name = std::mem::take(&mut self.name);
+        let open = self.stream.take().map(|s| s.file().to_string());
+        future_to_promise(async move {
+            if let Some(f) = open {
+                return Err(js_error(
+                    "InvalidStateError",
+                    &format!("finish() before endFile() of {f}"),
                 ));
             }
-            let mut files = Vec::new();
-            for (i, n) in names.into_iter().enumerate() {
-                let a: Uint8Array = data.get(i as u32).dyn_into().map_err(|_| {
-                    js_error(
-                        "TypeError",
-                        &format!("loadModel: data for {n} is not a Uint8Array"),
-                    )
-                })?;
-                files.push((n, a.to_vec()));
-                yield_now().await;
-            }
-            drop(data);
-            let ck = Checkpoint::from_bytes(&config_json, files).map_err(engine_error)?;
-            let tokenizer = match tokenizer_json {
-                Some(t) => Some(Tokenizer::from_bytes(&t.to_vec()).map_err(engine_error)?),
-                None => None,
-            };
-            let chat_template = tokenizer_config_json
-                .as_deref()
-                .and_then(|t| serde_json::from_str::<Value>(t).ok())
-                .and_then(|v| {
-                    v.get("chat_template")
-                        .and_then(|c| c.as_str().map(|s| s.contains("extra_id_1")))
-                })
-                .unwrap_or(false);
-            let dtype = match opts.dtype.as_deref().unwrap_or("auto") {
-                "auto" => DtypeChoice::Auto,
-                "f32" => DtypeChoice::F32,
-                "f16" => DtypeChoice::F16,
-                d => {
-                    return Err(js_error(
-                        "TypeError",
-                        &format!("unknown dtype {d:?} (expected auto, f32 or f16)"),
-                    ))
-                }
-            };
-            let mut mopts = ModelOptions {
-                dtype,
-                ..ModelOptions::default()
-            };
-            if let Some(c) = opts.chunk {
-                mopts.chunk = c;
-            }
-            mopts.max_positions = opts.max_positions;
+            let builder = builder.ok_or_else(|| {
+                js_error("InvalidStateError", "this loader has finished or failed")
+            })?;
             yield_now().await;
-            let cb = progress.clone();
-            let model = Model::load(
-                inner.gpu.clone(),
-                inner.kernels.clone(),
-                &ck,
-                &mopts,
-                move |done, total| {
-                    if let Some(f) = &cb {
-                        let _ = f.call2(
-                            &JsValue::NULL,
-                            &JsValue::from(done as f64),
-                            &JsValue::from(total as f64),
-                        );
-                    }
-                },
-            )
-            .await
-            .map_err(engine_error)?;
-            drop(ck);
-            let name = opts.name.unwrap_or_else(|| "model".into());
+            let model = builder.finish().await.map_err(engine_error)?;
             Ok(HymbaModel {
                 inner: Rc::new(ModelInner {
                     model: RefCell::new(Some(Rc::new(model))),
@@ -320,6 +417,12 @@ impl Engine {
             .into())
         })
     }
+}
+
+/// Bytes of this module's WebAssembly memory (it only grows, so this is the peak so far).
+#[wasm_bindgen(js_name = wasmMemoryBytes)]
+pub fn wasm_memory_bytes() -> f64 {
+    (core::arch::wasm32::memory_size(0) * 65536) as f64
 }
 
 /// The safetensors shard file names listed by a `model.safetensors.index.json`.

@@ -22,6 +22,14 @@ pub struct GpuOptions {
     /// Use cooperative matrices (tensor cores) for the prompt GEMM of f16 / q8 / q4 weights
     /// when the adapter has them (native only; wgpu's EXPERIMENTAL_COOPERATIVE_MATRIX).
     pub allow_coop_matrix: bool,
+    /// The device is requested with the adapter's limits; these cap the two buffer-size limits
+    /// of that request (e.g. WebGPU's defaults, 128 MiB and 256 MiB, to check that a model
+    /// loads on any conforming adapter). None = what the adapter offers.
+    pub max_storage_buffer_binding_size: Option<u64>,
+    pub max_buffer_size: Option<u64>,
+    /// Splits weight matrices into parts of at most this many bytes even where the device
+    /// allows larger bindings (tests of the split path; activation buffers are not affected).
+    pub weight_binding_cap: Option<u64>,
 }
 
 impl Default for GpuOptions {
@@ -34,6 +42,9 @@ impl Default for GpuOptions {
             adapter_index: None,
             allow_shader_f16: true,
             allow_coop_matrix: true,
+            max_storage_buffer_binding_size: None,
+            max_buffer_size: None,
+            weight_binding_cap: None,
         }
     }
 }
@@ -96,6 +107,9 @@ pub struct Gpu {
     /// 16x16x16 cooperative matrices with f16 inputs and f32 accumulators, in subgroups of 32:
     /// the prompt GEMM of f16 / q8 / q4 weights runs on them.
     pub coop_f16: bool,
+    /// Largest buffer a weight-matrix part may use: the device's storage-binding and buffer
+    /// limits, or `GpuOptions::weight_binding_cap` when smaller (see `kernels::Matrix`).
+    pub weight_binding_limit: u64,
     errors: Arc<Mutex<Vec<String>>>,
 }
 
@@ -173,7 +187,14 @@ impl Gpu {
             // its results on every adapter that has it; HYMBA_NO_COOP=1 turns it off.
             experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
         }
-        let limits = adapter.limits();
+        let mut limits = adapter.limits();
+        if let Some(cap) = opts.max_storage_buffer_binding_size {
+            limits.max_storage_buffer_binding_size =
+                (limits.max_storage_buffer_binding_size as u64).min(cap) as _;
+        }
+        if let Some(cap) = opts.max_buffer_size {
+            limits.max_buffer_size = limits.max_buffer_size.min(cap);
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("hymba"),
@@ -184,6 +205,11 @@ impl Gpu {
             })
             .await
             .map_err(|e| Error::Device(e.to_string()))?;
+        // What the device really has (at least what was requested).
+        let limits = device.limits();
+        let weight_binding_limit = (limits.max_storage_buffer_binding_size as u64)
+            .min(limits.max_buffer_size)
+            .min(opts.weight_binding_cap.unwrap_or(u64::MAX));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -197,6 +223,7 @@ impl Gpu {
             limits,
             shader_f16,
             coop_f16,
+            weight_binding_limit,
             errors,
         })
     }
@@ -210,6 +237,18 @@ impl Gpu {
             let msg = e.join("; ");
             e.clear();
             Err(Error::Gpu(msg))
+        }
+    }
+
+    /// The name of the limit behind [`Gpu::weight_binding_limit`], for messages.
+    pub fn weight_limit_name(&self) -> &'static str {
+        let binding = self.limits.max_storage_buffer_binding_size as u64;
+        if self.weight_binding_limit < binding.min(self.limits.max_buffer_size) {
+            "weight_binding_cap"
+        } else if self.limits.max_buffer_size < binding {
+            "max_buffer_size"
+        } else {
+            "max_storage_buffer_binding_size"
         }
     }
 

@@ -295,11 +295,28 @@ pub fn dequantize(words: &[u32], rows: usize, cols: usize, dtype: WeightDtype) -
 
 /// A weight matrix [rows, cols] on the GPU: f32 / f16 rows padded to a multiple of 8 elements
 /// with zeros; q8 / q4 in the block layout of [`quantize`] (rows padded to 32).
+///
+/// A matrix larger than one storage binding may hold ([`Gpu::weight_binding_limit`]: the
+/// device's `max_storage_buffer_binding_size` and `max_buffer_size`) is split by rows into
+/// parts of about equal size, each its own buffer in the same layout as a whole matrix of its
+/// rows (a quantized part has its own scales after its quants). Output rows are independent,
+/// so the kernel wrappers dispatch once per part with the part's row count as `m` and its
+/// first row added to the output offset; the embedding gather skips ids outside the part.
 pub struct Matrix {
-    pub buf: wgpu::Buffer,
+    /// Row blocks in order, covering rows 0..rows.
+    pub parts: Vec<MatrixPart>,
     pub rows: usize,
     pub cols: usize,
     pub dtype: WeightDtype,
+    /// The tensor's name, for messages.
+    pub label: String,
+}
+
+/// Rows `row0..row0 + rows` of a [`Matrix`], in a buffer of their own.
+pub struct MatrixPart {
+    pub buf: wgpu::Buffer,
+    pub row0: usize,
+    pub rows: usize,
 }
 
 impl Matrix {
@@ -319,7 +336,7 @@ impl Matrix {
     pub fn kp4(&self) -> u32 {
         (Self::padded_cols_for(self.cols, self.dtype) / 4) as u32
     }
-    /// Bytes on the GPU of a [rows, cols] matrix stored as `dtype`.
+    /// Bytes on the GPU of a [rows, cols] matrix stored as `dtype` (one part).
     pub fn bytes_for(rows: usize, cols: usize, dtype: WeightDtype) -> u64 {
         let kp = Self::padded_cols_for(cols, dtype);
         match dtype {
@@ -328,8 +345,12 @@ impl Matrix {
             WeightDtype::Q4 => (rows * kp / 2 + (rows * kp / QBLOCK).div_ceil(2) * 4) as u64,
         }
     }
+    /// Bytes on the GPU (all parts).
     pub fn bytes(&self) -> u64 {
-        Self::bytes_for(self.rows, self.cols, self.dtype)
+        self.parts
+            .iter()
+            .map(|p| Self::bytes_for(p.rows, self.cols, self.dtype))
+            .sum()
     }
     /// Words of quants (before the scales) of a [rows, cols] q8 / q4 matrix.
     pub fn quant_words(rows: usize, cols: usize, dtype: WeightDtype) -> usize {
@@ -339,7 +360,50 @@ impl Matrix {
             _ => rows * kp / 8,
         }
     }
-    /// Uploads a row-major [rows, cols] f32 matrix, converting to `dtype`.
+    /// The buffer of an unsplit matrix (kernels that bind the whole matrix, e.g. the fused
+    /// scan's dt_proj); an error naming the matrix when it was split.
+    pub fn whole(&self) -> Result<&wgpu::Buffer> {
+        match self.parts.as_slice() {
+            [p] => Ok(&p.buf),
+            parts => Err(Error::Unsupported(format!(
+                "{} is split into {} parts and this kernel binds it whole",
+                self.label,
+                parts.len()
+            ))),
+        }
+    }
+    /// Row counts of the parts of a [rows, cols] `dtype` matrix whose parts may use at most
+    /// `max_bytes` each (buffers are rounded up to 16 bytes); None when one row does not fit.
+    pub fn part_rows(
+        rows: usize,
+        cols: usize,
+        dtype: WeightDtype,
+        max_bytes: u64,
+    ) -> Option<Vec<usize>> {
+        let fits =
+            |r: usize| Self::bytes_for(r, cols, dtype).max(16).div_ceil(16) * 16 <= max_bytes;
+        if rows == 0 || fits(rows) {
+            return Some(vec![rows]);
+        }
+        if !fits(1) {
+            return None;
+        }
+        // Largest row count that fits (bytes grow with rows), then parts of equal size.
+        let (mut lo, mut hi) = (1, rows);
+        while lo + 1 < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let n = rows.div_ceil(lo);
+        let per = rows.div_ceil(n);
+        Some((0..n).map(|i| per.min(rows - i * per)).collect())
+    }
+    /// Uploads a row-major [rows, cols] f32 matrix, converting to `dtype`, split into parts
+    /// that fit [`Gpu::weight_binding_limit`].
     pub fn upload(
         gpu: &Gpu,
         label: &str,
@@ -348,37 +412,88 @@ impl Matrix {
         cols: usize,
         dtype: WeightDtype,
     ) -> Result<Matrix> {
-        assert_eq!(data.len(), rows * cols);
-        let kp = Self::padded_cols_for(cols, dtype);
-        let buf = match dtype {
-            WeightDtype::F32 => {
-                let mut v = vec![0f32; rows * kp];
-                for r in 0..rows {
-                    v[r * kp..r * kp + cols].copy_from_slice(&data[r * cols..(r + 1) * cols]);
-                }
-                gpu.upload(label, &v)?
-            }
-            WeightDtype::F16 => {
-                let mut v = vec![half::f16::ZERO; rows * kp];
-                for r in 0..rows {
-                    for c in 0..cols {
-                        v[r * kp + c] = half::f16::from_f32(data[r * cols + c]);
-                    }
-                }
-                gpu.upload(label, &v)?
-            }
-            WeightDtype::Q8 | WeightDtype::Q4 => {
-                gpu.upload(label, &quantize(data, rows, cols, dtype))?
-            }
-        };
-        Ok(Matrix {
-            buf,
+        Self::upload_parts(
+            gpu,
+            label,
+            data,
             rows,
             cols,
             dtype,
+            gpu.weight_binding_limit,
+        )
+    }
+    /// [`Matrix::upload`] with parts of at most `max_part_bytes` (u64::MAX: one buffer, checked
+    /// against the device limits).
+    pub fn upload_parts(
+        gpu: &Gpu,
+        label: &str,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+        dtype: WeightDtype,
+        max_part_bytes: u64,
+    ) -> Result<Matrix> {
+        assert_eq!(data.len(), rows * cols);
+        let limit = max_part_bytes.min(gpu.weight_binding_limit);
+        let sizes = if max_part_bytes == u64::MAX {
+            vec![rows]
+        } else {
+            Self::part_rows(rows, cols, dtype, limit).ok_or_else(|| Error::GpuLimit {
+                what: format!(
+                    "one row of {label} ([{rows}, {cols}] stored as {}; larger tensors are split by rows, a row cannot be)",
+                    dtype.name()
+                ),
+                needed: Self::bytes_for(1, cols, dtype).max(16).div_ceil(16) * 16,
+                limit,
+                limit_name: gpu.weight_limit_name(),
+            })?
+        };
+        let kp = Self::padded_cols_for(cols, dtype);
+        let mut parts = Vec::with_capacity(sizes.len());
+        let mut row0 = 0;
+        for n in sizes {
+            let d = &data[row0 * cols..(row0 + n) * cols];
+            let name = if row0 == 0 && n == rows {
+                label.to_string()
+            } else {
+                format!("{label} rows {row0}..{}", row0 + n)
+            };
+            let buf = match dtype {
+                // Rows already a multiple of 8 long: upload the caller's slice, no copy.
+                WeightDtype::F32 if kp == cols => gpu.upload(&name, d)?,
+                WeightDtype::F32 => {
+                    let mut v = vec![0f32; n * kp];
+                    for r in 0..n {
+                        v[r * kp..r * kp + cols].copy_from_slice(&d[r * cols..(r + 1) * cols]);
+                    }
+                    gpu.upload(&name, &v)?
+                }
+                WeightDtype::F16 => {
+                    let mut v = vec![half::f16::ZERO; n * kp];
+                    for r in 0..n {
+                        for c in 0..cols {
+                            v[r * kp + c] = half::f16::from_f32(d[r * cols + c]);
+                        }
+                    }
+                    gpu.upload(&name, &v)?
+                }
+                WeightDtype::Q8 | WeightDtype::Q4 => {
+                    gpu.upload(&name, &quantize(d, n, cols, dtype))?
+                }
+            };
+            parts.push(MatrixPart { buf, row0, rows: n });
+            row0 += n;
+        }
+        Ok(Matrix {
+            parts,
+            rows,
+            cols,
+            dtype,
+            label: label.to_string(),
         })
     }
-    /// Uploads words already in the layout of [`quantize`] (a pre-quantized checkpoint).
+    /// Uploads words already in the layout of [`quantize`] (a pre-quantized checkpoint), as
+    /// one buffer.
     pub fn upload_quantized(
         gpu: &Gpu,
         label: &str,
@@ -408,11 +523,26 @@ impl Matrix {
                 dtype.name()
             )));
         }
+        if want.div_ceil(16) * 16 > gpu.weight_binding_limit {
+            // Larger than one binding: split by rows. Re-quantizing the dequantized values
+            // gives back the same values (quantize_round_trip), so the numbers do not change.
+            let words: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let data = dequantize(&words, rows, cols, dtype);
+            return Self::upload(gpu, label, &data, rows, cols, dtype);
+        }
         Ok(Matrix {
-            buf: gpu.upload(label, bytes)?,
+            parts: vec![MatrixPart {
+                buf: gpu.upload(label, bytes)?,
+                row0: 0,
+                rows,
+            }],
             rows,
             cols,
             dtype,
+            label: label.to_string(),
         })
     }
 }
@@ -487,6 +617,17 @@ impl MatmulParams {
             ypart: 0,
         }
     }
+
+    /// The same product restricted to one row block of a split matrix: `m` is the part's
+    /// rows and its output columns start `part.row0` further along Y.
+    pub fn for_part(self, part: &MatrixPart) -> Self {
+        MatmulParams {
+            m: part.rows as u32,
+            y_off: self.y_off + part.row0 as u32,
+            passes: gemv_passes(part.rows),
+            ..self
+        }
+    }
 }
 
 #[repr(C)]
@@ -510,6 +651,8 @@ pub struct EmbedParams {
     pub kp4: u32,
     pub ids_off: u32,
     pub vocab: u32,
+    pub row0: u32,
+    pub part_rows: u32,
 }
 
 #[repr(C)]
@@ -655,6 +798,7 @@ fn gemv_passes(m: usize) -> u32 {
 }
 
 /// An elementwise step fused into the input side of a GEMV.
+#[derive(Clone, Copy)]
 pub enum Prologue<'a> {
     None,
     /// RMSNorm of each X row with this weight.
@@ -962,37 +1106,48 @@ impl Kernels {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let p = MatmulParams {
-            has_bias: bias.is_some() as u32,
-            ..MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate)
-        };
-        let b = bias.unwrap_or(&self.dummy);
-        // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
-        // would leave most of the GPU idle.
-        if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
-            let k = self.gemv_kernel(w, 0);
-            rec.dispatch(
-                k,
-                &p,
-                &[x, &w.buf, b, y],
-                [
-                    w.rows.div_ceil(8 * p.passes as usize) as u32,
-                    rows as u32,
-                    1,
-                ],
-            )
-        } else {
-            let k = match self.coop_kernel(w, rows) {
-                Some(k) => k,
-                None => &self.gemm[dtype_index(w.dtype)],
-            };
-            rec.dispatch(
-                k,
-                &p,
-                &[x, &w.buf, b, y],
-                [w.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1],
-            )
+        if bias.is_some() && w.parts.len() > 1 {
+            return Err(Error::Unsupported(format!(
+                "a bias with {}, which is split into {} parts",
+                w.label,
+                w.parts.len()
+            )));
         }
+        let b = bias.unwrap_or(&self.dummy);
+        for part in &w.parts {
+            let p = MatmulParams {
+                has_bias: bias.is_some() as u32,
+                ..MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate)
+            }
+            .for_part(part);
+            // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
+            // would leave most of the GPU idle.
+            if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
+                let k = self.gemv_kernel(w, 0);
+                rec.dispatch(
+                    k,
+                    &p,
+                    &[x, &part.buf, b, y],
+                    [
+                        part.rows.div_ceil(8 * p.passes as usize) as u32,
+                        rows as u32,
+                        1,
+                    ],
+                )?;
+            } else {
+                let k = match self.coop_kernel(w, rows) {
+                    Some(k) => k,
+                    None => &self.gemm[dtype_index(w.dtype)],
+                };
+                rec.dispatch(
+                    k,
+                    &p,
+                    &[x, &part.buf, b, y],
+                    [part.rows.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1],
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// The cooperative-matrix GEMM `matmul` uses for this weight and row count, if any
@@ -1033,41 +1188,48 @@ impl Kernels {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let mut p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate);
-        let groups = [
-            w.rows.div_ceil(8 * p.passes as usize) as u32,
-            rows as u32,
-            1,
-        ];
-        match pro {
-            Prologue::None => self.matmul(
-                rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
-            ),
-            Prologue::Norm(nw, eps) => {
-                p.eps = eps;
-                rec.dispatch(
-                    self.gemv_kernel(w, 1),
+        // A split matrix: one dispatch per part, each recomputing the prologue's row scales.
+        for part in &w.parts {
+            let mut p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate)
+                .for_part(part);
+            let groups = [
+                part.rows.div_ceil(8 * p.passes as usize) as u32,
+                rows as u32,
+                1,
+            ];
+            match pro {
+                Prologue::None => {
+                    return self.matmul(
+                        rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
+                    )
+                }
+                Prologue::Norm(nw, eps) => {
+                    p.eps = eps;
+                    rec.dispatch(
+                        self.gemv_kernel(w, 1),
+                        &p,
+                        &[x, &part.buf, &self.dummy, y, nw],
+                        groups,
+                    )?
+                }
+                Prologue::Merge { w: mw, x2, eps } => {
+                    p.eps = eps;
+                    rec.dispatch(
+                        self.gemv_kernel(w, 2),
+                        &p,
+                        &[x, &part.buf, &self.dummy, y, mw, x2],
+                        groups,
+                    )?
+                }
+                Prologue::Swiglu => rec.dispatch(
+                    self.gemv_kernel(w, 3),
                     &p,
-                    &[x, &w.buf, &self.dummy, y, nw],
+                    &[x, &part.buf, &self.dummy, y],
                     groups,
-                )
+                )?,
             }
-            Prologue::Merge { w: mw, x2, eps } => {
-                p.eps = eps;
-                rec.dispatch(
-                    self.gemv_kernel(w, 2),
-                    &p,
-                    &[x, &w.buf, &self.dummy, y, mw, x2],
-                    groups,
-                )
-            }
-            Prologue::Swiglu => rec.dispatch(
-                self.gemv_kernel(w, 3),
-                &p,
-                &[x, &w.buf, &self.dummy, y],
-                groups,
-            ),
         }
+        Ok(())
     }
 
     /// One decode step of attention split over the keys (flash-decoding) plus the combine;
@@ -1131,7 +1293,7 @@ impl Kernels {
         rec.dispatch(
             &self.scan_fused,
             &p,
-            &[xc, &dt_proj.buf, xp, pbuf, consts, state, y, nb],
+            &[xc, dt_proj.whole()?, xp, pbuf, consts, state, y, nb],
             [p.d.div_ceil(64), 1, 1],
         )
     }
@@ -1163,7 +1325,7 @@ impl Kernels {
         let mut p = MatmulParams::new(w, x_off, 0, 0, w.rows, 1, false);
         p.aux_n = width as u32;
         let groups = w.rows.div_ceil(8 * p.passes as usize) as u32;
-        let binds = [x, &w.buf, &self.dummy, y, conv_w, conv_state];
+        let binds = [x, w.whole()?, &self.dummy, y, conv_w, conv_state];
         if let Some(k) = &self.gemv_conv_row {
             rec.dispatch(k, &p, &binds, [groups, 1, 1])?;
             return Ok(1);
@@ -1203,7 +1365,7 @@ impl Kernels {
             &p,
             &[
                 conv_w,
-                &dt_proj.buf,
+                dt_proj.whole()?,
                 xp,
                 pbuf,
                 consts,
@@ -1259,20 +1421,26 @@ impl Kernels {
         out: &wgpu::Buffer,
         rows: usize,
     ) -> Result<()> {
-        let p = EmbedParams {
-            rows: rows as u32,
-            n_meta: n_meta as u32,
-            d: table.cols as u32,
-            kp4: table.kp4(),
-            ids_off: ids_off as u32,
-            vocab: table.rows as u32,
-        };
-        rec.dispatch(
-            &self.embed[dtype_index(table.dtype)],
-            &p,
-            &[ids, &table.buf, meta, out],
-            [table.cols.div_ceil(64) as u32, rows as u32, 1],
-        )
+        // A split table: one gather per part; each writes the rows whose id falls in it.
+        for part in &table.parts {
+            let p = EmbedParams {
+                rows: rows as u32,
+                n_meta: n_meta as u32,
+                d: table.cols as u32,
+                kp4: table.kp4(),
+                ids_off: ids_off as u32,
+                vocab: table.rows as u32,
+                row0: part.row0 as u32,
+                part_rows: part.rows as u32,
+            };
+            rec.dispatch(
+                &self.embed[dtype_index(table.dtype)],
+                &p,
+                &[ids, &part.buf, meta, out],
+                [table.cols.div_ceil(64) as u32, rows as u32, 1],
+            )?;
+        }
+        Ok(())
     }
 
     /// Rotates the query block of the in_proj output in place.

@@ -1938,3 +1938,205 @@ fn gemv_workgroup_and_rowwise_variants_agree() {
         }
     }
 }
+
+#[test]
+fn part_rows_fit_the_limit_and_cover_the_matrix() {
+    for dtype in [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::Q8,
+        WeightDtype::Q4,
+    ] {
+        for (rows, cols, limit) in [(300, 70, 4096u64), (32001, 1600, 128 << 20), (7, 9, 64)] {
+            let parts = Matrix::part_rows(rows, cols, dtype, limit).unwrap();
+            assert_eq!(parts.iter().sum::<usize>(), rows, "{dtype:?}");
+            for &n in &parts {
+                assert!(Matrix::bytes_for(n, cols, dtype).div_ceil(16) * 16 <= limit);
+            }
+            // As few parts as the limit allows, of about equal size.
+            let max_rows = (1..=rows)
+                .take_while(|&r| Matrix::bytes_for(r, cols, dtype).div_ceil(16) * 16 <= limit)
+                .last()
+                .unwrap();
+            assert_eq!(
+                parts.len(),
+                rows.div_ceil(max_rows),
+                "{dtype:?} {rows}x{cols}"
+            );
+            assert!(parts.iter().max().unwrap() - parts.iter().min().unwrap() <= parts.len());
+        }
+        assert!(Matrix::part_rows(4, 1600, dtype, 256).is_none());
+    }
+    // The f32 embedding / LM head of Hymba-1.5B (205 MB) takes two 128 MiB bindings.
+    assert_eq!(
+        Matrix::part_rows(32001, 1600, WeightDtype::F32, 128 << 20)
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+/// A matrix split by rows into several buffers gives the same result as the whole matrix (the
+/// same per-row arithmetic; the whole one is checked against the CPU by the tests above), in
+/// every kernel that reads weight matrices: GEMV, GEMM, the GEMV prologues and the embedding.
+#[test]
+fn split_matrices_match_whole_ones() {
+    let (gpu, ks) = env();
+    let mut r = Rng::new(404);
+    for dtype in [
+        WeightDtype::F32,
+        WeightDtype::F16,
+        WeightDtype::Q8,
+        WeightDtype::Q4,
+    ] {
+        let (m, k) = (300, 70);
+        let w = r.vec(m * k, 0.5);
+        let whole = Matrix::upload_parts(gpu, "w", &w, m, k, dtype, u64::MAX).unwrap();
+        let limit = Matrix::bytes_for(70, k, dtype).div_ceil(16) * 16;
+        let split = Matrix::upload_parts(gpu, "w", &w, m, k, dtype, limit).unwrap();
+        assert_eq!(whole.parts.len(), 1);
+        assert_eq!(split.parts.len(), 5, "{dtype:?}");
+        let mut next = 0;
+        for p in &split.parts {
+            assert_eq!(p.row0, next);
+            next += p.rows;
+        }
+        assert_eq!(next, m);
+        // GEMV (1 and 3 rows) and GEMM (9 rows), into a strided output at an offset, accumulating.
+        for (rows, accumulate) in [(1, false), (3, true), (9, true)] {
+            let (xs, ys, yo) = (k + 3, m + 5, 7);
+            let x = r.vec(2 + rows * xs, 1.0);
+            let y0 = if accumulate {
+                r.vec(yo + rows * ys, 1.0)
+            } else {
+                vec![NAN; yo + rows * ys]
+            };
+            let xb = gpu.upload("x", &x).unwrap();
+            let mut outs = Vec::new();
+            for mat in [&whole, &split] {
+                let yb = gpu.upload("y", &y0).unwrap();
+                run(gpu, |rec| {
+                    ks.matmul(rec, &xb, 2, xs, mat, None, &yb, yo, ys, rows, accumulate)
+                        .unwrap()
+                });
+                outs.push(read(gpu, &yb, y0.len()));
+            }
+            assert_eq!(
+                outs[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                outs[1].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "matmul {dtype:?} rows {rows}"
+            );
+            for t in 0..rows {
+                for j in 0..m {
+                    assert!(
+                        outs[1][yo + t * ys + j].is_finite(),
+                        "row {t} col {j} unwritten"
+                    );
+                }
+            }
+        }
+        // The decode GEMV prologues: norm, merge, SwiGLU (X rows are [gate | up], 2k wide).
+        let nw = gpu.upload("nw", &r.vec(2 * k, 1.0)).unwrap();
+        let x = r.vec(2 * k, 1.0);
+        let x2 = gpu.upload("x2", &r.vec(k, 1.0)).unwrap();
+        let xb = gpu.upload("x", &x).unwrap();
+        for (name, pro) in [
+            ("norm", Prologue::Norm(&nw, 1e-5)),
+            (
+                "merge",
+                Prologue::Merge {
+                    w: &nw,
+                    x2: &x2,
+                    eps: 1e-5,
+                },
+            ),
+        ] {
+            let mut outs = Vec::new();
+            for mat in [&whole, &split] {
+                let yb = gpu.upload("y", &vec![NAN; m]).unwrap();
+                run(gpu, |rec| {
+                    ks.gemv_pro(rec, &xb, 0, k, mat, pro, &yb, 0, m, 1, false)
+                        .unwrap()
+                });
+                outs.push(read(gpu, &yb, m));
+            }
+            assert!(outs[1].iter().all(|v| v.is_finite()), "{name}");
+            assert_eq!(outs[0], outs[1], "gemv {name} {dtype:?}");
+        }
+        let wk = r.vec(m * (k / 2), 0.5);
+        let whole_h = Matrix::upload_parts(gpu, "w", &wk, m, k / 2, dtype, u64::MAX).unwrap();
+        let split_h = Matrix::upload_parts(
+            gpu,
+            "w",
+            &wk,
+            m,
+            k / 2,
+            dtype,
+            Matrix::bytes_for(100, k / 2, dtype).div_ceil(16) * 16,
+        )
+        .unwrap();
+        assert_eq!(split_h.parts.len(), 3);
+        let mut outs = Vec::new();
+        for mat in [&whole_h, &split_h] {
+            let yb = gpu.upload("y", &vec![NAN; m]).unwrap();
+            run(gpu, |rec| {
+                ks.gemv_pro(rec, &xb, 0, k, mat, Prologue::Swiglu, &yb, 0, m, 1, false)
+                    .unwrap()
+            });
+            outs.push(read(gpu, &yb, m));
+        }
+        assert!(outs[1].iter().all(|v| v.is_finite()));
+        assert_eq!(outs[0], outs[1], "gemv swiglu {dtype:?}");
+        // Embedding gather with meta rows, ids in every part (and the last row).
+        let (vocab, d, n_meta) = (53, 70, 3);
+        let table = r.vec(vocab * d, 1.0);
+        let tw = Matrix::upload_parts(gpu, "e", &table, vocab, d, dtype, u64::MAX).unwrap();
+        let ts = Matrix::upload_parts(
+            gpu,
+            "e",
+            &table,
+            vocab,
+            d,
+            dtype,
+            Matrix::bytes_for(10, d, dtype).div_ceil(16) * 16,
+        )
+        .unwrap();
+        assert_eq!(ts.parts.len(), 6);
+        let ids: Vec<u32> = vec![0, 52, 9, 10, 11, 31, 40, 1];
+        let ib = gpu.upload("ids", &ids).unwrap();
+        let mb = gpu.upload("m", &r.vec(n_meta * d, 1.0)).unwrap();
+        let rows = n_meta + ids.len();
+        let mut outs = Vec::new();
+        for t in [&tw, &ts] {
+            let ob = gpu.upload("o", &vec![NAN; rows * d]).unwrap();
+            run(gpu, |rec| {
+                ks.embed(rec, &ib, 0, t, &mb, n_meta, &ob, rows).unwrap()
+            });
+            outs.push(read(gpu, &ob, rows * d));
+        }
+        assert!(outs[1].iter().all(|v| v.is_finite()));
+        assert_eq!(outs[0], outs[1], "embed {dtype:?}");
+    }
+}
+
+#[test]
+fn a_row_larger_than_the_limit_is_a_clear_error() {
+    let (gpu, _) = env();
+    let w = vec![0.5f32; 4 * 1600];
+    let e = Matrix::upload_parts(
+        gpu,
+        "model.embed_tokens.weight",
+        &w,
+        4,
+        1600,
+        WeightDtype::F32,
+        4096,
+    )
+    .err()
+    .expect("a 6400-byte row cannot fit 4096-byte parts")
+    .to_string();
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("6400") && e.contains("4096"),
+        "{e}"
+    );
+}
