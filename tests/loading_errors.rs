@@ -1,7 +1,7 @@
 //! Bad input gets a clear error naming the file, tensor, shape or limit — never a panic.
 
 use hymba_engine::gpu::{Gpu, GpuOptions};
-use hymba_engine::kernels::Kernels;
+use hymba_engine::kernels::{Kernels, WeightDtype};
 use hymba_engine::loader::Checkpoint;
 use hymba_engine::model::{Logits, Model, ModelOptions};
 use hymba_tests::*;
@@ -349,9 +349,12 @@ fn stream_load(
                 }),
                 w => Ok(w.is_some()),
             },
-            &mut |t| {
-                let data = t.to_f32();
-                b.add(&t.name, &t.shape, data)
+            &mut |t| match t.quantized() {
+                Some(dt) => b.add_quantized(&t.name, &t.shape, dt, t.bytes),
+                None => {
+                    let data = t.to_f32();
+                    b.add(&t.name, &t.shape, data)
+                }
             },
         )?;
         most_held = most_held.max(s.buffered_bytes() as usize);
@@ -389,6 +392,46 @@ fn streamed_load_matches_the_memory_mapped_one() {
         // At most the header or one tensor is held, never the file.
         assert!(held <= largest.max(16384), "{held} bytes held");
     }
+}
+
+#[test]
+fn streamed_pre_quantized_load_matches_the_memory_mapped_one() {
+    // A `hymba quantize` file streamed as the browser streams it: its packed words reach the
+    // GPU as they are (dtype auto picks the file's own), bit-identical to the native load.
+    let (gpu, kernels) = gpu();
+    let src = Checkpoint::open_dir(&fixture()).unwrap();
+    let dir = std::env::temp_dir().join(format!("hymba-streamed-q4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture().join("config.json"), dir.join("config.json")).unwrap();
+    src.save_quantized(&dir.join("model.safetensors"), WeightDtype::Q4)
+        .unwrap();
+    let opts = ModelOptions::default();
+    let ck = Checkpoint::open_dir(&dir).unwrap();
+    let model = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {})).unwrap();
+    assert_eq!(model.dtype, WeightDtype::Q4);
+    let ids = [5u32, 77, 300, 12, 9];
+    let want = {
+        let mut seq = model.new_sequence().unwrap();
+        pollster::block_on(model.forward(&mut seq, &ids, Logits::All, None)).unwrap()
+    };
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    for chunk in [7, bytes.len()] {
+        let (m, _) = stream_load(&bytes, chunk, &opts).unwrap();
+        assert_eq!(m.dtype, WeightDtype::Q4);
+        let mut seq = m.new_sequence().unwrap();
+        let got = pollster::block_on(m.forward(&mut seq, &ids, Logits::All, None)).unwrap();
+        assert_eq!(got, want, "streamed in chunks of {chunk} bytes");
+    }
+    // Asking for another storage is a clear error, not a silent requantization.
+    let f16 = ModelOptions {
+        dtype: hymba_engine::model::DtypeChoice::F16,
+        ..Default::default()
+    };
+    let e = stream_load(&bytes, bytes.len(), &f16)
+        .err()
+        .expect("q4 file as f16");
+    assert!(e.to_string().contains("q4"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

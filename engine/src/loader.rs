@@ -883,6 +883,15 @@ pub struct StreamedTensor {
 }
 
 impl StreamedTensor {
+    /// The storage of packed q8 / q4 words (a pre-quantized file), None for float tensors.
+    pub fn quantized(&self) -> Option<WeightDtype> {
+        match self.dtype {
+            StoredDtype::Q8 => Some(WeightDtype::Q8),
+            StoredDtype::Q4 => Some(WeightDtype::Q4),
+            _ => None,
+        }
+    }
+
     /// The tensor widened to f32 (exact for bf16/f16).
     pub fn to_f32(&self) -> Vec<f32> {
         widen(self.dtype, &self.bytes)
@@ -961,6 +970,16 @@ impl TensorStream {
             .map_err(|e| self.err(format!("header is not UTF-8: {e}")))?;
         let meta: safetensors::tensor::Metadata =
             serde_json::from_str(text).map_err(|e| self.err(format!("invalid header: {e}")))?;
+        // A pre-quantized file (`hymba quantize`): its U8 tensors are packed q8 / q4 words of
+        // the logical shapes its metadata lists.
+        let quant = match meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(QUANT_METADATA_KEY))
+        {
+            Some(json) => Some(parse_quant_metadata(json, &self.file)?),
+            None => None,
+        };
         let mut all: Vec<(usize, usize)> = Vec::new();
         let mut tensors = Vec::new();
         for (name, info) in meta.tensors() {
@@ -974,21 +993,45 @@ impl TensorStream {
                 )));
             }
             all.push((start, end));
-            if !wanted(&name, &info.shape)? {
+            let packed = match (&quant, info.dtype) {
+                (Some((dt, qm)), safetensors::Dtype::U8) => qm.tensors.get(&name).map(|t| (*dt, t)),
+                _ => None,
+            };
+            let shape = match packed {
+                Some((_, t)) => t.shape.clone(),
+                None => info.shape.clone(),
+            };
+            if !wanted(&name, &shape)? {
                 continue;
             }
-            let dtype = match info.dtype {
-                safetensors::Dtype::BF16 => StoredDtype::BF16,
-                safetensors::Dtype::F16 => StoredDtype::F16,
-                safetensors::Dtype::F32 => StoredDtype::F32,
-                other => {
+            let dtype = match (packed, info.dtype) {
+                (Some((dt, t)), _) => {
+                    if end - start != t.bytes {
+                        return Err(self.err(format!(
+                            "tensor {name}: {} bytes, but its {} layout for shape {:?} needs {}",
+                            end - start,
+                            dt.name(),
+                            t.shape,
+                            t.bytes
+                        )));
+                    }
+                    if dt == WeightDtype::Q8 {
+                        StoredDtype::Q8
+                    } else {
+                        StoredDtype::Q4
+                    }
+                }
+                (None, safetensors::Dtype::BF16) => StoredDtype::BF16,
+                (None, safetensors::Dtype::F16) => StoredDtype::F16,
+                (None, safetensors::Dtype::F32) => StoredDtype::F32,
+                (None, other) => {
                     return Err(Error::Dtype {
                         name,
                         found: format!("{other:?}"),
                     })
                 }
             };
-            tensors.push((name, dtype, info.shape.clone(), start, end));
+            tensors.push((name, dtype, shape, start, end));
         }
         all.sort();
         if all.windows(2).any(|w| w[1].0 < w[0].1) {

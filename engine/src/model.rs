@@ -362,6 +362,17 @@ impl ModelBuilder {
         bytes: Vec<u8>,
     ) -> Result<()> {
         self.check_shape(name, shape)?;
+        // With `auto`, a pre-quantized checkpoint loads as its own dtype (decided by its first
+        // matrix, before any other matrix is uploaded).
+        let stored_as_chosen =
+            |k: &String| !k.ends_with("x_proj.0.weight") && !k.ends_with("dt_proj.0.weight");
+        if dtype != self.dtype
+            && self.opts.dtype == DtypeChoice::Auto
+            && !self.matrices.keys().any(stored_as_chosen)
+            && !self.pending.keys().any(|k| k.ends_with("p_proj.weight"))
+        {
+            self.dtype = dtype;
+        }
         if dtype != self.dtype {
             return Err(Error::DtypeConflict {
                 stored: dtype.name().into(),

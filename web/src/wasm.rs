@@ -357,10 +357,14 @@ impl ModelLoader {
                 None => Ok(false),
             }
         };
-        let r = stream.push(chunk, &wanted, &mut |t| {
-            let data = t.to_f32();
-            drop(t.bytes);
-            builder.add(&t.name, &t.shape, data)
+        let r = stream.push(chunk, &wanted, &mut |t| match t.quantized() {
+            // A pre-quantized file's packed words go to the GPU as they are.
+            Some(dt) => builder.add_quantized(&t.name, &t.shape, dt, t.bytes),
+            None => {
+                let data = t.to_f32();
+                drop(t.bytes);
+                builder.add(&t.name, &t.shape, data)
+            }
         });
         // A failed load keeps nothing: the builder (and its GPU buffers) is dropped.
         r.map_err(engine_error)?;
