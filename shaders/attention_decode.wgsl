@@ -9,6 +9,7 @@
 // ring is longer than the window). Each workgroup writes a partial result for its block:
 // part[h, s] = (block max m, sum l of exp(score - m), sum of exp(score - m) * v).
 // Grid: (n_heads, n_splits, 1); splits past the last visible key write nothing.
+// Define CPU_SPLIT: the split entry for CPU adapters (64 threads, one key per thread).
 // Define COMBINE: merges the partials of each head into the attention output.
 // Grid: (n_heads, 1, 1).
 
@@ -48,7 +49,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> vc: array<vec4<f32>>;
 #endif
 
-const WG: u32 = 64u;  // threads of the combine entry
+const WG: u32 = 64u;  // threads of the combine and CPU_SPLIT entries
 const KB: u32 = 64u;  // keys per split block
 const NEG: f32 = -3.0e38;
 var<workgroup> red: array<f32, 64>;
@@ -110,6 +111,147 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         for (; s < used; s++) { a0 += wsplit[s] * part[base + s * stride + 2u + e]; }
         out[h * p.d_v + e] = ((a0 + a1) + (a2 + a3)) / gl;
+    }
+}
+#else
+#ifdef CPU_SPLIT
+// Split entry for CPU adapters (lavapipe, SwiftShader), which run each workgroup barrier as a
+// context switch per invocation: 64 threads, one key each, tree reductions. Same partials.
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> ks: array<f32, 256>;
+var<workgroup> pr: array<f32, 64>;
+var<workgroup> sl: array<u32, 64>;
+
+fn slot(pos: u32) -> u32 {
+    if (pos < p.n_meta) { return pos; }
+    return p.n_meta + (pos - p.n_meta) % p.ring;
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let h = wid.x;
+    let split = wid.y;
+    let q = p.pos;
+    let vis = visible(q);
+    let kb = split * KB;
+    let kvh = h / (p.n_heads / p.n_kv_heads);
+    let half = p.d_qk / 2u;
+    let self_slot = slot(q);
+    let dq4 = p.d_qk / 4u;
+    let dv4 = p.d_v / 4u;
+    if (kb >= vis.z) { return; }
+    for (var e = li; e < half; e += WG) {
+        let c = cs[(q * half + e) * 2u];
+        let sn = cs[(q * half + e) * 2u + 1u];
+        let a = pbuf[h * p.d_qk + e];
+        let b = pbuf[h * p.d_qk + e + half];
+        qs[e] = a * c - b * sn;
+        qs[e + half] = b * c + a * sn;
+        if (p.self_kv != 0u) {
+            let ka = pbuf[p.k_col + kvh * p.d_qk + e];
+            let kb2 = pbuf[p.k_col + kvh * p.d_qk + e + half];
+            ks[e] = ka * c - kb2 * sn;
+            ks[e + half] = kb2 * c + ka * sn;
+        }
+    }
+    workgroupBarrier();
+    // The first query head of a KV group stores this step's key and value (once, split 0).
+    if (p.self_kv != 0u && split == 0u && h % (p.n_heads / p.n_kv_heads) == 0u) {
+        for (var e4 = li; e4 < dq4; e4 += WG) {
+            kc[(kvh * p.cap + self_slot) * dq4 + e4] = vec4<f32>(ks[4u * e4], ks[4u * e4 + 1u], ks[4u * e4 + 2u], ks[4u * e4 + 3u]);
+        }
+        for (var e4 = li; e4 < dv4; e4 += WG) {
+            let vb = p.v_col + kvh * p.d_v + 4u * e4;
+            vc[(kvh * p.cap + self_slot) * dv4 + e4] = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+        }
+    }
+    let j = kb + li;
+    var s = NEG;
+    var sidx = 0u;
+    if (j < vis.z) {
+        var pos = j;
+        if (j >= vis.x) { pos = vis.y + (j - vis.x); }
+        var d = vec4<f32>(0.0);
+        if (p.self_kv != 0u && pos == q) {
+            sidx = 0xffffffffu;
+            for (var e = 0u; e < p.d_qk; e += 4u) {
+                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
+            }
+        } else {
+            sidx = slot(pos);
+            let b = (kvh * p.cap + sidx) * dq4;
+            var e4 = 0u;
+            for (; e4 + 1u < dq4; e4 += 2u) {
+                let k0 = kc[b + e4];
+                let k1 = kc[b + e4 + 1u];
+                let e = 4u * e4;
+                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * k0;
+                d += vec4<f32>(qs[e + 4u], qs[e + 5u], qs[e + 6u], qs[e + 7u]) * k1;
+            }
+            if (e4 < dq4) {
+                let e = 4u * e4;
+                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[b + e4];
+            }
+        }
+        s = ((d.x + d.y) + (d.z + d.w)) * p.scale;
+    }
+    sl[li] = sidx;
+    red[li] = s;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (li < st) { red[li] = max(red[li], red[li + st]); }
+        workgroupBarrier();
+    }
+    let m = red[0];
+    workgroupBarrier();
+    var pj = 0.0;
+    if (j < vis.z) { pj = exp(s - m); }
+    pr[li] = pj;
+    red[li] = pj;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st = st >> 1u) {
+        if (li < st) { red[li] = red[li] + red[li + st]; }
+        workgroupBarrier();
+    }
+    let l = red[0];
+    let nk = min(WG, vis.z - kb);
+    let stride = 2u + p.d_v;
+    let ob = (h * p.n_splits + split) * stride;
+    if (li == 0u) {
+        part[ob] = m;
+        part[ob + 1u] = l;
+    }
+    // P·V: thread li owns dims 4*(li % dv4).. of keys with index ≡ li / dv4 (mod groups);
+    // the groups' partial sums meet in workgroup memory.
+    let groups = max(WG / max(dv4, 1u), 1u);
+    let g = li / max(dv4, 1u);
+    let e4 = li % max(dv4, 1u);
+    var acc = vec4<f32>(0.0);
+    if (g < groups && e4 < dv4) {
+        for (var jj = g; jj < nk; jj += groups) {
+            var v: vec4<f32>;
+            if (sl[jj] == 0xffffffffu) {
+                let vb = p.v_col + kvh * p.d_v + 4u * e4;
+                v = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+            } else {
+                v = vc[(kvh * p.cap + sl[jj]) * dv4 + e4];
+            }
+            acc += pr[jj] * v;
+        }
+    }
+    workgroupBarrier();
+    // Sum the groups: reuse qs/ks (256 + 256 floats) as scratch for [groups][d_v].
+    if (g < groups && e4 < dv4 && g * p.d_v + 4u * e4 + 3u < 256u) {
+        qs[g * p.d_v + 4u * e4] = acc.x;
+        qs[g * p.d_v + 4u * e4 + 1u] = acc.y;
+        qs[g * p.d_v + 4u * e4 + 2u] = acc.z;
+        qs[g * p.d_v + 4u * e4 + 3u] = acc.w;
+    }
+    workgroupBarrier();
+    for (var e = li; e < p.d_v; e += WG) {
+        var a = 0.0;
+        for (var gg = 0u; gg < groups && gg * p.d_v + e < 256u; gg++) { a += qs[gg * p.d_v + e]; }
+        part[ob + 2u + e] = a;
     }
 }
 #else
@@ -260,4 +402,5 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         part[ob + 5u + 4u * f] = a.w;
     }
 }
+#endif
 #endif

@@ -1330,42 +1330,76 @@ impl Model {
                 n_splits: cap.div_ceil(DECODE_KEYS_PER_SPLIT) as u32,
             },
         )?;
-        // SSM branch: x_proj with the step's conv in its prologue, then the scan, which
-        // recomputes its channels' conv outputs and shifts the conv state.
+        // SSM branch. On GPUs: x_proj with the step's conv in its prologue, then the scan,
+        // which recomputes its channels' conv outputs and shifts the conv state. CPU adapters
+        // run one invocation per output row of x_proj, which would redo the whole conv per row:
+        // they keep the conv in its own dispatch.
         let st = &seq.layers[l];
         let xs = c.x_proj_rows();
-        let xp_parts = k.x_proj_conv(
-            rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &ws.xp,
-        )?;
-        k.scan_fused_conv(
-            rec,
-            &w.conv,
-            &st.conv,
-            &w.dt_proj,
-            &ws.xp,
-            &ws.p,
-            &w.ssm_consts,
-            &st.ssm,
-            &ws.y,
-            w.inner_norms_cat.as_ref(),
-            ScanParams {
-                rows: 1,
-                d: di as u32,
-                n: c.d_state as u32,
-                xp_stride: xs as u32,
-                b_col: c.dt_rank as u32,
-                c_col: (c.dt_rank + c.d_state) as u32,
-                z_off: split.z as u32,
-                z_stride: pw as u32,
-                rank: c.dt_rank as u32,
-                wdt_stride: (w.dt_proj.kp4() * 4),
-                eps: c.eps,
-                inner_norms: c.inner_norms as u32,
-                x_off: split.x as u32,
-                conv_k: c.d_conv as u32,
-                xp_parts,
-            },
-        )?;
+        let sp = ScanParams {
+            rows: 1,
+            d: di as u32,
+            n: c.d_state as u32,
+            xp_stride: xs as u32,
+            b_col: c.dt_rank as u32,
+            c_col: (c.dt_rank + c.d_state) as u32,
+            z_off: split.z as u32,
+            z_stride: pw as u32,
+            rank: c.dt_rank as u32,
+            wdt_stride: (w.dt_proj.kp4() * 4),
+            eps: c.eps,
+            inner_norms: c.inner_norms as u32,
+            x_off: split.x as u32,
+            conv_k: c.d_conv as u32,
+            xp_parts: 1,
+        };
+        if k.cpu_adapter() {
+            k.conv_step(
+                rec,
+                &ws.p,
+                &w.conv,
+                &st.conv,
+                &ws.xc,
+                ConvParams {
+                    rows: 1,
+                    d: di as u32,
+                    k: c.d_conv as u32,
+                    x_off: split.x as u32,
+                    x_stride: pw as u32,
+                    has_bias: 1,
+                },
+            )?;
+            k.matmul(rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, 1, false)?;
+            k.scan_fused(
+                rec,
+                &ws.xc,
+                &w.dt_proj,
+                &ws.xp,
+                &ws.p,
+                &w.ssm_consts,
+                &st.ssm,
+                &ws.y,
+                w.inner_norms_cat.as_ref(),
+                sp,
+            )?;
+        } else {
+            let xp_parts = k.x_proj_conv(
+                rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &ws.xp,
+            )?;
+            k.scan_fused_conv(
+                rec,
+                &w.conv,
+                &st.conv,
+                &w.dt_proj,
+                &ws.xp,
+                &ws.p,
+                &w.ssm_consts,
+                &st.ssm,
+                &ws.y,
+                w.inner_norms_cat.as_ref(),
+                ScanParams { xp_parts, ..sp },
+            )?;
+        }
         k.gemv_pro(
             rec,
             &ws.att,

@@ -993,10 +993,11 @@ impl Kernels {
                 .collect::<Result<_>>()?,
             gemv,
             xsh,
+            // CPU adapters get the 64-thread split (fewer invocations per barrier).
             attention_split: k(
                 "attention_decode.wgsl",
                 SRC_ATTENTION_DECODE,
-                &[],
+                if rowwise { &["CPU_SPLIT"] } else { &[] },
                 "main",
                 &[U, RW, R, R, RW, RW],
             )?,
@@ -1157,6 +1158,12 @@ impl Kernels {
             return None;
         }
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
+    }
+
+    /// Whether these are the kernels of a CPU adapter (barrier-free GEMVs, 64-thread decode
+    /// attention); the model then also keeps the decode conv in its own dispatch.
+    pub fn cpu_adapter(&self) -> bool {
+        self.gemv_row.is_some()
     }
 
     /// Whether `matmul` runs this weight and row count on cooperative matrices (X rounded to f16).

@@ -1086,7 +1086,15 @@ fn attention_decode_split_matches_unfused() {
     // Decode step at position q: the split kernel (RoPE on q, key/value of q from the in_proj
     // row, cache write, combine) must equal store_kv + rope_q + attention with the decode window,
     // in a KV-owning layer (self_kv = 1) and in a consumer (0).
+    // Both split kernels: the GPU one (256 threads) and the CPU-adapter one (64 threads).
     let (gpu, ks) = env();
+    let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
+    attention_decode_split_matches_unfused_with(ks);
+    attention_decode_split_matches_unfused_with(&other);
+}
+
+fn attention_decode_split_matches_unfused_with(ks: &Kernels) {
+    let (gpu, _) = env();
     let mut r = Rng::new(91);
     let (hq, hkv, dqk, dv) = (6, 2, 16, 40);
     let (n_meta, w) = (3usize, 9usize);
@@ -1243,7 +1251,15 @@ fn attention_decode_split_matches_unfused() {
 fn attention_split_over_many_key_blocks() {
     // A global layer at position 150 (151 visible keys, 3 splits of 64 plus 2 empty ones) and a
     // sliding window wrapping its ring: split + combine must equal the one-workgroup kernel.
+    // Both split kernels: the GPU one (256 threads) and the CPU-adapter one (64 threads).
     let (gpu, ks) = env();
+    let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
+    attention_split_over_many_key_blocks_with(ks);
+    attention_split_over_many_key_blocks_with(&other);
+}
+
+fn attention_split_over_many_key_blocks_with(ks: &Kernels) {
+    let (gpu, _) = env();
     let mut r = Rng::new(93);
     let (hq, hkv, dqk, dv) = (4, 2, 8, 24);
     for (n_meta, window, ring, q) in [
@@ -1799,6 +1815,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("attention", SRC_ATTENTION, vec![]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec![]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec!["COMBINE"]),
+        ("attention_decode", SRC_ATTENTION_DECODE, vec!["CPU_SPLIT"]),
         ("matmul", SRC_MATMUL, vec!["PRO_NORM"]),
         (
             "matmul",
