@@ -819,7 +819,9 @@ pub struct Kernels {
     gemm: Vec<Arc<Kernel>>,
     /// Cooperative-matrix GEMM [dtype f32 (unused), f16, q8, q4], where the adapter has it.
     gemm_coop: Option<Vec<Option<Arc<Kernel>>>>,
-    /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large]
+    /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large];
+    /// empty on CPU adapters, which use `gemv_row` (not compiled there: a browser on a software
+    /// adapter compiles every pipeline slowly).
     gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
     xsh: [usize; 2],
@@ -827,7 +829,7 @@ pub struct Kernels {
     gemv_row: Option<Vec<Vec<Arc<Kernel>>>>,
     /// f32 GEMV with the conv prologue (x_proj of a decode step) [staging small, large], and
     /// its barrier-free version on CPU adapters.
-    gemv_conv: [Arc<Kernel>; 2],
+    gemv_conv: Option<[Arc<Kernel>; 2]>,
     gemv_conv_row: Option<Arc<Kernel>>,
     attention_split: Arc<Kernel>,
     attention_combine: Arc<Kernel>,
@@ -893,6 +895,9 @@ impl Kernels {
         };
         let mut gemv = Vec::new();
         for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
+            if rowwise {
+                break;
+            }
             let mut per_pro = Vec::new();
             for (pro, binds) in [
                 ("", &[U, R, R, R, RW][..]),
@@ -952,7 +957,11 @@ impl Kernels {
             let d: Vec<&str> = d.iter().map(|s| s.as_str()).collect();
             k("matmul.wgsl", SRC_MATMUL, &d, "gemv", conv_binds)
         };
-        let gemv_conv = [mk_conv(xsh[0])?, mk_conv(xsh[1])?];
+        let gemv_conv = if rowwise {
+            None
+        } else {
+            Some([mk_conv(xsh[0])?, mk_conv(xsh[1])?])
+        };
         let gemv_conv_row = if rowwise {
             Some(k(
                 "matmul.wgsl",
@@ -1333,17 +1342,25 @@ impl Kernels {
         p.aux_n = width as u32;
         let groups = w.rows.div_ceil(8 * p.passes as usize) as u32;
         let binds = [x, w.whole()?, &self.dummy, y, conv_w, conv_state];
-        if let Some(k) = &self.gemv_conv_row {
-            rec.dispatch(k, &p, &binds, [groups, 1, 1])?;
-            return Ok(1);
-        }
+        let gemv_conv = match (&self.gemv_conv_row, &self.gemv_conv) {
+            (Some(k), _) => {
+                rec.dispatch(k, &p, &binds, [groups, 1, 1])?;
+                return Ok(1);
+            }
+            (None, Some(kernels)) => kernels,
+            (None, None) => {
+                return Err(crate::error::Error::Gpu(
+                    "no x_proj GEMV pipeline was compiled".into(),
+                ))
+            }
+        };
         // Slices of at least 256 columns, a multiple of 8 (whole 8-weight chunks).
         let slices = w.cols.div_ceil(256).clamp(1, X_PROJ_SLICES);
         let kslice = w.cols.div_ceil(slices).div_ceil(8) * 8;
         let slices = w.cols.div_ceil(kslice);
         p.kslice = kslice as u32;
         p.ypart = w.rows as u32;
-        let kern = &self.gemv_conv[(Matrix::padded_cols(kslice) > self.xsh[0]) as usize];
+        let kern = &gemv_conv[(Matrix::padded_cols(kslice) > self.xsh[0]) as usize];
         rec.dispatch(kern, &p, &binds, [groups, 1, slices as u32])?;
         Ok(slices as u32)
     }
