@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::kernels::{
     AttentionDecodeParams, AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams,
-    SampleParams, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW, X_PROJ_SLICES,
+    SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
+    X_PROJ_SLICES,
 };
 use crate::loader::{expected_tensors, Checkpoint};
 use crate::sampling::SamplingParams;
@@ -1372,7 +1373,7 @@ impl Model {
             k.matmul(rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, 1, false)?;
             k.scan_fused(
                 rec,
-                &ws.xc,
+                ScanInput::Conv(&ws.xc),
                 &w.dt_proj,
                 &ws.xp,
                 &ws.p,
@@ -1386,10 +1387,12 @@ impl Model {
             let xp_parts = k.x_proj_conv(
                 rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &ws.xp,
             )?;
-            k.scan_fused_conv(
+            k.scan_fused(
                 rec,
-                &w.conv,
-                &st.conv,
+                ScanInput::ConvStep {
+                    w: &w.conv,
+                    state: &st.conv,
+                },
                 &w.dt_proj,
                 &ws.xp,
                 &ws.p,

@@ -746,7 +746,7 @@ pub struct ScanParams {
     pub wdt_stride: u32,
     pub eps: f32,
     pub inner_norms: u32,
-    /// `scan_fused_conv`: column of the conv input in the in_proj output row, kernel width.
+    /// `ScanInput::ConvStep`: column of the conv input in the in_proj output row, kernel width.
     pub x_off: u32,
     pub conv_k: u32,
     /// FUSED_DT: partial x_proj rows to sum (from `Kernels::x_proj_conv`; 1 = one whole row).
@@ -795,6 +795,19 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// an H200: the array lives in local memory.)
 fn gemv_passes(m: usize) -> u32 {
     (m / (8 * 264)).clamp(1, 4) as u32
+}
+
+/// The per-channel input of the fused decode scan.
+pub enum ScanInput<'a> {
+    /// The step's conv output [d] (a separate conv dispatch wrote it).
+    Conv(&'a wgpu::Buffer),
+    /// The step's Mamba conv1d computed inside the scan from the in_proj output (column
+    /// `ScanParams::x_off`): conv weights [d, conv_k] then bias [d], and the conv state [d, conv_k],
+    /// shifted in place.
+    ConvStep {
+        w: &'a wgpu::Buffer,
+        state: &'a wgpu::Buffer,
+    },
 }
 
 /// An elementwise step fused into the input side of a GEMV.
@@ -1289,12 +1302,13 @@ impl Kernels {
         )
     }
 
-    /// One decode step of the selective scan with the dt/B/C norms and dt_proj fused in.
+    /// One decode step of the selective scan with the dt/B/C norms and dt_proj fused in; its
+    /// per-channel input is the step's conv output, or the conv itself (see [`ScanInput`]).
     #[allow(clippy::too_many_arguments)]
     pub fn scan_fused(
         &self,
         rec: &mut Recorder,
-        xc: &wgpu::Buffer,
+        input: ScanInput,
         dt_proj: &Matrix,
         xp: &wgpu::Buffer,
         pbuf: &wgpu::Buffer,
@@ -1306,12 +1320,22 @@ impl Kernels {
     ) -> Result<()> {
         assert_eq!(dt_proj.dtype, WeightDtype::F32);
         let nb = norms.unwrap_or(&self.dummy);
-        rec.dispatch(
-            &self.scan_fused,
-            &p,
-            &[xc, dt_proj.whole()?, xp, pbuf, consts, state, y, nb],
-            [p.d.div_ceil(64), 1, 1],
-        )
+        let groups = [p.d.div_ceil(64), 1, 1];
+        let dt = dt_proj.whole()?;
+        match input {
+            ScanInput::Conv(xc) => rec.dispatch(
+                &self.scan_fused,
+                &p,
+                &[xc, dt, xp, pbuf, consts, state, y, nb],
+                groups,
+            ),
+            ScanInput::ConvStep { w, state: cs } => rec.dispatch(
+                &self.scan_fused_conv,
+                &p,
+                &[w, dt, xp, pbuf, consts, state, y, nb, cs],
+                groups,
+            ),
+        }
     }
 
     /// x_proj of one decode step with the Mamba conv1d in the GEMV's prologue: X = the step's
@@ -1363,43 +1387,6 @@ impl Kernels {
         let kern = &gemv_conv[(Matrix::padded_cols(kslice) > self.xsh[0]) as usize];
         rec.dispatch(kern, &p, &binds, [groups, 1, slices as u32])?;
         Ok(slices as u32)
-    }
-
-    /// `scan_fused` with the step's Mamba conv1d (and conv-state shift) done inside it: the
-    /// conv input comes from the in_proj output `pbuf` at column `p.x_off`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn scan_fused_conv(
-        &self,
-        rec: &mut Recorder,
-        conv_w: &wgpu::Buffer,
-        conv_state: &wgpu::Buffer,
-        dt_proj: &Matrix,
-        xp: &wgpu::Buffer,
-        pbuf: &wgpu::Buffer,
-        consts: &wgpu::Buffer,
-        state: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        norms: Option<&wgpu::Buffer>,
-        p: ScanParams,
-    ) -> Result<()> {
-        assert_eq!(dt_proj.dtype, WeightDtype::F32);
-        let nb = norms.unwrap_or(&self.dummy);
-        rec.dispatch(
-            &self.scan_fused_conv,
-            &p,
-            &[
-                conv_w,
-                dt_proj.whole()?,
-                xp,
-                pbuf,
-                consts,
-                state,
-                y,
-                nb,
-                conv_state,
-            ],
-            [p.d.div_ceil(64), 1, 1],
-        )
     }
 
     /// Row-wise RMSNorm; `x == None` normalizes `y` in place (x_off/x_stride ignored).

@@ -1532,8 +1532,19 @@ fn conv_fused_case(ks: &Kernels, d: usize, seed: u64) {
         ks.conv_step(rec, &pb, &cwb, &cs1, &xc, cp).unwrap();
         ks.matmul(rec, &xc, 0, d, &xproj, None, &xp1, 0, xs, 1, false)
             .unwrap();
-        ks.scan_fused(rec, &xc, &dtp, &xp1, &pb, &bc, &ss1, &y1, Some(&bnw), sp)
-            .unwrap();
+        ks.scan_fused(
+            rec,
+            ScanInput::Conv(&xc),
+            &dtp,
+            &xp1,
+            &pb,
+            &bc,
+            &ss1,
+            &y1,
+            Some(&bnw),
+            sp,
+        )
+        .unwrap();
         parts = ks
             .x_proj_conv(rec, &pb, x_off, &xproj, &cwb, &cs2, kw, &xp2)
             .unwrap();
@@ -1541,10 +1552,12 @@ fn conv_fused_case(ks: &Kernels, d: usize, seed: u64) {
             xp_parts: parts,
             ..sp
         };
-        ks.scan_fused_conv(
+        ks.scan_fused(
             rec,
-            &cwb,
-            &cs2,
+            ScanInput::ConvStep {
+                w: &cwb,
+                state: &cs2,
+            },
             &dtp,
             &xp2,
             &pb,
@@ -1667,8 +1680,19 @@ fn scan_fused_case(d: usize, n: usize, rank: usize, seed: u64) {
             .unwrap();
         ks.scan(rec, &bxc, &dtb, &xp1, &bz, &bc, &s1, &y1, sp)
             .unwrap();
-        ks.scan_fused(rec, &bxc, &mat, &xp2, &bz, &bc, &s2, &y2, Some(&bnw), sp)
-            .unwrap();
+        ks.scan_fused(
+            rec,
+            ScanInput::Conv(&bxc),
+            &mat,
+            &xp2,
+            &bz,
+            &bc,
+            &s2,
+            &y2,
+            Some(&bnw),
+            sp,
+        )
+        .unwrap();
     });
     assert_close(
         "fused scan y",
