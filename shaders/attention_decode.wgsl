@@ -114,33 +114,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 #else
-#ifdef CPU_SPLIT
-// Split entry for CPU adapters (lavapipe, SwiftShader), which run each workgroup barrier as a
-// context switch per invocation: 64 threads, one key each, tree reductions. Same partials.
+// Shared by both split entries: q of head h (and, in a KV-owning layer, this step's key)
+// rotated into workgroup memory; the first query head of a KV group writes this step's key and
+// value to the cache slot of q (once, split 0). `threads` is the workgroup size. Contains a
+// barrier: call from uniform control flow.
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> ks: array<f32, 256>;
-var<workgroup> pr: array<f32, 64>;
-var<workgroup> sl: array<u32, 64>;
 
 fn slot(pos: u32) -> u32 {
     if (pos < p.n_meta) { return pos; }
     return p.n_meta + (pos - p.n_meta) % p.ring;
 }
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let h = wid.x;
-    let split = wid.y;
+fn rope_and_store_kv(h: u32, split: u32, li: u32, threads: u32) {
     let q = p.pos;
-    let vis = visible(q);
-    let kb = split * KB;
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let half = p.d_qk / 2u;
     let self_slot = slot(q);
     let dq4 = p.d_qk / 4u;
     let dv4 = p.d_v / 4u;
-    if (kb >= vis.z) { return; }
-    for (var e = li; e < half; e += WG) {
+    for (var e = li; e < half; e += threads) {
         let c = cs[(q * half + e) * 2u];
         let sn = cs[(q * half + e) * 2u + 1u];
         let a = pbuf[h * p.d_qk + e];
@@ -157,14 +150,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     workgroupBarrier();
     // The first query head of a KV group stores this step's key and value (once, split 0).
     if (p.self_kv != 0u && split == 0u && h % (p.n_heads / p.n_kv_heads) == 0u) {
-        for (var e4 = li; e4 < dq4; e4 += WG) {
+        for (var e4 = li; e4 < dq4; e4 += threads) {
             kc[(kvh * p.cap + self_slot) * dq4 + e4] = vec4<f32>(ks[4u * e4], ks[4u * e4 + 1u], ks[4u * e4 + 2u], ks[4u * e4 + 3u]);
         }
-        for (var e4 = li; e4 < dv4; e4 += WG) {
+        for (var e4 = li; e4 < dv4; e4 += threads) {
             let vb = p.v_col + kvh * p.d_v + 4u * e4;
             vc[(kvh * p.cap + self_slot) * dv4 + e4] = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
         }
     }
+}
+
+#ifdef CPU_SPLIT
+// Split entry for CPU adapters (lavapipe, SwiftShader), which run each workgroup barrier as a
+// context switch per invocation: 64 threads, one key each, tree reductions. Same partials.
+var<workgroup> pr: array<f32, 64>;
+var<workgroup> sl: array<u32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let h = wid.x;
+    let split = wid.y;
+    let q = p.pos;
+    let vis = visible(q);
+    let kb = split * KB;
+    let kvh = h / (p.n_heads / p.n_kv_heads);
+    let dq4 = p.d_qk / 4u;
+    let dv4 = p.d_v / 4u;
+    if (kb >= vis.z) { return; }
+    rope_and_store_kv(h, split, li, WG);
     let j = kb + li;
     var s = NEG;
     var sidx = 0u;
@@ -260,17 +273,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 // the value, each group a share of the block's keys with its loads issued together; the groups
 // meet in workgroup memory. d_qk <= 256, d_v <= 1024.
 const SWG: u32 = 256u;
-var<workgroup> qs: array<f32, 256>;
-var<workgroup> ks: array<f32, 256>;
 var<workgroup> sq: array<f32, 256>;         // [KB keys][4] partial scores
 var<workgroup> pr: array<f32, 64>;          // [KB] exp(score - block max)
 var<workgroup> sl: array<u32, 64>;          // [KB] cache slot of each key (0xffffffff = this step's key)
 var<workgroup> pv: array<vec4<f32>, 256>;   // [groups][d_v / 4] partial P.V
-
-fn slot(pos: u32) -> u32 {
-    if (pos < p.n_meta) { return pos; }
-    return p.n_meta + (pos - p.n_meta) % p.ring;
-}
 
 fn value4(kvh: u32, jj: u32, e4: u32, dv4: u32) -> vec4<f32> {
     if (sl[jj] == 0xffffffffu) {
@@ -288,36 +294,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let vis = visible(q);
     let kb = split * KB;
     let kvh = h / (p.n_heads / p.n_kv_heads);
-    let half = p.d_qk / 2u;
-    let self_slot = slot(q);
     let dq4 = p.d_qk / 4u;
     let dv4 = p.d_v / 4u;
     if (kb >= vis.z) { return; }
-    for (var e = li; e < half; e += SWG) {
-        let c = cs[(q * half + e) * 2u];
-        let sn = cs[(q * half + e) * 2u + 1u];
-        let a = pbuf[h * p.d_qk + e];
-        let b = pbuf[h * p.d_qk + e + half];
-        qs[e] = a * c - b * sn;
-        qs[e + half] = b * c + a * sn;
-        if (p.self_kv != 0u) {
-            let ka = pbuf[p.k_col + kvh * p.d_qk + e];
-            let kb2 = pbuf[p.k_col + kvh * p.d_qk + e + half];
-            ks[e] = ka * c - kb2 * sn;
-            ks[e + half] = kb2 * c + ka * sn;
-        }
-    }
-    workgroupBarrier();
-    // The first query head of a KV group stores this step's key and value (once, split 0).
-    if (p.self_kv != 0u && split == 0u && h % (p.n_heads / p.n_kv_heads) == 0u) {
-        for (var e4 = li; e4 < dq4; e4 += SWG) {
-            kc[(kvh * p.cap + self_slot) * dq4 + e4] = vec4<f32>(ks[4u * e4], ks[4u * e4 + 1u], ks[4u * e4 + 2u], ks[4u * e4 + 3u]);
-        }
-        for (var e4 = li; e4 < dv4; e4 += SWG) {
-            let vb = p.v_col + kvh * p.d_v + 4u * e4;
-            vc[(kvh * p.cap + self_slot) * dv4 + e4] = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
-        }
-    }
+    rope_and_store_kv(h, split, li, SWG);
     // Scores: key jl of the block, quarter qd of its dimensions (vec4s qd, qd + 4, ...).
     let jl = li / 4u;
     let qd = li % 4u;
