@@ -102,6 +102,164 @@ fn log1p_(u: f32) -> f32 {
 }
 
 #ifdef FUSED_DT
+#ifdef LANES4
+// LANES4 (GPUs): four lanes per channel, 16 channels per workgroup, grid (ceil(d / 16), 1, 1).
+// Lane q owns the dt_proj vec4s q, q + 4, ... of its channel's row and the states 4q..4q+3
+// (+ 16, ...). Every per-channel load (dt_proj row, A, state, D, dt bias, z, conv taps) is issued
+// before the one barrier that publishes the summed x_proj row, so their latencies overlap; the
+// RMS scales of dt / B / C multiply the dot products instead of the staged values.
+// Needs d_state % 4 == 0; conv kernels wider than 4 taps take a slower loop.
+var<workgroup> xq: array<f32, 640>;   // x_proj row (parts summed), raw, for the RMS sums
+var<workgroup> qred: array<f32, 64>;
+
+// Sum over the 4 lanes of a channel. Contains barriers without SUBGROUP32: uniform control flow.
+fn quad_sum(li: u32, v: f32) -> f32 {
+#ifdef SUBGROUP32
+    let a = v + subgroupShuffleXor(v, 1u);
+    return a + subgroupShuffleXor(a, 2u);
+#else
+    workgroupBarrier();
+    qred[li] = v;
+    workgroupBarrier();
+    let b = li & ~3u;
+    return (qred[b] + qred[b + 1u]) + (qred[b + 2u] + qred[b + 3u]);
+#endif
+}
+
+fn wdt_masked(wb: u32, j: u32, r4: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), wdt4[wb + min(j, r4 - 1u)], j < r4);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let cl = wid.x * 16u + li / 4u;
+    let live = cl < p.d;
+    let c = min(cl, p.d - 1u);
+    let q = li % 4u;
+    // Per-channel loads first.
+    let r4 = (p.rank + 3u) / 4u;
+    let wb = c * (p.wdt_stride / 4u);
+    let w0 = wdt_masked(wb, q, r4);
+    let w1 = wdt_masked(wb, q + 4u, r4);
+    let w2 = wdt_masked(wb, q + 8u, r4);
+    let w3 = wdt_masked(wb, q + 12u, r4);
+    let w4 = wdt_masked(wb, q + 16u, r4);
+    let w5 = wdt_masked(wb, q + 20u, r4);
+    let w6 = wdt_masked(wb, q + 24u, r4);
+    let n4 = p.n / 4u;
+    let s0 = min(q, n4 - 1u);
+    let ab = c * p.n + 4u * s0;
+    let a0 = vec4<f32>(consts[ab], consts[ab + 1u], consts[ab + 2u], consts[ab + 3u]);
+    let h0 = state4[c * n4 + s0];
+    let dtb = consts[p.d * p.n + c];
+    let dd = consts[p.d * p.n + p.d + c];
+    let z = pbuf[p.z_off + c];
+#ifdef CONV_IN
+    let kw = p.conv_k;
+    let cwb = c * kw;
+    let t0 = cw[cwb + min(0u, kw - 1u)];
+    let t1 = cw[cwb + min(1u, kw - 1u)];
+    let t2 = cw[cwb + min(2u, kw - 1u)];
+    let t3 = cw[cwb + min(3u, kw - 1u)];
+    let o1 = cstate[cwb + min(1u, kw - 1u)];
+    let o2 = cstate[cwb + min(2u, kw - 1u)];
+    let o3 = cstate[cwb + min(3u, kw - 1u)];
+    let cbias = cw[p.d * kw + c];
+    let xnew = pbuf[p.x_off + c];
+#else
+    let xv = xc[c];
+#endif
+    // The x_proj row of this step (its K-slice partial rows summed), raw and norm-weighted.
+    for (var i = li; i < p.xp_stride; i += 64u) {
+        var v = 0.0;
+        var s = 0u;
+        for (; s + 3u < p.xp_parts; s += 4u) {
+            v += (xp[s * p.xp_stride + i] + xp[(s + 1u) * p.xp_stride + i])
+                + (xp[(s + 2u) * p.xp_stride + i] + xp[(s + 3u) * p.xp_stride + i]);
+        }
+        for (; s < p.xp_parts; s++) { v += xp[s * p.xp_stride + i]; }
+        xq[i] = v;
+        if (p.inner_norms != 0u) { v *= nw[i]; }
+        xs[i] = v;
+    }
+    workgroupBarrier();
+#ifdef CONV_IN
+    // This step's conv output for channel c (the x_proj prologue computed the same values).
+    var ca = cbias + t0 * select(xnew, o1, kw > 1u);
+    if (kw > 1u) { ca += t1 * select(xnew, o2, kw > 2u); }
+    if (kw > 2u) { ca += t2 * select(xnew, o3, kw > 3u); }
+    if (kw == 4u) { ca += t3 * xnew; }
+    if (kw > 4u) {
+        // Wider kernels (not in Hymba's configs): the plain loop.
+        ca = cbias;
+        for (var j = 0u; j + 1u < kw; j++) { ca += cw[cwb + j] * cstate[cwb + j + 1u]; }
+        ca += cw[cwb + kw - 1u] * xnew;
+    }
+    let xv = ca / (1.0 + exp(-ca));
+#endif
+    // RMS scales of the dt / B / C slices (each lane a quarter of the sums).
+    var ss = vec3<f32>(0.0);
+    if (p.inner_norms != 0u) {
+        for (var i = q; i < p.rank; i += 4u) { ss.x += xq[i] * xq[i]; }
+        for (var i = q; i < p.n; i += 4u) {
+            ss.y += xq[p.b_col + i] * xq[p.b_col + i];
+            ss.z += xq[p.c_col + i] * xq[p.c_col + i];
+        }
+    }
+    // dt = bias + rms_dt * (dt_proj row . weighted dt slice); padded columns of W are zero.
+    var dv = ((w0 * xs4(q) + w1 * xs4(q + 4u)) + (w2 * xs4(q + 8u) + w3 * xs4(q + 12u)))
+        + ((w4 * xs4(q + 16u) + w5 * xs4(q + 20u)) + w6 * xs4(q + 24u));
+    for (var j = q + 28u; j < r4; j += 4u) { dv += wdt4[wb + j] * xs4(j); }
+    let dpart = (dv.x + dv.y) + (dv.z + dv.w);
+    let sx = quad_sum(li, ss.x);
+    let sy = quad_sum(li, ss.y);
+    let sz = quad_sum(li, ss.z);
+    let dsum = quad_sum(li, dpart);
+    var rs = vec3<f32>(1.0);
+    if (p.inner_norms != 0u) {
+        rs = inverseSqrt(vec3<f32>(sx / f32(p.rank), sy / f32(p.n), sz / f32(p.n)) + vec3<f32>(p.eps));
+    }
+    var dt = dtb + rs.x * dsum;
+    if (dt <= 20.0) { dt = log1p_(exp(dt)); }
+    // States 4s4..4s4+3 of channel c for s4 = q, q + 4, ...
+    var acc = 0.0;
+    if (q < n4) {
+        let bi = p.b_col + 4u * q;
+        let ci = p.c_col + 4u * q;
+        let bv = vec4<f32>(xs[bi], xs[bi + 1u], xs[bi + 2u], xs[bi + 3u]) * rs.y;
+        let cv = vec4<f32>(xs[ci], xs[ci + 1u], xs[ci + 2u], xs[ci + 3u]) * rs.z;
+        let hn = exp(dt * a0) * h0 + dt * bv * xv;
+        if (live) { state4[c * n4 + q] = hn; }
+        acc += dot(cv, hn);
+    }
+    for (var s4 = q + 4u; s4 < n4; s4 += 4u) {
+        let ai = c * p.n + 4u * s4;
+        let a = vec4<f32>(consts[ai], consts[ai + 1u], consts[ai + 2u], consts[ai + 3u]);
+        let bi = p.b_col + 4u * s4;
+        let ci = p.c_col + 4u * s4;
+        let bv = vec4<f32>(xs[bi], xs[bi + 1u], xs[bi + 2u], xs[bi + 3u]) * rs.y;
+        let cv = vec4<f32>(xs[ci], xs[ci + 1u], xs[ci + 2u], xs[ci + 3u]) * rs.z;
+        let hn = exp(dt * a) * state4[c * n4 + s4] + dt * bv * xv;
+        if (live) { state4[c * n4 + s4] = hn; }
+        acc += dot(cv, hn);
+    }
+    let yc = quad_sum(li, acc) + dd * xv;
+    if (live && q == 0u) {
+        y[c] = yc * (z / (1.0 + exp(-z)));
+#ifdef CONV_IN
+        // Shift the conv state (oldest first) and append this step's input.
+        if (kw <= 4u) {
+            if (kw > 1u) { cstate[cwb] = o1; }
+            if (kw > 2u) { cstate[cwb + 1u] = o2; }
+            if (kw > 3u) { cstate[cwb + 2u] = o3; }
+        } else {
+            for (var j = 0u; j + 1u < kw; j++) { cstate[cwb + j] = cstate[cwb + j + 1u]; }
+        }
+        cstate[cwb + kw - 1u] = xnew;
+#endif
+    }
+}
+#else
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let c = gid.x;
@@ -172,6 +330,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
     let z = pbuf[p.z_off + c];
     y[c] = y0 * (z / (1.0 + exp(-z)));
 }
+#endif
 #else
 #ifdef PAR_STATES
 // One lane per (channel, state): n lanes per channel (n a power of two <= 32, subgroups of 32),

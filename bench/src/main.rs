@@ -6,7 +6,7 @@ use clap::Parser;
 use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu, GpuOptions};
 use hymba_engine::kernels::Kernels;
 use hymba_engine::loader::Checkpoint;
-use hymba_engine::model::{DtypeChoice, Logits, Model, ModelOptions};
+use hymba_engine::model::{DecodeStage, DtypeChoice, Logits, Model, ModelOptions};
 use hymba_engine::sampling::SamplingParams;
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +46,11 @@ struct Args {
     /// Print GPU time per kernel (timestamp queries) for a decode step and a prefill chunk.
     #[arg(long)]
     profile: bool,
+    /// Measure each fused decode stage's marginal cost at a --pp-token context: the step is
+    /// timed (queued) with the stage recorded 0, 1 and 3 times per layer (outputs are wrong
+    /// while a stage is repeated or left out; nothing else is measured in this mode).
+    #[arg(long)]
+    stages: bool,
     /// Save the random model as a Hugging Face folder here and exit.
     #[arg(long)]
     save: Option<std::path::PathBuf>,
@@ -143,6 +148,10 @@ fn main() {
                 pollster::block_on(model.forward(&mut seq, &ids(64, 1), Logits::Last, None))
                     .unwrap();
             }
+        }
+        if a.stages {
+            stage_study(&model, a.pp, a.tg, &ids(a.pp, 3));
+            continue;
         }
         // pp: prompt processing, best of 3.
         let mut best = f64::MAX;
@@ -258,6 +267,52 @@ fn main() {
                 r.total_reserved_bytes as f64 / 1048576.0
             );
         }
+    }
+}
+
+/// Queued decode time per token (seconds, best of 3 runs of `n` tokens) after `prompt`.
+fn queued_step(model: &Model, prompt: &[u32], n: usize) -> f64 {
+    let sp = SamplingParams::greedy();
+    let mut s = model.new_sequence().unwrap();
+    pollster::block_on(model.forward(&mut s, prompt, Logits::Last, None)).unwrap();
+    model.set_next_token(&mut s, 5).unwrap();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        pollster::block_on(model.gpu.finish()).unwrap();
+        let t = Instant::now();
+        for _ in 0..n {
+            model.submit_decode(&mut s, &sp, true).unwrap();
+        }
+        pollster::block_on(model.gpu.finish()).unwrap();
+        best = best.min(t.elapsed().as_secs_f64() / n as f64);
+    }
+    best
+}
+
+/// `--stages`: each decode stage's marginal cost in the dependent chain of dispatches.
+fn stage_study(model: &Model, ctx: usize, n: usize, prompt: &[u32]) {
+    let layers = model.cfg.n_layers as f64;
+    let base = queued_step(model, prompt, n);
+    println!(
+        "decode stage study @ {ctx} ({n} queued tokens, best of 3): {:.1} us/token",
+        base * 1e6
+    );
+    println!("| stage | left out: us/token (saves per layer) | x3: us/token (each extra, per layer) |");
+    println!("|---|---|---|");
+    for st in DecodeStage::ALL {
+        model.set_stage_repeat(st, 0);
+        let t0 = queued_step(model, prompt, n);
+        model.set_stage_repeat(st, 3);
+        let t3 = queued_step(model, prompt, n);
+        model.set_stage_repeat(st, 1);
+        println!(
+            "| {} | {:.1} ({:.2}) | {:.1} ({:.2}) |",
+            st.name(),
+            t0 * 1e6,
+            (base - t0) * 1e6 / layers,
+            t3 * 1e6,
+            (t3 - base) * 1e6 / layers / 2.0
+        );
     }
 }
 

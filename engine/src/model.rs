@@ -157,6 +157,47 @@ pub struct Model {
     fused_decode: bool,
     prefix: Option<Sequence>,
     weight_report: Vec<TensorStorage>,
+    /// Times each fused decode stage is recorded (1; see [`Model::set_stage_repeat`]).
+    stage_repeat: [std::sync::atomic::AtomicU32; DecodeStage::COUNT],
+}
+
+/// The dispatches of one fused decode layer, for [`Model::set_stage_repeat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeStage {
+    InProj,
+    AttentionSplit,
+    AttentionCombine,
+    XProj,
+    Scan,
+    OutProj,
+    GateUp,
+    Down,
+}
+
+impl DecodeStage {
+    pub const COUNT: usize = 8;
+    pub const ALL: [DecodeStage; 8] = [
+        DecodeStage::InProj,
+        DecodeStage::AttentionSplit,
+        DecodeStage::AttentionCombine,
+        DecodeStage::XProj,
+        DecodeStage::Scan,
+        DecodeStage::OutProj,
+        DecodeStage::GateUp,
+        DecodeStage::Down,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodeStage::InProj => "in_proj",
+            DecodeStage::AttentionSplit => "attention split",
+            DecodeStage::AttentionCombine => "attention combine",
+            DecodeStage::XProj => "x_proj + conv",
+            DecodeStage::Scan => "scan",
+            DecodeStage::OutProj => "out_proj (merge)",
+            DecodeStage::GateUp => "gate_up",
+            DecodeStage::Down => "down (swiglu)",
+        }
+    }
 }
 
 /// How one weight buffer is stored on the GPU ([`Model::weight_report`]).
@@ -799,6 +840,7 @@ impl Model {
             fused_decode: opts.fused_decode && cfg_fusable(&cfg_copy),
             prefix: None,
             weight_report,
+            stage_repeat: std::array::from_fn(|_| std::sync::atomic::AtomicU32::new(1)),
         };
         // The meta-token prefix is a constant of the checkpoint: compute it once.
         let mut prefix = model.empty_sequence()?;
@@ -808,6 +850,18 @@ impl Model {
         model.gpu.finish().await?;
         model.prefix = Some(prefix);
         Ok(model)
+    }
+
+    /// Measurement only (`hymba-bench --stages`): record `stage` `n` times in every layer of the
+    /// fused decode step (0 leaves it out). With any count other than 1 the outputs are wrong;
+    /// the time difference is the stage's marginal cost in the dependent chain. Applies to
+    /// sequences created afterwards (a sequence caches its recorded step).
+    pub fn set_stage_repeat(&self, stage: DecodeStage, n: u32) {
+        self.stage_repeat[stage as usize].store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn reps(&self, stage: DecodeStage) -> u32 {
+        self.stage_repeat[stage as usize].load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Bytes of weights on the GPU: the sum of [`Model::weight_report`].
@@ -1282,19 +1336,21 @@ impl Model {
         let di = c.d_inner;
         let split = c.in_proj_split(l);
         let pw = split.total;
-        k.gemv_pro(
-            rec,
-            &ws.h,
-            0,
-            d,
-            &w.in_proj,
-            Prologue::Norm(&w.input_norm, c.eps),
-            &ws.p,
-            0,
-            pw,
-            1,
-            false,
-        )?;
+        for _ in 0..self.reps(DecodeStage::InProj) {
+            k.gemv_pro(
+                rec,
+                &ws.h,
+                0,
+                d,
+                &w.in_proj,
+                Prologue::Norm(&w.input_norm, c.eps),
+                &ws.p,
+                0,
+                pw,
+                1,
+                false,
+            )?;
+        }
         let src = c.layers[l].kv_source(l);
         let kv = seq.layers[src]
             .kv
@@ -1305,32 +1361,29 @@ impl Model {
             AttentionKind::SlidingWindow { window } => (window - 1) as u32,
         };
         let cap = kv.cap(c.n_meta);
-        k.attention_split(
-            rec,
-            &ws.p,
-            &self.cos_sin,
-            &kv.k,
-            &kv.v,
-            &ws.part,
-            &ws.att,
-            AttentionDecodeParams {
-                n_heads: c.n_heads as u32,
-                n_kv_heads: c.n_kv_heads as u32,
-                d_qk: c.d_qk as u32,
-                d_v: c.d_v as u32,
-                q_stride: pw as u32,
-                k_col: split.k.unwrap_or(0) as u32,
-                v_col: split.v.unwrap_or(0) as u32,
-                self_kv: split.k.is_some() as u32,
-                pos: pos as u32,
-                n_meta: c.n_meta as u32,
-                ring: kv.ring as u32,
-                cap: cap as u32,
-                window,
-                scale: 1.0 / (c.d_qk as f32).sqrt(),
-                n_splits: cap.div_ceil(DECODE_KEYS_PER_SPLIT) as u32,
-            },
-        )?;
+        let ap = AttentionDecodeParams {
+            n_heads: c.n_heads as u32,
+            n_kv_heads: c.n_kv_heads as u32,
+            d_qk: c.d_qk as u32,
+            d_v: c.d_v as u32,
+            q_stride: pw as u32,
+            k_col: split.k.unwrap_or(0) as u32,
+            v_col: split.v.unwrap_or(0) as u32,
+            self_kv: split.k.is_some() as u32,
+            pos: pos as u32,
+            n_meta: c.n_meta as u32,
+            ring: kv.ring as u32,
+            cap: cap as u32,
+            window,
+            scale: 1.0 / (c.d_qk as f32).sqrt(),
+            n_splits: cap.div_ceil(DECODE_KEYS_PER_SPLIT) as u32,
+        };
+        for _ in 0..self.reps(DecodeStage::AttentionSplit) {
+            k.attention_blocks(rec, &ws.p, &self.cos_sin, &kv.k, &kv.v, &ws.part, ap)?;
+        }
+        for _ in 0..self.reps(DecodeStage::AttentionCombine) {
+            k.attention_combine(rec, &ws.part, &ws.att, ap)?;
+        }
         // SSM branch. On GPUs: x_proj with the step's conv in its prologue, then the scan,
         // which recomputes its channels' conv outputs and shifts the conv state. CPU adapters
         // run one invocation per output row of x_proj, which would redo the whole conv per row:
@@ -1384,69 +1437,81 @@ impl Model {
                 sp,
             )?;
         } else {
-            let xp_parts = k.x_proj_conv(
-                rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &ws.xp,
-            )?;
-            k.scan_fused(
+            let mut xp_parts = 1;
+            for _ in 0..self.reps(DecodeStage::XProj) {
+                xp_parts = k.x_proj_conv(
+                    rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &ws.xp,
+                )?;
+            }
+            for _ in 0..self.reps(DecodeStage::Scan) {
+                k.scan_fused(
+                    rec,
+                    ScanInput::ConvStep {
+                        w: &w.conv,
+                        state: &st.conv,
+                    },
+                    &w.dt_proj,
+                    &ws.xp,
+                    &ws.p,
+                    &w.ssm_consts,
+                    &st.ssm,
+                    &ws.y,
+                    w.inner_norms_cat.as_ref(),
+                    ScanParams { xp_parts, ..sp },
+                )?;
+            }
+        }
+        for _ in 0..self.reps(DecodeStage::OutProj) {
+            k.gemv_pro(
                 rec,
-                ScanInput::ConvStep {
-                    w: &w.conv,
-                    state: &st.conv,
+                &ws.att,
+                0,
+                di,
+                &w.out_proj,
+                Prologue::Merge {
+                    w: &w.pre_avg,
+                    x2: &ws.y,
+                    eps: c.eps,
                 },
-                &w.dt_proj,
-                &ws.xp,
-                &ws.p,
-                &w.ssm_consts,
-                &st.ssm,
-                &ws.y,
-                w.inner_norms_cat.as_ref(),
-                ScanParams { xp_parts, ..sp },
+                &ws.h,
+                0,
+                d,
+                1,
+                true,
             )?;
         }
-        k.gemv_pro(
-            rec,
-            &ws.att,
-            0,
-            di,
-            &w.out_proj,
-            Prologue::Merge {
-                w: &w.pre_avg,
-                x2: &ws.y,
-                eps: c.eps,
-            },
-            &ws.h,
-            0,
-            d,
-            1,
-            true,
-        )?;
         let i2 = 2 * c.intermediate;
-        k.gemv_pro(
-            rec,
-            &ws.h,
-            0,
-            d,
-            &w.gate_up,
-            Prologue::Norm(&w.pre_mlp_norm, c.eps),
-            &ws.gu,
-            0,
-            i2,
-            1,
-            false,
-        )?;
-        k.gemv_pro(
-            rec,
-            &ws.gu,
-            0,
-            i2,
-            &w.down,
-            Prologue::Swiglu,
-            &ws.h,
-            0,
-            d,
-            1,
-            true,
-        )
+        for _ in 0..self.reps(DecodeStage::GateUp) {
+            k.gemv_pro(
+                rec,
+                &ws.h,
+                0,
+                d,
+                &w.gate_up,
+                Prologue::Norm(&w.pre_mlp_norm, c.eps),
+                &ws.gu,
+                0,
+                i2,
+                1,
+                false,
+            )?;
+        }
+        for _ in 0..self.reps(DecodeStage::Down) {
+            k.gemv_pro(
+                rec,
+                &ws.gu,
+                0,
+                i2,
+                &w.down,
+                Prologue::Swiglu,
+                &ws.h,
+                0,
+                d,
+                1,
+                true,
+            )?;
+        }
+        Ok(())
     }
 
     async fn forward_traced(

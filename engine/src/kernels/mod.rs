@@ -849,6 +849,8 @@ pub struct Kernels {
     conv_step: Arc<Kernel>,
     scan_fused: Arc<Kernel>,
     scan_fused_conv: Arc<Kernel>,
+    /// The fused scans run four lanes per channel (16 channels per workgroup).
+    scan_lanes: bool,
     /// [dtype f32, f16, q8, q4]
     embed: Vec<Arc<Kernel>>,
     rmsnorm: Arc<Kernel>,
@@ -986,6 +988,19 @@ impl Kernels {
         } else {
             None
         };
+        // The fused decode scan: four lanes per channel on GPUs (LANES4), one thread per
+        // channel on CPU adapters (fewer barriers).
+        let scan_defs = |extra: &[&'static str]| {
+            let mut d = vec!["FUSED_DT"];
+            d.extend_from_slice(extra);
+            if !rowwise {
+                d.push("LANES4");
+            }
+            if sg32 {
+                d.push("SUBGROUP32");
+            }
+            d
+        };
         // Tensor-core GEMM for prompt chunks. f32 weights keep the exact f32 GEMM.
         let gemm_coop = if gpu.coop_f16 {
             let mut v = vec![None];
@@ -1040,25 +1055,18 @@ impl Kernels {
             scan_fused: k(
                 "scan.wgsl",
                 SRC_SCAN,
-                if sg32 {
-                    &["FUSED_DT", "SUBGROUP32"]
-                } else {
-                    &["FUSED_DT"]
-                },
+                &scan_defs(&[]),
                 "main",
                 &[U, R, R, R, R, R, RW, RW, R],
             )?,
             scan_fused_conv: k(
                 "scan.wgsl",
                 SRC_SCAN,
-                if sg32 {
-                    &["FUSED_DT", "CONV_IN", "SUBGROUP32"]
-                } else {
-                    &["FUSED_DT", "CONV_IN"]
-                },
+                &scan_defs(&["CONV_IN"]),
                 "main",
                 &[U, R, R, R, R, R, RW, RW, R, RW],
             )?,
+            scan_lanes: !rowwise,
             embed: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
                 .map(|d| k("embed.wgsl", SRC_EMBED, d, "main", &[U, R, R, R, RW]))
@@ -1275,12 +1283,38 @@ impl Kernels {
         out: &wgpu::Buffer,
         p: AttentionDecodeParams,
     ) -> Result<()> {
+        self.attention_blocks(rec, pbuf, cs, k, v, part, p)?;
+        self.attention_combine(rec, part, out, p)
+    }
+
+    /// The first half of [`Kernels::attention_split`]: one partial result per key block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_blocks(
+        &self,
+        rec: &mut Recorder,
+        pbuf: &wgpu::Buffer,
+        cs: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        part: &wgpu::Buffer,
+        p: AttentionDecodeParams,
+    ) -> Result<()> {
         rec.dispatch(
             &self.attention_split,
             &p,
             &[part, pbuf, cs, k, v],
             [p.n_heads, p.n_splits, 1],
-        )?;
+        )
+    }
+
+    /// The second half of [`Kernels::attention_split`]: merges each head's partials.
+    pub fn attention_combine(
+        &self,
+        rec: &mut Recorder,
+        part: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        p: AttentionDecodeParams,
+    ) -> Result<()> {
         rec.dispatch(&self.attention_combine, &p, &[part, out], [p.n_heads, 1, 1])
     }
 
@@ -1320,7 +1354,8 @@ impl Kernels {
     ) -> Result<()> {
         assert_eq!(dt_proj.dtype, WeightDtype::F32);
         let nb = norms.unwrap_or(&self.dummy);
-        let groups = [p.d.div_ceil(64), 1, 1];
+        let per_group = if self.scan_lanes { 16 } else { 64 };
+        let groups = [p.d.div_ceil(per_group), 1, 1];
         let dt = dt_proj.whole()?;
         match input {
             ScanInput::Conv(xc) => rec.dispatch(

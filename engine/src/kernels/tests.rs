@@ -1471,15 +1471,18 @@ fn conv_fused_into_x_proj_and_scan() {
     let (gpu, ks) = env();
     let wg = Kernels::new_with(gpu, false).unwrap();
     for (i, kern) in [ks, &wg].into_iter().enumerate() {
-        conv_fused_case(kern, 70, 131 + i as u64);
-        conv_fused_case(kern, 600, 133 + i as u64);
+        conv_fused_case(kern, 70, 4, 131 + i as u64);
+        conv_fused_case(kern, 600, 4, 133 + i as u64);
+        // other conv widths: fewer taps, and more than the four the GPU scan prefetches
+        conv_fused_case(kern, 70, 2, 135 + i as u64);
+        conv_fused_case(kern, 37, 6, 137 + i as u64);
     }
 }
 
-fn conv_fused_case(ks: &Kernels, d: usize, seed: u64) {
+fn conv_fused_case(ks: &Kernels, d: usize, kw: usize, seed: u64) {
     let (gpu, _) = env();
     let mut r = Rng::new(seed);
-    let (n, rank, kw) = (16, 6, 4);
+    let (n, rank) = (16, 6);
     let xs = rank + 2 * n;
     let (x_off, z_off) = (3, 3 + d);
     let pw = z_off + d + 2;
@@ -1618,13 +1621,21 @@ fn conv_fused_case(ks: &Kernels, d: usize, seed: u64) {
 #[test]
 fn scan_fused_matches_norms_dtproj_and_scan() {
     // the fused kernel needs d_state % 4 == 0; a dt_rank of 100 (Hymba-1.5B) takes the
-    // unrolled dt_proj loop, 6 only its remainder; d_state 16 the lane-per-state prompt scan
-    scan_fused_case(70, 8, 6, 97);
-    scan_fused_case(70, 16, 100, 98);
+    // unrolled dt_proj loop, 6 only its remainder; d_state 16 the lane-per-state prompt scan.
+    // Both the kernels this adapter gets and the other family (four lanes per channel on
+    // GPUs: d_state 8 leaves lanes idle, 32 and a dt_rank of 130 take its remainder loops).
+    let (gpu, ks) = env();
+    let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
+    for (i, kern) in [ks, &other].into_iter().enumerate() {
+        let s = 10 * i as u64;
+        scan_fused_case(kern, 70, 8, 6, 97 + s);
+        scan_fused_case(kern, 70, 16, 100, 98 + s);
+        scan_fused_case(kern, 45, 32, 130, 99 + s);
+    }
 }
 
-fn scan_fused_case(d: usize, n: usize, rank: usize, seed: u64) {
-    let (gpu, ks) = env();
+fn scan_fused_case(ks: &Kernels, d: usize, n: usize, rank: usize, seed: u64) {
+    let (gpu, _) = env();
     let mut r = Rng::new(seed);
     let xs = rank + 2 * n;
     let zw = d + 3;
