@@ -268,22 +268,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 #else
-// Split entry: 256 threads per block of KB keys. Scores: 4 threads per key, each a strided
-// quarter of the q.k dot product. P.V: 256 / (d_v / 4) groups of lanes, each lane one vec4 of
-// the value, each group a share of the block's keys with its loads issued together; the groups
-// meet in workgroup memory. d_qk <= 256, d_v <= 1024.
+// Split entry (GPUs): 256 threads per block of KB keys. Every global load of the block (its keys,
+// its values, this step's value) is issued first, before the RoPE barrier, so the kernel waits
+// for memory about once. Scores: 4 lanes per key, lane qd the vec4s qd, qd + 4, ... of the key
+// (16 of them prefetched: d_qk <= 64, more in a loop), summed across the 4 lanes. P.V:
+// 256 / (d_v / 4) groups of lanes, lane e4 one vec4 of the value, group g the keys g, g + groups,
+// ... (8 prefetched: KB / groups <= 8 when d_v <= 128, more in a loop); the groups meet in
+// workgroup memory. This step's key and value (pos == q in a KV-owning layer) replace the cache
+// slot's stale contents after the loads. d_qk <= 256, d_v <= 1024.
 const SWG: u32 = 256u;
-var<workgroup> sq: array<f32, 256>;         // [KB keys][4] partial scores
+var<workgroup> sq: array<f32, 256>;         // [KB keys][4] partial scores (no SUBGROUP32)
 var<workgroup> pr: array<f32, 64>;          // [KB] exp(score - block max)
-var<workgroup> sl: array<u32, 64>;          // [KB] cache slot of each key (0xffffffff = this step's key)
+var<workgroup> wred: array<f32, 16>;        // per-subgroup max, then per-subgroup sum
 var<workgroup> pv: array<vec4<f32>, 256>;   // [groups][d_v / 4] partial P.V
 
-fn value4(kvh: u32, jj: u32, e4: u32, dv4: u32) -> vec4<f32> {
-    if (sl[jj] == 0xffffffffu) {
-        let vb = p.v_col + kvh * p.d_v + 4u * e4;
-        return vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
-    }
-    return vc[(kvh * p.cap + sl[jj]) * dv4 + e4];
+// Position of visible key j (meta keys first, then text positions from vis.y).
+fn key_pos(vis: vec3<u32>, j: u32) -> u32 {
+    if (j >= vis.x) { return vis.y + (j - vis.x); }
+    return j;
+}
+
+fn kload(b: u32, e4: u32, dq4: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), kc[b + min(e4, dq4 - 1u)], e4 < dq4);
+}
+
+// Key j of the block weighted by its probability (zero past the block's nk keys); this step's
+// value replaces the cache slot's for the key self_j.
+fn pv_term(j: u32, v: vec4<f32>, vself: vec4<f32>, kb: u32, nk: u32, self_j: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), pr[min(j, KB - 1u)] * select(v, vself, kb + j == self_j), j < nk);
 }
 
 @compute @workgroup_size(256)
@@ -297,44 +309,73 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let dq4 = p.d_qk / 4u;
     let dv4 = p.d_v / 4u;
     if (kb >= vis.z) { return; }
-    rope_and_store_kv(h, split, li, SWG);
-    // Scores: key jl of the block, quarter qd of its dimensions (vec4s qd, qd + 4, ...).
+    let nk = min(KB, vis.z - kb);
+    // This step's key is the last visible one, when this layer owns its KV.
+    var self_j = 0xffffffffu;
+    if (p.self_kv != 0u) { self_j = vis.z - 1u; }
+    // Keys: lane (jl, qd).
     let jl = li / 4u;
     let qd = li % 4u;
-    let j = kb + jl;
+    let kj = kb + min(jl, nk - 1u);
+    let kbase = (kvh * p.cap + slot(key_pos(vis, kj))) * dq4;
+    let k0 = kload(kbase, qd, dq4);
+    let k1 = kload(kbase, qd + 4u, dq4);
+    let k2 = kload(kbase, qd + 8u, dq4);
+    let k3 = kload(kbase, qd + 12u, dq4);
+    // Values: lane e4 of group g, keys g + i * groups.
+    let groups = max(SWG / max(dv4, 1u), 1u);
+    let g = li / max(dv4, 1u);
+    let e4 = min(li % max(dv4, 1u), dv4 - 1u);
+    let vrow = kvh * p.cap;
+    let vself_b = p.v_col + kvh * p.d_v + 4u * e4;
+    let vself = vec4<f32>(pbuf[vself_b], pbuf[vself_b + 1u], pbuf[vself_b + 2u], pbuf[vself_b + 3u]);
+    let v0 = vc[(vrow + slot(key_pos(vis, kb + min(g, nk - 1u)))) * dv4 + e4];
+    let v1 = vc[(vrow + slot(key_pos(vis, kb + min(g + groups, nk - 1u)))) * dv4 + e4];
+    let v2 = vc[(vrow + slot(key_pos(vis, kb + min(g + 2u * groups, nk - 1u)))) * dv4 + e4];
+    let v3 = vc[(vrow + slot(key_pos(vis, kb + min(g + 3u * groups, nk - 1u)))) * dv4 + e4];
+    let v4 = vc[(vrow + slot(key_pos(vis, kb + min(g + 4u * groups, nk - 1u)))) * dv4 + e4];
+    let v5 = vc[(vrow + slot(key_pos(vis, kb + min(g + 5u * groups, nk - 1u)))) * dv4 + e4];
+    let v6 = vc[(vrow + slot(key_pos(vis, kb + min(g + 6u * groups, nk - 1u)))) * dv4 + e4];
+    let v7 = vc[(vrow + slot(key_pos(vis, kb + min(g + 7u * groups, nk - 1u)))) * dv4 + e4];
+    rope_and_store_kv(h, split, li, SWG);
+    // Scores.
     var d = vec4<f32>(0.0);
-    var sidx = 0u;
-    if (j < vis.z) {
-        var pos = j;
-        if (j >= vis.x) { pos = vis.y + (j - vis.x); }
-        if (p.self_kv != 0u && pos == q) {
-            sidx = 0xffffffffu;
-            for (var e4 = qd; e4 < dq4; e4 += 4u) {
-                let e = 4u * e4;
-                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
-            }
-        } else {
-            sidx = slot(pos);
-            let b = (kvh * p.cap + sidx) * dq4;
-            var e4 = qd;
-            for (; e4 + 4u < dq4; e4 += 8u) {
-                let k0 = kc[b + e4];
-                let k1 = kc[b + e4 + 4u];
-                let e = 4u * e4;
-                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * k0;
-                d += vec4<f32>(qs[e + 16u], qs[e + 17u], qs[e + 18u], qs[e + 19u]) * k1;
-            }
-            if (e4 < dq4) {
-                let e = 4u * e4;
-                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[b + e4];
-            }
+    if (kj == self_j) {
+        for (var f = qd; f < dq4; f += 4u) {
+            let e = 4u * f;
+            d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
+        }
+    } else {
+        d = (k0 * vec4<f32>(qs[4u * qd], qs[4u * qd + 1u], qs[4u * qd + 2u], qs[4u * qd + 3u])
+            + k1 * vec4<f32>(qs[4u * qd + 16u], qs[4u * qd + 17u], qs[4u * qd + 18u], qs[4u * qd + 19u]))
+            + (k2 * vec4<f32>(qs[4u * qd + 32u], qs[4u * qd + 33u], qs[4u * qd + 34u], qs[4u * qd + 35u])
+            + k3 * vec4<f32>(qs[4u * qd + 48u], qs[4u * qd + 49u], qs[4u * qd + 50u], qs[4u * qd + 51u]));
+        for (var f = qd + 16u; f < dq4; f += 4u) {
+            let e = 4u * f;
+            d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[kbase + f];
         }
     }
-    sq[li] = (d.x + d.y) + (d.z + d.w);
-    if (qd == 0u) { sl[jl] = sidx; }
+    let part_dot = (d.x + d.y) + (d.z + d.w);
+    let live = jl < nk;
+#ifdef SUBGROUP32
+    // The 4 lanes of a key, then the 8 keys of a subgroup, then the 8 subgroups.
+    let s1 = part_dot + subgroupShuffleXor(part_dot, 1u);
+    let sc = select(-3.0e38, (s1 + subgroupShuffleXor(s1, 2u)) * p.scale, live);
+    let wmax = subgroupMax(sc);
+    if (li % 32u == 0u) { wred[li / 32u] = wmax; }
     workgroupBarrier();
-    let nk = min(KB, vis.z - kb);
-    // Every thread reads the block's scores (broadcast reads, no reduction barriers).
+    var m = wred[0];
+    for (var i = 1u; i < 8u; i++) { m = max(m, wred[i]); }
+    let pj = select(0.0, exp(sc - m), live);
+    if (qd == 0u) { pr[jl] = pj; }
+    let wsum = subgroupAdd(select(0.0, pj, qd == 0u));
+    if (li % 32u == 0u) { wred[8u + li / 32u] = wsum; }
+    workgroupBarrier();
+    var l = 0.0;
+    for (var i = 8u; i < 16u; i++) { l += wred[i]; }
+#else
+    sq[li] = part_dot;
+    workgroupBarrier();
     var m = NEG;
     for (var jj = 0u; jj < nk; jj++) {
         m = max(m, ((sq[4u * jj] + sq[4u * jj + 1u]) + (sq[4u * jj + 2u] + sq[4u * jj + 3u])) * p.scale);
@@ -347,29 +388,27 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         pr[li] = pj;
     }
     workgroupBarrier();
+    var l = 0.0;
+    for (var jj = 0u; jj < nk; jj++) { l += pr[jj]; }
+#endif
     let stride = 2u + p.d_v;
     let ob = (h * p.n_splits + split) * stride;
     if (li == 0u) {
-        var l = 0.0;
-        for (var jj = 0u; jj < nk; jj++) { l += pr[jj]; }
         part[ob] = m;
         part[ob + 1u] = l;
     }
-    // P.V: lane e4 of group g takes keys g, g + groups, ... four at a time.
-    let groups = max(SWG / max(dv4, 1u), 1u);
-    let g = li / max(dv4, 1u);
-    let e4 = li % max(dv4, 1u);
+    // P.V from the prefetched values (keys past nk have pr = 0; the clamped loads are finite).
     var acc = vec4<f32>(0.0);
-    if (g < groups && e4 < dv4) {
-        var jj = g;
-        for (; jj + 3u * groups < nk; jj += 4u * groups) {
-            let v0 = value4(kvh, jj, e4, dv4);
-            let v1 = value4(kvh, jj + groups, e4, dv4);
-            let v2 = value4(kvh, jj + 2u * groups, e4, dv4);
-            let v3 = value4(kvh, jj + 3u * groups, e4, dv4);
-            acc += (pr[jj] * v0 + pr[jj + groups] * v1) + (pr[jj + 2u * groups] * v2 + pr[jj + 3u * groups] * v3);
+    if (g < groups && li % max(dv4, 1u) < dv4) {
+        acc = (pv_term(g, v0, vself, kb, nk, self_j) + pv_term(g + groups, v1, vself, kb, nk, self_j))
+            + (pv_term(g + 2u * groups, v2, vself, kb, nk, self_j) + pv_term(g + 3u * groups, v3, vself, kb, nk, self_j));
+        acc += (pv_term(g + 4u * groups, v4, vself, kb, nk, self_j) + pv_term(g + 5u * groups, v5, vself, kb, nk, self_j))
+            + (pv_term(g + 6u * groups, v6, vself, kb, nk, self_j) + pv_term(g + 7u * groups, v7, vself, kb, nk, self_j));
+        for (var jj = g + 8u * groups; jj < nk; jj += groups) {
+            var v = vc[(vrow + slot(key_pos(vis, kb + jj))) * dv4 + e4];
+            if (kb + jj == self_j) { v = vself; }
+            acc += pr[jj] * v;
         }
-        for (; jj < nk; jj += groups) { acc += pr[jj] * value4(kvh, jj, e4, dv4); }
         pv[g * dv4 + e4] = acc;
     }
     workgroupBarrier();

@@ -420,6 +420,45 @@ fn golden_fixtures() {
     }
 }
 
+/// The same checks with the other kernel family than this adapter's: the GPU kernels (workgroup
+/// GEMVs, the decode step's per-layer branch buffers and its barrier-free x_proj and combine)
+/// on a CPU adapter, so CI on lavapipe runs the decode path GPUs take; the CPU adapter's
+/// kernels on a GPU. f32 and f16 weights, same tolerances.
+#[test]
+fn golden_fixtures_with_the_other_kernel_family() {
+    let mut opts = GpuOptions::default();
+    if let Ok(b) = std::env::var("HYMBA_BACKEND") {
+        opts.backends = hymba_engine::gpu::parse_backends(&b).expect("HYMBA_BACKEND");
+    }
+    let gpu = Arc::new(pollster::block_on(Gpu::new(&opts)).expect("GPU adapter"));
+    let cpu = gpu.is_cpu();
+    let kernels = Arc::new(Kernels::new_with(&gpu, !cpu).expect("kernels compile"));
+    assert_eq!(kernels.cpu_adapter(), !cpu);
+    let cases = fixture_cases();
+    assert!(!cases.is_empty(), "no golden fixtures found");
+    let mut rep = Report {
+        failures: Vec::new(),
+        lines: Vec::new(),
+    };
+    for dir in &cases {
+        for choice in [DtypeChoice::F32, DtypeChoice::F16] {
+            run_case_on(gpu.clone(), kernels.clone(), dir, choice, true, &mut rep);
+        }
+    }
+    for l in &rep.lines {
+        eprintln!("{l}");
+    }
+    if !rep.failures.is_empty() {
+        for f in rep.failures.iter().take(40) {
+            eprintln!("FAIL {f}");
+        }
+        panic!(
+            "{} golden checks with the other kernel family failed",
+            rep.failures.len()
+        );
+    }
+}
+
 /// The same checks with every weight matrix split across buffers of at most 16 KiB, as if the
 /// device's storage-binding limit were that small: the embedding / tied LM head and the large
 /// projections of every fixture become several parts, each dispatched with its row offset.

@@ -297,7 +297,9 @@ fn stage_study(model: &Model, ctx: usize, n: usize, prompt: &[u32]) {
         "decode stage study @ {ctx} ({n} queued tokens, best of 3): {:.1} us/token",
         base * 1e6
     );
-    println!("| stage | left out: us/token (saves per layer) | x3: us/token (each extra, per layer) |");
+    println!(
+        "| stage | left out: us/token (saves per layer) | x3: us/token (each extra, per layer) |"
+    );
     println!("|---|---|---|");
     for st in DecodeStage::ALL {
         model.set_stage_repeat(st, 0);

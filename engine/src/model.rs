@@ -119,6 +119,22 @@ struct Workspace {
     logits: wgpu::Buffer,
     /// Decode attention partials [n_heads, max splits, 2 + d_v].
     part: wgpu::Buffer,
+    /// Per-layer outputs of a decode step's two branches (see [`BranchOutputs`]).
+    branch: Vec<BranchOutputs>,
+}
+
+/// Where one layer's attention and SSM branches leave their results in a decode step: a buffer
+/// set per layer, so each is first written in the step's compute pass where the layer runs.
+/// wgpu then needs no barrier before the x_proj GEMV (it runs beside the attention blocks) or
+/// before the attention combine (beside the scan): a barrier drains the whole GPU, and these
+/// small dispatches cost more waiting than working.
+struct BranchOutputs {
+    /// x_proj partial rows [X_PROJ_SLICES, x_proj rows].
+    xp: wgpu::Buffer,
+    /// Attention heads' output [d_inner].
+    att: wgpu::Buffer,
+    /// SSM output [d_inner].
+    y: wgpu::Buffer,
 }
 
 /// What a forward returns besides updating the cache.
@@ -817,6 +833,24 @@ impl Model {
                 (cfg.n_heads * max_positions.div_ceil(DECODE_KEYS_PER_SPLIT) * (2 + cfg.d_v) * 4)
                     as u64,
             )?,
+            branch: (0..cfg.n_layers)
+                .map(|l| {
+                    Ok(BranchOutputs {
+                        xp: g.buffer(
+                            &format!("layer {l} decode x_proj out"),
+                            (X_PROJ_SLICES * cfg.x_proj_rows() * 4) as u64,
+                        )?,
+                        att: g.buffer(
+                            &format!("layer {l} decode attention out"),
+                            (cfg.d_inner * 4) as u64,
+                        )?,
+                        y: g.buffer(
+                            &format!("layer {l} decode ssm out"),
+                            (cfg.d_inner * 4) as u64,
+                        )?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
         };
         let global_cap0 = round_up(2 * chunk, 256)
             .min(max_positions - cfg.n_meta)
@@ -1378,16 +1412,27 @@ impl Model {
             scale: 1.0 / (c.d_qk as f32).sqrt(),
             n_splits: cap.div_ceil(DECODE_KEYS_PER_SPLIT) as u32,
         };
+        // This layer's branch outputs: its own buffers on GPUs (see BranchOutputs).
+        let gpu_path = !k.cpu_adapter();
+        let bo = &ws.branch[l];
+        let (att, y) = if gpu_path {
+            (&bo.att, &bo.y)
+        } else {
+            (&ws.att, &ws.y)
+        };
         for _ in 0..self.reps(DecodeStage::AttentionSplit) {
             k.attention_blocks(rec, &ws.p, &self.cos_sin, &kv.k, &kv.v, &ws.part, ap)?;
         }
-        for _ in 0..self.reps(DecodeStage::AttentionCombine) {
-            k.attention_combine(rec, &ws.part, &ws.att, ap)?;
+        if !gpu_path {
+            for _ in 0..self.reps(DecodeStage::AttentionCombine) {
+                k.attention_combine(rec, &ws.part, att, ap)?;
+            }
         }
-        // SSM branch. On GPUs: x_proj with the step's conv in its prologue, then the scan,
-        // which recomputes its channels' conv outputs and shifts the conv state. CPU adapters
-        // run one invocation per output row of x_proj, which would redo the whole conv per row:
-        // they keep the conv in its own dispatch.
+        // SSM branch. On GPUs: x_proj with the step's conv in its prologue (no barrier before
+        // it: it runs beside the attention blocks), then the scan, which recomputes its
+        // channels' conv outputs and shifts the conv state, then the attention combine (no
+        // barrier: beside the scan). CPU adapters run one invocation per output row of x_proj,
+        // which would redo the whole conv per row: they keep the conv in its own dispatch.
         let st = &seq.layers[l];
         let xs = c.x_proj_rows();
         let sp = ScanParams {
@@ -1432,7 +1477,7 @@ impl Model {
                 &ws.p,
                 &w.ssm_consts,
                 &st.ssm,
-                &ws.y,
+                y,
                 w.inner_norms_cat.as_ref(),
                 sp,
             )?;
@@ -1440,7 +1485,7 @@ impl Model {
             let mut xp_parts = 1;
             for _ in 0..self.reps(DecodeStage::XProj) {
                 xp_parts = k.x_proj_conv(
-                    rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &ws.xp,
+                    rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &bo.xp,
                 )?;
             }
             for _ in 0..self.reps(DecodeStage::Scan) {
@@ -1449,28 +1494,32 @@ impl Model {
                     ScanInput::ConvStep {
                         w: &w.conv,
                         state: &st.conv,
+                        readable: &ws.part,
                     },
                     &w.dt_proj,
-                    &ws.xp,
+                    &bo.xp,
                     &ws.p,
                     &w.ssm_consts,
                     &st.ssm,
-                    &ws.y,
+                    y,
                     w.inner_norms_cat.as_ref(),
                     ScanParams { xp_parts, ..sp },
                 )?;
+            }
+            for _ in 0..self.reps(DecodeStage::AttentionCombine) {
+                k.attention_combine(rec, &ws.part, att, ap)?;
             }
         }
         for _ in 0..self.reps(DecodeStage::OutProj) {
             k.gemv_pro(
                 rec,
-                &ws.att,
+                att,
                 0,
                 di,
                 &w.out_proj,
                 Prologue::Merge {
                     w: &w.pre_avg,
-                    x2: &ws.y,
+                    x2: y,
                     eps: c.eps,
                 },
                 &ws.h,

@@ -122,6 +122,11 @@ pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
 }
 
 impl Gpu {
+    /// Whether the adapter is a CPU implementation (lavapipe, SwiftShader, WARP).
+    pub fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Lists the adapters of the given backends (native only).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {

@@ -804,9 +804,14 @@ pub enum ScanInput<'a> {
     /// The step's Mamba conv1d computed inside the scan from the in_proj output (column
     /// `ScanParams::x_off`): conv weights [d, conv_k] then bias [d], and the conv state [d, conv_k],
     /// shifted in place.
+    ///
+    /// `readable` is bound too but unused by the shader: wgpu moves it to a read state in the
+    /// barrier it places before the scan anyway (the decode step passes the attention
+    /// partials, so the combine after the scan needs no barrier of its own and runs beside it).
     ConvStep {
         w: &'a wgpu::Buffer,
         state: &'a wgpu::Buffer,
+        readable: &'a wgpu::Buffer,
     },
 }
 
@@ -884,7 +889,7 @@ fn dtype_index(d: WeightDtype) -> usize {
 
 impl Kernels {
     pub fn new(gpu: &Gpu) -> Result<Kernels> {
-        Self::new_with(gpu, gpu.info.device_type == wgpu::DeviceType::Cpu)
+        Self::new_with(gpu, gpu.is_cpu())
     }
 
     /// `rowwise`: use the barrier-free one-row-per-thread GEMV (what CPU adapters get).
@@ -1064,7 +1069,7 @@ impl Kernels {
                 SRC_SCAN,
                 &scan_defs(&["CONV_IN"]),
                 "main",
-                &[U, R, R, R, R, R, RW, RW, R, RW],
+                &[U, R, R, R, R, R, RW, RW, R, RW, R],
             )?,
             scan_lanes: !rowwise,
             embed: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
@@ -1364,10 +1369,14 @@ impl Kernels {
                 &[xc, dt, xp, pbuf, consts, state, y, nb],
                 groups,
             ),
-            ScanInput::ConvStep { w, state: cs } => rec.dispatch(
+            ScanInput::ConvStep {
+                w,
+                state: cs,
+                readable,
+            } => rec.dispatch(
                 &self.scan_fused_conv,
                 &p,
-                &[w, dt, xp, pbuf, consts, state, y, nb, cs],
+                &[w, dt, xp, pbuf, consts, state, y, nb, cs, readable],
                 groups,
             ),
         }

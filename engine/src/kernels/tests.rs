@@ -1253,15 +1253,21 @@ fn attention_split_over_many_key_blocks() {
     // sliding window wrapping its ring: split + combine must equal the one-workgroup kernel.
     // Both split kernels: the GPU one (256 threads) and the CPU-adapter one (64 threads).
     let (gpu, ks) = env();
+    // Head sizes: small ones; Hymba's (64 / 128: every prefetch slot of the GPU kernel used);
+    // a larger d_qk (128: its loop past the prefetched key dimensions).
     let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
-    attention_split_over_many_key_blocks_with(ks);
-    attention_split_over_many_key_blocks_with(&other);
+    for dims in [(4, 2, 8, 24), (10, 2, 64, 128), (4, 2, 128, 128)] {
+        attention_split_over_many_key_blocks_with(ks, dims);
+        attention_split_over_many_key_blocks_with(&other, dims);
+    }
 }
 
-fn attention_split_over_many_key_blocks_with(ks: &Kernels) {
+fn attention_split_over_many_key_blocks_with(
+    ks: &Kernels,
+    (hq, hkv, dqk, dv): (usize, usize, usize, usize),
+) {
     let (gpu, _) = env();
-    let mut r = Rng::new(93);
-    let (hq, hkv, dqk, dv) = (4, 2, 8, 24);
+    let mut r = Rng::new(93 + dv as u64);
     for (n_meta, window, ring, q) in [
         (3usize, None, 200usize, 150usize),
         (5, Some(70usize), 90, 300),
@@ -1560,6 +1566,7 @@ fn conv_fused_case(ks: &Kernels, d: usize, kw: usize, seed: u64) {
             ScanInput::ConvStep {
                 w: &cwb,
                 state: &cs2,
+                readable: &bnw,
             },
             &dtp,
             &xp2,
