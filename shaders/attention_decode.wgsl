@@ -268,6 +268,206 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 #else
+#ifdef GQA
+// Split entry for grouped queries (GPUs): one workgroup of 256 threads per (KV head, block of KB
+// keys) serves all hpg = n_heads / n_kv_heads query heads of the group, so each key and value
+// is read once per group instead of once per head (hpg <= 8, hpg * d_qk <= 512, d_v <= 128).
+// Grid: (n_kv_heads, n_splits, 1). Loads as in the per-head entry below: all issued before the
+// RoPE barrier. Scores: lane (key jl, quarter qd) for each head of the group, summed over the
+// quarters; softmax: subgroup w takes head w; P.V: group g of lanes the keys g, g + groups, ...
+// for every head, the groups meeting in workgroup memory. Partials as the per-head entry writes.
+const SWG: u32 = 256u;
+const HPG_MAX: u32 = 8u;
+var<workgroup> gq: array<f32, 512>;                 // [hpg][d_qk] rotated queries
+var<workgroup> gsc: array<f32, 512>;                // [hpg][KB] scaled scores
+var<workgroup> gpr: array<f32, 512>;                // [hpg][KB] exp(score - block max)
+var<workgroup> gsq: array<f32, 256>;                // quarter sums (no SUBGROUP32)
+var<workgroup> gpv: array<vec4<f32>, 2048>;         // [hpg][groups][d_v / 4] partial P.V
+
+fn key_pos(vis: vec3<u32>, j: u32) -> u32 {
+    if (j >= vis.x) { return vis.y + (j - vis.x); }
+    return j;
+}
+
+fn kload(b: u32, e4: u32, dq4: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), kc[b + min(e4, dq4 - 1u)], e4 < dq4);
+}
+
+fn gq4(o: u32) -> vec4<f32> { return vec4<f32>(gq[o], gq[o + 1u], gq[o + 2u], gq[o + 3u]); }
+
+fn gpv_term(hh: u32, j: u32, v: vec4<f32>, vself: vec4<f32>, kb: u32, nk: u32, self_j: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), gpr[hh * KB + min(j, KB - 1u)] * select(v, vself, kb + j == self_j), j < nk);
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let kvh = wid.x;
+    let split = wid.y;
+    let q = p.pos;
+    let vis = visible(q);
+    let kb = split * KB;
+    let hpg = p.n_heads / p.n_kv_heads;
+    let dq4 = p.d_qk / 4u;
+    let dv4 = p.d_v / 4u;
+    let half = p.d_qk / 2u;
+    if (kb >= vis.z) { return; }
+    let nk = min(KB, vis.z - kb);
+    var self_j = 0xffffffffu;
+    if (p.self_kv != 0u) { self_j = vis.z - 1u; }
+    // Keys: lane (jl, qd).
+    let jl = li / 4u;
+    let qd = li % 4u;
+    let kj = kb + min(jl, nk - 1u);
+    let kbase = (kvh * p.cap + slot(key_pos(vis, kj))) * dq4;
+    let k0 = kload(kbase, qd, dq4);
+    let k1 = kload(kbase, qd + 4u, dq4);
+    let k2 = kload(kbase, qd + 8u, dq4);
+    let k3 = kload(kbase, qd + 12u, dq4);
+    // Values: lane e4 of group g, keys g + i * groups.
+    let groups = max(SWG / max(dv4, 1u), 1u);
+    let g = li / max(dv4, 1u);
+    let e4 = min(li % max(dv4, 1u), dv4 - 1u);
+    let vrow = kvh * p.cap;
+    let vself_b = p.v_col + kvh * p.d_v + 4u * e4;
+    let vself = vec4<f32>(pbuf[vself_b], pbuf[vself_b + 1u], pbuf[vself_b + 2u], pbuf[vself_b + 3u]);
+    let v0 = vc[(vrow + slot(key_pos(vis, kb + min(g, nk - 1u)))) * dv4 + e4];
+    let v1 = vc[(vrow + slot(key_pos(vis, kb + min(g + groups, nk - 1u)))) * dv4 + e4];
+    let v2 = vc[(vrow + slot(key_pos(vis, kb + min(g + 2u * groups, nk - 1u)))) * dv4 + e4];
+    let v3 = vc[(vrow + slot(key_pos(vis, kb + min(g + 3u * groups, nk - 1u)))) * dv4 + e4];
+    let v4 = vc[(vrow + slot(key_pos(vis, kb + min(g + 4u * groups, nk - 1u)))) * dv4 + e4];
+    let v5 = vc[(vrow + slot(key_pos(vis, kb + min(g + 5u * groups, nk - 1u)))) * dv4 + e4];
+    let v6 = vc[(vrow + slot(key_pos(vis, kb + min(g + 6u * groups, nk - 1u)))) * dv4 + e4];
+    let v7 = vc[(vrow + slot(key_pos(vis, kb + min(g + 7u * groups, nk - 1u)))) * dv4 + e4];
+    // RoPE on the group's queries (and this step's key), then the KV store (split 0).
+    for (var i = li; i < hpg * half; i += SWG) {
+        let hh = i / half;
+        let e = i % half;
+        let c = cs[(q * half + e) * 2u];
+        let sn = cs[(q * half + e) * 2u + 1u];
+        let qb = (kvh * hpg + hh) * p.d_qk;
+        let a = pbuf[qb + e];
+        let b = pbuf[qb + e + half];
+        gq[hh * p.d_qk + e] = a * c - b * sn;
+        gq[hh * p.d_qk + e + half] = b * c + a * sn;
+    }
+    if (p.self_kv != 0u) {
+        for (var e = li; e < half; e += SWG) {
+            let c = cs[(q * half + e) * 2u];
+            let sn = cs[(q * half + e) * 2u + 1u];
+            let ka = pbuf[p.k_col + kvh * p.d_qk + e];
+            let kb2 = pbuf[p.k_col + kvh * p.d_qk + e + half];
+            ks[e] = ka * c - kb2 * sn;
+            ks[e + half] = kb2 * c + ka * sn;
+        }
+    }
+    workgroupBarrier();
+    if (p.self_kv != 0u && split == 0u) {
+        let self_slot = slot(q);
+        for (var f = li; f < dq4; f += SWG) {
+            kc[(kvh * p.cap + self_slot) * dq4 + f] = vec4<f32>(ks[4u * f], ks[4u * f + 1u], ks[4u * f + 2u], ks[4u * f + 3u]);
+        }
+        for (var f = li; f < dv4; f += SWG) {
+            let vb = p.v_col + kvh * p.d_v + 4u * f;
+            vc[(kvh * p.cap + self_slot) * dv4 + f] = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+        }
+    }
+    // Scores of key jl for every head of the group.
+    let live = jl < nk;
+    let is_self = kj == self_j;
+    for (var hh = 0u; hh < hpg; hh++) {
+        let qo = hh * p.d_qk + 4u * qd;
+        var d: vec4<f32>;
+        if (is_self) {
+            d = vec4<f32>(0.0);
+            for (var f = qd; f < dq4; f += 4u) {
+                let e = 4u * f;
+                d += gq4(hh * p.d_qk + e) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
+            }
+        } else {
+            d = (k0 * gq4(qo) + k1 * gq4(qo + 16u)) + (k2 * gq4(qo + 32u) + k3 * gq4(qo + 48u));
+            for (var f = qd + 16u; f < dq4; f += 4u) { d += gq4(hh * p.d_qk + 4u * f) * kc[kbase + f]; }
+        }
+        let pd = (d.x + d.y) + (d.z + d.w);
+#ifdef SUBGROUP32
+        let s1 = pd + subgroupShuffleXor(pd, 1u);
+        let sc = s1 + subgroupShuffleXor(s1, 2u);
+        if (qd == 0u) { gsc[hh * KB + jl] = select(NEG, sc * p.scale, live); }
+#else
+        gsq[li] = pd;
+        workgroupBarrier();
+        if (qd == 0u) {
+            let sc = (gsq[li] + gsq[li + 1u]) + (gsq[li + 2u] + gsq[li + 3u]);
+            gsc[hh * KB + jl] = select(NEG, sc * p.scale, live);
+        }
+        workgroupBarrier();
+#endif
+    }
+    workgroupBarrier();
+    // Softmax statistics: subgroup w (32 lanes, 2 keys each) for head w.
+    let stride = 2u + p.d_v;
+#ifdef SUBGROUP32
+    let w = li / 32u;
+    let lane = li % 32u;
+    if (w < hpg) {
+        let a = gsc[w * KB + lane];
+        let b = gsc[w * KB + lane + 32u];
+        let m = subgroupMax(max(a, b));
+        let pa = select(0.0, exp(a - m), lane < nk);
+        let pb = select(0.0, exp(b - m), lane + 32u < nk);
+        gpr[w * KB + lane] = pa;
+        gpr[w * KB + lane + 32u] = pb;
+        let l = subgroupAdd(pa + pb);
+        if (lane == 0u) {
+            let ob = ((kvh * hpg + w) * p.n_splits + split) * stride;
+            part[ob] = m;
+            part[ob + 1u] = l;
+        }
+    }
+#else
+    if (li < hpg) {
+        var m = NEG;
+        for (var j = 0u; j < nk; j++) { m = max(m, gsc[li * KB + j]); }
+        var l = 0.0;
+        for (var j = 0u; j < KB; j++) {
+            let pj = select(0.0, exp(gsc[li * KB + j] - m), j < nk);
+            gpr[li * KB + j] = pj;
+            l += pj;
+        }
+        let ob = ((kvh * hpg + li) * p.n_splits + split) * stride;
+        part[ob] = m;
+        part[ob + 1u] = l;
+    }
+#endif
+    workgroupBarrier();
+    // P.V for every head from the prefetched values.
+    if (g < groups && li % max(dv4, 1u) < dv4) {
+        for (var hh = 0u; hh < hpg; hh++) {
+            var acc = (gpv_term(hh, g, v0, vself, kb, nk, self_j) + gpv_term(hh, g + groups, v1, vself, kb, nk, self_j))
+                + (gpv_term(hh, g + 2u * groups, v2, vself, kb, nk, self_j) + gpv_term(hh, g + 3u * groups, v3, vself, kb, nk, self_j));
+            acc += (gpv_term(hh, g + 4u * groups, v4, vself, kb, nk, self_j) + gpv_term(hh, g + 5u * groups, v5, vself, kb, nk, self_j))
+                + (gpv_term(hh, g + 6u * groups, v6, vself, kb, nk, self_j) + gpv_term(hh, g + 7u * groups, v7, vself, kb, nk, self_j));
+            for (var jj = g + 8u * groups; jj < nk; jj += groups) {
+                var v = vc[(vrow + slot(key_pos(vis, kb + jj))) * dv4 + e4];
+                if (kb + jj == self_j) { v = vself; }
+                acc += gpr[hh * KB + jj] * v;
+            }
+            gpv[(hh * groups + g) * dv4 + e4] = acc;
+        }
+    }
+    workgroupBarrier();
+    for (var i = li; i < hpg * dv4; i += SWG) {
+        let hh = i / dv4;
+        let f = i % dv4;
+        var a = vec4<f32>(0.0);
+        for (var gg = 0u; gg < groups; gg++) { a += gpv[(hh * groups + gg) * dv4 + f]; }
+        let ob = ((kvh * hpg + hh) * p.n_splits + split) * stride;
+        part[ob + 2u + 4u * f] = a.x;
+        part[ob + 3u + 4u * f] = a.y;
+        part[ob + 4u + 4u * f] = a.z;
+        part[ob + 5u + 4u * f] = a.w;
+    }
+}
+#else
 // Split entry (GPUs): 256 threads per block of KB keys. Every global load of the block (its keys,
 // its values, this step's value) is issued first, before the RoPE barrier, so the kernel waits
 // for memory about once. Scores: 4 lanes per key, lane qd the vec4s qd, qd + 4, ... of the key
@@ -421,5 +621,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         part[ob + 5u + 4u * f] = a.w;
     }
 }
+#endif
 #endif
 #endif

@@ -850,6 +850,8 @@ pub struct Kernels {
     gemv_conv: Option<[Arc<Kernel>; 2]>,
     gemv_conv_row: Option<Arc<Kernel>>,
     attention_split: Arc<Kernel>,
+    /// The split entry serving a whole KV group per workgroup (GPUs; `GQA`).
+    attention_gqa: Option<Arc<Kernel>>,
     attention_combine: Arc<Kernel>,
     conv_step: Arc<Kernel>,
     scan_fused: Arc<Kernel>,
@@ -1043,6 +1045,17 @@ impl Kernels {
                 "main",
                 &[U, RW, R, R, RW, RW],
             )?,
+            attention_gqa: if rowwise {
+                None
+            } else {
+                Some(k(
+                    "attention_decode.wgsl",
+                    SRC_ATTENTION_DECODE,
+                    if sg32 { &["GQA", "SUBGROUP32"] } else { &["GQA"] },
+                    "main",
+                    &[U, RW, R, R, RW, RW],
+                )?)
+            },
             attention_combine: k(
                 "attention_decode.wgsl",
                 SRC_ATTENTION_DECODE,
@@ -1304,12 +1317,21 @@ impl Kernels {
         part: &wgpu::Buffer,
         p: AttentionDecodeParams,
     ) -> Result<()> {
-        rec.dispatch(
-            &self.attention_split,
-            &p,
-            &[part, pbuf, cs, k, v],
-            [p.n_heads, p.n_splits, 1],
-        )
+        let hpg = p.n_heads / p.n_kv_heads;
+        match &self.attention_gqa {
+            Some(gqa) if hpg <= 8 && hpg * p.d_qk <= 512 => rec.dispatch(
+                gqa,
+                &p,
+                &[part, pbuf, cs, k, v],
+                [p.n_kv_heads, p.n_splits, 1],
+            ),
+            _ => rec.dispatch(
+                &self.attention_split,
+                &p,
+                &[part, pbuf, cs, k, v],
+                [p.n_heads, p.n_splits, 1],
+            ),
+        }
     }
 
     /// The second half of [`Kernels::attention_split`]: merges each head's partials.

@@ -1254,9 +1254,10 @@ fn attention_split_over_many_key_blocks() {
     // Both split kernels: the GPU one (256 threads) and the CPU-adapter one (64 threads).
     let (gpu, ks) = env();
     // Head sizes: small ones; Hymba's (64 / 128: every prefetch slot of the GPU kernel used);
-    // a larger d_qk (128: its loop past the prefetched key dimensions).
+    // a larger d_qk (128: its loop past the prefetched key dimensions). GPUs serve a KV group of
+    // up to 8 query heads per workgroup; 10 heads on one KV head take the per-head kernel.
     let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
-    for dims in [(4, 2, 8, 24), (10, 2, 64, 128), (4, 2, 128, 128)] {
+    for dims in [(4, 2, 8, 24), (10, 2, 64, 128), (4, 2, 128, 128), (10, 1, 16, 24)] {
         attention_split_over_many_key_blocks_with(ks, dims);
         attention_split_over_many_key_blocks_with(&other, dims);
     }
