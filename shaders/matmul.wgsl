@@ -6,8 +6,6 @@
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
 //           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
 //   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs.
-//   gemv_wide - few long rows (decode out_proj / down_proj): 4 rows per workgroup, all 256
-//           threads on each row, grid (ceil(m / 4), rows).
 //   gemv_row  - one thread per output row, no barriers (CPU adapters).
 // Variants (defines): W_F32 (f32 weights), W_Q8 / W_Q4 (block-quantized int8 / 4-bit weights with
 // one f16 scale per 32 weights along K, dequantized in the weight readers), or f16 weights, read
@@ -248,12 +246,24 @@ fn lane_sum(li: u32, lane: u32, v: f32) -> f32 {
 #endif
 }
 
-// The prologue of both decode GEMVs: stages the transformed X row t (columns k0.. of n8
-// 8-wide chunks) in xsh when `staged`, and returns (sc.x, sc.y, rs): the PRO_MERGE branch scales
-// and the factor for each row's dot product (the RMS scale of PRO_NORM). Contains barriers:
-// call from uniform control flow.
-fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
+// Each 32-lane group computes two rows of W at a time (RPW rows apart) where the workgroup has
+// two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are in
+// flight per iteration.
+@compute @workgroup_size(256)
+fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let r = li / TPR;
+    let lane = li % TPR;
+    let t = wid.y;
+    let xb = p.x_off + t * p.x_stride;
+    // K slice wid.z: columns [k0, k0 + kslice) (the whole row without a split; only prologues
+    // without a reduction over K are split, and each slice writes its own partial Y row).
+    let k0 = wid.z * p.kslice;
+    let c0 = k0 / 8u;
+    yslice = wid.z * p.ypart;
+    let n8 = (min(p.kslice, p.k - k0) + 7u) / 8u;
+    let staged = n8 * 8u <= XSH;
     var sc = vec2<f32>(1.0);
+    // rs: factor applied to each row's dot product (the RMS scale of PRO_NORM).
     var rs = 1.0;
 #ifdef PRO_NORM
     // Stage aux * x and sum x^2 in the same pass; one reduction (whose barrier also publishes
@@ -291,28 +301,6 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
     }
     workgroupBarrier();
 #endif
-    return vec3<f32>(sc, rs);
-}
-
-// Each 32-lane group computes two rows of W at a time (RPW rows apart) where the workgroup has
-// two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are in
-// flight per iteration.
-@compute @workgroup_size(256)
-fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let r = li / TPR;
-    let lane = li % TPR;
-    let t = wid.y;
-    let xb = p.x_off + t * p.x_stride;
-    // K slice wid.z: columns [k0, k0 + kslice) (the whole row without a split; only prologues
-    // without a reduction over K are split, and each slice writes its own partial Y row).
-    let k0 = wid.z * p.kslice;
-    let c0 = k0 / 8u;
-    yslice = wid.z * p.ypart;
-    let n8 = (min(p.kslice, p.k - k0) + 7u) / 8u;
-    let staged = n8 * 8u <= XSH;
-    let pro = prologue(li, xb, k0, n8, staged);
-    let sc = pro.xy;
-    let rs = pro.z;
     for (var ps = 0u; ps < p.passes; ps += 2u) {
         let row0 = (wid.x * p.passes + ps) * RPW + r;
         let row1 = row0 + RPW;
@@ -379,79 +367,6 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (lane == 0u && row0 < p.m) { store(t, row0, total0 * rs); }
         if (lane == 0u && two && row1 < p.m) { store(t, row1, total1 * rs); }
     }
-}
-
-// gemv_wide: long rows, few of them (out_proj, down_proj): every lane of the workgroup works on
-// each of its WR = 4 rows, two 16-byte chunks of each row per round, so the loads of all four
-// rows (eight per lane) are in flight together; the rows' sums meet in workgroup memory.
-// X must fit the staging (K <= XSH). Grid (ceil(m / WR), rows), no K split.
-const WR: u32 = 4u;
-var<workgroup> wred: array<f32, 32>;   // [WR rows][8 subgroups] (SUBGROUP32)
-
-fn wide_dot(a: vec4<f32>, b: vec4<f32>, c: u32) -> f32 {
-    return dot(a, xsh[2u * c]) + dot(b, xsh[2u * c + 1u]);
-}
-
-@compute @workgroup_size(256)
-fn gemv_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let t = wid.y;
-    let xb = p.x_off + t * p.x_stride;
-    yslice = 0u;
-    let n8 = (p.k + 7u) / 8u;
-    let pro = prologue(li, xb, 0u, n8, true);
-    let row0 = wid.x * WR;
-    let rstride = p.kp4 / 2u;
-    // Out-of-range rows read row m - 1 (loads in bounds, control flow uniform).
-    let b0 = min(row0, p.m - 1u) * rstride;
-    let b1 = min(row0 + 1u, p.m - 1u) * rstride;
-    let b2 = min(row0 + 2u, p.m - 1u) * rstride;
-    let b3 = min(row0 + 3u, p.m - 1u) * rstride;
-    var acc = vec4<f32>(0.0);
-    for (var c = li; c < n8; c += 512u) {
-        // The second chunk is clamped to the row's last one and masked out past it.
-        let d = min(c + 256u, n8 - 1u);
-        let md = select(0.0, 1.0, c + 256u < n8);
-        let a0 = w8a(b0 + c);
-        let e0 = w8b(b0 + c);
-        let a1 = w8a(b1 + c);
-        let e1 = w8b(b1 + c);
-        let a2 = w8a(b2 + c);
-        let e2 = w8b(b2 + c);
-        let a3 = w8a(b3 + c);
-        let e3 = w8b(b3 + c);
-        let f0 = w8a(b0 + d);
-        let g0 = w8b(b0 + d);
-        let f1 = w8a(b1 + d);
-        let g1 = w8b(b1 + d);
-        let f2 = w8a(b2 + d);
-        let g2 = w8b(b2 + d);
-        let f3 = w8a(b3 + d);
-        let g3 = w8b(b3 + d);
-        acc += vec4<f32>(wide_dot(a0, e0, c), wide_dot(a1, e1, c), wide_dot(a2, e2, c), wide_dot(a3, e3, c))
-            + md * vec4<f32>(wide_dot(f0, g0, d), wide_dot(f1, g1, d), wide_dot(f2, g2, d), wide_dot(f3, g3, d));
-    }
-#ifdef SUBGROUP32
-    let s = vec4<f32>(subgroupAdd(acc.x), subgroupAdd(acc.y), subgroupAdd(acc.z), subgroupAdd(acc.w));
-    if (li % 32u == 0u) {
-        wred[li / 32u] = s.x;
-        wred[8u + li / 32u] = s.y;
-        wred[16u + li / 32u] = s.z;
-        wred[24u + li / 32u] = s.w;
-    }
-    workgroupBarrier();
-    if (li < WR && row0 + li < p.m) {
-        var tot = 0.0;
-        for (var i = 0u; i < 8u; i++) { tot += wred[li * 8u + i]; }
-        store(t, row0 + li, tot * pro.z);
-    }
-#else
-    let s01 = wg_sum2(li, acc.x, acc.y);
-    let s23 = wg_sum2(li, acc.z, acc.w);
-    if (li < WR && row0 + li < p.m) {
-        let tot = select(select(s23.y, s23.x, li == 2u), select(s01.y, s01.x, li == 0u), li < 2u);
-        store(t, row0 + li, tot * pro.z);
-    }
-#endif
 }
 
 const BT: u32 = 64u;

@@ -843,8 +843,6 @@ pub struct Kernels {
     gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
     xsh: [usize; 2],
-    /// Long-row GEMVs (`gemv_wide`) [dtype f32, f16, q8, q4][merge, swiglu], large staging (GPUs).
-    gemv_wide: Option<Vec<[Arc<Kernel>; 2]>>,
     /// Barrier-free one-row-per-thread GEMVs [dtype f32, f16, q8, q4][prologue], used on CPU adapters.
     gemv_row: Option<Vec<Vec<Arc<Kernel>>>>,
     /// f32 GEMV with the conv prologue (x_proj of a decode step) [staging small, large], and
@@ -944,26 +942,6 @@ impl Kernels {
             }
             gemv.push(per_pro);
         }
-        let gemv_wide = if rowwise {
-            None
-        } else {
-            let mut v = Vec::new();
-            for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
-                let mk = |pro: &str, binds: &[BindKind]| -> Result<Arc<Kernel>> {
-                    let xd = format!("XSH={}", xsh[1]);
-                    let mut d = vec![dt, xd.as_str(), pro];
-                    if sg32 {
-                        d.push("SUBGROUP32");
-                    }
-                    k("matmul.wgsl", SRC_MATMUL, &d, "gemv_wide", binds)
-                };
-                v.push([
-                    mk("PRO_MERGE", &[U, R, R, R, RW, R, R])?,
-                    mk("PRO_SWIGLU", &[U, R, R, R, RW])?,
-                ]);
-            }
-            Some(v)
-        };
         // CPU adapters (lavapipe, SwiftShader) run workgroup barriers as context switches:
         // give them the barrier-free GEMV.
         let gemv_row = if rowwise {
@@ -1049,7 +1027,6 @@ impl Kernels {
             None
         };
         Ok(Kernels {
-            gemv_wide,
             gemv_row,
             gemv_conv,
             gemv_conv_row,
@@ -1074,11 +1051,7 @@ impl Kernels {
                 Some(k(
                     "attention_decode.wgsl",
                     SRC_ATTENTION_DECODE,
-                    if sg32 {
-                        &["GQA", "SUBGROUP32"]
-                    } else {
-                        &["GQA"]
-                    },
+                    if sg32 { &["GQA", "SUBGROUP32"] } else { &["GQA"] },
                     "main",
                     &[U, RW, R, R, RW, RW],
                 )?)
@@ -1246,16 +1219,6 @@ impl Kernels {
         self.coop_kernel(w, rows).is_some()
     }
 
-    /// The long-row GEMV for prologue `pro` (2 merge, 3 swiglu) where it suits a part of `rows`
-    /// rows of `w`: at least twice as many columns as rows, and X fits the staging.
-    fn gemv_wide_kernel(&self, w: &Matrix, pro: usize, rows: usize) -> Option<&Arc<Kernel>> {
-        let wide = self.gemv_wide.as_ref()?;
-        if pro < 2 || w.cols < 2 * rows || Matrix::padded_cols(w.cols) > self.xsh[1] {
-            return None;
-        }
-        Some(&wide[dtype_index(w.dtype)][pro - 2])
-    }
-
     fn gemv_kernel(&self, w: &Matrix, pro: usize) -> &Arc<Kernel> {
         if let Some(rowwise) = &self.gemv_row {
             return &rowwise[dtype_index(w.dtype)][pro];
@@ -1289,11 +1252,6 @@ impl Kernels {
                 rows as u32,
                 1,
             ];
-            let wide = |pro: usize| {
-                self.gemv_wide_kernel(w, pro, part.rows)
-                    .map(|k| (k, [part.rows.div_ceil(4) as u32, rows as u32, 1]))
-                    .unwrap_or((self.gemv_kernel(w, pro), groups))
-            };
             match pro {
                 Prologue::None => {
                     return self.matmul(
@@ -1311,13 +1269,19 @@ impl Kernels {
                 }
                 Prologue::Merge { w: mw, x2, eps } => {
                     p.eps = eps;
-                    let (kern, g) = wide(2);
-                    rec.dispatch(kern, &p, &[x, &part.buf, &self.dummy, y, mw, x2], g)?
+                    rec.dispatch(
+                        self.gemv_kernel(w, 2),
+                        &p,
+                        &[x, &part.buf, &self.dummy, y, mw, x2],
+                        groups,
+                    )?
                 }
-                Prologue::Swiglu => {
-                    let (kern, g) = wide(3);
-                    rec.dispatch(kern, &p, &[x, &part.buf, &self.dummy, y], g)?
-                }
+                Prologue::Swiglu => rec.dispatch(
+                    self.gemv_kernel(w, 3),
+                    &p,
+                    &[x, &part.buf, &self.dummy, y],
+                    groups,
+                )?,
             }
         }
         Ok(())
