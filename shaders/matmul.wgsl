@@ -223,6 +223,25 @@ fn xv(xb: u32, k: u32, sc: vec2<f32>) -> f32 {
 #endif
 }
 
+fn xraw4(xb: u32, k: u32) -> vec4<f32> {
+    return vec4<f32>(xraw(xb, k), xraw(xb, k + 1u), xraw(xb, k + 2u), xraw(xb, k + 3u));
+}
+
+#ifdef PRO_NORM
+fn aux4(k: u32) -> vec4<f32> { return vec4<f32>(auxk(k), auxk(k + 1u), auxk(k + 2u), auxk(k + 3u)); }
+#endif
+
+#ifdef PRO_MERGE
+fn x2raw(xb: u32, k: u32) -> f32 {
+    if (k >= p.k) { return 0.0; }
+    return x2[xb + k];
+}
+#endif
+
+fn xv4(xb: u32, k: u32, sc: vec2<f32>) -> vec4<f32> {
+    return vec4<f32>(xv(xb, k, sc), xv(xb, k + 1u, sc), xv(xb, k + 2u, sc), xv(xb, k + 3u, sc));
+}
+
 // The transformed X row is staged in workgroup memory (XSH floats, a multiple of 8, chosen per
 // pipeline by the host so that small K keeps the footprint small); K larger than XSH reads X
 // directly. Reduction across the 32 lanes of a row: subgroupAdd where the host sets SUBGROUP32
@@ -246,6 +265,70 @@ fn lane_sum(li: u32, lane: u32, v: f32) -> f32 {
 #endif
 }
 
+// The prologue of both decode GEMVs: stages the transformed X row t (columns k0.. of n8
+// 8-wide chunks) in xsh when `staged`, and returns (sc.x, sc.y, rs): the PRO_MERGE branch scales
+// and the factor for each row's dot product (the RMS scale of PRO_NORM). Contains barriers:
+// call from uniform control flow.
+fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
+    var sc = vec2<f32>(1.0);
+    var rs = 1.0;
+    // The loops take four of their iterations at a time (256 apart), every load issued before
+    // any is used: each is a chain of dependent global loads otherwise.
+    let n4 = n8 * 2u;
+#ifdef PRO_NORM
+    // Stage aux * x and sum x^2 in the same pass; one reduction (whose barrier also publishes
+    // the staged row) gives the scale.
+    var s1 = 0.0;
+    if (staged) {
+        for (var c = li; c < n4; c += 1024u) {
+            let v0 = xraw4(xb, c * 4u);
+            let v1 = xraw4(xb, min(c + 256u, n4 - 1u) * 4u) * select(0.0, 1.0, c + 256u < n4);
+            let v2 = xraw4(xb, min(c + 512u, n4 - 1u) * 4u) * select(0.0, 1.0, c + 512u < n4);
+            let v3 = xraw4(xb, min(c + 768u, n4 - 1u) * 4u) * select(0.0, 1.0, c + 768u < n4);
+            let a0 = aux4(c * 4u);
+            let a1 = aux4(min(c + 256u, n4 - 1u) * 4u);
+            let a2 = aux4(min(c + 512u, n4 - 1u) * 4u);
+            let a3 = aux4(min(c + 768u, n4 - 1u) * 4u);
+            s1 += (dot(v0, v0) + dot(v1, v1)) + (dot(v2, v2) + dot(v3, v3));
+            xsh[c] = v0 * a0;
+            if (c + 256u < n4) { xsh[c + 256u] = v1 * a1; }
+            if (c + 512u < n4) { xsh[c + 512u] = v2 * a2; }
+            if (c + 768u < n4) { xsh[c + 768u] = v3 * a3; }
+        }
+    } else {
+        for (var k = li; k < p.k; k += 256u) { let v = x[xb + k]; s1 += v * v; }
+    }
+    rs = inverseSqrt(wg_sum2(li, s1, 0.0).x / f32(p.k) + p.eps);
+#else
+#ifdef PRO_MERGE
+    var sa = vec4<f32>(0.0);
+    var sb = vec4<f32>(0.0);
+    for (var k = li; k < p.k; k += 1024u) {
+        let a = vec4<f32>(x[xb + k], xraw(xb, k + 256u), xraw(xb, k + 512u), xraw(xb, k + 768u));
+        let b = vec4<f32>(x2[xb + k], x2raw(xb, k + 256u), x2raw(xb, k + 512u), x2raw(xb, k + 768u));
+        sa += a * a;
+        sb += b * b;
+    }
+    let ss = wg_sum2(li, (sa.x + sa.y) + (sa.z + sa.w), (sb.x + sb.y) + (sb.z + sb.w));
+    sc = vec2<f32>(inverseSqrt(ss.x / f32(p.k) + p.eps), inverseSqrt(ss.y / f32(p.k) + p.eps));
+#endif
+    if (staged) {
+        for (var c = li; c < n4; c += 1024u) {
+            let v0 = xv4(xb, k0 + c * 4u, sc);
+            let v1 = xv4(xb, k0 + min(c + 256u, n4 - 1u) * 4u, sc);
+            let v2 = xv4(xb, k0 + min(c + 512u, n4 - 1u) * 4u, sc);
+            let v3 = xv4(xb, k0 + min(c + 768u, n4 - 1u) * 4u, sc);
+            xsh[c] = v0;
+            if (c + 256u < n4) { xsh[c + 256u] = v1; }
+            if (c + 512u < n4) { xsh[c + 512u] = v2; }
+            if (c + 768u < n4) { xsh[c + 768u] = v3; }
+        }
+    }
+    workgroupBarrier();
+#endif
+    return vec3<f32>(sc, rs);
+}
+
 // Each 32-lane group computes two rows of W at a time (RPW rows apart) where the workgroup has
 // two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are in
 // flight per iteration.
@@ -262,45 +345,9 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     yslice = wid.z * p.ypart;
     let n8 = (min(p.kslice, p.k - k0) + 7u) / 8u;
     let staged = n8 * 8u <= XSH;
-    var sc = vec2<f32>(1.0);
-    // rs: factor applied to each row's dot product (the RMS scale of PRO_NORM).
-    var rs = 1.0;
-#ifdef PRO_NORM
-    // Stage aux * x and sum x^2 in the same pass; one reduction (whose barrier also publishes
-    // the staged row) gives the scale.
-    var s1 = 0.0;
-    if (staged) {
-        for (var c = li; c < n8 * 2u; c += 256u) {
-            let k = c * 4u;
-            let v = vec4<f32>(xraw(xb, k), xraw(xb, k + 1u), xraw(xb, k + 2u), xraw(xb, k + 3u));
-            s1 += dot(v, v);
-            xsh[c] = v * vec4<f32>(auxk(k), auxk(k + 1u), auxk(k + 2u), auxk(k + 3u));
-        }
-    } else {
-        for (var k = li; k < p.k; k += 256u) { let v = x[xb + k]; s1 += v * v; }
-    }
-    rs = inverseSqrt(wg_sum2(li, s1, 0.0).x / f32(p.k) + p.eps);
-#else
-#ifdef PRO_MERGE
-    var sa = 0.0;
-    var sb = 0.0;
-    for (var k = li; k < p.k; k += 256u) {
-        let a = x[xb + k];
-        let b = x2[xb + k];
-        sa += a * a;
-        sb += b * b;
-    }
-    let ss = wg_sum2(li, sa, sb);
-    sc = vec2<f32>(inverseSqrt(ss.x / f32(p.k) + p.eps), inverseSqrt(ss.y / f32(p.k) + p.eps));
-#endif
-    if (staged) {
-        for (var c = li; c < n8 * 2u; c += 256u) {
-            let k = k0 + c * 4u;
-            xsh[c] = vec4<f32>(xv(xb, k, sc), xv(xb, k + 1u, sc), xv(xb, k + 2u, sc), xv(xb, k + 3u, sc));
-        }
-    }
-    workgroupBarrier();
-#endif
+    let pro = prologue(li, xb, k0, n8, staged);
+    let sc = pro.xy;
+    let rs = pro.z;
     for (var ps = 0u; ps < p.passes; ps += 2u) {
         let row0 = (wid.x * p.passes + ps) * RPW + r;
         let row1 = row0 + RPW;

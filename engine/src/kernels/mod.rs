@@ -1051,7 +1051,11 @@ impl Kernels {
                 Some(k(
                     "attention_decode.wgsl",
                     SRC_ATTENTION_DECODE,
-                    if sg32 { &["GQA", "SUBGROUP32"] } else { &["GQA"] },
+                    if sg32 {
+                        &["GQA", "SUBGROUP32"]
+                    } else {
+                        &["GQA"]
+                    },
                     "main",
                     &[U, RW, R, R, RW, RW],
                 )?)

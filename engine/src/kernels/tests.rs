@@ -914,7 +914,26 @@ fn swiglu_on_concatenated_gate_up() {
 }
 
 fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usize, seed: u64) {
+    // This adapter's kernels and the other family (GPUs' workgroup GEMVs on a CPU adapter, the
+    // row-per-thread ones on a GPU).
     let (gpu, ks) = env();
+    static OTHER: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+    let other = OTHER.get_or_init(|| Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap());
+    for kern in [ks, other] {
+        gemv_pro_case_with(kern, dtype, which, rows, m, k, seed);
+    }
+}
+
+fn gemv_pro_case_with(
+    ks: &Kernels,
+    dtype: WeightDtype,
+    which: usize,
+    rows: usize,
+    m: usize,
+    k: usize,
+    seed: u64,
+) {
+    let (gpu, _) = env();
     let mut r = Rng::new(seed);
     let xw = if which == 2 { 2 * k } else { k };
     let x_stride = xw + 3;
@@ -1010,6 +1029,9 @@ fn gemv_with_fused_prologues() {
         gemv_pro_case(dtype, 0, 1, 50, 3000, 99 + i as u64);
         gemv_pro_case(dtype, 2, 1, 40, 2500, 101 + i as u64);
         gemv_pro_case(dtype, 0, 1, 17000, 24, 103 + i as u64);
+        // merge and SwiGLU prologues over K of thousands (unrolled staging), two X rows
+        gemv_pro_case(dtype, 1, 1, 37, 5000, 105 + i as u64);
+        gemv_pro_case(dtype, 2, 2, 23, 4200, 107 + i as u64);
     }
 }
 
@@ -1257,7 +1279,12 @@ fn attention_split_over_many_key_blocks() {
     // a larger d_qk (128: its loop past the prefetched key dimensions). GPUs serve a KV group of
     // up to 8 query heads per workgroup; 10 heads on one KV head take the per-head kernel.
     let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
-    for dims in [(4, 2, 8, 24), (10, 2, 64, 128), (4, 2, 128, 128), (10, 1, 16, 24)] {
+    for dims in [
+        (4, 2, 8, 24),
+        (10, 2, 64, 128),
+        (4, 2, 128, 128),
+        (10, 1, 16, 24),
+    ] {
         attention_split_over_many_key_blocks_with(ks, dims);
         attention_split_over_many_key_blocks_with(&other, dims);
     }
