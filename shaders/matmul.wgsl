@@ -281,14 +281,18 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
     var s1 = 0.0;
     if (staged) {
         for (var c = li; c < n4; c += 1024u) {
+            // Sub-chunks past the row read as zeros (an index past K loads nothing).
+            let k1 = select(p.k, (c + 256u) * 4u, c + 256u < n4);
+            let k2 = select(p.k, (c + 512u) * 4u, c + 512u < n4);
+            let k3 = select(p.k, (c + 768u) * 4u, c + 768u < n4);
             let v0 = xraw4(xb, c * 4u);
-            let v1 = xraw4(xb, min(c + 256u, n4 - 1u) * 4u) * select(0.0, 1.0, c + 256u < n4);
-            let v2 = xraw4(xb, min(c + 512u, n4 - 1u) * 4u) * select(0.0, 1.0, c + 512u < n4);
-            let v3 = xraw4(xb, min(c + 768u, n4 - 1u) * 4u) * select(0.0, 1.0, c + 768u < n4);
+            let v1 = xraw4(xb, k1);
+            let v2 = xraw4(xb, k2);
+            let v3 = xraw4(xb, k3);
             let a0 = aux4(c * 4u);
-            let a1 = aux4(min(c + 256u, n4 - 1u) * 4u);
-            let a2 = aux4(min(c + 512u, n4 - 1u) * 4u);
-            let a3 = aux4(min(c + 768u, n4 - 1u) * 4u);
+            let a1 = aux4(k1);
+            let a2 = aux4(k2);
+            let a3 = aux4(k3);
             s1 += (dot(v0, v0) + dot(v1, v1)) + (dot(v2, v2) + dot(v3, v3));
             xsh[c] = v0 * a0;
             if (c + 256u < n4) { xsh[c + 256u] = v1 * a1; }
@@ -314,10 +318,11 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
 #endif
     if (staged) {
         for (var c = li; c < n4; c += 1024u) {
+            // Sub-chunks past the slice compute nothing (an index past K returns zeros).
             let v0 = xv4(xb, k0 + c * 4u, sc);
-            let v1 = xv4(xb, k0 + min(c + 256u, n4 - 1u) * 4u, sc);
-            let v2 = xv4(xb, k0 + min(c + 512u, n4 - 1u) * 4u, sc);
-            let v3 = xv4(xb, k0 + min(c + 768u, n4 - 1u) * 4u, sc);
+            let v1 = xv4(xb, select(p.k, k0 + (c + 256u) * 4u, c + 256u < n4), sc);
+            let v2 = xv4(xb, select(p.k, k0 + (c + 512u) * 4u, c + 512u < n4), sc);
+            let v3 = xv4(xb, select(p.k, k0 + (c + 768u) * 4u, c + 768u < n4), sc);
             xsh[c] = v0;
             if (c + 256u < n4) { xsh[c + 256u] = v1; }
             if (c + 512u < n4) { xsh[c + 512u] = v2; }
