@@ -65,7 +65,7 @@ pub struct ModelOptions {
     pub chunk: usize,
     /// Longest sequence in positions, meta tokens included (default: n_meta + max_position_embeddings).
     pub max_positions: Option<usize>,
-    /// Decode with the fused kernels (9 dispatches per layer); false runs the prompt kernels
+    /// Decode with the fused kernels (8 dispatches per layer on GPUs, 9 on CPU adapters); false runs the prompt kernels
     /// one position at a time (20 dispatches per layer), kept as a cross-check.
     pub fused_decode: bool,
 }
@@ -1353,8 +1353,9 @@ impl Model {
         k.matmul(rec, &ws.gu, 0, i2, &w.down, None, &ws.h, 0, d, rows, true)
     }
 
-    /// One decode step of a hybrid layer with fused kernels: 9 dispatches, the attention
-    /// and SSM branches independent of each other.
+    /// One decode step of a hybrid layer with fused kernels: 8 dispatches on GPUs, where the
+    /// attention and SSM branches overlap (no barrier before x_proj or the combine; see
+    /// `BranchOutputs`), 9 on CPU adapters.
     fn record_layer_decode(
         &self,
         rec: &mut Recorder,
