@@ -1869,6 +1869,49 @@ fn sampler_matches_cpu_mirror() {
 }
 
 #[test]
+fn sampler_greedy_argmax_large_vocab_with_ties() {
+    // Greedy over a vocabulary larger than the sampler's unrolled rounds (8 x 256 logits), with
+    // the maximum repeated: the lowest index wins, wherever the copies fall (same thread, other
+    // threads, the unrolled part or the remainder).
+    let (gpu, ks) = env();
+    let mut r = Rng::new(73);
+    let vocab = 32001;
+    for (trial, places) in [
+        vec![31000usize, 5],
+        vec![2048 + 3, 3, 2048 + 3 + 256],
+        vec![777, 777 + 256 * 8, 777 + 256],
+        vec![31999, 32000],
+        vec![12345],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut logits = r.vec(vocab, 6.0);
+        for &i in &places {
+            logits[i] = 9.5;
+        }
+        let lb = gpu.upload("l", &logits).unwrap();
+        let sb = gpu.upload("seen", &vec![0u32; vocab]).unwrap();
+        let stb = gpu.upload("st", &[0xdead_beefu32, 1]).unwrap();
+        let sp = SamplingParams::greedy();
+        let p = SampleParams {
+            vocab: vocab as u32,
+            mode: 0,
+            top_k: sp.top_k,
+            seed: sp.seed32(),
+            temperature: 1.0,
+            top_p: sp.top_p,
+            penalty: 1.0,
+            logits_off: 0,
+        };
+        run(gpu, |rec| ks.sample(rec, &lb, &sb, &stb, p).unwrap());
+        let st = pollster::block_on(gpu.read_u32(&stb, 0, 1)).unwrap();
+        let want = *places.iter().min().unwrap() as u32;
+        assert_eq!(st[0], want, "trial {trial}: maxima at {places:?}");
+    }
+}
+
+#[test]
 fn every_kernel_variant_compiles_with_native_f16_too() {
     // The shared device may lack shader-f16; validate the native-f16 text with naga directly.
     let all: Vec<(&str, &str, Vec<&str>)> = vec![
