@@ -46,6 +46,15 @@ struct Args {
     /// Print GPU time per kernel (timestamp queries) for a decode step and a prefill chunk.
     #[arg(long)]
     profile: bool,
+    /// Sampling temperature for the tg rows (0 = greedy, the default).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// top-k for the tg rows when sampling (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    /// top-p for the tg rows when sampling (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// Measure each fused decode stage's marginal cost at a --pp-token context: the step is
     /// timed (queued) with the stage recorded 0, 1 and 3 times per layer (outputs are wrong
     /// while a stage is repeated or left out; nothing else is measured in this mode).
@@ -94,6 +103,14 @@ fn main() {
         gpu.shader_f16,
         chrono_like_date()
     );
+    if a.temperature > 0.0 {
+        println!(
+            "tg rows sample on the GPU: temperature {}, top-k {}, top-p {}",
+            a.temperature, a.top_k, a.top_p
+        );
+    } else {
+        println!("tg rows decode greedily (argmax on the GPU)");
+    }
     println!("| model | dtype | test | tok/s | ms/token | weights GB/s | notes |");
     println!("|---|---|---|---|---|---|---|");
     for dt in a.dtype.split(',') {
@@ -133,7 +150,13 @@ fn main() {
                 .map(|i| (i.wrapping_mul(2654435761).wrapping_add(s) >> 7) % (vocab - 3) + 3)
                 .collect()
         };
-        let sp = SamplingParams::greedy();
+        let sp = SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: 1,
+            ..SamplingParams::greedy()
+        };
         // Warm-up: keep the GPU busy so its clock is up.
         let t = Instant::now();
         let mut seq = model.new_sequence().unwrap();

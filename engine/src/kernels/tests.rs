@@ -1792,9 +1792,16 @@ fn scan_fused_case(ks: &Kernels, d: usize, n: usize, rank: usize, seed: u64) {
 
 #[test]
 fn sampler_matches_cpu_mirror() {
+    // A small vocabulary, and one past the sampler's unrolled rounds (8 x 256 logits per pass,
+    // 36 logits per thread in the draw).
+    for vocab in [1000 + 3, 9001] {
+        sampler_case(vocab);
+    }
+}
+
+fn sampler_case(vocab: usize) {
     let (gpu, ks) = env();
-    let mut r = Rng::new(71);
-    let vocab = 1000 + 3;
+    let mut r = Rng::new(71 + vocab as u64);
     let cases = [
         SamplingParams::greedy(),
         SamplingParams {
@@ -1858,7 +1865,7 @@ fn sampler_matches_cpu_mirror() {
             let want = sample_cpu(&logits, &seen_b, sp, step);
             assert_eq!(
                 st[0], want,
-                "case {ci} trial {trial}: GPU picked {}, CPU {}",
+                "vocab {vocab} case {ci} trial {trial}: GPU picked {}, CPU {}",
                 st[0], want
             );
             assert_eq!(st[1], step + 1);
