@@ -43,22 +43,6 @@ fn okey(f: f32) -> u32 {
     return b | 0x80000000u;
 }
 
-// Adjusted logits at i + j * stride for j = 0..7 (clamped into the vocabulary; callers mask
-// j with i + j * stride >= V), all loaded before any is used: the passes below are otherwise
-// chains of dependent loads, 125 per thread for a 32k vocabulary.
-struct L8 { a: vec4<f32>, b: vec4<f32> }
-fn adj8(i: u32, stride: u32) -> L8 {
-    let V = p.vocab;
-    return L8(
-        vec4<f32>(adj(min(i, V - 1u)), adj(min(i + stride, V - 1u)), adj(min(i + 2u * stride, V - 1u)), adj(min(i + 3u * stride, V - 1u))),
-        vec4<f32>(adj(min(i + 4u * stride, V - 1u)), adj(min(i + 5u * stride, V - 1u)), adj(min(i + 6u * stride, V - 1u)), adj(min(i + 7u * stride, V - 1u))),
-    );
-}
-fn lane8(l: L8, j: u32) -> f32 {
-    if (j < 4u) { return l.a[j]; }
-    return l.b[j - 4u];
-}
-
 fn pcg(v: u32) -> u32 {
     let s = v * 747796405u + 2891336453u;
     let w = ((s >> ((s >> 28u) + 4u)) ^ s) * 277803737u;
@@ -146,24 +130,16 @@ fn main(@builtin(local_invocation_index) li: u32) {
             for (var b = 0u; b < 32u; b++) {
                 let cand = tk | (1u << (31u - b));
                 var c = 0u;
-                for (var i = li; i < V; i += 8u * WG) {
-                    let l8 = adj8(i, WG);
-                    for (var j = 0u; j < 8u; j++) {
-                        if (i + j * WG < V && okey(lane8(l8, j)) >= cand) { c++; }
-                    }
-                }
+                for (var i = li; i < V; i += WG) { if (okey(adj(i)) >= cand) { c++; } }
                 if (sum_u(li, c) >= p.top_k) { tk = cand; }
             }
         }
         var thr = tk;
         if (p.top_p < 1.0) {
             var z = 0.0;
-            for (var i = li; i < V; i += 8u * WG) {
-                let l8 = adj8(i, WG);
-                for (var j = 0u; j < 8u; j++) {
-                    let l = lane8(l8, j);
-                    if (i + j * WG < V && okey(l) >= tk) { z += exp((l - lmax) * inv_t); }
-                }
+            for (var i = li; i < V; i += WG) {
+                let l = adj(i);
+                if (okey(l) >= tk) { z += exp((l - lmax) * inv_t); }
             }
             let total = sum_f(li, z);
             var tp = 0u;
@@ -171,12 +147,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 let cand = tp | (1u << (31u - b));
                 let th = max(cand, tk);
                 var m = 0.0;
-                for (var i = li; i < V; i += 8u * WG) {
-                    let l8 = adj8(i, WG);
-                    for (var j = 0u; j < 8u; j++) {
-                        let l = lane8(l8, j);
-                        if (i + j * WG < V && okey(l) >= th) { m += exp((l - lmax) * inv_t); }
-                    }
+                for (var i = li; i < V; i += WG) {
+                    let l = adj(i);
+                    if (okey(l) >= th) { m += exp((l - lmax) * inv_t); }
                 }
                 if (sum_f(li, m) >= p.top_p * total) { tp = cand; }
             }
@@ -187,12 +160,9 @@ fn main(@builtin(local_invocation_index) li: u32) {
         let lo = li * per;
         let hi = min(V, lo + per);
         var cs = 0.0;
-        for (var i = lo; i < hi; i += 8u) {
-            let l8 = adj8(i, 1u);
-            for (var j = 0u; j < 8u; j++) {
-                let l = lane8(l8, j);
-                if (i + j < hi && okey(l) >= thr) { cs += exp((l - lmax) * inv_t); }
-            }
+        for (var i = lo; i < hi; i++) {
+            let l = adj(i);
+            if (okey(l) >= thr) { cs += exp((l - lmax) * inv_t); }
         }
         rf[li] = cs;
         workgroupBarrier();
@@ -208,15 +178,12 @@ fn main(@builtin(local_invocation_index) li: u32) {
                 if (cum + rf[j] > goal) {
                     let a = j * per;
                     let e = min(V, a + per);
-                    for (var i = a; i < e && !found; i += 8u) {
-                        let l8 = adj8(i, 1u);
-                        for (var j = 0u; j < 8u; j++) {
-                            let l = lane8(l8, j);
-                            if (i + j < e && okey(l) >= thr) {
-                                pick = i + j;
-                                cum += exp((l - lmax) * inv_t);
-                                if (cum > goal) { found = true; break; }
-                            }
+                    for (var i = a; i < e; i++) {
+                        let l = adj(i);
+                        if (okey(l) >= thr) {
+                            pick = i;
+                            cum += exp((l - lmax) * inv_t);
+                            if (cum > goal) { found = true; break; }
                         }
                     }
                 } else {
