@@ -2,8 +2,9 @@
 //   repetition penalty (tokens marked in `seen`: l > 0 ? l / penalty : l * penalty),
 //   then greedy argmax (lowest id on ties), or sampling: temperature, top-k (ties kept),
 //   top-p (smallest set of highest tokens with mass >= p), then an inverse-CDF draw in id
-//   order with u = hash(seed, step). Thresholds are found by bitwise search over
-//   order-preserving u32 keys of the logits, so nothing is sorted.
+//   order with u = hash(seed, step). Thresholds live on order-preserving u32 keys of the
+//   logits, so nothing is sorted: top-k's by a radix select (four byte-wide histogram passes),
+//   top-p's by bitwise search.
 // One workgroup of 256 threads. Grid: (1, 1, 1).
 
 struct Params {
@@ -28,6 +29,7 @@ struct Params {
 const WG: u32 = 256u;
 var<workgroup> rf: array<f32, 256>;
 var<workgroup> ru: array<u32, 256>;
+var<workgroup> hist: array<atomic<u32>, 256>;  // radix-select histogram (top-k)
 
 fn adj(i: u32) -> f32 {
     var l = logits[p.logits_off + i];
@@ -125,13 +127,45 @@ fn main(@builtin(local_invocation_index) li: u32) {
     if (p.mode == 1u) {
         let inv_t = 1.0 / p.temperature;
         // top-k: largest key threshold keeping at least k tokens.
+        // The largest t with at least k keys >= t is the k-th largest key: a radix select,
+        // eight bits per pass (four passes over the vocabulary instead of one per bit). Each
+        // pass histograms the next byte of the keys that share the bytes chosen so far and
+        // takes the bin where the count from the top reaches the rank still needed.
         var tk = 0u;
         if (p.top_k > 0u && p.top_k < V) {
-            for (var b = 0u; b < 32u; b++) {
-                let cand = tk | (1u << (31u - b));
-                var c = 0u;
-                for (var i = li; i < V; i += WG) { if (okey(adj(i)) >= cand) { c++; } }
-                if (sum_u(li, c) >= p.top_k) { tk = cand; }
+            var need = p.top_k;
+            var pmask = 0u;
+            for (var rp = 0u; rp < 4u; rp++) {
+                let shift = 24u - 8u * rp;
+                atomicStore(&hist[li], 0u);
+                workgroupBarrier();
+                for (var i = li; i < V; i += WG) {
+                    let key = okey(adj(i));
+                    if ((key & pmask) == tk) { atomicAdd(&hist[(key >> shift) & 255u], 1u); }
+                }
+                workgroupBarrier();
+                if (li == 0u) {
+                    var cum = 0u;
+                    var sel = 0u;
+                    var rest = need;
+                    for (var b = 0; b < 256; b++) {
+                        let bin = u32(255 - b);
+                        let c = atomicLoad(&hist[bin]);
+                        if (cum + c >= need) {
+                            sel = bin;
+                            rest = need - cum;
+                            break;
+                        }
+                        cum += c;
+                    }
+                    ru[0] = sel;
+                    ru[1] = rest;
+                }
+                workgroupBarrier();
+                tk = tk | (ru[0] << shift);
+                need = ru[1];
+                pmask = pmask | (255u << shift);
+                workgroupBarrier();
             }
         }
         var thr = tk;
