@@ -111,6 +111,7 @@ fn main() {
     } else {
         println!("tg rows decode greedily (argmax on the GPU)");
     }
+    let copy_gbs = copy_bandwidth(&gpu);
     println!("| model | dtype | test | tok/s | ms/token | weights GB/s | notes |");
     println!("|---|---|---|---|---|---|---|");
     for dt in a.dtype.split(',') {
@@ -129,6 +130,11 @@ fn main() {
         ))
         .unwrap_or_else(|e| die(e));
         let load_s = t.elapsed().as_secs_f64();
+        // "(x% of copy)" after a GB/s figure, against the measured copy bandwidth.
+        let pct = |gbs: f64| match copy_gbs {
+            Some(c) => format!(" ({:.0}% of copy)", 100.0 * gbs / c),
+            None => String::new(),
+        };
         let wb = model.weight_bytes();
         let name = a
             .model
@@ -257,10 +263,11 @@ fn main() {
             let queued = t.elapsed().as_secs_f64() / n as f64;
             let disp = s.decode_dispatches();
             println!(
-                "| {name} | {dt} | tg{n} @ {ctx} (streamed) | {:.1} | {:.3} | {:.0} | {} dispatches/token, CPU encode {:.3} ms/token |",
+                "| {name} | {dt} | tg{n} @ {ctx} (streamed) | {:.1} | {:.3} | {:.0}{} | {} dispatches and 1 submit per token, CPU encode {:.3} ms/token |",
                 1.0 / streamed,
                 streamed * 1e3,
                 wb as f64 / streamed / 1e9,
+                pct(wb as f64 / streamed / 1e9),
                 disp,
                 enc * 1e3 / n as f64
             );
@@ -281,7 +288,14 @@ fn main() {
                     }
                 }
             }
-            println!("| {name} | {dt} | tg{n} @ {ctx} (queued) | {:.1} | {:.3} | {:.0} | cache {:.1} MiB |", 1.0 / queued, queued * 1e3, wb as f64 / queued / 1e9, s.cache_bytes() as f64 / 1048576.0);
+            println!(
+                "| {name} | {dt} | tg{n} @ {ctx} (queued) | {:.1} | {:.3} | {:.0}{} | cache {:.1} MiB |",
+                1.0 / queued,
+                queued * 1e3,
+                wb as f64 / queued / 1e9,
+                pct(wb as f64 / queued / 1e9),
+                s.cache_bytes() as f64 / 1048576.0
+            );
         }
         if let Some(r) = model.gpu.device.generate_allocator_report() {
             println!(
@@ -339,6 +353,72 @@ fn stage_study(model: &Model, ctx: usize, n: usize, prompt: &[u32]) {
             (t3 - base) * 1e6 / layers / 2.0
         );
     }
+}
+
+/// Measured copy bandwidth (GB/s, bytes read + written) of a WGSL copy kernel over two buffers
+/// of up to 512 MiB: the ceiling the "% of copy" figures refer to. Warm-up 3 copies, then the
+/// best of 3 batches of 10 dependent copies in one pass.
+fn copy_bandwidth(gpu: &Gpu) -> Option<f64> {
+    use hymba_engine::gpu::{BindKind, Kernel, Recorder};
+    let limit = (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size);
+    let bytes = (512u64 << 20).min(limit) / 16 * 16;
+    let n = (bytes / 16) as u32;
+    let kernel = std::sync::Arc::new(
+        Kernel::new(
+            gpu,
+            "bench_copy.wgsl",
+            include_str!("../../shaders/bench_copy.wgsl"),
+            "main",
+            &[],
+            &[BindKind::Uniform, BindKind::Read, BindKind::ReadWrite],
+        )
+        .ok()?,
+    );
+    let src = gpu.buffer("copy src", bytes).ok()?;
+    let dst = gpu.buffer("copy dst", bytes).ok()?;
+    // Non-zero data, 16 MiB at a time.
+    let chunk: Vec<f32> = (0..(4u32 << 20))
+        .map(|i| (i % 9973) as f32 * 0.001 + 0.5)
+        .collect();
+    let mut off = 0u64;
+    while off < bytes {
+        let len = (bytes - off).min(16 << 20);
+        gpu.queue.write_buffer(
+            &src,
+            off,
+            bytemuck::cast_slice(&chunk[..(len / 4) as usize]),
+        );
+        off += len;
+    }
+    let row = 32768u32;
+    let groups = [row.min(n.div_ceil(256)), n.div_ceil(256 * row), 1];
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct P {
+        n: u32,
+        row: u32,
+    }
+    let batch = |count: usize| -> Option<f64> {
+        let mut rec = Recorder::new(gpu);
+        for _ in 0..count {
+            rec.dispatch(&kernel, &P { n, row }, &[&src, &dst], groups)
+                .ok()?;
+        }
+        let prog = rec.finish();
+        pollster::block_on(gpu.finish()).ok()?;
+        let t = Instant::now();
+        prog.run(gpu);
+        pollster::block_on(gpu.finish()).ok()?;
+        Some(t.elapsed().as_secs_f64())
+    };
+    batch(3)?;
+    let best = (0..3).filter_map(|_| batch(10)).fold(f64::MAX, f64::min);
+    let gbs = 2.0 * bytes as f64 * 10.0 / best / 1e9;
+    println!(
+        "copy bandwidth: {gbs:.0} GB/s (WGSL copy kernel, 2 x {} MiB, best of 3 x 10 copies)",
+        bytes >> 20
+    );
+    Some(gbs)
 }
 
 fn chrono_like_date() -> String {
