@@ -111,7 +111,7 @@ fn main() {
     } else {
         println!("tg rows decode greedily (argmax on the GPU)");
     }
-    let copy_gbs = copy_bandwidth(&gpu);
+    let copy_gbs = copy_bandwidth(&gpu, a.warmup);
     println!("| model | dtype | test | tok/s | ms/token | weights GB/s | notes |");
     println!("|---|---|---|---|---|---|---|");
     for dt in a.dtype.split(',') {
@@ -356,9 +356,10 @@ fn stage_study(model: &Model, ctx: usize, n: usize, prompt: &[u32]) {
 }
 
 /// Measured copy bandwidth (GB/s, bytes read + written) of a WGSL copy kernel over two buffers
-/// of up to 512 MiB: the ceiling the "% of copy" figures refer to. Warm-up 3 copies, then the
-/// best of 3 batches of 10 dependent copies in one pass.
-fn copy_bandwidth(gpu: &Gpu) -> Option<f64> {
+/// of up to 512 MiB: the ceiling the "% of copy" figures refer to. Copies run for `warmup`
+/// seconds first (an idle GPU's clock sags), then the best of 5 batches of 10 dependent copies
+/// in one pass.
+fn copy_bandwidth(gpu: &Gpu, warmup: f64) -> Option<f64> {
     use hymba_engine::gpu::{BindKind, Kernel, Recorder};
     let limit = (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size);
     let bytes = (512u64 << 20).min(limit) / 16 * 16;
@@ -411,11 +412,15 @@ fn copy_bandwidth(gpu: &Gpu) -> Option<f64> {
         pollster::block_on(gpu.finish()).ok()?;
         Some(t.elapsed().as_secs_f64())
     };
+    let t = Instant::now();
     batch(3)?;
-    let best = (0..3).filter_map(|_| batch(10)).fold(f64::MAX, f64::min);
+    while t.elapsed().as_secs_f64() < warmup {
+        batch(10)?;
+    }
+    let best = (0..5).filter_map(|_| batch(10)).fold(f64::MAX, f64::min);
     let gbs = 2.0 * bytes as f64 * 10.0 / best / 1e9;
     println!(
-        "copy bandwidth: {gbs:.0} GB/s (WGSL copy kernel, 2 x {} MiB, best of 3 x 10 copies)",
+        "copy bandwidth: {gbs:.0} GB/s (WGSL copy kernel, 2 x {} MiB, best of 5 x 10 copies after {warmup} s of copies)",
         bytes >> 20
     );
     Some(gbs)
