@@ -179,12 +179,6 @@ fn main(@builtin(local_invocation_index) li: u32) {
             var tp = 0u;
             for (var b = 0u; b < 32u; b++) {
                 let cand = tp | (1u << (31u - b));
-                // At or below the top-k threshold the kept mass is the whole total, which
-                // reaches p: no pass needed (workgroup-uniform branch).
-                if (cand <= tk) {
-                    tp = cand;
-                    continue;
-                }
                 let th = max(cand, tk);
                 var m = 0.0;
                 for (var i = li; i < V; i += WG) {
