@@ -282,7 +282,7 @@ var<workgroup> gq: array<f32, 512>;                 // [hpg][d_qk] rotated queri
 var<workgroup> gsc: array<f32, 512>;                // [hpg][KB] scaled scores
 var<workgroup> gpr: array<f32, 512>;                // [hpg][KB] exp(score - block max)
 var<workgroup> gsq: array<f32, 256>;                // quarter sums (no SUBGROUP32)
-var<workgroup> gpv: array<vec4<f32>, 2048>;         // [hpg][groups][d_v / 4] partial P.V
+var<workgroup> gpv: array<vec4<f32>, 256>;          // [groups][d_v / 4] partial P.V of one head
 
 fn key_pos(vis: vec3<u32>, j: u32) -> u32 {
     if (j >= vis.x) { return vis.y + (j - vis.x); }
@@ -439,9 +439,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 #endif
     workgroupBarrier();
-    // P.V for every head from the prefetched values.
-    if (g < groups && li % max(dv4, 1u) < dv4) {
-        for (var hh = 0u; hh < hpg; hh++) {
+    // P.V for every head from the prefetched values, one head at a time (the groups' partial
+    // sums of one head fit 4 KiB of workgroup memory; all heads at once would need 32 KiB,
+    // over the 16-32 KiB browsers allow).
+    for (var hh = 0u; hh < hpg; hh++) {
+        if (g < groups && li % max(dv4, 1u) < dv4) {
             var acc = (gpv_term(hh, g, v0, vself, kb, nk, self_j) + gpv_term(hh, g + groups, v1, vself, kb, nk, self_j))
                 + (gpv_term(hh, g + 2u * groups, v2, vself, kb, nk, self_j) + gpv_term(hh, g + 3u * groups, v3, vself, kb, nk, self_j));
             acc += (gpv_term(hh, g + 4u * groups, v4, vself, kb, nk, self_j) + gpv_term(hh, g + 5u * groups, v5, vself, kb, nk, self_j))
@@ -451,20 +453,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 if (kb + jj == self_j) { v = vself; }
                 acc += gpr[hh * KB + jj] * v;
             }
-            gpv[(hh * groups + g) * dv4 + e4] = acc;
+            gpv[g * dv4 + e4] = acc;
         }
-    }
-    workgroupBarrier();
-    for (var i = li; i < hpg * dv4; i += SWG) {
-        let hh = i / dv4;
-        let f = i % dv4;
-        var a = vec4<f32>(0.0);
-        for (var gg = 0u; gg < groups; gg++) { a += gpv[(hh * groups + gg) * dv4 + f]; }
+        workgroupBarrier();
         let ob = ((kvh * hpg + hh) * p.n_splits + split) * stride;
-        part[ob + 2u + 4u * f] = a.x;
-        part[ob + 3u + 4u * f] = a.y;
-        part[ob + 4u + 4u * f] = a.z;
-        part[ob + 5u + 4u * f] = a.w;
+        for (var f = li; f < dv4; f += SWG) {
+            var a = vec4<f32>(0.0);
+            for (var gg = 0u; gg < groups; gg++) { a += gpv[gg * dv4 + f]; }
+            part[ob + 2u + 4u * f] = a.x;
+            part[ob + 3u + 4u * f] = a.y;
+            part[ob + 4u + 4u * f] = a.z;
+            part[ob + 5u + 4u * f] = a.w;
+        }
+        workgroupBarrier();
     }
 }
 #else

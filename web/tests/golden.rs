@@ -134,6 +134,10 @@ const RTOL: f32 = 1e-3;
 
 async fn run(c: Case) {
     let (gpu, kernels) = gpu().await;
+    run_with(c, gpu, kernels).await;
+}
+
+async fn run_with(c: Case, gpu: Arc<Gpu>, kernels: Arc<Kernels>) {
     let case: serde_json::Value = serde_json::from_str(c.case).unwrap();
     let ids = |k: &str| -> Vec<u32> {
         case[k]
@@ -257,4 +261,17 @@ async fn golden_c4_bf16() {
 #[wasm_bindgen_test]
 async fn golden_c5_real_vocab_text() {
     run(case!("c5_real_vocab_text")).await;
+}
+
+/// The kernel family GPUs get (workgroup GEMVs, the GQA decode attention, the four-lane scan,
+/// the per-layer branch buffers of the decode step), compiled and run in the browser: Chromium's
+/// WGSL compiler (Tint) checks uniformity, which naga does not, and a browser on a GPU adapter
+/// compiles these kernels. Same checks as the other golden tests, on c3 (GQA, sliding window,
+/// KV reuse).
+#[wasm_bindgen_test]
+async fn golden_c3_with_the_gpu_kernel_family() {
+    let (gpu, _) = gpu().await;
+    let kernels = Arc::new(Kernels::new_with(&gpu, false).expect("GPU-family kernels compile"));
+    assert!(!kernels.cpu_adapter());
+    run_with(case!("c3_real_layout_mini"), gpu, kernels).await;
 }
