@@ -160,6 +160,72 @@ fn rope_and_store_kv(h: u32, split: u32, li: u32, threads: u32) {
     }
 }
 
+// Position of visible key j (meta keys first, then text positions from vis.y).
+fn key_pos(vis: vec3<u32>, j: u32) -> u32 {
+    if (j >= vis.x) { return vis.y + (j - vis.x); }
+    return j;
+}
+
+const SWG: u32 = 256u;  // threads of the GPU split entries
+
+fn kload(b: u32, e4: u32, dq4: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), kc[b + min(e4, dq4 - 1u)], e4 < dq4);
+}
+
+// Value vec4 e4 of block key j (clamped to the block's last key; callers mask past nk).
+fn vload(vis: vec3<u32>, kb: u32, nk: u32, j: u32, vrow: u32, e4: u32) -> vec4<f32> {
+    return vc[(vrow + slot(key_pos(vis, kb + min(j, nk - 1u)))) * (p.d_v / 4u) + e4];
+}
+
+// What a GPU split entry loads of its block of KB keys (KV head kvh), all before any barrier.
+// Keys: lane (key jl = li / 4, quarter qd = li % 4) holds the vec4s qd, qd + 4, qd + 8, qd + 12 of
+// its key (d_qk <= 64; the rest are read later). Values: lane e4 of group g (256 / (d_v / 4)
+// groups) holds vec4 e4 of the keys g, g + groups, ..., g + 7 groups (the whole block when
+// d_v <= 128; the rest are read later), and of this step's value, which replaces the cache
+// slot's for the key q itself.
+struct BlockLoads {
+    jl: u32,
+    qd: u32,
+    kbase: u32,
+    k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>,
+    groups: u32,
+    g: u32,
+    e4: u32,
+    vrow: u32,
+    vself: vec4<f32>,
+    v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>,
+    v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>,
+}
+
+fn load_block(li: u32, kvh: u32, vis: vec3<u32>, kb: u32, nk: u32) -> BlockLoads {
+    let dq4 = p.d_qk / 4u;
+    let dv4 = p.d_v / 4u;
+    var b: BlockLoads;
+    b.jl = li / 4u;
+    b.qd = li % 4u;
+    b.kbase = (kvh * p.cap + slot(key_pos(vis, kb + min(b.jl, nk - 1u)))) * dq4;
+    b.k0 = kload(b.kbase, b.qd, dq4);
+    b.k1 = kload(b.kbase, b.qd + 4u, dq4);
+    b.k2 = kload(b.kbase, b.qd + 8u, dq4);
+    b.k3 = kload(b.kbase, b.qd + 12u, dq4);
+    b.groups = max(SWG / max(dv4, 1u), 1u);
+    b.g = li / max(dv4, 1u);
+    b.e4 = min(li % max(dv4, 1u), dv4 - 1u);
+    b.vrow = kvh * p.cap;
+    let vb = p.v_col + kvh * p.d_v + 4u * b.e4;
+    b.vself = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+    let gs = b.groups;
+    b.v0 = vload(vis, kb, nk, b.g, b.vrow, b.e4);
+    b.v1 = vload(vis, kb, nk, b.g + gs, b.vrow, b.e4);
+    b.v2 = vload(vis, kb, nk, b.g + 2u * gs, b.vrow, b.e4);
+    b.v3 = vload(vis, kb, nk, b.g + 3u * gs, b.vrow, b.e4);
+    b.v4 = vload(vis, kb, nk, b.g + 4u * gs, b.vrow, b.e4);
+    b.v5 = vload(vis, kb, nk, b.g + 5u * gs, b.vrow, b.e4);
+    b.v6 = vload(vis, kb, nk, b.g + 6u * gs, b.vrow, b.e4);
+    b.v7 = vload(vis, kb, nk, b.g + 7u * gs, b.vrow, b.e4);
+    return b;
+}
+
 #ifdef CPU_SPLIT
 // Split entry for CPU adapters (lavapipe, SwiftShader), which run each workgroup barrier as a
 // context switch per invocation: 64 threads, one key each, tree reductions. Same partials.
@@ -276,22 +342,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 // RoPE barrier. Scores: lane (key jl, quarter qd) for each head of the group, summed over the
 // quarters; softmax: subgroup w takes head w; P.V: group g of lanes the keys g, g + groups, ...
 // for every head, the groups meeting in workgroup memory. Partials as the per-head entry writes.
-const SWG: u32 = 256u;
-const HPG_MAX: u32 = 8u;
 var<workgroup> gq: array<f32, 512>;                 // [hpg][d_qk] rotated queries
 var<workgroup> gsc: array<f32, 512>;                // [hpg][KB] scaled scores
 var<workgroup> gpr: array<f32, 512>;                // [hpg][KB] exp(score - block max)
 var<workgroup> gsq: array<f32, 256>;                // quarter sums (no SUBGROUP32)
 var<workgroup> gpv: array<vec4<f32>, 256>;          // [groups][d_v / 4] partial P.V of one head
 
-fn key_pos(vis: vec3<u32>, j: u32) -> u32 {
-    if (j >= vis.x) { return vis.y + (j - vis.x); }
-    return j;
-}
 
-fn kload(b: u32, e4: u32, dq4: u32) -> vec4<f32> {
-    return select(vec4<f32>(0.0), kc[b + min(e4, dq4 - 1u)], e4 < dq4);
-}
 
 fn gq4(o: u32) -> vec4<f32> { return vec4<f32>(gq[o], gq[o + 1u], gq[o + 2u], gq[o + 3u]); }
 
@@ -314,30 +371,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let nk = min(KB, vis.z - kb);
     var self_j = 0xffffffffu;
     if (p.self_kv != 0u) { self_j = vis.z - 1u; }
-    // Keys: lane (jl, qd).
-    let jl = li / 4u;
-    let qd = li % 4u;
+    let bl = load_block(li, kvh, vis, kb, nk);
+    let jl = bl.jl;
+    let qd = bl.qd;
     let kj = kb + min(jl, nk - 1u);
-    let kbase = (kvh * p.cap + slot(key_pos(vis, kj))) * dq4;
-    let k0 = kload(kbase, qd, dq4);
-    let k1 = kload(kbase, qd + 4u, dq4);
-    let k2 = kload(kbase, qd + 8u, dq4);
-    let k3 = kload(kbase, qd + 12u, dq4);
-    // Values: lane e4 of group g, keys g + i * groups.
-    let groups = max(SWG / max(dv4, 1u), 1u);
-    let g = li / max(dv4, 1u);
-    let e4 = min(li % max(dv4, 1u), dv4 - 1u);
-    let vrow = kvh * p.cap;
-    let vself_b = p.v_col + kvh * p.d_v + 4u * e4;
-    let vself = vec4<f32>(pbuf[vself_b], pbuf[vself_b + 1u], pbuf[vself_b + 2u], pbuf[vself_b + 3u]);
-    let v0 = vc[(vrow + slot(key_pos(vis, kb + min(g, nk - 1u)))) * dv4 + e4];
-    let v1 = vc[(vrow + slot(key_pos(vis, kb + min(g + groups, nk - 1u)))) * dv4 + e4];
-    let v2 = vc[(vrow + slot(key_pos(vis, kb + min(g + 2u * groups, nk - 1u)))) * dv4 + e4];
-    let v3 = vc[(vrow + slot(key_pos(vis, kb + min(g + 3u * groups, nk - 1u)))) * dv4 + e4];
-    let v4 = vc[(vrow + slot(key_pos(vis, kb + min(g + 4u * groups, nk - 1u)))) * dv4 + e4];
-    let v5 = vc[(vrow + slot(key_pos(vis, kb + min(g + 5u * groups, nk - 1u)))) * dv4 + e4];
-    let v6 = vc[(vrow + slot(key_pos(vis, kb + min(g + 6u * groups, nk - 1u)))) * dv4 + e4];
-    let v7 = vc[(vrow + slot(key_pos(vis, kb + min(g + 7u * groups, nk - 1u)))) * dv4 + e4];
+    let kbase = bl.kbase;
+    let groups = bl.groups;
+    let g = bl.g;
+    let e4 = bl.e4;
+    let vrow = bl.vrow;
+    let vself = bl.vself;
     // RoPE on the group's queries (and this step's key), then the KV store (split 0).
     for (var i = li; i < hpg * half; i += SWG) {
         let hh = i / half;
@@ -384,7 +427,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 d += gq4(hh * p.d_qk + e) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
             }
         } else {
-            d = (k0 * gq4(qo) + k1 * gq4(qo + 16u)) + (k2 * gq4(qo + 32u) + k3 * gq4(qo + 48u));
+            d = (bl.k0 * gq4(qo) + bl.k1 * gq4(qo + 16u)) + (bl.k2 * gq4(qo + 32u) + bl.k3 * gq4(qo + 48u));
             for (var f = qd + 16u; f < dq4; f += 4u) { d += gq4(hh * p.d_qk + 4u * f) * kc[kbase + f]; }
         }
         let pd = (d.x + d.y) + (d.z + d.w);
@@ -444,10 +487,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // over the 16-32 KiB browsers allow).
     for (var hh = 0u; hh < hpg; hh++) {
         if (g < groups && li % max(dv4, 1u) < dv4) {
-            var acc = (gpv_term(hh, g, v0, vself, kb, nk, self_j) + gpv_term(hh, g + groups, v1, vself, kb, nk, self_j))
-                + (gpv_term(hh, g + 2u * groups, v2, vself, kb, nk, self_j) + gpv_term(hh, g + 3u * groups, v3, vself, kb, nk, self_j));
-            acc += (gpv_term(hh, g + 4u * groups, v4, vself, kb, nk, self_j) + gpv_term(hh, g + 5u * groups, v5, vself, kb, nk, self_j))
-                + (gpv_term(hh, g + 6u * groups, v6, vself, kb, nk, self_j) + gpv_term(hh, g + 7u * groups, v7, vself, kb, nk, self_j));
+            var acc = (gpv_term(hh, g, bl.v0, vself, kb, nk, self_j) + gpv_term(hh, g + groups, bl.v1, vself, kb, nk, self_j))
+                + (gpv_term(hh, g + 2u * groups, bl.v2, vself, kb, nk, self_j) + gpv_term(hh, g + 3u * groups, bl.v3, vself, kb, nk, self_j));
+            acc += (gpv_term(hh, g + 4u * groups, bl.v4, vself, kb, nk, self_j) + gpv_term(hh, g + 5u * groups, bl.v5, vself, kb, nk, self_j))
+                + (gpv_term(hh, g + 6u * groups, bl.v6, vself, kb, nk, self_j) + gpv_term(hh, g + 7u * groups, bl.v7, vself, kb, nk, self_j));
             for (var jj = g + 8u * groups; jj < nk; jj += groups) {
                 var v = vc[(vrow + slot(key_pos(vis, kb + jj))) * dv4 + e4];
                 if (kb + jj == self_j) { v = vself; }
@@ -477,21 +520,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 // ... (8 prefetched: KB / groups <= 8 when d_v <= 128, more in a loop); the groups meet in
 // workgroup memory. This step's key and value (pos == q in a KV-owning layer) replace the cache
 // slot's stale contents after the loads. d_qk <= 256, d_v <= 1024.
-const SWG: u32 = 256u;
 var<workgroup> sq: array<f32, 256>;         // [KB keys][4] partial scores (no SUBGROUP32)
 var<workgroup> pr: array<f32, 64>;          // [KB] exp(score - block max)
 var<workgroup> wred: array<f32, 16>;        // per-subgroup max, then per-subgroup sum
 var<workgroup> pv: array<vec4<f32>, 256>;   // [groups][d_v / 4] partial P.V
 
-// Position of visible key j (meta keys first, then text positions from vis.y).
-fn key_pos(vis: vec3<u32>, j: u32) -> u32 {
-    if (j >= vis.x) { return vis.y + (j - vis.x); }
-    return j;
-}
 
-fn kload(b: u32, e4: u32, dq4: u32) -> vec4<f32> {
-    return select(vec4<f32>(0.0), kc[b + min(e4, dq4 - 1u)], e4 < dq4);
-}
 
 // Key j of the block weighted by its probability (zero past the block's nk keys); this step's
 // value replaces the cache slot's for the key self_j.
@@ -514,30 +548,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // This step's key is the last visible one, when this layer owns its KV.
     var self_j = 0xffffffffu;
     if (p.self_kv != 0u) { self_j = vis.z - 1u; }
-    // Keys: lane (jl, qd).
-    let jl = li / 4u;
-    let qd = li % 4u;
+    let bl = load_block(li, kvh, vis, kb, nk);
+    let jl = bl.jl;
+    let qd = bl.qd;
     let kj = kb + min(jl, nk - 1u);
-    let kbase = (kvh * p.cap + slot(key_pos(vis, kj))) * dq4;
-    let k0 = kload(kbase, qd, dq4);
-    let k1 = kload(kbase, qd + 4u, dq4);
-    let k2 = kload(kbase, qd + 8u, dq4);
-    let k3 = kload(kbase, qd + 12u, dq4);
-    // Values: lane e4 of group g, keys g + i * groups.
-    let groups = max(SWG / max(dv4, 1u), 1u);
-    let g = li / max(dv4, 1u);
-    let e4 = min(li % max(dv4, 1u), dv4 - 1u);
-    let vrow = kvh * p.cap;
-    let vself_b = p.v_col + kvh * p.d_v + 4u * e4;
-    let vself = vec4<f32>(pbuf[vself_b], pbuf[vself_b + 1u], pbuf[vself_b + 2u], pbuf[vself_b + 3u]);
-    let v0 = vc[(vrow + slot(key_pos(vis, kb + min(g, nk - 1u)))) * dv4 + e4];
-    let v1 = vc[(vrow + slot(key_pos(vis, kb + min(g + groups, nk - 1u)))) * dv4 + e4];
-    let v2 = vc[(vrow + slot(key_pos(vis, kb + min(g + 2u * groups, nk - 1u)))) * dv4 + e4];
-    let v3 = vc[(vrow + slot(key_pos(vis, kb + min(g + 3u * groups, nk - 1u)))) * dv4 + e4];
-    let v4 = vc[(vrow + slot(key_pos(vis, kb + min(g + 4u * groups, nk - 1u)))) * dv4 + e4];
-    let v5 = vc[(vrow + slot(key_pos(vis, kb + min(g + 5u * groups, nk - 1u)))) * dv4 + e4];
-    let v6 = vc[(vrow + slot(key_pos(vis, kb + min(g + 6u * groups, nk - 1u)))) * dv4 + e4];
-    let v7 = vc[(vrow + slot(key_pos(vis, kb + min(g + 7u * groups, nk - 1u)))) * dv4 + e4];
+    let kbase = bl.kbase;
+    let groups = bl.groups;
+    let g = bl.g;
+    let e4 = bl.e4;
+    let vrow = bl.vrow;
+    let vself = bl.vself;
     rope_and_store_kv(h, split, li, SWG);
     // Scores.
     var d = vec4<f32>(0.0);
@@ -547,10 +567,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
         }
     } else {
-        d = (k0 * vec4<f32>(qs[4u * qd], qs[4u * qd + 1u], qs[4u * qd + 2u], qs[4u * qd + 3u])
-            + k1 * vec4<f32>(qs[4u * qd + 16u], qs[4u * qd + 17u], qs[4u * qd + 18u], qs[4u * qd + 19u]))
-            + (k2 * vec4<f32>(qs[4u * qd + 32u], qs[4u * qd + 33u], qs[4u * qd + 34u], qs[4u * qd + 35u])
-            + k3 * vec4<f32>(qs[4u * qd + 48u], qs[4u * qd + 49u], qs[4u * qd + 50u], qs[4u * qd + 51u]));
+        d = (bl.k0 * vec4<f32>(qs[4u * qd], qs[4u * qd + 1u], qs[4u * qd + 2u], qs[4u * qd + 3u])
+            + bl.k1 * vec4<f32>(qs[4u * qd + 16u], qs[4u * qd + 17u], qs[4u * qd + 18u], qs[4u * qd + 19u]))
+            + (bl.k2 * vec4<f32>(qs[4u * qd + 32u], qs[4u * qd + 33u], qs[4u * qd + 34u], qs[4u * qd + 35u])
+            + bl.k3 * vec4<f32>(qs[4u * qd + 48u], qs[4u * qd + 49u], qs[4u * qd + 50u], qs[4u * qd + 51u]));
         for (var f = qd + 16u; f < dq4; f += 4u) {
             let e = 4u * f;
             d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[kbase + f];
@@ -601,10 +621,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // P.V from the prefetched values (keys past nk have pr = 0; the clamped loads are finite).
     var acc = vec4<f32>(0.0);
     if (g < groups && li % max(dv4, 1u) < dv4) {
-        acc = (pv_term(g, v0, vself, kb, nk, self_j) + pv_term(g + groups, v1, vself, kb, nk, self_j))
-            + (pv_term(g + 2u * groups, v2, vself, kb, nk, self_j) + pv_term(g + 3u * groups, v3, vself, kb, nk, self_j));
-        acc += (pv_term(g + 4u * groups, v4, vself, kb, nk, self_j) + pv_term(g + 5u * groups, v5, vself, kb, nk, self_j))
-            + (pv_term(g + 6u * groups, v6, vself, kb, nk, self_j) + pv_term(g + 7u * groups, v7, vself, kb, nk, self_j));
+        acc = (pv_term(g, bl.v0, vself, kb, nk, self_j) + pv_term(g + groups, bl.v1, vself, kb, nk, self_j))
+            + (pv_term(g + 2u * groups, bl.v2, vself, kb, nk, self_j) + pv_term(g + 3u * groups, bl.v3, vself, kb, nk, self_j));
+        acc += (pv_term(g + 4u * groups, bl.v4, vself, kb, nk, self_j) + pv_term(g + 5u * groups, bl.v5, vself, kb, nk, self_j))
+            + (pv_term(g + 6u * groups, bl.v6, vself, kb, nk, self_j) + pv_term(g + 7u * groups, bl.v7, vself, kb, nk, self_j));
         for (var jj = g + 8u * groups; jj < nk; jj += groups) {
             var v = vc[(vrow + slot(key_pos(vis, kb + jj))) * dv4 + e4];
             if (kb + jj == self_j) { v = vself; }

@@ -51,12 +51,34 @@ impl Expected {
     }
 }
 
+#[derive(Default)]
 struct Report {
     failures: Vec<String>,
     lines: Vec<String>,
 }
 
+/// A GPU from `opts`, on the backend named by $HYMBA_BACKEND when it is set.
+fn gpu_from_env(mut opts: GpuOptions) -> Arc<Gpu> {
+    if let Ok(b) = std::env::var("HYMBA_BACKEND") {
+        opts.backends = hymba_engine::gpu::parse_backends(&b).expect("HYMBA_BACKEND");
+    }
+    Arc::new(pollster::block_on(Gpu::new(&opts)).expect("GPU adapter"))
+}
+
 impl Report {
+    /// Prints the report lines, then panics with the failures (the first 40) if there are any.
+    fn finish(&self, what: &str) {
+        for l in &self.lines {
+            eprintln!("{l}");
+        }
+        if !self.failures.is_empty() {
+            for f in self.failures.iter().take(40) {
+                eprintln!("FAIL {f}");
+            }
+            panic!("{} golden checks {what} failed", self.failures.len());
+        }
+    }
+
     fn check(
         &mut self,
         case: &str,
@@ -392,10 +414,7 @@ fn check_cache(
 fn golden_fixtures() {
     let cases = fixture_cases();
     assert!(!cases.is_empty(), "no golden fixtures found");
-    let mut rep = Report {
-        failures: Vec::new(),
-        lines: Vec::new(),
-    };
+    let mut rep = Report::default();
     for dir in &cases {
         for (choice, fused) in [
             (DtypeChoice::F32, true),
@@ -426,37 +445,19 @@ fn golden_fixtures() {
 /// kernels on a GPU. f32 and f16 weights, same tolerances.
 #[test]
 fn golden_fixtures_with_the_other_kernel_family() {
-    let mut opts = GpuOptions::default();
-    if let Ok(b) = std::env::var("HYMBA_BACKEND") {
-        opts.backends = hymba_engine::gpu::parse_backends(&b).expect("HYMBA_BACKEND");
-    }
-    let gpu = Arc::new(pollster::block_on(Gpu::new(&opts)).expect("GPU adapter"));
+    let gpu = gpu_from_env(GpuOptions::default());
     let cpu = gpu.is_cpu();
     let kernels = Arc::new(Kernels::new_with(&gpu, !cpu).expect("kernels compile"));
     assert_eq!(kernels.cpu_adapter(), !cpu);
     let cases = fixture_cases();
     assert!(!cases.is_empty(), "no golden fixtures found");
-    let mut rep = Report {
-        failures: Vec::new(),
-        lines: Vec::new(),
-    };
+    let mut rep = Report::default();
     for dir in &cases {
         for choice in [DtypeChoice::F32, DtypeChoice::F16] {
             run_case_on(gpu.clone(), kernels.clone(), dir, choice, true, &mut rep);
         }
     }
-    for l in &rep.lines {
-        eprintln!("{l}");
-    }
-    if !rep.failures.is_empty() {
-        for f in rep.failures.iter().take(40) {
-            eprintln!("FAIL {f}");
-        }
-        panic!(
-            "{} golden checks with the other kernel family failed",
-            rep.failures.len()
-        );
-    }
+    rep.finish("with the other kernel family");
 }
 
 /// The same checks with every weight matrix split across buffers of at most 16 KiB, as if the
@@ -466,22 +467,15 @@ fn golden_fixtures_with_the_other_kernel_family() {
 #[test]
 fn golden_fixtures_with_weights_split_across_bindings() {
     const CAP: u64 = 16 << 10;
-    let mut opts = GpuOptions {
+    let gpu = gpu_from_env(GpuOptions {
         weight_binding_cap: Some(CAP),
         ..GpuOptions::default()
-    };
-    if let Ok(b) = std::env::var("HYMBA_BACKEND") {
-        opts.backends = hymba_engine::gpu::parse_backends(&b).expect("HYMBA_BACKEND");
-    }
-    let gpu = Arc::new(pollster::block_on(Gpu::new(&opts)).expect("GPU adapter"));
+    });
     assert_eq!(gpu.weight_binding_limit, CAP);
     let kernels = Arc::new(Kernels::new(&gpu).expect("kernels compile"));
     let cases = fixture_cases();
     assert!(!cases.is_empty(), "no golden fixtures found");
-    let mut rep = Report {
-        failures: Vec::new(),
-        lines: Vec::new(),
-    };
+    let mut rep = Report::default();
     for dir in &cases {
         for choice in [DtypeChoice::F32, DtypeChoice::F16] {
             let model = run_case_on(gpu.clone(), kernels.clone(), dir, choice, true, &mut rep);
@@ -504,18 +498,7 @@ fn golden_fixtures_with_weights_split_across_bindings() {
             }
         }
     }
-    for l in &rep.lines {
-        eprintln!("{l}");
-    }
-    if !rep.failures.is_empty() {
-        for f in rep.failures.iter().take(40) {
-            eprintln!("FAIL {f}");
-        }
-        panic!(
-            "{} golden checks with split weights failed",
-            rep.failures.len()
-        );
-    }
+    rep.finish("with split weights");
 }
 
 #[test]

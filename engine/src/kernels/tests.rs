@@ -1936,6 +1936,30 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("attention_decode", SRC_ATTENTION_DECODE, vec![]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec!["COMBINE"]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec!["CPU_SPLIT"]),
+        // the GPU-only subgroup variants (a CPU test adapter never compiles them)
+        ("attention_decode", SRC_ATTENTION_DECODE, vec!["SUBGROUP32"]),
+        ("attention_decode", SRC_ATTENTION_DECODE, vec!["GQA"]),
+        (
+            "attention_decode",
+            SRC_ATTENTION_DECODE,
+            vec!["GQA", "SUBGROUP32"],
+        ),
+        ("scan", SRC_SCAN, vec!["FUSED_DT", "LANES4"]),
+        (
+            "scan",
+            SRC_SCAN,
+            vec!["FUSED_DT", "CONV_IN", "LANES4", "SUBGROUP32"],
+        ),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["PRO_MERGE", "SUBGROUP32", "XSH=5632"],
+        ),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["W_Q4", "PRO_SWIGLU", "SUBGROUP32", "XSH=5632"],
+        ),
         ("matmul", SRC_MATMUL, vec!["PRO_NORM"]),
         (
             "matmul",
