@@ -840,7 +840,7 @@ pub struct Kernels {
     /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large];
     /// empty on CPU adapters, which use `gemv_row` (not compiled there: a browser on a software
     /// adapter compiles every pipeline slowly).
-    gemv: Vec<Vec<[Arc<Kernel>; 2]>>,
+    gemv: Vec<Vec<[LazyKernel; 2]>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
     xsh: [usize; 2],
     /// Barrier-free one-row-per-thread GEMVs [dtype f32, f16, q8, q4][prologue], used on CPU adapters.
@@ -875,6 +875,46 @@ pub struct Kernels {
     sample: Arc<Kernel>,
     /// A small buffer bound where a kernel's optional input is absent.
     dummy: wgpu::Buffer,
+}
+
+/// A `matmul.wgsl` entry compiled on first use (then kept).
+struct LazyKernel {
+    cell: std::sync::OnceLock<Arc<Kernel>>,
+    entry: &'static str,
+    defines: Vec<String>,
+    binds: Vec<BindKind>,
+}
+
+impl LazyKernel {
+    fn new(entry: &'static str, defines: Vec<String>, binds: &[BindKind]) -> Self {
+        LazyKernel {
+            cell: std::sync::OnceLock::new(),
+            entry,
+            defines,
+            binds: binds.to_vec(),
+        }
+    }
+
+    fn get(&self, gpu: &Gpu) -> Result<Arc<Kernel>> {
+        if let Some(k) = self.cell.get() {
+            return Ok(k.clone());
+        }
+        let d: Vec<&str> = self.defines.iter().map(|s| s.as_str()).collect();
+        let k = Arc::new(Kernel::new(
+            gpu,
+            "matmul.wgsl",
+            SRC_MATMUL,
+            self.entry,
+            &d,
+            &self.binds,
+        )?);
+        Ok(self.cell.get_or_init(|| k).clone())
+    }
+
+    /// Whether it has been compiled.
+    pub(crate) fn compiled(&self) -> bool {
+        self.cell.get().is_some()
+    }
 }
 
 use BindKind::{Read as R, ReadWrite as RW, Uniform as U};
@@ -927,18 +967,19 @@ impl Kernels {
                 ("PRO_MERGE", &[U, R, R, R, RW, R, R][..]),
                 ("PRO_SWIGLU", &[U, R, R, R, RW][..]),
             ] {
-                let mk = |n: usize| -> Result<Arc<Kernel>> {
-                    let xd = format!("XSH={n}");
-                    let mut d = vec![dt, xd.as_str()];
+                // Compiled on first use: a model uses one weight dtype, so most of the 32
+                // variants are never needed (a browser compiles each pipeline slowly).
+                let mk = |n: usize| {
+                    let mut d = vec![dt.to_string(), format!("XSH={n}")];
                     if !pro.is_empty() {
-                        d.push(pro);
+                        d.push(pro.to_string());
                     }
                     if sg32 {
-                        d.push("SUBGROUP32");
+                        d.push("SUBGROUP32".into());
                     }
-                    k("matmul.wgsl", SRC_MATMUL, &d, "gemv", binds)
+                    LazyKernel::new("gemv", d, binds)
                 };
-                per_pro.push([mk(xsh[0])?, mk(xsh[1])?]);
+                per_pro.push([mk(xsh[0]), mk(xsh[1])]);
             }
             gemv.push(per_pro);
         }
@@ -1176,9 +1217,9 @@ impl Kernels {
             // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
             // would leave most of the GPU idle.
             if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
-                let k = self.gemv_kernel(w, 0);
+                let k = self.gemv_kernel(rec.gpu(), w, 0)?;
                 rec.dispatch(
-                    k,
+                    &k,
                     &p,
                     &[x, &part.buf, b, y],
                     [
@@ -1214,6 +1255,16 @@ impl Kernels {
 
     /// Whether these are the kernels of a CPU adapter (barrier-free GEMVs, 64-thread decode
     /// attention); the model then also keeps the decode conv in its own dispatch.
+    /// How many of the workgroup GEMV variants (compiled on first use) have been compiled.
+    pub fn gemv_variants_compiled(&self) -> usize {
+        self.gemv
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|k| k.compiled())
+            .count()
+    }
+
     pub fn cpu_adapter(&self) -> bool {
         self.gemv_row.is_some()
     }
@@ -1223,12 +1274,12 @@ impl Kernels {
         self.coop_kernel(w, rows).is_some()
     }
 
-    fn gemv_kernel(&self, w: &Matrix, pro: usize) -> &Arc<Kernel> {
+    fn gemv_kernel(&self, gpu: &Gpu, w: &Matrix, pro: usize) -> Result<Arc<Kernel>> {
         if let Some(rowwise) = &self.gemv_row {
-            return &rowwise[dtype_index(w.dtype)][pro];
+            return Ok(rowwise[dtype_index(w.dtype)][pro].clone());
         }
         let big = (Matrix::padded_cols(w.cols) > self.xsh[0]) as usize;
-        &self.gemv[dtype_index(w.dtype)][pro][big]
+        self.gemv[dtype_index(w.dtype)][pro][big].get(gpu)
     }
 
     /// Decode GEMV (rows ≤ a few) with an elementwise prologue fused into the input side.
@@ -1265,7 +1316,7 @@ impl Kernels {
                 Prologue::Norm(nw, eps) => {
                     p.eps = eps;
                     rec.dispatch(
-                        self.gemv_kernel(w, 1),
+                        &self.gemv_kernel(rec.gpu(), w, 1)?,
                         &p,
                         &[x, &part.buf, &self.dummy, y, nw],
                         groups,
@@ -1274,14 +1325,14 @@ impl Kernels {
                 Prologue::Merge { w: mw, x2, eps } => {
                     p.eps = eps;
                     rec.dispatch(
-                        self.gemv_kernel(w, 2),
+                        &self.gemv_kernel(rec.gpu(), w, 2)?,
                         &p,
                         &[x, &part.buf, &self.dummy, y, mw, x2],
                         groups,
                     )?
                 }
                 Prologue::Swiglu => rec.dispatch(
-                    self.gemv_kernel(w, 3),
+                    &self.gemv_kernel(rec.gpu(), w, 3)?,
                     &p,
                     &[x, &part.buf, &self.dummy, y],
                     groups,

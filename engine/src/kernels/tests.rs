@@ -1919,6 +1919,41 @@ fn sampler_greedy_argmax_large_vocab_with_ties() {
 }
 
 #[test]
+fn workgroup_gemvs_compile_on_first_use() {
+    // GPUs compile only the GEMV variants a model uses (one weight dtype): none at start-up,
+    // one per (dtype, prologue, staging size) when first recorded, reused after.
+    let (gpu, _) = env();
+    let ks = Kernels::new_with(gpu, false).unwrap();
+    assert_eq!(ks.gemv_variants_compiled(), 0);
+    let mut r = Rng::new(75);
+    let (m, k) = (40, 64);
+    let w = Matrix::upload(gpu, "w", &r.vec(m * k, 0.5), m, k, WeightDtype::F16).unwrap();
+    let x = gpu.upload("x", &r.vec(k, 1.0)).unwrap();
+    let nw = gpu.upload("n", &r.vec(k, 1.0)).unwrap();
+    let y = gpu.upload("y", &vec![NAN; m]).unwrap();
+    for round in 0..2 {
+        run(gpu, |rec| {
+            ks.gemv_pro(
+                rec,
+                &x,
+                0,
+                k,
+                &w,
+                Prologue::Norm(&nw, 1e-6),
+                &y,
+                0,
+                m,
+                1,
+                false,
+            )
+            .unwrap()
+        });
+        assert_eq!(ks.gemv_variants_compiled(), 1, "round {round}");
+    }
+    assert!(read(gpu, &y, m).iter().all(|v| v.is_finite()));
+}
+
+#[test]
 fn every_kernel_variant_compiles_with_native_f16_too() {
     // The shared device may lack shader-f16; validate the native-f16 text with naga directly.
     let all: Vec<(&str, &str, Vec<&str>)> = vec![
