@@ -460,6 +460,30 @@ fn golden_fixtures_with_the_other_kernel_family() {
     rep.finish("with the other kernel family");
 }
 
+/// GPUs compile each workgroup GEMV variant on first use; `Model::load` records one decode step
+/// so that the first generation's measured time holds no compiling: decoding afterwards compiles
+/// nothing new.
+#[test]
+fn gpu_kernel_family_compiles_the_decode_gemvs_at_load() {
+    let gpu = gpu_from_env(GpuOptions::default());
+    let kernels = Arc::new(Kernels::new_with(&gpu, false).expect("kernels compile"));
+    let dir = &fixture_cases()[0];
+    let ck = Checkpoint::open_dir(dir).expect("fixture checkpoint");
+    let opts = ModelOptions {
+        dtype: DtypeChoice::F16,
+        ..Default::default()
+    };
+    let model = pollster::block_on(Model::load(gpu, kernels.clone(), &ck, &opts, |_, _| {}))
+        .expect("model loads");
+    let at_load = kernels.gemv_variants_compiled();
+    assert!(at_load > 0, "no GEMV variant compiled at load");
+    let mut seq = model.new_sequence().unwrap();
+    for id in [5, 7, 11] {
+        pollster::block_on(model.decode_logits(&mut seq, id)).unwrap();
+    }
+    assert_eq!(kernels.gemv_variants_compiled(), at_load);
+}
+
 /// The same checks with every weight matrix split across buffers of at most 16 KiB, as if the
 /// device's storage-binding limit were that small: the embedding / tied LM head and the large
 /// projections of every fixture become several parts, each dispatched with its row offset.

@@ -882,6 +882,16 @@ impl Model {
             model.forward(&mut prefix, &[], Logits::None, None).await?;
         }
         model.gpu.finish().await?;
+        // Record (and drop) one decode step, so that the kernels compiled on first use are
+        // compiled now and not inside the first generation's measured time.
+        let mut rec = Recorder::new(&model.gpu);
+        model.record_decode(
+            &mut rec,
+            &prefix,
+            &crate::sampling::SamplingParams::greedy(),
+            true,
+        )?;
+        drop(rec);
         model.prefix = Some(prefix);
         Ok(model)
     }
