@@ -184,7 +184,10 @@ fn vload(vis: vec3<u32>, kb: u32, nk: u32, j: u32, vrow: u32, e4: u32) -> vec4<f
 // d_v <= 128; the rest are read later), and of this step's value, which replaces the cache
 // slot's for the key q itself.
 struct BlockLoads {
+    nk: u32,      // keys in the block
+    self_j: u32,  // index of this step's key (the last visible one) in a KV-owning layer, else none
     jl: u32,
+    kj: u32,      // this lane's key (clamped to the block)
     qd: u32,
     kbase: u32,
     k0: vec4<f32>, k1: vec4<f32>, k2: vec4<f32>, k3: vec4<f32>,
@@ -197,13 +200,18 @@ struct BlockLoads {
     v4: vec4<f32>, v5: vec4<f32>, v6: vec4<f32>, v7: vec4<f32>,
 }
 
-fn load_block(li: u32, kvh: u32, vis: vec3<u32>, kb: u32, nk: u32) -> BlockLoads {
+fn load_block(li: u32, kvh: u32, vis: vec3<u32>, kb: u32) -> BlockLoads {
     let dq4 = p.d_qk / 4u;
     let dv4 = p.d_v / 4u;
+    let nk = min(KB, vis.z - kb);
     var b: BlockLoads;
+    b.nk = nk;
+    b.self_j = 0xffffffffu;
+    if (p.self_kv != 0u) { b.self_j = vis.z - 1u; }
     b.jl = li / 4u;
     b.qd = li % 4u;
-    b.kbase = (kvh * p.cap + slot(key_pos(vis, kb + min(b.jl, nk - 1u)))) * dq4;
+    b.kj = kb + min(b.jl, nk - 1u);
+    b.kbase = (kvh * p.cap + slot(key_pos(vis, b.kj))) * dq4;
     b.k0 = kload(b.kbase, b.qd, dq4);
     b.k1 = kload(b.kbase, b.qd + 4u, dq4);
     b.k2 = kload(b.kbase, b.qd + 8u, dq4);
@@ -368,19 +376,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let dv4 = p.d_v / 4u;
     let half = p.d_qk / 2u;
     if (kb >= vis.z) { return; }
-    let nk = min(KB, vis.z - kb);
-    var self_j = 0xffffffffu;
-    if (p.self_kv != 0u) { self_j = vis.z - 1u; }
-    let bl = load_block(li, kvh, vis, kb, nk);
-    let jl = bl.jl;
-    let qd = bl.qd;
-    let kj = kb + min(jl, nk - 1u);
-    let kbase = bl.kbase;
-    let groups = bl.groups;
-    let g = bl.g;
-    let e4 = bl.e4;
-    let vrow = bl.vrow;
-    let vself = bl.vself;
+    // The block's keys and values (see load_block), loaded before any barrier.
+    let bl = load_block(li, kvh, vis, kb);
     // RoPE on the group's queries (and this step's key), then the KV store (split 0).
     for (var i = li; i < hpg * half; i += SWG) {
         let hh = i / half;
@@ -415,32 +412,32 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     // Scores of key jl for every head of the group.
-    let live = jl < nk;
-    let is_self = kj == self_j;
+    let live = bl.jl < bl.nk;
+    let is_self = bl.kj == bl.self_j;
     for (var hh = 0u; hh < hpg; hh++) {
-        let qo = hh * p.d_qk + 4u * qd;
+        let qo = hh * p.d_qk + 4u * bl.qd;
         var d: vec4<f32>;
         if (is_self) {
             d = vec4<f32>(0.0);
-            for (var f = qd; f < dq4; f += 4u) {
+            for (var f = bl.qd; f < dq4; f += 4u) {
                 let e = 4u * f;
                 d += gq4(hh * p.d_qk + e) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
             }
         } else {
             d = (bl.k0 * gq4(qo) + bl.k1 * gq4(qo + 16u)) + (bl.k2 * gq4(qo + 32u) + bl.k3 * gq4(qo + 48u));
-            for (var f = qd + 16u; f < dq4; f += 4u) { d += gq4(hh * p.d_qk + 4u * f) * kc[kbase + f]; }
+            for (var f = bl.qd + 16u; f < dq4; f += 4u) { d += gq4(hh * p.d_qk + 4u * f) * kc[bl.kbase + f]; }
         }
         let pd = (d.x + d.y) + (d.z + d.w);
 #ifdef SUBGROUP32
         let s1 = pd + subgroupShuffleXor(pd, 1u);
         let sc = s1 + subgroupShuffleXor(s1, 2u);
-        if (qd == 0u) { gsc[hh * KB + jl] = select(NEG, sc * p.scale, live); }
+        if (bl.qd == 0u) { gsc[hh * KB + bl.jl] = select(NEG, sc * p.scale, live); }
 #else
         gsq[li] = pd;
         workgroupBarrier();
-        if (qd == 0u) {
+        if (bl.qd == 0u) {
             let sc = (gsq[li] + gsq[li + 1u]) + (gsq[li + 2u] + gsq[li + 3u]);
-            gsc[hh * KB + jl] = select(NEG, sc * p.scale, live);
+            gsc[hh * KB + bl.jl] = select(NEG, sc * p.scale, live);
         }
         workgroupBarrier();
 #endif
@@ -455,8 +452,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let a = gsc[w * KB + lane];
         let b = gsc[w * KB + lane + 32u];
         let m = subgroupMax(max(a, b));
-        let pa = select(0.0, exp(a - m), lane < nk);
-        let pb = select(0.0, exp(b - m), lane + 32u < nk);
+        let pa = select(0.0, exp(a - m), lane < bl.nk);
+        let pb = select(0.0, exp(b - m), lane + 32u < bl.nk);
         gpr[w * KB + lane] = pa;
         gpr[w * KB + lane + 32u] = pb;
         let l = subgroupAdd(pa + pb);
@@ -469,10 +466,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 #else
     if (li < hpg) {
         var m = NEG;
-        for (var j = 0u; j < nk; j++) { m = max(m, gsc[li * KB + j]); }
+        for (var j = 0u; j < bl.nk; j++) { m = max(m, gsc[li * KB + j]); }
         var l = 0.0;
         for (var j = 0u; j < KB; j++) {
-            let pj = select(0.0, exp(gsc[li * KB + j] - m), j < nk);
+            let pj = select(0.0, exp(gsc[li * KB + j] - m), j < bl.nk);
             gpr[li * KB + j] = pj;
             l += pj;
         }
@@ -486,23 +483,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     // sums of one head fit 4 KiB of workgroup memory; all heads at once would need 32 KiB,
     // over the 16-32 KiB browsers allow).
     for (var hh = 0u; hh < hpg; hh++) {
-        if (g < groups && li % max(dv4, 1u) < dv4) {
-            var acc = (gpv_term(hh, g, bl.v0, vself, kb, nk, self_j) + gpv_term(hh, g + groups, bl.v1, vself, kb, nk, self_j))
-                + (gpv_term(hh, g + 2u * groups, bl.v2, vself, kb, nk, self_j) + gpv_term(hh, g + 3u * groups, bl.v3, vself, kb, nk, self_j));
-            acc += (gpv_term(hh, g + 4u * groups, bl.v4, vself, kb, nk, self_j) + gpv_term(hh, g + 5u * groups, bl.v5, vself, kb, nk, self_j))
-                + (gpv_term(hh, g + 6u * groups, bl.v6, vself, kb, nk, self_j) + gpv_term(hh, g + 7u * groups, bl.v7, vself, kb, nk, self_j));
-            for (var jj = g + 8u * groups; jj < nk; jj += groups) {
-                var v = vc[(vrow + slot(key_pos(vis, kb + jj))) * dv4 + e4];
-                if (kb + jj == self_j) { v = vself; }
+        if (bl.g < bl.groups && li % max(dv4, 1u) < dv4) {
+            var acc = (gpv_term(hh, bl.g, bl.v0, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + bl.groups, bl.v1, bl.vself, kb, bl.nk, bl.self_j))
+                + (gpv_term(hh, bl.g + 2u * bl.groups, bl.v2, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 3u * bl.groups, bl.v3, bl.vself, kb, bl.nk, bl.self_j));
+            acc += (gpv_term(hh, bl.g + 4u * bl.groups, bl.v4, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 5u * bl.groups, bl.v5, bl.vself, kb, bl.nk, bl.self_j))
+                + (gpv_term(hh, bl.g + 6u * bl.groups, bl.v6, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 7u * bl.groups, bl.v7, bl.vself, kb, bl.nk, bl.self_j));
+            for (var jj = bl.g + 8u * bl.groups; jj < bl.nk; jj += bl.groups) {
+                var v = vc[(bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4];
+                if (kb + jj == bl.self_j) { v = bl.vself; }
                 acc += gpr[hh * KB + jj] * v;
             }
-            gpv[g * dv4 + e4] = acc;
+            gpv[bl.g * dv4 + bl.e4] = acc;
         }
         workgroupBarrier();
         let ob = ((kvh * hpg + hh) * p.n_splits + split) * stride;
         for (var f = li; f < dv4; f += SWG) {
             var a = vec4<f32>(0.0);
-            for (var gg = 0u; gg < groups; gg++) { a += gpv[gg * dv4 + f]; }
+            for (var gg = 0u; gg < bl.groups; gg++) { a += gpv[gg * dv4 + f]; }
             part[ob + 2u + 4u * f] = a.x;
             part[ob + 3u + 4u * f] = a.y;
             part[ob + 4u + 4u * f] = a.z;
@@ -544,40 +541,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let dq4 = p.d_qk / 4u;
     let dv4 = p.d_v / 4u;
     if (kb >= vis.z) { return; }
-    let nk = min(KB, vis.z - kb);
-    // This step's key is the last visible one, when this layer owns its KV.
-    var self_j = 0xffffffffu;
-    if (p.self_kv != 0u) { self_j = vis.z - 1u; }
-    let bl = load_block(li, kvh, vis, kb, nk);
-    let jl = bl.jl;
-    let qd = bl.qd;
-    let kj = kb + min(jl, nk - 1u);
-    let kbase = bl.kbase;
-    let groups = bl.groups;
-    let g = bl.g;
-    let e4 = bl.e4;
-    let vrow = bl.vrow;
-    let vself = bl.vself;
+    // The block's keys and values (see load_block), loaded before any barrier.
+    let bl = load_block(li, kvh, vis, kb);
     rope_and_store_kv(h, split, li, SWG);
     // Scores.
     var d = vec4<f32>(0.0);
-    if (kj == self_j) {
-        for (var f = qd; f < dq4; f += 4u) {
+    if (bl.kj == bl.self_j) {
+        for (var f = bl.qd; f < dq4; f += 4u) {
             let e = 4u * f;
             d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * vec4<f32>(ks[e], ks[e + 1u], ks[e + 2u], ks[e + 3u]);
         }
     } else {
-        d = (bl.k0 * vec4<f32>(qs[4u * qd], qs[4u * qd + 1u], qs[4u * qd + 2u], qs[4u * qd + 3u])
-            + bl.k1 * vec4<f32>(qs[4u * qd + 16u], qs[4u * qd + 17u], qs[4u * qd + 18u], qs[4u * qd + 19u]))
-            + (bl.k2 * vec4<f32>(qs[4u * qd + 32u], qs[4u * qd + 33u], qs[4u * qd + 34u], qs[4u * qd + 35u])
-            + bl.k3 * vec4<f32>(qs[4u * qd + 48u], qs[4u * qd + 49u], qs[4u * qd + 50u], qs[4u * qd + 51u]));
-        for (var f = qd + 16u; f < dq4; f += 4u) {
+        d = (bl.k0 * vec4<f32>(qs[4u * bl.qd], qs[4u * bl.qd + 1u], qs[4u * bl.qd + 2u], qs[4u * bl.qd + 3u])
+            + bl.k1 * vec4<f32>(qs[4u * bl.qd + 16u], qs[4u * bl.qd + 17u], qs[4u * bl.qd + 18u], qs[4u * bl.qd + 19u]))
+            + (bl.k2 * vec4<f32>(qs[4u * bl.qd + 32u], qs[4u * bl.qd + 33u], qs[4u * bl.qd + 34u], qs[4u * bl.qd + 35u])
+            + bl.k3 * vec4<f32>(qs[4u * bl.qd + 48u], qs[4u * bl.qd + 49u], qs[4u * bl.qd + 50u], qs[4u * bl.qd + 51u]));
+        for (var f = bl.qd + 16u; f < dq4; f += 4u) {
             let e = 4u * f;
-            d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[kbase + f];
+            d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[bl.kbase + f];
         }
     }
     let part_dot = (d.x + d.y) + (d.z + d.w);
-    let live = jl < nk;
+    let live = bl.jl < bl.nk;
 #ifdef SUBGROUP32
     // The 4 lanes of a key, then the 8 keys of a subgroup, then the 8 subgroups.
     let s1 = part_dot + subgroupShuffleXor(part_dot, 1u);
@@ -588,8 +573,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var m = wred[0];
     for (var i = 1u; i < 8u; i++) { m = max(m, wred[i]); }
     let pj = select(0.0, exp(sc - m), live);
-    if (qd == 0u) { pr[jl] = pj; }
-    let wsum = subgroupAdd(select(0.0, pj, qd == 0u));
+    if (bl.qd == 0u) { pr[bl.jl] = pj; }
+    let wsum = subgroupAdd(select(0.0, pj, bl.qd == 0u));
     if (li % 32u == 0u) { wred[8u + li / 32u] = wsum; }
     workgroupBarrier();
     var l = 0.0;
@@ -598,19 +583,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     sq[li] = part_dot;
     workgroupBarrier();
     var m = NEG;
-    for (var jj = 0u; jj < nk; jj++) {
+    for (var jj = 0u; jj < bl.nk; jj++) {
         m = max(m, ((sq[4u * jj] + sq[4u * jj + 1u]) + (sq[4u * jj + 2u] + sq[4u * jj + 3u])) * p.scale);
     }
     if (li < KB) {
         var pj = 0.0;
-        if (li < nk) {
+        if (li < bl.nk) {
             pj = exp(((sq[4u * li] + sq[4u * li + 1u]) + (sq[4u * li + 2u] + sq[4u * li + 3u])) * p.scale - m);
         }
         pr[li] = pj;
     }
     workgroupBarrier();
     var l = 0.0;
-    for (var jj = 0u; jj < nk; jj++) { l += pr[jj]; }
+    for (var jj = 0u; jj < bl.nk; jj++) { l += pr[jj]; }
 #endif
     let stride = 2u + p.d_v;
     let ob = (h * p.n_splits + split) * stride;
@@ -620,22 +605,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     // P.V from the prefetched values (keys past nk have pr = 0; the clamped loads are finite).
     var acc = vec4<f32>(0.0);
-    if (g < groups && li % max(dv4, 1u) < dv4) {
-        acc = (pv_term(g, bl.v0, vself, kb, nk, self_j) + pv_term(g + groups, bl.v1, vself, kb, nk, self_j))
-            + (pv_term(g + 2u * groups, bl.v2, vself, kb, nk, self_j) + pv_term(g + 3u * groups, bl.v3, vself, kb, nk, self_j));
-        acc += (pv_term(g + 4u * groups, bl.v4, vself, kb, nk, self_j) + pv_term(g + 5u * groups, bl.v5, vself, kb, nk, self_j))
-            + (pv_term(g + 6u * groups, bl.v6, vself, kb, nk, self_j) + pv_term(g + 7u * groups, bl.v7, vself, kb, nk, self_j));
-        for (var jj = g + 8u * groups; jj < nk; jj += groups) {
-            var v = vc[(vrow + slot(key_pos(vis, kb + jj))) * dv4 + e4];
-            if (kb + jj == self_j) { v = vself; }
+    if (bl.g < bl.groups && li % max(dv4, 1u) < dv4) {
+        acc = (pv_term(bl.g, bl.v0, bl.vself, kb, bl.nk, bl.self_j) + pv_term(bl.g + bl.groups, bl.v1, bl.vself, kb, bl.nk, bl.self_j))
+            + (pv_term(bl.g + 2u * bl.groups, bl.v2, bl.vself, kb, bl.nk, bl.self_j) + pv_term(bl.g + 3u * bl.groups, bl.v3, bl.vself, kb, bl.nk, bl.self_j));
+        acc += (pv_term(bl.g + 4u * bl.groups, bl.v4, bl.vself, kb, bl.nk, bl.self_j) + pv_term(bl.g + 5u * bl.groups, bl.v5, bl.vself, kb, bl.nk, bl.self_j))
+            + (pv_term(bl.g + 6u * bl.groups, bl.v6, bl.vself, kb, bl.nk, bl.self_j) + pv_term(bl.g + 7u * bl.groups, bl.v7, bl.vself, kb, bl.nk, bl.self_j));
+        for (var jj = bl.g + 8u * bl.groups; jj < bl.nk; jj += bl.groups) {
+            var v = vc[(bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4];
+            if (kb + jj == bl.self_j) { v = bl.vself; }
             acc += pr[jj] * v;
         }
-        pv[g * dv4 + e4] = acc;
+        pv[bl.g * dv4 + bl.e4] = acc;
     }
     workgroupBarrier();
     for (var f = li; f < dv4; f += SWG) {
         var a = vec4<f32>(0.0);
-        for (var gg = 0u; gg < groups; gg++) { a += pv[gg * dv4 + f]; }
+        for (var gg = 0u; gg < bl.groups; gg++) { a += pv[gg * dv4 + f]; }
         part[ob + 2u + 4u * f] = a.x;
         part[ob + 3u + 4u * f] = a.y;
         part[ob + 4u + 4u * f] = a.z;
