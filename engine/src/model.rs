@@ -833,7 +833,12 @@ impl Model {
                 (cfg.n_heads * max_positions.div_ceil(DECODE_KEYS_PER_SPLIT) * (2 + cfg.d_v) * 4)
                     as u64,
             )?,
-            branch: (0..cfg.n_layers)
+            // Only the GPU decode path uses them (CPU adapters keep the shared buffers).
+            branch: (0..if kernels.cpu_adapter() {
+                0
+            } else {
+                cfg.n_layers
+            })
                 .map(|l| {
                     Ok(BranchOutputs {
                         xp: g.buffer(
@@ -1425,11 +1430,9 @@ impl Model {
         };
         // This layer's branch outputs: its own buffers on GPUs (see BranchOutputs).
         let gpu_path = !k.cpu_adapter();
-        let bo = &ws.branch[l];
-        let (att, y) = if gpu_path {
-            (&bo.att, &bo.y)
-        } else {
-            (&ws.att, &ws.y)
+        let (att, y) = match ws.branch.get(l) {
+            Some(bo) => (&bo.att, &bo.y),
+            None => (&ws.att, &ws.y),
         };
         for _ in 0..self.reps(DecodeStage::AttentionSplit) {
             k.attention_blocks(rec, &ws.p, &self.cos_sin, &kv.k, &kv.v, &ws.part, ap)?;
@@ -1493,10 +1496,11 @@ impl Model {
                 sp,
             )?;
         } else {
+            let xp = &ws.branch[l].xp;
             let mut xp_parts = 1;
             for _ in 0..self.reps(DecodeStage::XProj) {
                 xp_parts = k.x_proj_conv(
-                    rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, &bo.xp,
+                    rec, &ws.p, split.x, &w.x_proj, &w.conv, &st.conv, c.d_conv, xp,
                 )?;
             }
             for _ in 0..self.reps(DecodeStage::Scan) {
@@ -1508,7 +1512,7 @@ impl Model {
                         readable: &ws.part,
                     },
                     &w.dt_proj,
-                    &bo.xp,
+                    xp,
                     &ws.p,
                     &w.ssm_consts,
                     &st.ssm,
