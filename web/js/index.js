@@ -110,6 +110,21 @@ async function readBody(resp, name, onFile) {
   return out;
 }
 
+// Fetches one model file: the Response, or null for a missing optional file; a clear error
+// naming the URL otherwise.
+async function fetchModelFile(url, fetchOptions, optional) {
+  let resp;
+  try { resp = await fetch(url, fetchOptions); } catch (e) {
+    if (optional) return null;
+    throw new Error(`cannot download ${url}: ${e && e.message || e} (offline, or the server does not allow cross-origin requests)`);
+  }
+  if (!resp.ok) {
+    if (optional) return null;
+    throw new Error(`cannot download ${url}: HTTP ${resp.status} ${resp.statusText}`);
+  }
+  return resp;
+}
+
 /**
  * Downloads (or reads from the Cache API) the files of a model at `base`
  * (a Hugging Face `.../resolve/main/` URL or any folder URL with the same file names).
@@ -142,16 +157,8 @@ export async function fetchModelFiles(base, { cache: useCache = true, onProgress
   }
   const files = {};
   const get = async (name, optional) => {
-    const url = base + name;
-    let resp;
-    try { resp = await fetch(url, fetchOptions); } catch (e) {
-      if (optional) return null;
-      throw new Error(`cannot download ${url}: ${e && e.message || e} (offline, or the server does not allow cross-origin requests)`);
-    }
-    if (!resp.ok) {
-      if (optional) return null;
-      throw new Error(`cannot download ${url}: HTTP ${resp.status} ${resp.statusText}`);
-    }
+    const resp = await fetchModelFile(base + name, fetchOptions, optional);
+    if (!resp) return null;
     const bytes = await readBody(resp, name, onFile);
     files[name] = bytes;
     return bytes;
@@ -299,17 +306,7 @@ async function urlSource(base, { cache: useCache = true, onProgress, fetchOption
     }
   }
   const fetchFile = async (name, optional) => {
-    const url = base + name;
-    let resp;
-    try { resp = await fetch(url, fetchOptions); } catch (e) {
-      if (optional) return null;
-      throw new Error(`cannot download ${url}: ${e && e.message || e} (offline, or the server does not allow cross-origin requests)`);
-    }
-    if (!resp.ok) {
-      if (optional) return null;
-      throw new Error(`cannot download ${url}: HTTP ${resp.status} ${resp.statusText}`);
-    }
-    return resp;
+    return fetchModelFile(base + name, fetchOptions, optional);
   };
   // Which files exist: config, weights (single file or index + shards), tokenizer files.
   const small = {};
