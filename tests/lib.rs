@@ -28,6 +28,24 @@ pub fn gpu() -> (Arc<Gpu>, Arc<Kernels>) {
 }
 
 /// The checkout's root: `$HYMBA_REPO_ROOT` when set (test binaries run elsewhere), else from the build.
+/// Loads `ck` on the shared test GPU ([`gpu`]) with its weights stored as `dtype`.
+pub fn load_model(
+    ck: &hymba_engine::loader::Checkpoint,
+    dtype: hymba_engine::model::DtypeChoice,
+) -> hymba_engine::Result<hymba_engine::model::Model> {
+    let (gpu, kernels) = gpu();
+    pollster::block_on(hymba_engine::model::Model::load(
+        gpu,
+        kernels,
+        ck,
+        &hymba_engine::model::ModelOptions {
+            dtype,
+            ..Default::default()
+        },
+        |_, _| {},
+    ))
+}
+
 pub fn repo_root() -> PathBuf {
     if let Ok(r) = std::env::var("HYMBA_REPO_ROOT") {
         return PathBuf::from(r);

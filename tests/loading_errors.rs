@@ -28,6 +28,21 @@ fn copy_case(to: &Path) {
 }
 
 /// Rewrites model.safetensors with `edit` applied to (name, dtype, shape, bytes).
+/// The case with layer 1's in_proj one row short (shape and bytes agree; config.json refutes it).
+fn copy_case_with_a_short_in_proj(to: &Path) {
+    copy_case(to);
+    rewrite(to, |n, dt, s, b| {
+        if n == "model.layers.1.mamba.in_proj.weight" {
+            let mut s2 = s.clone();
+            s2[0] -= 1;
+            let row = s[1] * 4;
+            (dt, s2, b[..b.len() - row].to_vec())
+        } else {
+            (dt, s, b)
+        }
+    });
+}
+
 fn rewrite(
     dir: &Path,
     edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> (Dtype, Vec<usize>, Vec<u8>),
@@ -94,17 +109,7 @@ fn truncated_safetensors() {
 #[test]
 fn wrong_shape_names_tensor_and_shapes() {
     let d = tmpdir("shape");
-    copy_case(&d);
-    rewrite(&d, |n, dt, s, b| {
-        if n == "model.layers.1.mamba.in_proj.weight" {
-            let mut s2 = s.clone();
-            s2[0] -= 1;
-            let row = s[1] * 4;
-            (dt, s2, b[..b.len() - row].to_vec())
-        } else {
-            (dt, s, b)
-        }
-    });
+    copy_case_with_a_short_in_proj(&d);
     let e = err_of(&d);
     assert!(
         e.contains("model.layers.1.mamba.in_proj.weight")
@@ -449,17 +454,7 @@ fn streamed_load_errors_name_the_file_or_tensor() {
     );
     // A shape that config.json refutes is refused from the header, before any upload.
     let d = tmpdir("stream-shape");
-    copy_case(&d);
-    rewrite(&d, |n, dt, s, b| {
-        if n == "model.layers.1.mamba.in_proj.weight" {
-            let mut s2 = s.clone();
-            s2[0] -= 1;
-            let row = s[1] * 4;
-            (dt, s2, b[..b.len() - row].to_vec())
-        } else {
-            (dt, s, b)
-        }
-    });
+    copy_case_with_a_short_in_proj(&d);
     let bad = std::fs::read(d.join("model.safetensors")).unwrap();
     let e = stream_load(&bad, 1 << 20, &opts)
         .err()

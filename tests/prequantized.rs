@@ -5,7 +5,7 @@
 
 use hymba_engine::kernels::WeightDtype;
 use hymba_engine::loader::{Checkpoint, QUANT_METADATA_KEY};
-use hymba_engine::model::{DtypeChoice, Logits, Model, ModelOptions};
+use hymba_engine::model::{DtypeChoice, Logits, Model};
 use hymba_tests::*;
 use safetensors::tensor::TensorView;
 use std::path::{Path, PathBuf};
@@ -15,20 +15,6 @@ fn tmpdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn load(ck: &Checkpoint, dtype: DtypeChoice) -> hymba_engine::Result<Model> {
-    let (gpu, kernels) = gpu();
-    pollster::block_on(Model::load(
-        gpu,
-        kernels,
-        ck,
-        &ModelOptions {
-            dtype,
-            ..Default::default()
-        },
-        |_, _| {},
-    ))
 }
 
 /// All prompt logits, then logits of `steps` teacher-forced decode steps.
@@ -56,14 +42,14 @@ fn check_model(src: &Path, prompt: &[u32], steps: &[u32], label: &str) {
         (WeightDtype::Q8, DtypeChoice::Q8),
         (WeightDtype::Q4, DtypeChoice::Q4),
     ] {
-        let at_load = load(&full, choice).unwrap();
+        let at_load = load_model(&full, choice).unwrap();
         let want = logits(&at_load, prompt, steps);
         let dir = quantized_copy(src, dt, &format!("{label}-{}", dt.name()));
         // From the folder, with dtype auto and with the matching dtype.
         let ck = Checkpoint::open_dir(&dir).unwrap();
         assert_eq!(ck.quantization(), Some(dt));
         for c in [DtypeChoice::Auto, choice] {
-            let m = load(&ck, c).unwrap();
+            let m = load_model(&ck, c).unwrap();
             assert_eq!(m.dtype, dt);
             let got = logits(&m, prompt, steps);
             let (worst, ok, at) = compare(&got, &want, 0.0, 0.0);
@@ -78,7 +64,7 @@ fn check_model(src: &Path, prompt: &[u32], steps: &[u32], label: &str) {
         let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
         let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let ck = Checkpoint::from_bytes(&cfg, vec![("model.safetensors".into(), bytes)]).unwrap();
-        let got = logits(&load(&ck, DtypeChoice::Auto).unwrap(), prompt, steps);
+        let got = logits(&load_model(&ck, DtypeChoice::Auto).unwrap(), prompt, steps);
         let (worst, ok, _) = compare(&got, &want, 0.0, 0.0);
         assert!(ok, "{label} {dt:?} from bytes: differs by {worst}");
         // Smaller than the source, and the weights read back on the CPU are the dequantized ones.
@@ -94,7 +80,7 @@ fn check_model(src: &Path, prompt: &[u32], steps: &[u32], label: &str) {
         assert!(ck.stored_bytes() < full.stored_bytes());
         // A dtype other than the stored one is refused, naming both.
         for other in [DtypeChoice::F32, DtypeChoice::F16] {
-            let e = load(&ck, other)
+            let e = load_model(&ck, other)
                 .err()
                 .expect("conflicting dtype loads")
                 .to_string();

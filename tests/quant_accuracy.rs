@@ -14,26 +14,11 @@
 
 use hymba_engine::cache::Sequence;
 use hymba_engine::loader::Checkpoint;
-use hymba_engine::model::{DtypeChoice, Logits, Model, ModelOptions};
+use hymba_engine::model::{DtypeChoice, Logits, Model};
 use hymba_engine::tokenizer::Tokenizer;
 use hymba_tests::*;
 
 const QUANT: [DtypeChoice; 2] = [DtypeChoice::Q8, DtypeChoice::Q4];
-
-fn load(ck: &Checkpoint, dtype: DtypeChoice) -> Model {
-    let (gpu, kernels) = gpu();
-    pollster::block_on(Model::load(
-        gpu,
-        kernels,
-        ck,
-        &ModelOptions {
-            dtype,
-            ..Default::default()
-        },
-        |_, _| {},
-    ))
-    .unwrap()
-}
 
 /// Prompt logits (all positions) then teacher-forced decode logits (one row per generated id),
 /// through the prefix cache and the fused decode path.
@@ -109,9 +94,9 @@ fn quantized_tiny_shakespeare_smoke() {
     let (name, dir, prompts) = cases().pop().unwrap();
     let ck = Checkpoint::open_dir(&dir).unwrap();
     let (p, g) = (&prompts[0].0, &prompts[0].1[..12]);
-    let (rp, rd) = logits_rows(&load(&ck, DtypeChoice::F32), p, g);
+    let (rp, rd) = logits_rows(&load_model(&ck, DtypeChoice::F32).unwrap(), p, g);
     for dt in QUANT {
-        let m = load(&ck, dt);
+        let m = load_model(&ck, dt).unwrap();
         let (qp, qd) = logits_rows(&m, p, g);
         let mut a = Agree::default();
         for (x, y) in qp.iter().zip(&rp).chain(qd.iter().zip(&rd)) {
@@ -145,7 +130,7 @@ fn quantized_agreement_on_fixtures() {
     let mut failures = Vec::new();
     for (name, dir, prompts) in cases() {
         let ck = Checkpoint::open_dir(&dir).unwrap();
-        let f32m = load(&ck, DtypeChoice::F32);
+        let f32m = load_model(&ck, DtypeChoice::F32).unwrap();
         let refs: Vec<_> = prompts
             .iter()
             .map(|(p, g)| logits_rows(&f32m, p, g))
@@ -165,7 +150,7 @@ fn quantized_agreement_on_fixtures() {
         );
         drop(f32m);
         for dt in QUANT {
-            let m = load(&ck, dt);
+            let m = load_model(&ck, dt).unwrap();
             let (mut a_pre, mut a_dec) = (Agree::default(), Agree::default());
             for ((p, g), (rp, rd)) in prompts.iter().zip(&refs) {
                 let (qp, qd) = logits_rows(&m, p, g);
@@ -247,7 +232,7 @@ fn quantized_perplexity_tiny_shakespeare() {
         windows.len() * 255
     );
     let dts = [DtypeChoice::F32, DtypeChoice::Q8, DtypeChoice::Q4];
-    let models: Vec<Model> = dts.iter().map(|&d| load(&ck, d)).collect();
+    let models: Vec<Model> = dts.iter().map(|&d| load_model(&ck, d).unwrap()).collect();
     let mut nll = [0f64; 3];
     let mut agree = [Agree::default(); 3];
     let mut n = 0usize;
