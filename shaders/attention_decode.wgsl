@@ -354,7 +354,10 @@ var<workgroup> gq: array<f32, 512>;                 // [hpg][d_qk] rotated queri
 var<workgroup> gsc: array<f32, 512>;                // [hpg][KB] scaled scores
 var<workgroup> gpr: array<f32, 512>;                // [hpg][KB] exp(score - block max)
 var<workgroup> gsq: array<f32, 256>;                // quarter sums (no SUBGROUP32)
-var<workgroup> gpv: array<vec4<f32>, 256>;          // [groups][d_v / 4] partial P.V of one head
+// GPV_HEADS (set by the host from the device's workgroup-storage limit, 1..8): heads whose P.V
+// partial sums are reduced together, 4 KiB each.
+#define GPV_HEADS 1
+var<workgroup> gpv: array<vec4<f32>, 256 * GPV_HEADS>;  // [heads][groups][d_v / 4] partial P.V
 
 
 
@@ -479,27 +482,34 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
 #endif
     workgroupBarrier();
-    // P.V for every head from the prefetched values, one head at a time (the groups' partial
-    // sums of one head fit 4 KiB of workgroup memory; all heads at once would need 32 KiB,
-    // over the 16-32 KiB browsers allow).
-    for (var hh = 0u; hh < hpg; hh++) {
+    // P.V for every head from the prefetched values, GPV_HEADS heads at a time: the groups'
+    // partial sums of one head take 4 KiB of workgroup memory, and all eight heads the kernel
+    // allows would need 32 KiB, over the 16-32 KiB browsers allow; where the device allows
+    // GPV_HEADS >= hpg (Hymba-1.5B: 5 heads in 29 KiB in all) there is one round.
+    for (var h0 = 0u; h0 < hpg; h0 += GPV_HEADS) {
+        let nh = min(GPV_HEADS, hpg - h0);
         if (bl.g < bl.groups && li % max(dv4, 1u) < dv4) {
-            var acc = (gpv_term(hh, bl.g, bl.v0, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + bl.groups, bl.v1, bl.vself, kb, bl.nk, bl.self_j))
-                + (gpv_term(hh, bl.g + 2u * bl.groups, bl.v2, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 3u * bl.groups, bl.v3, bl.vself, kb, bl.nk, bl.self_j));
-            acc += (gpv_term(hh, bl.g + 4u * bl.groups, bl.v4, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 5u * bl.groups, bl.v5, bl.vself, kb, bl.nk, bl.self_j))
-                + (gpv_term(hh, bl.g + 6u * bl.groups, bl.v6, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 7u * bl.groups, bl.v7, bl.vself, kb, bl.nk, bl.self_j));
-            for (var jj = bl.g + 8u * bl.groups; jj < bl.nk; jj += bl.groups) {
-                var v = vc[(bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4];
-                if (kb + jj == bl.self_j) { v = bl.vself; }
-                acc += gpr[hh * KB + jj] * v;
+            for (var i = 0u; i < nh; i++) {
+                let hh = h0 + i;
+                var acc = (gpv_term(hh, bl.g, bl.v0, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + bl.groups, bl.v1, bl.vself, kb, bl.nk, bl.self_j))
+                    + (gpv_term(hh, bl.g + 2u * bl.groups, bl.v2, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 3u * bl.groups, bl.v3, bl.vself, kb, bl.nk, bl.self_j));
+                acc += (gpv_term(hh, bl.g + 4u * bl.groups, bl.v4, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 5u * bl.groups, bl.v5, bl.vself, kb, bl.nk, bl.self_j))
+                    + (gpv_term(hh, bl.g + 6u * bl.groups, bl.v6, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 7u * bl.groups, bl.v7, bl.vself, kb, bl.nk, bl.self_j));
+                for (var jj = bl.g + 8u * bl.groups; jj < bl.nk; jj += bl.groups) {
+                    var v = vc[(bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4];
+                    if (kb + jj == bl.self_j) { v = bl.vself; }
+                    acc += gpr[hh * KB + jj] * v;
+                }
+                gpv[(i * bl.groups + bl.g) * dv4 + bl.e4] = acc;
             }
-            gpv[bl.g * dv4 + bl.e4] = acc;
         }
         workgroupBarrier();
-        let ob = ((kvh * hpg + hh) * p.n_splits + split) * stride;
-        for (var f = li; f < dv4; f += SWG) {
+        for (var idx = li; idx < nh * dv4; idx += SWG) {
+            let i = idx / dv4;
+            let f = idx % dv4;
             var a = vec4<f32>(0.0);
-            for (var gg = 0u; gg < bl.groups; gg++) { a += gpv[gg * dv4 + f]; }
+            for (var gg = 0u; gg < bl.groups; gg++) { a += gpv[(i * bl.groups + gg) * dv4 + f]; }
+            let ob = ((kvh * hpg + h0 + i) * p.n_splits + split) * stride;
             part[ob + 2u + 4u * f] = a.x;
             part[ob + 3u + 4u * f] = a.y;
             part[ob + 4u + 4u * f] = a.z;

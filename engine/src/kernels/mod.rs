@@ -797,6 +797,17 @@ fn gemv_passes(m: usize) -> u32 {
     (m / (8 * 264)).clamp(1, 4) as u32
 }
 
+/// Query heads whose P.V partial sums the GQA decode attention reduces in one round: 4 KiB of
+/// workgroup memory each, beside ~9 KiB of its other arrays (so 5 under a browser's 32 KiB,
+/// the 8 the kernel allows on a 48 KiB GPU, 1 at WebGPU's 16 KiB default).
+pub fn gqa_reduce_heads(limits: &wgpu::Limits) -> u32 {
+    ((limits
+        .max_compute_workgroup_storage_size
+        .saturating_sub(10 * 1024))
+        / 4096)
+        .clamp(1, 8)
+}
+
 /// The per-channel input of the fused decode scan.
 pub enum ScanInput<'a> {
     /// The step's conv output [d] (a separate conv dispatch wrote it).
@@ -936,6 +947,12 @@ impl Kernels {
 
     /// `rowwise`: use the barrier-free one-row-per-thread GEMV (what CPU adapters get).
     pub fn new_with(gpu: &Gpu, rowwise: bool) -> Result<Kernels> {
+        Self::new_with_gqa_heads(gpu, rowwise, gqa_reduce_heads(&gpu.limits))
+    }
+
+    /// As `new_with`, with the GQA decode attention reducing `gqa_heads` heads per round
+    /// (tests of the several-round path on devices that allow one round).
+    pub(crate) fn new_with_gqa_heads(gpu: &Gpu, rowwise: bool, gqa_heads: u32) -> Result<Kernels> {
         // GEMV staging sizes: 2048 floats for K up to 2048 (small footprint, high occupancy),
         // and what the device allows (up to 5632, enough for K = 5504) for larger K.
         let limit = (gpu.limits.max_compute_workgroup_storage_size as usize)
@@ -1089,14 +1106,15 @@ impl Kernels {
             attention_gqa: if rowwise {
                 None
             } else {
+                let heads = format!("GPV_HEADS={}", gqa_heads.clamp(1, 8));
+                let mut d = vec!["GQA", heads.as_str()];
+                if sg32 {
+                    d.push("SUBGROUP32");
+                }
                 Some(k(
                     "attention_decode.wgsl",
                     SRC_ATTENTION_DECODE,
-                    if sg32 {
-                        &["GQA", "SUBGROUP32"]
-                    } else {
-                        &["GQA"]
-                    },
+                    &d,
                     "main",
                     &[U, RW, R, R, RW, RW],
                 )?)

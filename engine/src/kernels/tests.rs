@@ -1279,6 +1279,9 @@ fn attention_split_over_many_key_blocks() {
     // a larger d_qk (128: its loop past the prefetched key dimensions). GPUs serve a KV group of
     // up to 8 query heads per workgroup; 10 heads on one KV head take the per-head kernel.
     let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
+    // The GPU kernels once more with the GQA P.V reduced two heads per round (5 heads: rounds of
+    // 2, 2 and 1), where the device allows all of them in one.
+    let rounds = Kernels::new_with_gqa_heads(gpu, false, 2).unwrap();
     for dims in [
         (4, 2, 8, 24),
         (10, 2, 64, 128),
@@ -1287,6 +1290,7 @@ fn attention_split_over_many_key_blocks() {
     ] {
         attention_split_over_many_key_blocks_with(ks, dims);
         attention_split_over_many_key_blocks_with(&other, dims);
+        attention_split_over_many_key_blocks_with(&rounds, dims);
     }
 }
 
