@@ -23,7 +23,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 // seen: [vocab] u32, 1 where the token occurred (prompt and generated); the choice is marked.
 @group(0) @binding(2) var<storage, read_write> seen: array<u32>;
-// st: [0] chosen token id (read by the next step's embedding), [1] tokens sampled so far.
+// st: [0] chosen token id (read by the next step's embedding), [1] tokens sampled so far,
+// [2] the chosen token's `seen` flag before this choice (so a step can be undone).
 @group(0) @binding(3) var<storage, read_write> st: array<u32>;
 
 const WG: u32 = 256u;
@@ -232,6 +233,7 @@ fn main(@builtin(local_invocation_index) li: u32) {
     if (li == 0u) {
         st[0] = chosen;
         st[1] = st[1] + 1u;
+        st[2] = seen[chosen];
         seen[chosen] = 1u;
     }
 }

@@ -43,8 +43,14 @@ pub struct Sequence {
     pub(crate) tokens: Vec<u32>,
     /// [vocab] u32 flags: tokens under the repetition penalty.
     pub(crate) seen: wgpu::Buffer,
-    /// [0] last chosen / fed token id, [1] tokens sampled so far.
+    /// [0] last chosen / fed token id, [1] tokens sampled so far, [2] the last chosen token's
+    /// `seen` flag before it was chosen.
     pub(crate) tok_state: wgpu::Buffer,
+    /// Per layer, copies of (conv state, SSM state) taken at the start of the last decode step
+    /// prepared with a backup (created on first use; `Model::undo_decode` restores them).
+    pub(crate) backup: Option<Vec<(wgpu::Buffer, wgpu::Buffer)>>,
+    /// Set while the last submitted step can be undone: whether it sampled.
+    pub(crate) undoable: Option<bool>,
     /// Prompt ids of the chunk being prefilled.
     pub(crate) ids: wgpu::Buffer,
     /// The cached decode-step program and the KV layout generation it was built for.
@@ -106,6 +112,8 @@ impl Sequence {
             decode: None,
             layout_gen: 0,
             sampled: 0,
+            backup: None,
+            undoable: None,
         })
     }
 
@@ -127,9 +135,11 @@ impl Sequence {
         &self.tokens
     }
 
-    /// Bytes of GPU memory this sequence's cache occupies (allocated buffer sizes).
+    /// Bytes of GPU memory this sequence's cache occupies (allocated buffer sizes, the state
+    /// backups of `generate`'s overlapped steps included once they exist).
     pub fn cache_bytes(&self) -> u64 {
-        self.layers
+        let layers: u64 = self
+            .layers
             .iter()
             .map(|l| {
                 l.conv.size()
@@ -139,7 +149,29 @@ impl Sequence {
                         .map(|kv| kv.k.size() + kv.v.size())
                         .unwrap_or(0)
             })
-            .sum()
+            .sum();
+        let backup: u64 = self
+            .backup
+            .iter()
+            .flatten()
+            .map(|(c, s)| c.size() + s.size())
+            .sum();
+        layers + backup
+    }
+
+    /// Creates the state backups (same sizes as the states) if they do not exist yet.
+    pub(crate) fn ensure_backup(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.backup.is_none() {
+            let mut v = Vec::with_capacity(self.layers.len());
+            for (i, l) in self.layers.iter().enumerate() {
+                v.push((
+                    gpu.buffer(&format!("layer {i} conv state backup"), l.conv.size())?,
+                    gpu.buffer(&format!("layer {i} ssm state backup"), l.ssm.size())?,
+                ));
+            }
+            self.backup = Some(v);
+        }
+        Ok(())
     }
 
     /// Makes sure global layers can hold `positions` positions, growing (and copying) as needed.
@@ -212,5 +244,6 @@ impl Sequence {
         gpu.queue.submit([enc.finish()]);
         self.pos = src.pos;
         self.tokens = src.tokens.clone();
+        self.undoable = None;
     }
 }

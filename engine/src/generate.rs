@@ -139,18 +139,28 @@ impl Model {
         self.record_sample(seq, &opts.sampling)?.run(&self.gpu);
         let mut prefill_secs = 0.0;
         let mut t1 = Instant::now();
+        // Token i is read back while the GPU already runs the step that feeds it: that step is
+        // submitted before the CPU knows whether token i ends the reply, with a backup of the
+        // recurrent state it overwrites, and undone if it does, so stopping leaves the cache
+        // exactly as if it had never been submitted. At most one such step is unconfirmed,
+        // and the GPU always has the next step queued while the CPU reads, decodes text and
+        // checks stops. Two small read-back buffers alternate between tokens.
+        let rb = TokenReadback::new(&self.gpu);
+        let first = rb.copy(&self.gpu, seq, 0);
+        let mut pending = self.gpu.queue.submit([first]);
         loop {
-            // While the GPU computes the token read below, encode the step that will feed it
-            // (it takes the token from the GPU-side slot, so its commands do not depend on
-            // the value). It is submitted only once the token is known not to end the reply,
-            // so stopping leaves the cache exactly as without the overlap.
+            let slot = ids.len() % 2;
+            // Feed token i (already in the GPU's token slot) and sample the one after it, unless
+            // token i is the last the limits allow.
             let more = ids.len() + 1 < opts.max_new_tokens && seq.position() < self.max_positions;
-            let mut prepared = if more {
-                self.prepare_decode(seq, &opts.sampling, true).ok()
-            } else {
-                None
-            };
-            let next = self.read_token(seq).await?;
+            let mut next_pending = None;
+            if more {
+                let step = self.prepare_decode_with(seq, &opts.sampling, true, true)?;
+                let copy = rb.copy(&self.gpu, seq, 1 - slot);
+                next_pending = Some(self.submit_prepared_then(seq, step, Some(copy)));
+            }
+            let st = rb.read(&self.gpu, slot, pending).await?;
+            let next = st[0];
             if ids.is_empty() {
                 prefill_secs = t0.elapsed().as_secs_f64();
                 t1 = Instant::now();
@@ -161,40 +171,36 @@ impl Model {
                 None => String::new(),
             };
             text.push_str(&piece);
+            let mut end = None;
             if !on_token(TokenEvent {
                 id: next,
                 text: &piece,
             }) {
-                stop = StopReason::Cancelled;
-                break;
-            }
-            if opts.stop_at_eos && self.cfg.eos_token_ids.contains(&next) {
-                stop = StopReason::Eos;
-                break;
-            }
-            if let Some(pos) = opts
+                end = Some(StopReason::Cancelled);
+            } else if opts.stop_at_eos && self.cfg.eos_token_ids.contains(&next) {
+                end = Some(StopReason::Eos);
+            } else if let Some(pos) = opts
                 .stop_strings
                 .iter()
                 .filter_map(|s| text.find(s.as_str()))
                 .min()
             {
                 text.truncate(pos);
-                stop = StopReason::StopString;
-                break;
+                end = Some(StopReason::StopString);
+            } else if ids.len() >= opts.max_new_tokens {
+                end = Some(StopReason::MaxTokens);
+            } else if !more {
+                end = Some(StopReason::ContextFull);
             }
-            if ids.len() >= opts.max_new_tokens {
+            if let Some(reason) = end {
+                if next_pending.is_some() {
+                    self.undo_decode(seq, [st[0], st[1], st[2]]).await?;
+                }
+                stop = reason;
                 break;
-            }
-            if seq.position() + 1 > self.max_positions {
-                stop = StopReason::ContextFull;
-                break;
-            }
-            // Feed `next` (already in the token slot) and sample the one after it.
-            match prepared.take() {
-                Some(step) => self.submit_prepared(seq, step),
-                None => self.submit_decode(seq, &opts.sampling, true)?,
             }
             seq.tokens.push(next);
+            pending = next_pending.expect("a step was submitted when the reply goes on");
         }
         // The last chosen token is not in the cache yet; the next turn's prompt should start with it
         // only if the caller wants it there (chat templates add their own text).
@@ -208,5 +214,44 @@ impl Model {
             decode_secs,
             cache_bytes: seq.cache_bytes(),
         })
+    }
+}
+
+/// Two MAP_READ buffers that take turns holding the token slot ([token, sampled count, flag,
+/// unused]) as a decode step left it.
+struct TokenReadback {
+    bufs: [wgpu::Buffer; 2],
+}
+
+impl TokenReadback {
+    fn new(gpu: &crate::gpu::Gpu) -> TokenReadback {
+        let mk = || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("token read-back"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        TokenReadback { bufs: [mk(), mk()] }
+    }
+
+    /// Commands copying the sequence's token slot into buffer `i`.
+    fn copy(&self, gpu: &crate::gpu::Gpu, seq: &Sequence, i: usize) -> wgpu::CommandBuffer {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&seq.tok_state, 0, &self.bufs[i], 0, 16);
+        enc.finish()
+    }
+
+    /// Buffer `i`'s words once submission `after` (which holds its copy) is done.
+    async fn read(
+        &self,
+        gpu: &crate::gpu::Gpu,
+        i: usize,
+        after: wgpu::SubmissionIndex,
+    ) -> Result<[u32; 4]> {
+        let b = gpu.map_read_after(&self.bufs[i], 16, Some(after)).await?;
+        let w: &[u32] = bytemuck::cast_slice(&b);
+        Ok([w[0], w[1], w[2], w[3]])
     }
 }

@@ -56,6 +56,7 @@ pub struct PreparedDecode {
     params: Option<Vec<u8>>,
     pos: usize,
     sample: bool,
+    backup: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -895,6 +896,7 @@ impl Model {
             &prefix,
             &crate::sampling::SamplingParams::greedy(),
             true,
+            false,
         )?;
         drop(rec);
         model.prefix = Some(prefix);
@@ -1018,6 +1020,7 @@ impl Model {
             seq.pos + total_rows,
             self.max_positions - self.cfg.n_meta,
         )?;
+        seq.undoable = None;
         // Mark prompt tokens for the repetition penalty.
         for &id in ids {
             self.gpu.write(&seq.seen, id as u64 * 4, &[1u32]);
@@ -1672,8 +1675,21 @@ impl Model {
         seq: &Sequence,
         sp: &SamplingParams,
         sample: bool,
+        backup: bool,
     ) -> Result<()> {
         let c = &self.cfg;
+        if backup {
+            // The recurrent state this step overwrites, copied first (the copies depend on
+            // nothing in the step, so they run beside its first kernels); the KV slot it writes
+            // needs no copy: undoing the step moves the position back, and the next step
+            // writes the slot again.
+            let bak = seq.backup.as_ref().ok_or_else(|| {
+                Error::Invalid("decode step with a backup: no backup buffers".into())
+            })?;
+            for (l, (conv, ssm)) in seq.layers.iter().zip(bak) {
+                self.kernels.state_copy(rec, &l.conv, conv, &l.ssm, ssm)?;
+            }
+        }
         if self.fused_decode {
             self.kernels.embed(
                 rec,
@@ -1729,6 +1745,7 @@ impl Model {
     /// Sets the token that the next decode step consumes (teacher forcing, or the first step after a prefill).
     pub fn set_next_token(&self, seq: &mut Sequence, id: u32) -> Result<()> {
         self.check_ids(&[id])?;
+        seq.undoable = None;
         self.gpu.write(&seq.tok_state, 0, &[id]);
         self.gpu.write(&seq.seen, id as u64 * 4, &[1u32]);
         Ok(())
@@ -1758,22 +1775,38 @@ impl Model {
         sp: &SamplingParams,
         sample: bool,
     ) -> Result<PreparedDecode> {
+        self.prepare_decode_with(seq, sp, sample, false)
+    }
+
+    /// As `prepare_decode`; with `backup`, the step first copies the recurrent state it will
+    /// overwrite, so that `undo_decode` can take it back once submitted (what `generate` uses
+    /// to submit a step before it knows whether the token that step feeds ends the reply).
+    pub fn prepare_decode_with(
+        &self,
+        seq: &mut Sequence,
+        sp: &SamplingParams,
+        sample: bool,
+        backup: bool,
+    ) -> Result<PreparedDecode> {
         self.check_room(seq, 1)?;
+        if backup {
+            seq.ensure_backup(&self.gpu)?;
+        }
         seq.ensure_capacity(
             &self.gpu,
             &self.cfg,
             seq.pos + 1,
             self.max_positions - self.cfg.n_meta,
         )?;
-        let key = seq.layout_gen * 2 + sample as u64;
+        let key = seq.layout_gen * 4 + sample as u64 * 2 + backup as u64;
         let reuse = matches!(&seq.decode, Some((_, k)) if *k == key);
         let params = if reuse {
             let mut rec = Recorder::params_only(&self.gpu);
-            self.record_decode(&mut rec, seq, sp, sample)?;
+            self.record_decode(&mut rec, seq, sp, sample, backup)?;
             Some(rec.into_params())
         } else {
             let mut rec = Recorder::new(&self.gpu);
-            self.record_decode(&mut rec, seq, sp, sample)?;
+            self.record_decode(&mut rec, seq, sp, sample, backup)?;
             seq.decode = Some((rec.finish(), key));
             None
         };
@@ -1783,22 +1816,76 @@ impl Model {
             params,
             pos: seq.pos,
             sample,
+            backup,
         })
     }
 
     /// Submits a step from `prepare_decode` (its parameters are written to the queue first,
     /// so they never reach a step already submitted).
     pub fn submit_prepared(&self, seq: &mut Sequence, step: PreparedDecode) {
+        self.submit_prepared_then(seq, step, None);
+    }
+
+    /// As `submit_prepared`, with `then` (e.g. a read-back copy) in the same submission;
+    /// returns the submission's index.
+    pub fn submit_prepared_then(
+        &self,
+        seq: &mut Sequence,
+        step: PreparedDecode,
+        then: Option<wgpu::CommandBuffer>,
+    ) -> wgpu::SubmissionIndex {
         assert_eq!(step.pos, seq.pos, "a prepared decode step is stale");
         let (prog, _) = seq.decode.as_ref().expect("prepared step has a program");
         if let Some(bytes) = &step.params {
             prog.update_params(&self.gpu, bytes);
         }
-        self.gpu.queue.submit([step.commands]);
+        let index = self
+            .gpu
+            .queue
+            .submit(std::iter::once(step.commands).chain(then));
         seq.pos += 1;
         if step.sample {
             seq.sampled += 1;
         }
+        seq.undoable = step.backup.then_some(step.sample);
+        index
+    }
+
+    /// Undoes the last submitted decode step, which must have been prepared with a backup
+    /// (`prepare_decode_with`) and be the last thing submitted for `seq`: waits for it, restores
+    /// the recurrent state it overwrote, moves the position back and, where it sampled, puts
+    /// back the token slot (`before`: words 0..3 of the slot as they were before the step: the
+    /// token it fed, the count of tokens sampled, that token's earlier repetition-penalty flag)
+    /// and the flag of the token it chose. The KV entry it wrote is simply written again by the
+    /// next step.
+    pub async fn undo_decode(&self, seq: &mut Sequence, before: [u32; 3]) -> Result<()> {
+        let Some(sampled) = seq.undoable.take() else {
+            return Err(Error::Invalid(
+                "no decode step to undo: the last step was not prepared with a backup, or \
+                 something else ran on the sequence since"
+                    .into(),
+            ));
+        };
+        let after = self.gpu.read_u32(&seq.tok_state, 0, 3).await?;
+        let bak = seq
+            .backup
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("undo_decode: no backup buffers".into()))?;
+        let mut enc = self.gpu.device.create_command_encoder(&Default::default());
+        for (l, (conv, ssm)) in seq.layers.iter().zip(bak) {
+            enc.copy_buffer_to_buffer(conv, 0, &l.conv, 0, l.conv.size());
+            enc.copy_buffer_to_buffer(ssm, 0, &l.ssm, 0, l.ssm.size());
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        if sampled {
+            self.gpu.write(&seq.tok_state, 0, &before);
+            if after[2] == 0 {
+                self.gpu.write(&seq.seen, after[0] as u64 * 4, &[0u32]);
+            }
+            seq.sampled -= 1;
+        }
+        seq.pos -= 1;
+        Ok(())
     }
 
     /// Profiles one decode step (GPU time per dispatch, from timestamps), without advancing
@@ -1809,7 +1896,7 @@ impl Model {
         sp: &SamplingParams,
     ) -> Result<Option<Vec<(String, f64, usize)>>> {
         let mut rec = Recorder::new(&self.gpu);
-        self.record_decode(&mut rec, seq, sp, true)?;
+        self.record_decode(&mut rec, seq, sp, true, false)?;
         let prog = rec.finish();
         Ok(prog.profile(&self.gpu).await?.map(aggregate))
     }
@@ -1829,6 +1916,7 @@ impl Model {
             self.max_positions - self.cfg.n_meta,
         )?;
         self.gpu.write(&seq.ids, 0, &ids[..rows]);
+        seq.undoable = None;
         let mut rec = Recorder::new(&self.gpu);
         self.record_chunk(
             &mut rec,
@@ -1906,6 +1994,17 @@ impl Model {
             }
         }
         Ok(Some((ko, vo, first_text)))
+    }
+
+    /// Reads back the GPU sampler's state: the token slot (chosen / fed token, tokens sampled,
+    /// the chosen token's earlier flag, unused) and the repetition-penalty flags [vocab].
+    pub async fn read_sampler_state(&self, seq: &Sequence) -> Result<(Vec<u32>, Vec<u32>)> {
+        Ok((
+            self.gpu.read_u32(&seq.tok_state, 0, 4).await?,
+            self.gpu
+                .read_u32(&seq.seen, 0, self.cfg.vocab_size as u64)
+                .await?,
+        ))
     }
 
     /// Reads back a layer's conv and SSM states.

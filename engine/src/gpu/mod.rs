@@ -336,6 +336,18 @@ impl Gpu {
 
     /// Maps a MAP_READ buffer and copies out its first `len` bytes.
     pub async fn map_read(&self, staging: &wgpu::Buffer, len: u64) -> Result<Vec<u8>> {
+        self.map_read_after(staging, len, None).await
+    }
+
+    /// As `map_read`, waiting (natively) only for submission `after` and what came before it,
+    /// not for work submitted since (None: everything submitted). On the web the browser
+    /// resolves the mapping once the GPU gets past the copy into `staging`.
+    pub async fn map_read_after(
+        &self,
+        staging: &wgpu::Buffer,
+        len: u64,
+        after: Option<wgpu::SubmissionIndex>,
+    ) -> Result<Vec<u8>> {
         let slice = staging.slice(..len);
         let (tx, rx) = futures_channel::oneshot::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -343,8 +355,13 @@ impl Gpu {
         });
         #[cfg(not(target_arch = "wasm32"))]
         self.device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: after,
+                timeout: None,
+            })
             .map_err(|e| Error::Gpu(e.to_string()))?;
+        #[cfg(target_arch = "wasm32")]
+        let _ = after;
         let r = rx
             .await
             .map_err(|_| Error::Gpu("readback was dropped".into()))?;

@@ -22,6 +22,7 @@ pub const SRC_SCAN: &str = include_str!("../../../shaders/scan.wgsl");
 pub const SRC_MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 pub const SRC_SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
 pub const SRC_SAMPLE: &str = include_str!("../../../shaders/sample.wgsl");
+pub const SRC_STATE_COPY: &str = include_str!("../../../shaders/state_copy.wgsl");
 
 /// Storage type of a weight matrix on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -763,6 +764,13 @@ pub struct MergeParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
+pub struct StateCopyParams {
+    pub a_n4: u32,
+    pub b_n4: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
 pub struct SwigluParams {
     pub count: u32,
     pub width: u32,
@@ -883,6 +891,7 @@ pub struct Kernels {
     scan_states: Option<Arc<Kernel>>,
     merge: Arc<Kernel>,
     swiglu: Arc<Kernel>,
+    state_copy: Arc<Kernel>,
     sample: Arc<Kernel>,
     /// A small buffer bound where a kernel's optional input is absent.
     dummy: wgpu::Buffer,
@@ -1197,6 +1206,13 @@ impl Kernels {
             },
             merge: k("merge.wgsl", SRC_MERGE, &[], "main", &[U, R, R, R, RW])?,
             swiglu: k("swiglu.wgsl", SRC_SWIGLU, &[], "main", &[U, RW])?,
+            state_copy: k(
+                "state_copy.wgsl",
+                SRC_STATE_COPY,
+                &[],
+                "main",
+                &[U, R, RW, R, RW],
+            )?,
             sample: k("sample.wgsl", SRC_SAMPLE, &[], "main", &[U, R, RW, RW])?,
             dummy: gpu.buffer("dummy", 16)?,
         })
@@ -1747,6 +1763,29 @@ impl Kernels {
             groups_x: gx,
         };
         rec.dispatch(&self.swiglu, &p, &[gu], [gx, gy, 1])
+    }
+
+    /// Copies a_src into a_dst and b_src into b_dst (f32 buffers whose sizes are multiples of
+    /// 16 bytes; the destinations at least as large as the sources).
+    pub fn state_copy(
+        &self,
+        rec: &mut Recorder,
+        a_src: &wgpu::Buffer,
+        a_dst: &wgpu::Buffer,
+        b_src: &wgpu::Buffer,
+        b_dst: &wgpu::Buffer,
+    ) -> Result<()> {
+        let (a_n4, b_n4) = ((a_src.size() / 16) as u32, (b_src.size() / 16) as u32);
+        debug_assert!(a_dst.size() >= a_src.size() && b_dst.size() >= b_src.size());
+        let p = StateCopyParams { a_n4, b_n4 };
+        // Grid-stride: at most 1024 workgroups, whatever the state size.
+        let groups = a_n4.max(b_n4).div_ceil(256).clamp(1, 1024);
+        rec.dispatch(
+            &self.state_copy,
+            &p,
+            &[a_src, a_dst, b_src, b_dst],
+            [groups, 1, 1],
+        )
     }
 
     pub fn sample(

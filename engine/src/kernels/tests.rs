@@ -913,6 +913,30 @@ fn swiglu_on_concatenated_gate_up() {
     assert_close("swiglu", &got, &want, 1e-6, 1e-5);
 }
 
+#[test]
+fn state_copy_copies_both_pairs_exactly() {
+    // Sizes: a small conv-like state and one larger than the 1024-workgroup grid covers at once
+    // (grid-stride); destinations one vec4 longer than the sources and poisoned, so a missed or
+    // stray write shows.
+    let (gpu, ks) = env();
+    let mut r = Rng::new(67);
+    for (an, bn) in [(3 * 4usize, 5 * 4usize), (50 * 4, 270_001 * 4)] {
+        let a = r.vec(an, 3.0);
+        let b = r.vec(bn, 3.0);
+        let (sa, sb) = (gpu.upload("a", &a).unwrap(), gpu.upload("b", &b).unwrap());
+        let da = gpu.upload("da", &vec![f32::NAN; an + 4]).unwrap();
+        let db = gpu.upload("db", &vec![f32::NAN; bn + 4]).unwrap();
+        run(gpu, |rec| ks.state_copy(rec, &sa, &da, &sb, &db).unwrap());
+        let (ga, gb) = (read(gpu, &da, an + 4), read(gpu, &db, bn + 4));
+        assert_eq!(ga[..an], a[..], "conv-state copy ({an} floats)");
+        assert_eq!(gb[..bn], b[..], "SSM-state copy ({bn} floats)");
+        assert!(
+            ga[an..].iter().chain(&gb[bn..]).all(|v| v.is_nan()),
+            "write past the source size"
+        );
+    }
+}
+
 fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usize, seed: u64) {
     // This adapter's kernels and the other family (GPUs' workgroup GEMVs on a CPU adapter, the
     // row-per-thread ones on a GPU).
@@ -2023,6 +2047,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("merge", SRC_MERGE, vec![]),
         ("swiglu", SRC_SWIGLU, vec![]),
         ("sample", SRC_SAMPLE, vec![]),
+        ("state_copy", SRC_STATE_COPY, vec![]),
         // cooperative-matrix GEMM (the test adapter may not have it)
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q8"]),
