@@ -3,6 +3,7 @@
 //! on seeded random weights built from a config.json (full size, no file).
 
 use clap::Parser;
+use hymba_engine::generate::GenerateOptions;
 use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu, GpuOptions};
 use hymba_engine::kernels::Kernels;
 use hymba_engine::loader::Checkpoint;
@@ -235,33 +236,40 @@ fn main() {
                 continue;
             }
             let mut s = model.new_sequence().unwrap();
-            pollster::block_on(model.forward(&mut s, &ids(ctx, 3), Logits::Last, None)).unwrap();
+            pollster::block_on(model.forward(&mut s, &ids(ctx - 1, 3), Logits::Last, None))
+                .unwrap();
+            // streamed: Model::generate itself (its last prompt token, then n decode steps,
+            // each token read back; the step feeding a token is submitted before it is read).
+            let g = pollster::block_on(model.generate(
+                &mut s,
+                &[5],
+                &GenerateOptions {
+                    max_new_tokens: n + 1,
+                    sampling: sp.clone(),
+                    stop_strings: Vec::new(),
+                    stop_at_eos: false,
+                },
+                None,
+                |_| true,
+            ))
+            .unwrap();
+            assert_eq!(g.ids.len(), n + 1, "generate stopped early: {:?}", g.stop);
+            let streamed = 1.0 / g.decode_tok_s();
+            // generate's steps also back up the recurrent state (one copy dispatch per layer).
+            let disp = s.decode_dispatches();
+            // queued: submit all steps, wait once (GPU-bound rate); CPU encode = the time spent
+            // preparing them (parameters and command encoding, not the submit).
             model.set_next_token(&mut s, 5).unwrap();
-            // streamed: what generate() does — each token is read back before the step that
-            // feeds it is submitted; that step is encoded while the GPU computes the token.
-            model.submit_decode(&mut s, &sp, true).unwrap();
-            pollster::block_on(model.read_token(&s)).unwrap();
             let t = Instant::now();
             let mut enc = 0.0;
-            model.submit_decode(&mut s, &sp, true).unwrap();
-            for i in 0..n {
-                let te = Instant::now();
-                let next = (i + 1 < n).then(|| model.prepare_decode(&mut s, &sp, true).unwrap());
-                enc += te.elapsed().as_secs_f64();
-                pollster::block_on(model.read_token(&s)).unwrap();
-                if let Some(step) = next {
-                    model.submit_prepared(&mut s, step);
-                }
-            }
-            let streamed = t.elapsed().as_secs_f64() / n as f64;
-            // queued: submit all steps, wait once (GPU-bound rate)
-            let t = Instant::now();
             for _ in 0..n {
-                model.submit_decode(&mut s, &sp, true).unwrap();
+                let te = Instant::now();
+                let step = model.prepare_decode(&mut s, &sp, true).unwrap();
+                enc += te.elapsed().as_secs_f64();
+                model.submit_prepared(&mut s, step);
             }
             pollster::block_on(model.gpu.finish()).unwrap();
             let queued = t.elapsed().as_secs_f64() / n as f64;
-            let disp = s.decode_dispatches();
             println!(
                 "| {name} | {dt} | tg{n} @ {ctx} (streamed) | {:.1} | {:.3} | {:.0}{} | {} dispatches and 1 submit per token, CPU encode {:.3} ms/token |",
                 1.0 / streamed,
