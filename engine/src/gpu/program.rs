@@ -188,8 +188,8 @@ impl Program {
     }
 
     /// Runs the program once with a GPU timestamp after every dispatch and returns, per
-    /// dispatch, the kernel name and the nanoseconds since the previous timestamp (the kernel
-    /// plus the barrier before it). None when the adapter lacks timestamps inside passes.
+    /// dispatch, the kernel name with its grid (so one kernel's shapes are told apart) and the
+    /// nanoseconds since the previous timestamp (the kernel plus the barrier before it). None when the adapter lacks timestamps inside passes.
     pub async fn profile(&self, gpu: &Gpu) -> Result<Option<Vec<(String, f64)>>> {
         if !gpu
             .features
@@ -230,9 +230,9 @@ impl Program {
             self.dispatches
                 .iter()
                 .enumerate()
-                .map(|(i, (k, _, _))| {
+                .map(|(i, (k, _, g))| {
                     (
-                        k.name.clone(),
+                        format!("{} grid {}x{}x{}", k.name, g[0], g[1], g[2]),
                         ts[i + 1].saturating_sub(ts[i]) as f64 * period,
                     )
                 })
