@@ -431,8 +431,12 @@ var<workgroup> ws: array<f32, 1024>; // [BK][BM]
 fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let m0 = wid.x * BM;
     let t0 = wid.y * BT;
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; }
+    // The 4 x 4 outputs as four vec4 variables (row i of the thread's block in acc_i), not an
+    // array: a private array may live in local memory (it halved the tensor-core GEMM's speed).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     let kw = p.kp4 * 4u;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         for (var i = 0u; i < 4u; i++) {
@@ -461,20 +465,19 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
         for (var kk = 0u; kk < BK; kk++) {
             let a = vec4<f32>(xs[kk * BT + lid.y * 4u], xs[kk * BT + lid.y * 4u + 1u], xs[kk * BT + lid.y * 4u + 2u], xs[kk * BT + lid.y * 4u + 3u]);
             let b = vec4<f32>(ws[kk * BM + lid.x * 4u], ws[kk * BM + lid.x * 4u + 1u], ws[kk * BM + lid.x * 4u + 2u], ws[kk * BM + lid.x * 4u + 3u]);
-            for (var i = 0u; i < 4u; i++) {
-                acc[i * 4u] += a[i] * b.x;
-                acc[i * 4u + 1u] += a[i] * b.y;
-                acc[i * 4u + 2u] += a[i] * b.z;
-                acc[i * 4u + 3u] += a[i] * b.w;
-            }
+            acc0 += a.x * b;
+            acc1 += a.y * b;
+            acc2 += a.z * b;
+            acc3 += a.w * b;
         }
         workgroupBarrier();
     }
     for (var i = 0u; i < 4u; i++) {
         let t = t0 + lid.y * 4u + i;
+        let row = select(select(acc3, acc2, i == 2u), select(acc1, acc0, i == 0u), i < 2u);
         for (var j = 0u; j < 4u; j++) {
             let m = m0 + lid.x * 4u + j;
-            if (t < p.rows && m < p.m) { store(t, m, acc[i * 4u + j]); }
+            if (t < p.rows && m < p.m) { store(t, m, row[j]); }
         }
     }
 }
@@ -497,64 +500,108 @@ var<workgroup> ax: array<f16, 4608>;
 var<workgroup> bw: array<f16, 4608>;
 // cy: [64 rows of X][64 rows of W] f32 accumulators, staged for the bounds-checked epilogue.
 var<workgroup> cy: array<f32, 4096>;
-// The next K step of this thread's share of the X and W tiles: 8 groups of 4 consecutive k.
-var<private> xr: array<vec4<f32>, 8>;
-var<private> wr: array<vec4<f32>, 8>;
-
-fn coop_fetch(li: u32, m0: u32, t0: u32, k0: u32) {
-    let kw = p.kp4 * 4u;
-    for (var i = 0u; i < 8u; i++) {
-        let e4 = li + i * 128u;
-        let r = e4 / (CK / 4u);
-        let k = k0 + (e4 % (CK / 4u)) * 4u;
-        let t = t0 + r;
-        var v = vec4<f32>(0.0);
-        if (t < p.rows) {
-            let b = p.x_off + t * p.x_stride + k;
-            if (k + 3u < p.k) {
-                v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
-            } else {
-                for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
-            }
+// Item i (0..8) of this thread's share of a K step: four consecutive k of one row of the X tile
+// and of the W tile (zero past the edges). The kernel keeps the next step's items in sixteen
+// variables: held in a private array instead, as this kernel first did, the prompt GEMMs ran
+// at half the speed on an H200 (the array lived in local memory).
+fn coop_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
+    let e4 = li + i * 128u;
+    let k = k0 + (e4 % (CK / 4u)) * 4u;
+    let t = t0 + e4 / (CK / 4u);
+    var v = vec4<f32>(0.0);
+    if (t < p.rows) {
+        let b = p.x_off + t * p.x_stride + k;
+        if (k + 3u < p.k) {
+            v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+        } else {
+            for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
         }
-        xr[i] = v;
-        let m = m0 + r;
-        var u = vec4<f32>(0.0);
-        if (m < p.m && k < kw) { u = w4(m * p.kp4 + k / 4u); }
-        wr[i] = u;
     }
+    return v;
+}
+
+fn coop_w(li: u32, i: u32, m0: u32, k0: u32) -> vec4<f32> {
+    let e4 = li + i * 128u;
+    let k = k0 + (e4 % (CK / 4u)) * 4u;
+    let m = m0 + e4 / (CK / 4u);
+    var u = vec4<f32>(0.0);
+    if (m < p.m && k < p.kp4 * 4u) { u = w4(m * p.kp4 + k / 4u); }
+    return u;
+}
+
+// Writes item i (X values v, W values u) into the staged tiles.
+fn coop_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
+    let e4 = li + i * 128u;
+    let o = (e4 / (CK / 4u)) * SK + (e4 % (CK / 4u)) * 4u;
+    let v = vec4<f16>(xv);
+    let u = vec4<f16>(wv);
+    ax[o] = v.x;
+    ax[o + 1u] = v.y;
+    ax[o + 2u] = v.z;
+    ax[o + 3u] = v.w;
+    bw[o] = u.x;
+    bw[o + 1u] = u.y;
+    bw[o + 2u] = u.z;
+    bw[o + 3u] = u.w;
 }
 
 @compute @workgroup_size(128)
 fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
     let m0 = wid.x * 64u;
     let t0 = wid.y * 64u;
-    let st = (sg / 2u) * 32u; // this subgroup's first row of X in the tile
-    let sm = (sg % 2u) * 32u; // its first row of W
+    let st = (sg / 2u) * 32u;
+    let sm = (sg % 2u) * 32u;
     for (var i = li; i < 4096u; i += 128u) { cy[i] = 0.0; }
     workgroupBarrier();
     var c00 = coopLoadT<coop_mat16x16<f32, C>>(&cy[0], 64u);
     var c01 = c00;
     var c10 = c00;
     var c11 = c00;
-    coop_fetch(li, m0, t0, 0u);
+    var x0 = coop_x(li, 0u, t0, 0u);
+    var x1 = coop_x(li, 1u, t0, 0u);
+    var x2 = coop_x(li, 2u, t0, 0u);
+    var x3 = coop_x(li, 3u, t0, 0u);
+    var x4 = coop_x(li, 4u, t0, 0u);
+    var x5 = coop_x(li, 5u, t0, 0u);
+    var x6 = coop_x(li, 6u, t0, 0u);
+    var x7 = coop_x(li, 7u, t0, 0u);
+    var w0 = coop_w(li, 0u, m0, 0u);
+    var w1 = coop_w(li, 1u, m0, 0u);
+    var w2 = coop_w(li, 2u, m0, 0u);
+    var w3 = coop_w(li, 3u, m0, 0u);
+    var w4v = coop_w(li, 4u, m0, 0u);
+    var w5 = coop_w(li, 5u, m0, 0u);
+    var w6 = coop_w(li, 6u, m0, 0u);
+    var w7 = coop_w(li, 7u, m0, 0u);
     for (var k0 = 0u; k0 < p.k; k0 += CK) {
-        for (var i = 0u; i < 8u; i++) {
-            let e4 = li + i * 128u;
-            let o = (e4 / (CK / 4u)) * SK + (e4 % (CK / 4u)) * 4u;
-            let v = vec4<f16>(xr[i]);
-            let u = vec4<f16>(wr[i]);
-            ax[o] = v.x;
-            ax[o + 1u] = v.y;
-            ax[o + 2u] = v.z;
-            ax[o + 3u] = v.w;
-            bw[o] = u.x;
-            bw[o + 1u] = u.y;
-            bw[o + 2u] = u.z;
-            bw[o + 3u] = u.w;
-        }
+        coop_stage(li, 0u, x0, w0);
+        coop_stage(li, 1u, x1, w1);
+        coop_stage(li, 2u, x2, w2);
+        coop_stage(li, 3u, x3, w3);
+        coop_stage(li, 4u, x4, w4v);
+        coop_stage(li, 5u, x5, w5);
+        coop_stage(li, 6u, x6, w6);
+        coop_stage(li, 7u, x7, w7);
         workgroupBarrier();
-        if (k0 + CK < p.k) { coop_fetch(li, m0, t0, k0 + CK); }
+        let kn = k0 + CK;
+        if (kn < p.k) {
+            x0 = coop_x(li, 0u, t0, kn);
+            x1 = coop_x(li, 1u, t0, kn);
+            x2 = coop_x(li, 2u, t0, kn);
+            x3 = coop_x(li, 3u, t0, kn);
+            x4 = coop_x(li, 4u, t0, kn);
+            x5 = coop_x(li, 5u, t0, kn);
+            x6 = coop_x(li, 6u, t0, kn);
+            x7 = coop_x(li, 7u, t0, kn);
+            w0 = coop_w(li, 0u, m0, kn);
+            w1 = coop_w(li, 1u, m0, kn);
+            w2 = coop_w(li, 2u, m0, kn);
+            w3 = coop_w(li, 3u, m0, kn);
+            w4v = coop_w(li, 4u, m0, kn);
+            w5 = coop_w(li, 5u, m0, kn);
+            w6 = coop_w(li, 6u, m0, kn);
+            w7 = coop_w(li, 7u, m0, kn);
+        }
         for (var kk = 0u; kk < CK; kk += 16u) {
             let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax[st * SK + kk], SK);
             let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax[(st + 16u) * SK + kk], SK);
