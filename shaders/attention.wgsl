@@ -41,9 +41,10 @@ struct Params {
 // and value loaded serves 8 queries (the rest of the reuse comes from L1). The block's queries
 // walk one common key list: the meta slots visible to its last query, then text positions from
 // the first query's window start to the last query; each (query, key) pair is masked with the
-// query's own visibility. Per block of KB keys: 2 scores per thread (q.k with vec4 loads), an
-// online softmax per query row (32 lanes per query), then P.V with each lane owning one vec4
-// of the value (d_v <= 128). d_qk <= 256.
+// query's own visibility. Per block of KB keys: 2 scores per thread (one key, queries i and
+// i + 4, eight vec4 key loads in flight), an online softmax per query row (32 lanes per query),
+// then P.V with each lane owning one vec4 of the value (d_v <= 128), eight value rows in
+// flight. d_qk <= 256.
 // Grid: (n_heads, ceil(rows / QB), 1).
 const WG: u32 = 256u;
 const KB: u32 = 64u;
@@ -113,27 +114,48 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             sl[li] = slot(min(pos, q_last));
         }
         workgroupBarrier();
-        // Scores: pairs (query i / KB, key i % KB) for i = li and li + 256.
-        for (var i = li; i < QB * KB; i += WG) {
-            let qi = i / KB;
-            let jl = i % KB;
+        // Scores: this thread's key jl = li % KB for queries li / KB and li / KB + 4 (QB = 8,
+        // WG = 4 KB), so each key row is loaded once for both.
+        {
+            let jl = li % KB;
+            let qa = li / KB;
+            let qb2 = qa + 4u;
             let pos = kp[jl];
-            var s = NEG;
-            if (qi < nq && pos != 0xffffffffu && visible(q_first + qi, pos)) {
+            var sa = NEG;
+            var sb = NEG;
+            let va = qa < nq && pos != 0xffffffffu && visible(q_first + qa, pos);
+            let vb2 = qb2 < nq && pos != 0xffffffffu && visible(q_first + qb2, pos);
+            if (va || vb2) {
                 let b = (kvh * p.cap + sl[jl]) * dq4;
-                var d = vec4<f32>(0.0);
+                var da = vec4<f32>(0.0);
+                var db = vec4<f32>(0.0);
                 var f = 0u;
-                for (; f + 3u < dq4; f += 4u) {
+                for (; f + 7u < dq4; f += 8u) {
                     let k0 = kc[b + f];
                     let k1 = kc[b + f + 1u];
                     let k2 = kc[b + f + 2u];
                     let k3 = kc[b + f + 3u];
-                    d += (qs[qi * dq4 + f] * k0 + qs[qi * dq4 + f + 1u] * k1) + (qs[qi * dq4 + f + 2u] * k2 + qs[qi * dq4 + f + 3u] * k3);
+                    let k4 = kc[b + f + 4u];
+                    let k5 = kc[b + f + 5u];
+                    let k6 = kc[b + f + 6u];
+                    let k7 = kc[b + f + 7u];
+                    let oa = qa * dq4 + f;
+                    let ob = qb2 * dq4 + f;
+                    da += ((qs[oa] * k0 + qs[oa + 1u] * k1) + (qs[oa + 2u] * k2 + qs[oa + 3u] * k3))
+                        + ((qs[oa + 4u] * k4 + qs[oa + 5u] * k5) + (qs[oa + 6u] * k6 + qs[oa + 7u] * k7));
+                    db += ((qs[ob] * k0 + qs[ob + 1u] * k1) + (qs[ob + 2u] * k2 + qs[ob + 3u] * k3))
+                        + ((qs[ob + 4u] * k4 + qs[ob + 5u] * k5) + (qs[ob + 6u] * k6 + qs[ob + 7u] * k7));
                 }
-                for (; f < dq4; f++) { d += qs[qi * dq4 + f] * kc[b + f]; }
-                s = ((d.x + d.y) + (d.z + d.w)) * p.scale;
+                for (; f < dq4; f++) {
+                    let kv = kc[b + f];
+                    da += qs[qa * dq4 + f] * kv;
+                    db += qs[qb2 * dq4 + f] * kv;
+                }
+                if (va) { sa = ((da.x + da.y) + (da.z + da.w)) * p.scale; }
+                if (vb2) { sb = ((db.x + db.y) + (db.z + db.w)) * p.scale; }
             }
-            ps[i] = s;
+            ps[li] = sa;
+            ps[li + WG] = sb;
         }
         workgroupBarrier();
         let nk = min(KB, n_keys - kb);
@@ -158,6 +180,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let vb = kvh * p.cap;
         if (ln < dv4) {
             var jj = 0u;
+            // Eight value rows in flight per round.
+            for (; jj + 7u < nk; jj += 8u) {
+                let o = qr * KB + jj;
+                let v0 = vc[(vb + sl[jj]) * dv4 + ln];
+                let v1 = vc[(vb + sl[jj + 1u]) * dv4 + ln];
+                let v2 = vc[(vb + sl[jj + 2u]) * dv4 + ln];
+                let v3 = vc[(vb + sl[jj + 3u]) * dv4 + ln];
+                let v4 = vc[(vb + sl[jj + 4u]) * dv4 + ln];
+                let v5 = vc[(vb + sl[jj + 5u]) * dv4 + ln];
+                let v6 = vc[(vb + sl[jj + 6u]) * dv4 + ln];
+                let v7 = vc[(vb + sl[jj + 7u]) * dv4 + ln];
+                a0 += ((ps[o] * v0 + ps[o + 1u] * v1) + (ps[o + 2u] * v2 + ps[o + 3u] * v3))
+                    + ((ps[o + 4u] * v4 + ps[o + 5u] * v5) + (ps[o + 6u] * v6 + ps[o + 7u] * v7));
+            }
             for (; jj + 3u < nk; jj += 4u) {
                 let v0 = vc[(vb + sl[jj]) * dv4 + ln];
                 let v1 = vc[(vb + sl[jj + 1u]) * dv4 + ln];

@@ -645,9 +645,20 @@ fn attention_ref(
 }
 
 fn attention_case(window: Option<usize>, seed: u64) {
+    // Small heads; Hymba-1.5B's (d_qk 64, d_v 128: the prompt kernel's eight-wide key loads);
+    // d_qk 40 (eight-wide loads plus a remainder).
+    for dims in [(6, 2, 16, 40), (10, 2, 64, 128), (4, 1, 40, 24)] {
+        attention_case_dims(window, seed, dims);
+    }
+}
+
+fn attention_case_dims(
+    window: Option<usize>,
+    seed: u64,
+    (hq, hkv, dqk, dv): (usize, usize, usize, usize),
+) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
-    let (hq, hkv, dqk, dv) = (6, 2, 16, 40);
     let n_meta = 3;
     let total = 150; // positions 0..150
     let rows = 70; // queries are the last 70 positions
