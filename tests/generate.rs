@@ -101,6 +101,51 @@ fn stopping_undoes_the_overlapped_step_exactly() {
 }
 
 #[test]
+fn a_stop_string_undoes_the_overlapped_step_exactly() {
+    // The same check through the stop-string path, with the demo model's own tokenizer: the
+    // stop string is the text of the first k tokens of a reference reply, so it is found when
+    // token k arrives, and the step feeding token k, already submitted, must be undone.
+    let dir = repo_root().join("models/tiny-shakespeare");
+    let ck = Checkpoint::open_dir(&dir).unwrap();
+    let tok = hymba_engine::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let model = load_model(&ck, DtypeChoice::F32).unwrap();
+    let prompt = tok.encode("ROMEO:", false).unwrap();
+    let mut r = model.new_sequence().unwrap();
+    let mut pieces = Vec::new();
+    let reference =
+        pollster::block_on(model.generate(&mut r, &prompt, &opts(24), Some(&tok), |e| {
+            pieces.push(e.text.to_string());
+            true
+        }))
+        .unwrap();
+    assert_eq!(reference.ids.len(), 24);
+    let mut checked = 0;
+    for k in [3usize, 9, 16] {
+        let stop: String = pieces[..k].concat();
+        // Only where the text first contains it at token k (a token may add no text).
+        if stop.is_empty() || (1..k).any(|j| pieces[..j].concat().contains(&stop)) {
+            continue;
+        }
+        let mut o = opts(100);
+        o.stop_strings = vec![stop.clone()];
+        let mut a = model.new_sequence().unwrap();
+        let ga =
+            pollster::block_on(model.generate(&mut a, &prompt, &o, Some(&tok), |_| true)).unwrap();
+        assert_eq!(ga.stop, StopReason::StopString, "stop {stop:?}");
+        assert_eq!(ga.ids, reference.ids[..k], "stop {stop:?}: ids");
+        let mut b = model.new_sequence().unwrap();
+        let gb =
+            pollster::block_on(model.generate(&mut b, &prompt, &opts(k), Some(&tok), |_| true))
+                .unwrap();
+        assert_eq!(ga.ids, gb.ids);
+        assert_same_sequence(&model, &a, &b, &format!("stop string at token {k}"));
+        checked += 1;
+    }
+    eprintln!("{checked} stop strings checked");
+    assert!(checked > 0, "no usable stop string in {pieces:?}");
+}
+
+#[test]
 fn undo_without_an_undoable_step_is_a_clear_error() {
     let dir = repo_root().join("models/tiny-shakespeare");
     let ck = Checkpoint::open_dir(&dir).unwrap();
