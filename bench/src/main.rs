@@ -147,6 +147,16 @@ fn main() {
                     a.config.file_name().unwrap().to_string_lossy()
                 )
             });
+        // One tg row: rate, time and weight bandwidth of `secs` per token, then `note`.
+        let tg_row = |n: usize, ctx: usize, mode: &str, secs: f64, note: String| {
+            println!(
+                "| {name} | {dt} | tg{n} @ {ctx} ({mode}) | {:.1} | {:.3} | {:.0}{} | {note} |",
+                1.0 / secs,
+                secs * 1e3,
+                wb as f64 / secs / 1e9,
+                pct(wb as f64 / secs / 1e9),
+            )
+        };
         eprintln!(
             "{dt}: loaded in {load_s:.1} s, weights {:.3} GB",
             wb as f64 / 1e9
@@ -270,14 +280,15 @@ fn main() {
             }
             pollster::block_on(model.gpu.finish()).unwrap();
             let queued = t.elapsed().as_secs_f64() / n as f64;
-            println!(
-                "| {name} | {dt} | tg{n} @ {ctx} (streamed) | {:.1} | {:.3} | {:.0}{} | {} dispatches and 1 submit per token, CPU encode {:.3} ms/token |",
-                1.0 / streamed,
-                streamed * 1e3,
-                wb as f64 / streamed / 1e9,
-                pct(wb as f64 / streamed / 1e9),
-                disp,
-                enc * 1e3 / n as f64
+            tg_row(
+                n,
+                ctx,
+                "streamed",
+                streamed,
+                format!(
+                    "{disp} dispatches and 1 submit per token, CPU encode {:.3} ms/token",
+                    enc * 1e3 / n as f64
+                ),
             );
             if a.profile {
                 if let Some(p) = pollster::block_on(model.profile_decode(&s, &sp)).unwrap() {
@@ -296,13 +307,12 @@ fn main() {
                     }
                 }
             }
-            println!(
-                "| {name} | {dt} | tg{n} @ {ctx} (queued) | {:.1} | {:.3} | {:.0}{} | cache {:.1} MiB |",
-                1.0 / queued,
-                queued * 1e3,
-                wb as f64 / queued / 1e9,
-                pct(wb as f64 / queued / 1e9),
-                s.cache_bytes() as f64 / 1048576.0
+            tg_row(
+                n,
+                ctx,
+                "queued",
+                queued,
+                format!("cache {:.1} MiB", s.cache_bytes() as f64 / 1048576.0),
             );
         }
         if let Some(r) = model.gpu.device.generate_allocator_report() {
