@@ -1876,8 +1876,8 @@ impl Model {
     }
 
     /// Undoes the last submitted decode step, which must have been prepared with a backup
-    /// (`prepare_decode_with`) and be the last thing submitted for `seq`: waits for it, restores
-    /// the recurrent state it overwrote, moves the position back and, where it sampled, puts
+    /// (`prepare_decode_with`) and be the last thing submitted for `seq`: restores the recurrent
+    /// state it overwrote (copies queued after it), moves the position back and, where it sampled, puts
     /// back the token slot (`before`: words 0..3 of the slot as they were before the step: the
     /// token it fed, the count of tokens sampled, that token's earlier repetition-penalty flag)
     /// and the flag of the token it chose. The KV entry it wrote is simply written again by the
@@ -1890,7 +1890,6 @@ impl Model {
                     .into(),
             ));
         };
-        let after = self.gpu.read_u32(&seq.tok_state, 0, 3).await?;
         let bak = seq
             .backup
             .as_ref()
@@ -1902,6 +1901,8 @@ impl Model {
         }
         self.gpu.queue.submit([enc.finish()]);
         if sampled {
+            // The slot as the step left it: its chosen token and that token's earlier flag.
+            let after = self.gpu.read_u32(&seq.tok_state, 0, 3).await?;
             self.gpu.write(&seq.tok_state, 0, &before);
             if after[2] == 0 {
                 self.gpu.write(&seq.seen, after[0] as u64 * 4, &[0u32]);
