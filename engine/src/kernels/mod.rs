@@ -794,6 +794,16 @@ pub struct SampleParams {
 /// without a split it would occupy a few workgroups).
 pub const X_PROJ_SLICES: usize = 8;
 
+/// Longest K the K-across-the-workgroup GEMV takes: 256 threads x 8 columns.
+pub const WIDE_MAX_K: usize = 256 * 8;
+
+/// Groups of 4 rows per `gemv_wide` workgroup: an even number (it takes two per iteration),
+/// at most 8 (its workgroup-memory slots), and enough workgroups (~264, two per SM on a 132-SM
+/// GPU) for large outputs.
+fn wide_passes(m: usize) -> u32 {
+    (((m / (4 * 264)).clamp(2, 8) + 1) & !1) as u32
+}
+
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
@@ -860,6 +870,9 @@ pub struct Kernels {
     /// empty on CPU adapters, which use `gemv_row` (not compiled there: a browser on a software
     /// adapter compiles every pipeline slowly).
     gemv: Vec<Vec<[LazyKernel; 2]>>,
+    /// The K-across-the-workgroup GEMV (`gemv_wide`) [dtype][prologue; none for merge], for K
+    /// up to [`WIDE_MAX_K`] and 16-bit or quantized weights; empty on CPU adapters.
+    gemv_wide: Vec<Vec<Option<LazyKernel>>>,
     /// Floats of X staged in workgroup memory by the small / large GEMV variants.
     xsh: [usize; 2],
     /// Barrier-free one-row-per-thread GEMVs [dtype f32, f16, q8, q4][prologue], used on CPU adapters.
@@ -982,11 +995,13 @@ impl Kernels {
             Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?))
         };
         let mut gemv = Vec::new();
+        let mut gemv_wide = Vec::new();
         for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
             if rowwise {
                 break;
             }
             let mut per_pro = Vec::new();
+            let mut per_pro_wide = Vec::new();
             for (pro, binds) in [
                 ("", &[U, R, R, R, RW][..]),
                 ("PRO_NORM", &[U, R, R, R, RW, R][..]),
@@ -1006,8 +1021,18 @@ impl Kernels {
                     LazyKernel::new("gemv", d, binds)
                 };
                 per_pro.push([mk(xsh[0]), mk(xsh[1])]);
+                let mut d = vec![dt.to_string(), "WIDE".into()];
+                if !pro.is_empty() {
+                    d.push(pro.to_string());
+                }
+                if sg32 {
+                    d.push("SUBGROUP32".into());
+                }
+                per_pro_wide
+                    .push((pro != "PRO_MERGE").then(|| LazyKernel::new("gemv_wide", d, binds)));
             }
             gemv.push(per_pro);
+            gemv_wide.push(per_pro_wide);
         }
         // CPU adapters (lavapipe, SwiftShader) run workgroup barriers as context switches:
         // give them the barrier-free GEMV.
@@ -1103,6 +1128,7 @@ impl Kernels {
                 .map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW]))
                 .collect::<Result<_>>()?,
             gemv,
+            gemv_wide,
             xsh,
             // CPU adapters get the 64-thread split (fewer invocations per barrier).
             attention_split: k(
@@ -1251,17 +1277,9 @@ impl Kernels {
             // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
             // would leave most of the GPU idle.
             if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
-                let k = self.gemv_kernel(rec.gpu(), w, 0)?;
-                rec.dispatch(
-                    &k,
-                    &p,
-                    &[x, &part.buf, b, y],
-                    [
-                        part.rows.div_ceil(8 * p.passes as usize) as u32,
-                        rows as u32,
-                        1,
-                    ],
-                )?;
+                let (k, passes, gx) = self.gemv_choice(rec.gpu(), w, 0, part.rows)?;
+                let p = MatmulParams { passes, ..p };
+                rec.dispatch(&k, &p, &[x, &part.buf, b, y], [gx, rows as u32, 1])?;
             } else {
                 let k = match self.coop_kernel(w, rows) {
                     Some(k) => k,
@@ -1287,18 +1305,24 @@ impl Kernels {
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
     }
 
-    /// Whether these are the kernels of a CPU adapter (barrier-free GEMVs, 64-thread decode
-    /// attention); the model then also keeps the decode conv in its own dispatch.
     /// How many of the workgroup GEMV variants (compiled on first use) have been compiled.
     pub fn gemv_variants_compiled(&self) -> usize {
-        self.gemv
-            .iter()
-            .flatten()
-            .flatten()
-            .filter(|k| k.compiled())
-            .count()
+        let (staged, wide) = self.gemv_variants_compiled_by_entry();
+        staged + wide
     }
 
+    /// [`Kernels::gemv_variants_compiled`] per entry point: (`gemv`, `gemv_wide`).
+    pub fn gemv_variants_compiled_by_entry(&self) -> (usize, usize) {
+        let staged = self.gemv.iter().flatten().flatten();
+        let wide = self.gemv_wide.iter().flatten().flatten();
+        (
+            staged.filter(|k| k.compiled()).count(),
+            wide.filter(|k| k.compiled()).count(),
+        )
+    }
+
+    /// Whether these are the kernels of a CPU adapter (barrier-free GEMVs, 64-thread decode
+    /// attention); the model then also keeps the decode conv in its own dispatch.
     pub fn cpu_adapter(&self) -> bool {
         self.gemv_row.is_some()
     }
@@ -1314,6 +1338,35 @@ impl Kernels {
         }
         let big = (Matrix::padded_cols(w.cols) > self.xsh[0]) as usize;
         self.gemv[dtype_index(w.dtype)][pro][big].get(gpu)
+    }
+
+    /// The decode GEMV for `w` with prologue `pro`, its parameters' `passes` and its grid's x
+    /// for `part_rows` rows: `gemv_wide` where K allows, else `gemv` (or `gemv_row`).
+    fn gemv_choice(
+        &self,
+        gpu: &Gpu,
+        w: &Matrix,
+        pro: usize,
+        part_rows: usize,
+    ) -> Result<(Arc<Kernel>, u32, u32)> {
+        // gemv_wide: K within one chunk per thread, 16-bit or quantized weights (f32 measured
+        // faster on gemv), no merge prologue (it has two branches to reduce).
+        let wide = self
+            .gemv_wide
+            .get(dtype_index(w.dtype))
+            .and_then(|v| v[pro].as_ref())
+            .filter(|_| w.cols <= WIDE_MAX_K && w.dtype != WeightDtype::F32);
+        if let Some(k) = wide {
+            let passes = wide_passes(part_rows);
+            let gx = part_rows.div_ceil(4 * passes as usize) as u32;
+            return Ok((k.get(gpu)?, passes, gx));
+        }
+        let passes = gemv_passes(part_rows);
+        Ok((
+            self.gemv_kernel(gpu, w, pro)?,
+            passes,
+            part_rows.div_ceil(8 * passes as usize) as u32,
+        ))
     }
 
     /// Decode GEMV (rows ≤ a few) with an elementwise prologue fused into the input side.
@@ -1336,41 +1389,31 @@ impl Kernels {
         for part in &w.parts {
             let mut p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate)
                 .for_part(part);
-            let groups = [
-                part.rows.div_ceil(8 * p.passes as usize) as u32,
-                rows as u32,
-                1,
-            ];
-            match pro {
+            let (idx, eps) = match pro {
                 Prologue::None => {
                     return self.matmul(
                         rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
                     )
                 }
-                Prologue::Norm(nw, eps) => {
-                    p.eps = eps;
-                    rec.dispatch(
-                        &self.gemv_kernel(rec.gpu(), w, 1)?,
-                        &p,
-                        &[x, &part.buf, &self.dummy, y, nw],
-                        groups,
-                    )?
+                Prologue::Norm(_, eps) => (1, eps),
+                Prologue::Merge { eps, .. } => (2, eps),
+                Prologue::Swiglu => (3, 0.0),
+            };
+            let (kern, passes, gx) = self.gemv_choice(rec.gpu(), w, idx, part.rows)?;
+            p.eps = eps;
+            p.passes = passes;
+            let groups = [gx, rows as u32, 1];
+            match pro {
+                Prologue::None => unreachable!(),
+                Prologue::Norm(nw, _) => {
+                    rec.dispatch(&kern, &p, &[x, &part.buf, &self.dummy, y, nw], groups)?
                 }
-                Prologue::Merge { w: mw, x2, eps } => {
-                    p.eps = eps;
-                    rec.dispatch(
-                        &self.gemv_kernel(rec.gpu(), w, 2)?,
-                        &p,
-                        &[x, &part.buf, &self.dummy, y, mw, x2],
-                        groups,
-                    )?
+                Prologue::Merge { w: mw, x2, .. } => {
+                    rec.dispatch(&kern, &p, &[x, &part.buf, &self.dummy, y, mw, x2], groups)?
                 }
-                Prologue::Swiglu => rec.dispatch(
-                    &self.gemv_kernel(rec.gpu(), w, 3)?,
-                    &p,
-                    &[x, &part.buf, &self.dummy, y],
-                    groups,
-                )?,
+                Prologue::Swiglu => {
+                    rec.dispatch(&kern, &p, &[x, &part.buf, &self.dummy, y], groups)?
+                }
             }
         }
         Ok(())

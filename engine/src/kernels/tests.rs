@@ -1067,6 +1067,11 @@ fn gemv_with_fused_prologues() {
         // merge and SwiGLU prologues over K of thousands (unrolled staging), two X rows
         gemv_pro_case(dtype, 1, 1, 37, 5000, 105 + i as u64);
         gemv_pro_case(dtype, 2, 2, 23, 4200, 107 + i as u64);
+        // gemv_wide's limits (16-bit and quantized weights): K of exactly 2048 (every thread
+        // has a chunk), three X rows, and just past it (gemv again)
+        gemv_pro_case(dtype, 0, 3, 1234, 2048, 109 + i as u64);
+        gemv_pro_case(dtype, 2, 2, 130, 2048, 111 + i as u64);
+        gemv_pro_case(dtype, 0, 1, 70, 2056, 113 + i as u64);
     }
 }
 
@@ -1960,36 +1965,48 @@ fn sampler_greedy_argmax_large_vocab_with_ties() {
 #[test]
 fn workgroup_gemvs_compile_on_first_use() {
     // GPUs compile only the GEMV variants a model uses (one weight dtype): none at start-up,
-    // one per (dtype, prologue, staging size) when first recorded, reused after.
+    // one per (dtype, prologue, K class) when first recorded, reused after. K up to 2048 with
+    // 16-bit weights takes `gemv_wide`; f32 weights and longer K take `gemv`.
     let (gpu, _) = env();
     let ks = Kernels::new_with(gpu, false).unwrap();
     assert_eq!(ks.gemv_variants_compiled(), 0);
     let mut r = Rng::new(75);
-    let (m, k) = (40, 64);
-    let w = Matrix::upload(gpu, "w", &r.vec(m * k, 0.5), m, k, WeightDtype::F16).unwrap();
-    let x = gpu.upload("x", &r.vec(k, 1.0)).unwrap();
-    let nw = gpu.upload("n", &r.vec(k, 1.0)).unwrap();
-    let y = gpu.upload("y", &vec![NAN; m]).unwrap();
-    for round in 0..2 {
-        run(gpu, |rec| {
-            ks.gemv_pro(
-                rec,
-                &x,
-                0,
-                k,
-                &w,
-                Prologue::Norm(&nw, 1e-6),
-                &y,
-                0,
-                m,
-                1,
-                false,
-            )
-            .unwrap()
-        });
-        assert_eq!(ks.gemv_variants_compiled(), 1, "round {round}");
+    let m = 40;
+    for (dtype, k, want) in [
+        (WeightDtype::F16, 64, (0, 1)),
+        (WeightDtype::F16, 2048, (0, 1)),
+        (WeightDtype::F32, 64, (1, 1)),
+        (WeightDtype::F16, 2056, (2, 1)),
+    ] {
+        let w = Matrix::upload(gpu, "w", &r.vec(m * k, 0.5), m, k, dtype).unwrap();
+        let x = gpu.upload("x", &r.vec(k, 1.0)).unwrap();
+        let nw = gpu.upload("n", &r.vec(k, 1.0)).unwrap();
+        let y = gpu.upload("y", &vec![NAN; m]).unwrap();
+        for round in 0..2 {
+            run(gpu, |rec| {
+                ks.gemv_pro(
+                    rec,
+                    &x,
+                    0,
+                    k,
+                    &w,
+                    Prologue::Norm(&nw, 1e-6),
+                    &y,
+                    0,
+                    m,
+                    1,
+                    false,
+                )
+                .unwrap()
+            });
+            assert_eq!(
+                ks.gemv_variants_compiled_by_entry(),
+                want,
+                "{dtype:?} k {k} round {round}"
+            );
+        }
+        assert!(read(gpu, &y, m).iter().all(|v| v.is_finite()));
     }
-    assert!(read(gpu, &y, m).iter().all(|v| v.is_finite()));
 }
 
 #[test]
