@@ -114,8 +114,9 @@ struct Workspace {
     xp: wgpu::Buffer,
     dt: wgpu::Buffer,
     y: wgpu::Buffer,
+    /// The merge's output: the same buffer as `xc`.
     m: wgpu::Buffer,
-    /// [rows, 2 * intermediate]: gate then up.
+    /// [rows, 2 * intermediate]: gate then up. The same buffer as `p`.
     gu: wgpu::Buffer,
     /// One row of logits [vocab]: what decoding and a prompt's last position need.
     logits: wgpu::Buffer,
@@ -818,12 +819,21 @@ impl Model {
             .map(|i| cfg.in_proj_rows(i))
             .max()
             .unwrap();
+        // Buffers whose contents are never live at once share memory: the in_proj output is
+        // dead once the layer's branches have run, before the MLP writes gate|up; the conv
+        // output is dead once the scan has run, before the merge writes its output. (No
+        // dispatch binds both of a pair.)
+        let p = g.buffer(
+            "in_proj out | mlp gate|up",
+            (c * pw.max(2 * cfg.intermediate) * 4) as u64,
+        )?;
+        let xc = g.buffer("conv out | merged", (c * cfg.d_inner * 4) as u64)?;
         let ws = Workspace {
             h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
             u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
-            p: g.buffer("in_proj out", (c * pw * 4) as u64)?,
+            p: p.clone(),
             att: g.buffer("attention out", (c * cfg.d_inner * 4) as u64)?,
-            xc: g.buffer("conv out", (c * cfg.d_inner * 4) as u64)?,
+            xc: xc.clone(),
             // A prompt chunk's rows, or a decode step's partial rows (x_proj split over K).
             xp: g.buffer(
                 "x_proj out",
@@ -831,8 +841,8 @@ impl Model {
             )?,
             dt: g.buffer("dt", (c * cfg.d_inner * 4) as u64)?,
             y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
-            m: g.buffer("merged", (c * cfg.d_inner * 4) as u64)?,
-            gu: g.buffer("mlp gate|up", (c * 2 * cfg.intermediate * 4) as u64)?,
+            m: xc,
+            gu: p,
             logits: g.buffer("logits", (cfg.vocab_size * 4) as u64)?,
             logits_all: std::sync::OnceLock::new(),
             part: g.buffer(
