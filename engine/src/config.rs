@@ -291,6 +291,11 @@ impl HymbaConfig {
                 "q/k head dim {d_qk} must be even for rotary embeddings"
             )));
         }
+        if !d_qk.is_multiple_of(4) || !d_v.is_multiple_of(4) {
+            return Err(unsup(format!(
+                "head dims q/k {d_qk}, v {d_v}: the attention kernels load heads four elements at a time (and the f16 KV cache packs them in pairs), so both must be multiples of 4"
+            )));
+        }
         if d_qk > 256 || d_v > 128 {
             return Err(unsup(format!(
                 "head dims q/k {d_qk}, v {d_v}: the attention kernels support q/k up to 256 and v up to 128"
@@ -636,6 +641,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("layer 0"));
+        // Even (RoPE is fine) but not a multiple of 4: the attention kernels' vec4 loads.
+        let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
+        v["kq_head_dim"] = 62.into();
+        let e = HymbaConfig::from_json_str(&v.to_string(), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("q/k 62") && e.contains("multiples of 4"), "{e}");
         assert!(HymbaConfig::from_json_str("{", "cfg.json")
             .unwrap_err()
             .to_string()
