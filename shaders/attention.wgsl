@@ -4,6 +4,8 @@
 // (window = 0xffffffff for global layers). Prefill uses window = W, a reference decode step W - 1.
 // Online softmax over blocks of 64 keys (flash style): no [T, T] score matrix exists.
 // KV consumers pass their producer's cache.
+// Define KV_F16: the cache holds f16, two per u32 word (see the bindings); keys and values are
+// widened to f32 as they are loaded, and all arithmetic stays f32.
 // Single-token decode steps use attention_decode.wgsl (split over the keys).
 
 struct Params {
@@ -30,10 +32,22 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // pbuf: [rows, q_stride] f32 in_proj output, RoPE already applied to q.
 @group(0) @binding(1) var<storage, read> pbuf: array<f32>;
+#ifdef KV_F16
+// kc: [n_kv_heads, cap, d_qk / 4] vec2<u32> keys (d_qk % 4 == 0): [n_kv_heads, cap, d_qk / 2] u32,
+// two f16 per word (element 2i in the low half).
+@group(0) @binding(2) var<storage, read> kc: array<vec2<u32>>;
+// vc: [n_kv_heads, cap, d_v / 4] vec2<u32> values (d_v % 4 == 0), two f16 per word.
+@group(0) @binding(3) var<storage, read> vc: array<vec2<u32>>;
+fn kld(i: u32) -> vec4<f32> { let w = kc[i]; return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }
+fn vld(i: u32) -> vec4<f32> { let w = vc[i]; return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }
+#else
 // kc: [n_kv_heads, cap, d_qk / 4] vec4<f32> keys (d_qk % 4 == 0).
 @group(0) @binding(2) var<storage, read> kc: array<vec4<f32>>;
 // vc: [n_kv_heads, cap, d_v / 4] vec4<f32> values (d_v % 4 == 0).
 @group(0) @binding(3) var<storage, read> vc: array<vec4<f32>>;
+fn kld(i: u32) -> vec4<f32> { return kc[i]; }
+fn vld(i: u32) -> vec4<f32> { return vc[i]; }
+#endif
 // out: [rows, out_stride] f32, heads concatenated (head h at h * d_v).
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
@@ -131,14 +145,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 var db = vec4<f32>(0.0);
                 var f = 0u;
                 for (; f + 7u < dq4; f += 8u) {
-                    let k0 = kc[b + f];
-                    let k1 = kc[b + f + 1u];
-                    let k2 = kc[b + f + 2u];
-                    let k3 = kc[b + f + 3u];
-                    let k4 = kc[b + f + 4u];
-                    let k5 = kc[b + f + 5u];
-                    let k6 = kc[b + f + 6u];
-                    let k7 = kc[b + f + 7u];
+                    let k0 = kld(b + f);
+                    let k1 = kld(b + f + 1u);
+                    let k2 = kld(b + f + 2u);
+                    let k3 = kld(b + f + 3u);
+                    let k4 = kld(b + f + 4u);
+                    let k5 = kld(b + f + 5u);
+                    let k6 = kld(b + f + 6u);
+                    let k7 = kld(b + f + 7u);
                     let oa = qa * dq4 + f;
                     let ob = qb2 * dq4 + f;
                     da += ((qs[oa] * k0 + qs[oa + 1u] * k1) + (qs[oa + 2u] * k2 + qs[oa + 3u] * k3))
@@ -147,7 +161,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                         + ((qs[ob + 4u] * k4 + qs[ob + 5u] * k5) + (qs[ob + 6u] * k6 + qs[ob + 7u] * k7));
                 }
                 for (; f < dq4; f++) {
-                    let kv = kc[b + f];
+                    let kv = kld(b + f);
                     da += qs[qa * dq4 + f] * kv;
                     db += qs[qb2 * dq4 + f] * kv;
                 }
@@ -183,25 +197,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             // Eight value rows in flight per round.
             for (; jj + 7u < nk; jj += 8u) {
                 let o = qr * KB + jj;
-                let v0 = vc[(vb + sl[jj]) * dv4 + ln];
-                let v1 = vc[(vb + sl[jj + 1u]) * dv4 + ln];
-                let v2 = vc[(vb + sl[jj + 2u]) * dv4 + ln];
-                let v3 = vc[(vb + sl[jj + 3u]) * dv4 + ln];
-                let v4 = vc[(vb + sl[jj + 4u]) * dv4 + ln];
-                let v5 = vc[(vb + sl[jj + 5u]) * dv4 + ln];
-                let v6 = vc[(vb + sl[jj + 6u]) * dv4 + ln];
-                let v7 = vc[(vb + sl[jj + 7u]) * dv4 + ln];
+                let v0 = vld((vb + sl[jj]) * dv4 + ln);
+                let v1 = vld((vb + sl[jj + 1u]) * dv4 + ln);
+                let v2 = vld((vb + sl[jj + 2u]) * dv4 + ln);
+                let v3 = vld((vb + sl[jj + 3u]) * dv4 + ln);
+                let v4 = vld((vb + sl[jj + 4u]) * dv4 + ln);
+                let v5 = vld((vb + sl[jj + 5u]) * dv4 + ln);
+                let v6 = vld((vb + sl[jj + 6u]) * dv4 + ln);
+                let v7 = vld((vb + sl[jj + 7u]) * dv4 + ln);
                 a0 += ((ps[o] * v0 + ps[o + 1u] * v1) + (ps[o + 2u] * v2 + ps[o + 3u] * v3))
                     + ((ps[o + 4u] * v4 + ps[o + 5u] * v5) + (ps[o + 6u] * v6 + ps[o + 7u] * v7));
             }
             for (; jj + 3u < nk; jj += 4u) {
-                let v0 = vc[(vb + sl[jj]) * dv4 + ln];
-                let v1 = vc[(vb + sl[jj + 1u]) * dv4 + ln];
-                let v2 = vc[(vb + sl[jj + 2u]) * dv4 + ln];
-                let v3 = vc[(vb + sl[jj + 3u]) * dv4 + ln];
+                let v0 = vld((vb + sl[jj]) * dv4 + ln);
+                let v1 = vld((vb + sl[jj + 1u]) * dv4 + ln);
+                let v2 = vld((vb + sl[jj + 2u]) * dv4 + ln);
+                let v3 = vld((vb + sl[jj + 3u]) * dv4 + ln);
                 a0 += (ps[qr * KB + jj] * v0 + ps[qr * KB + jj + 1u] * v1) + (ps[qr * KB + jj + 2u] * v2 + ps[qr * KB + jj + 3u] * v3);
             }
-            for (; jj < nk; jj++) { a0 += ps[qr * KB + jj] * vc[(vb + sl[jj]) * dv4 + ln]; }
+            for (; jj < nk; jj++) { a0 += ps[qr * KB + jj] * vld((vb + sl[jj]) * dv4 + ln); }
         }
         acc0 = a0;
     }

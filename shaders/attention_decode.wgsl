@@ -10,6 +10,10 @@
 // part[h, s] = (block max m, sum l of exp(score - m), sum of exp(score - m) * v).
 // Grid: (n_heads, n_splits, 1); splits past the last visible key write nothing.
 // Define CPU_SPLIT: the split entry for CPU adapters (64 threads, one key per thread).
+// Define KV_F16 (with any split entry): the cache holds f16, two per u32 word; keys and values
+// are widened to f32 as they are loaded (f32 accumulation), the store rounds to nearest, and
+// this step's own key and value are rounded the same way before use, so the step sees them as
+// the cache will hold them.
 // Define COMBINE: merges the partials of each head into the attention output.
 // Grid: (n_heads, 1, 1).
 
@@ -43,10 +47,34 @@ struct Params {
 @group(0) @binding(2) var<storage, read> pbuf: array<f32>;
 // cs: [positions, d_qk / 2, 2] f32 RoPE (cos, sin).
 @group(0) @binding(3) var<storage, read> cs: array<f32>;
+#ifdef KV_F16
+// kc: [n_kv_heads, cap, d_qk / 4] vec2<u32> keys (post-RoPE); d_qk % 4 == 0. In memory
+// [n_kv_heads, cap, d_qk / 2] u32, two f16 per word (element 2i in the low half).
+@group(0) @binding(4) var<storage, read_write> kc: array<vec2<u32>>;
+// vc: [n_kv_heads, cap, d_v / 4] vec2<u32> values ([n_kv_heads, cap, d_v / 2] u32, two f16 per
+// word); d_v % 4 == 0.
+@group(0) @binding(5) var<storage, read_write> vc: array<vec2<u32>>;
+fn f16x4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }
+fn kld(i: u32) -> vec4<f32> { return f16x4(kc[i]); }
+fn vld(i: u32) -> vec4<f32> { return f16x4(vc[i]); }
+fn kst(i: u32, v: vec4<f32>) { kc[i] = vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }
+fn vst(i: u32, v: vec4<f32>) { vc[i] = vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }
+// This step's key and value as the cache holds them (rounded to f16), so that a step reads its
+// own key and value exactly as later steps and the prompt attention will.
+fn kvr(x: f32) -> f32 { return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x; }
+fn kvr4(v: vec4<f32>) -> vec4<f32> { return f16x4(vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw))); }
+#else
 // kc: [n_kv_heads, cap, d_qk / 4] vec4<f32> keys (post-RoPE); d_qk % 4 == 0.
 @group(0) @binding(4) var<storage, read_write> kc: array<vec4<f32>>;
 // vc: [n_kv_heads, cap, d_v / 4] vec4<f32> values; d_v % 4 == 0.
 @group(0) @binding(5) var<storage, read_write> vc: array<vec4<f32>>;
+fn kld(i: u32) -> vec4<f32> { return kc[i]; }
+fn vld(i: u32) -> vec4<f32> { return vc[i]; }
+fn kst(i: u32, v: vec4<f32>) { kc[i] = v; }
+fn vst(i: u32, v: vec4<f32>) { vc[i] = v; }
+fn kvr(x: f32) -> f32 { return x; }
+fn kvr4(v: vec4<f32>) -> vec4<f32> { return v; }
+#endif
 #endif
 
 const WG: u32 = 64u;  // threads of the combine and CPU_SPLIT entries
@@ -143,19 +171,19 @@ fn rope_and_store_kv(h: u32, split: u32, li: u32, threads: u32) {
         if (p.self_kv != 0u) {
             let ka = pbuf[p.k_col + kvh * p.d_qk + e];
             let kb2 = pbuf[p.k_col + kvh * p.d_qk + e + half];
-            ks[e] = ka * c - kb2 * sn;
-            ks[e + half] = kb2 * c + ka * sn;
+            ks[e] = kvr(ka * c - kb2 * sn);
+            ks[e + half] = kvr(kb2 * c + ka * sn);
         }
     }
     workgroupBarrier();
     // The first query head of a KV group stores this step's key and value (once, split 0).
     if (p.self_kv != 0u && split == 0u && h % (p.n_heads / p.n_kv_heads) == 0u) {
         for (var e4 = li; e4 < dq4; e4 += threads) {
-            kc[(kvh * p.cap + self_slot) * dq4 + e4] = vec4<f32>(ks[4u * e4], ks[4u * e4 + 1u], ks[4u * e4 + 2u], ks[4u * e4 + 3u]);
+            kst((kvh * p.cap + self_slot) * dq4 + e4, vec4<f32>(ks[4u * e4], ks[4u * e4 + 1u], ks[4u * e4 + 2u], ks[4u * e4 + 3u]));
         }
         for (var e4 = li; e4 < dv4; e4 += threads) {
             let vb = p.v_col + kvh * p.d_v + 4u * e4;
-            vc[(kvh * p.cap + self_slot) * dv4 + e4] = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+            vst((kvh * p.cap + self_slot) * dv4 + e4, vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]));
         }
     }
 }
@@ -169,12 +197,12 @@ fn key_pos(vis: vec3<u32>, j: u32) -> u32 {
 const SWG: u32 = 256u;  // threads of the GPU split entries
 
 fn kload(b: u32, e4: u32, dq4: u32) -> vec4<f32> {
-    return select(vec4<f32>(0.0), kc[b + min(e4, dq4 - 1u)], e4 < dq4);
+    return select(vec4<f32>(0.0), kld(b + min(e4, dq4 - 1u)), e4 < dq4);
 }
 
 // Value vec4 e4 of block key j (clamped to the block's last key; callers mask past nk).
 fn vload(vis: vec3<u32>, kb: u32, nk: u32, j: u32, vrow: u32, e4: u32) -> vec4<f32> {
-    return vc[(vrow + slot(key_pos(vis, kb + min(j, nk - 1u)))) * (p.d_v / 4u) + e4];
+    return vld((vrow + slot(key_pos(vis, kb + min(j, nk - 1u)))) * (p.d_v / 4u) + e4);
 }
 
 // What a GPU split entry loads of its block of KB keys (KV head kvh), all before any barrier.
@@ -221,7 +249,7 @@ fn load_block(li: u32, kvh: u32, vis: vec3<u32>, kb: u32) -> BlockLoads {
     b.e4 = min(li % max(dv4, 1u), dv4 - 1u);
     b.vrow = kvh * p.cap;
     let vb = p.v_col + kvh * p.d_v + 4u * b.e4;
-    b.vself = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+    b.vself = kvr4(vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]));
     let gs = b.groups;
     b.v0 = vload(vis, kb, nk, b.g, b.vrow, b.e4);
     b.v1 = vload(vis, kb, nk, b.g + gs, b.vrow, b.e4);
@@ -269,15 +297,15 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let b = (kvh * p.cap + sidx) * dq4;
             var e4 = 0u;
             for (; e4 + 1u < dq4; e4 += 2u) {
-                let k0 = kc[b + e4];
-                let k1 = kc[b + e4 + 1u];
+                let k0 = kld(b + e4);
+                let k1 = kld(b + e4 + 1u);
                 let e = 4u * e4;
                 d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * k0;
                 d += vec4<f32>(qs[e + 4u], qs[e + 5u], qs[e + 6u], qs[e + 7u]) * k1;
             }
             if (e4 < dq4) {
                 let e = 4u * e4;
-                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[b + e4];
+                d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kld(b + e4);
             }
         }
         s = ((d.x + d.y) + (d.z + d.w)) * p.scale;
@@ -319,9 +347,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             var v: vec4<f32>;
             if (sl[jj] == 0xffffffffu) {
                 let vb = p.v_col + kvh * p.d_v + 4u * e4;
-                v = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+                v = kvr4(vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]));
             } else {
-                v = vc[(kvh * p.cap + sl[jj]) * dv4 + e4];
+                v = vld((kvh * p.cap + sl[jj]) * dv4 + e4);
             }
             acc += pr[jj] * v;
         }
@@ -399,19 +427,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let sn = cs[(q * half + e) * 2u + 1u];
             let ka = pbuf[p.k_col + kvh * p.d_qk + e];
             let kb2 = pbuf[p.k_col + kvh * p.d_qk + e + half];
-            ks[e] = ka * c - kb2 * sn;
-            ks[e + half] = kb2 * c + ka * sn;
+            ks[e] = kvr(ka * c - kb2 * sn);
+            ks[e + half] = kvr(kb2 * c + ka * sn);
         }
     }
     workgroupBarrier();
     if (p.self_kv != 0u && split == 0u) {
         let self_slot = slot(q);
         for (var f = li; f < dq4; f += SWG) {
-            kc[(kvh * p.cap + self_slot) * dq4 + f] = vec4<f32>(ks[4u * f], ks[4u * f + 1u], ks[4u * f + 2u], ks[4u * f + 3u]);
+            kst((kvh * p.cap + self_slot) * dq4 + f, vec4<f32>(ks[4u * f], ks[4u * f + 1u], ks[4u * f + 2u], ks[4u * f + 3u]));
         }
         for (var f = li; f < dv4; f += SWG) {
             let vb = p.v_col + kvh * p.d_v + 4u * f;
-            vc[(kvh * p.cap + self_slot) * dv4 + f] = vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]);
+            vst((kvh * p.cap + self_slot) * dv4 + f, vec4<f32>(pbuf[vb], pbuf[vb + 1u], pbuf[vb + 2u], pbuf[vb + 3u]));
         }
     }
     // Scores of key jl for every head of the group.
@@ -428,7 +456,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             }
         } else {
             d = (bl.k0 * gq4(qo) + bl.k1 * gq4(qo + 16u)) + (bl.k2 * gq4(qo + 32u) + bl.k3 * gq4(qo + 48u));
-            for (var f = bl.qd + 16u; f < dq4; f += 4u) { d += gq4(hh * p.d_qk + 4u * f) * kc[bl.kbase + f]; }
+            for (var f = bl.qd + 16u; f < dq4; f += 4u) { d += gq4(hh * p.d_qk + 4u * f) * kld(bl.kbase + f); }
         }
         let pd = (d.x + d.y) + (d.z + d.w);
 #ifdef SUBGROUP32
@@ -496,7 +524,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 acc += (gpv_term(hh, bl.g + 4u * bl.groups, bl.v4, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 5u * bl.groups, bl.v5, bl.vself, kb, bl.nk, bl.self_j))
                     + (gpv_term(hh, bl.g + 6u * bl.groups, bl.v6, bl.vself, kb, bl.nk, bl.self_j) + gpv_term(hh, bl.g + 7u * bl.groups, bl.v7, bl.vself, kb, bl.nk, bl.self_j));
                 for (var jj = bl.g + 8u * bl.groups; jj < bl.nk; jj += bl.groups) {
-                    var v = vc[(bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4];
+                    var v = vld((bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4);
                     if (kb + jj == bl.self_j) { v = bl.vself; }
                     acc += gpr[hh * KB + jj] * v;
                 }
@@ -568,7 +596,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             + bl.k3 * vec4<f32>(qs[4u * bl.qd + 48u], qs[4u * bl.qd + 49u], qs[4u * bl.qd + 50u], qs[4u * bl.qd + 51u]));
         for (var f = bl.qd + 16u; f < dq4; f += 4u) {
             let e = 4u * f;
-            d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kc[bl.kbase + f];
+            d += vec4<f32>(qs[e], qs[e + 1u], qs[e + 2u], qs[e + 3u]) * kld(bl.kbase + f);
         }
     }
     let part_dot = (d.x + d.y) + (d.z + d.w);
@@ -621,7 +649,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         acc += (pv_term(bl.g + 4u * bl.groups, bl.v4, bl.vself, kb, bl.nk, bl.self_j) + pv_term(bl.g + 5u * bl.groups, bl.v5, bl.vself, kb, bl.nk, bl.self_j))
             + (pv_term(bl.g + 6u * bl.groups, bl.v6, bl.vself, kb, bl.nk, bl.self_j) + pv_term(bl.g + 7u * bl.groups, bl.v7, bl.vself, kb, bl.nk, bl.self_j));
         for (var jj = bl.g + 8u * bl.groups; jj < bl.nk; jj += bl.groups) {
-            var v = vc[(bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4];
+            var v = vld((bl.vrow + slot(key_pos(vis, kb + jj))) * dv4 + bl.e4);
             if (kb + jj == bl.self_j) { v = bl.vself; }
             acc += pr[jj] * v;
         }

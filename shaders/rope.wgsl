@@ -8,6 +8,10 @@
 // Define STORE_KV, entry `main`: rotates the new keys and writes keys and values into the
 //   layer's KV cache at their slots (ring buffer for sliding-window layers).
 //   Grid: (ceil(max(half, d_v) / 64), rows, n_kv_heads).
+//   With KV_F16 as well (f16 KV cache, two f16 per u32 word, element 2i in the low half, rounded
+//   to nearest by pack2x16float): each thread writes whole words, one pair of keys in each half
+//   and one pair of values (d_qk % 4 == 0, d_v even).
+//   Grid: (ceil(max(d_qk / 4, d_v / 2) / 64), rows, n_kv_heads).
 
 struct Params {
     rows: u32,
@@ -30,10 +34,17 @@ struct Params {
 #ifdef STORE_KV
 // pbuf: [rows, p_stride] f32 in_proj output (k at q_col, v at v_col).
 @group(0) @binding(2) var<storage, read> pbuf: array<f32>;
+#ifdef KV_F16
+// kc: [n_kv_heads, cap, d_qk / 2] u32 key cache (post-RoPE), two f16 per word.
+@group(0) @binding(3) var<storage, read_write> kc: array<u32>;
+// vc: [n_kv_heads, cap, d_v / 2] u32 value cache, two f16 per word.
+@group(0) @binding(4) var<storage, read_write> vc: array<u32>;
+#else
 // kc: [n_kv_heads, cap, d_qk] f32 key cache (post-RoPE).
 @group(0) @binding(3) var<storage, read_write> kc: array<f32>;
 // vc: [n_kv_heads, cap, d_v] f32 value cache.
 @group(0) @binding(4) var<storage, read_write> vc: array<f32>;
+#endif
 
 fn slot(pos: u32) -> u32 {
     if (pos < p.n_meta) { return pos; }
@@ -50,6 +61,24 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let pos = p.pos0 + t;
     let s = slot(pos);
     let row = p.p_off + t * p.p_stride;
+#ifdef KV_F16
+    // Thread e: keys 2e, 2e + 1 of the first half and their partners in the second.
+    if (e < half / 2u) {
+        let kb = row + p.q_col + h * p.d_qk + 2u * e;
+        let a = vec2<f32>(pbuf[kb], pbuf[kb + 1u]);
+        let b = vec2<f32>(pbuf[kb + half], pbuf[kb + half + 1u]);
+        let ci = (pos * half + 2u * e) * 2u;
+        let c = vec2<f32>(cs[ci], cs[ci + 2u]);
+        let sn = vec2<f32>(cs[ci + 1u], cs[ci + 3u]);
+        let ob = (h * p.cap + s) * (p.d_qk / 2u);
+        kc[ob + e] = pack2x16float(a * c - b * sn);
+        kc[ob + half / 2u + e] = pack2x16float(b * c + a * sn);
+    }
+    if (e < p.d_v / 2u) {
+        let vb = row + p.v_col + h * p.d_v + 2u * e;
+        vc[(h * p.cap + s) * (p.d_v / 2u) + e] = pack2x16float(vec2<f32>(pbuf[vb], pbuf[vb + 1u]));
+    }
+#else
     if (e < half) {
         let kb = row + p.q_col + h * p.d_qk;
         let a = pbuf[kb + e];
@@ -63,6 +92,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (e < p.d_v) {
         vc[(h * p.cap + s) * p.d_v + e] = pbuf[row + p.v_col + h * p.d_v + e];
     }
+#endif
 }
 #else
 // pbuf: [rows, p_stride] f32 in_proj output; the query block at q_col is rotated in place.

@@ -2,8 +2,10 @@
 //!
 //! - every layer: the conv state [d_inner, d_conv] (last pre-conv inputs) and
 //!   the SSM state [d_inner, d_state], both f32;
-//! - KV owners only (standalone and producer layers): keys (post-RoPE) and
-//!   values. Global layers have a growing buffer; sliding-window layers a ring
+//! - KV owners only (standalone and producer layers): keys (post-RoPE)
+//!   [n_kv_heads, cap, d_qk] and values [n_kv_heads, cap, d_v], stored as the
+//!   model's [`KvDtype`]: f32 for f32-weight models, f16 (two per u32 word)
+//!   otherwise. Global layers have a growing buffer; sliding-window layers a ring
 //!   of `window + prefill chunk` text slots after the meta-token slots. KV
 //!   consumers have no cache of their own and read their producer's.
 //!
@@ -13,18 +15,31 @@
 use crate::config::{AttentionKind, HymbaConfig};
 use crate::error::Result;
 use crate::gpu::{Gpu, Program};
+use crate::kernels::{KvBuffers, KvDtype};
 
 pub struct KvCache {
+    /// Keys (post-RoPE) [n_kv_heads, cap, d_qk] as `dtype` (f16: [n_kv_heads, cap, d_qk / 2] u32).
     pub k: wgpu::Buffer,
+    /// Values [n_kv_heads, cap, d_v] as `dtype` (f16: [n_kv_heads, cap, d_v / 2] u32).
     pub v: wgpu::Buffer,
     /// Text slots (ring length for sliding-window layers, capacity for global ones).
     pub ring: usize,
     pub global: bool,
+    pub dtype: KvDtype,
 }
 
 impl KvCache {
     pub fn cap(&self, n_meta: usize) -> usize {
         n_meta + self.ring
+    }
+
+    /// The buffers as the attention kernels bind them.
+    pub fn buffers(&self) -> KvBuffers<'_> {
+        KvBuffers {
+            k: &self.k,
+            v: &self.v,
+            dtype: self.dtype,
+        }
     }
 }
 
@@ -65,8 +80,10 @@ impl Sequence {
         cfg: &HymbaConfig,
         chunk: usize,
         global_cap: usize,
+        kv_dtype: KvDtype,
     ) -> Result<Sequence> {
         let di = cfg.d_inner;
+        let eb = kv_dtype.bytes();
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for (i, role) in cfg.layers.iter().enumerate() {
             let kv = if role.owns_kv() {
@@ -78,14 +95,15 @@ impl Sequence {
                 Some(KvCache {
                     k: gpu.buffer(
                         &format!("layer {i} keys"),
-                        (cfg.n_kv_heads * cap * cfg.d_qk * 4) as u64,
+                        (cfg.n_kv_heads * cap * cfg.d_qk * eb) as u64,
                     )?,
                     v: gpu.buffer(
                         &format!("layer {i} values"),
-                        (cfg.n_kv_heads * cap * cfg.d_v * 4) as u64,
+                        (cfg.n_kv_heads * cap * cfg.d_v * eb) as u64,
                     )?,
                     ring,
                     global,
+                    dtype: kv_dtype,
                 })
             } else {
                 None
@@ -159,6 +177,22 @@ impl Sequence {
         layers + backup
     }
 
+    /// Bytes of GPU memory of the KV-cache buffers alone (part of [`Sequence::cache_bytes`]).
+    pub fn kv_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .filter_map(|l| l.kv.as_ref())
+            .map(|kv| kv.k.size() + kv.v.size())
+            .sum()
+    }
+
+    /// How the KV cache stores keys and values (None for a model without KV-owning layers).
+    pub fn kv_dtype(&self) -> Option<KvDtype> {
+        self.layers
+            .iter()
+            .find_map(|l| l.kv.as_ref().map(|kv| kv.dtype))
+    }
+
     /// Creates the state backups (same sizes as the states) if they do not exist yet.
     pub(crate) fn ensure_backup(&mut self, gpu: &Gpu) -> Result<()> {
         if self.backup.is_none() {
@@ -192,29 +226,32 @@ impl Sequence {
             let new_ring = (kv.ring * 2).max(need_text).min(max_text.max(need_text));
             let old_cap = cfg.n_meta + kv.ring;
             let new_cap = cfg.n_meta + new_ring;
+            // Bytes of one key / value row in the cache's storage (copies move whole rows, so
+            // the f16 form's u32 words are never split: d_qk and d_v are multiples of 4).
+            let (kr, vr) = (cfg.d_qk * kv.dtype.bytes(), cfg.d_v * kv.dtype.bytes());
             let nk = gpu.buffer(
                 &format!("layer {i} keys"),
-                (cfg.n_kv_heads * new_cap * cfg.d_qk * 4) as u64,
+                (cfg.n_kv_heads * new_cap * kr) as u64,
             )?;
             let nv = gpu.buffer(
                 &format!("layer {i} values"),
-                (cfg.n_kv_heads * new_cap * cfg.d_v * 4) as u64,
+                (cfg.n_kv_heads * new_cap * vr) as u64,
             )?;
             let mut enc = gpu.device.create_command_encoder(&Default::default());
             for h in 0..cfg.n_kv_heads {
                 enc.copy_buffer_to_buffer(
                     &kv.k,
-                    (h * old_cap * cfg.d_qk * 4) as u64,
+                    (h * old_cap * kr) as u64,
                     &nk,
-                    (h * new_cap * cfg.d_qk * 4) as u64,
-                    (old_cap * cfg.d_qk * 4) as u64,
+                    (h * new_cap * kr) as u64,
+                    (old_cap * kr) as u64,
                 );
                 enc.copy_buffer_to_buffer(
                     &kv.v,
-                    (h * old_cap * cfg.d_v * 4) as u64,
+                    (h * old_cap * vr) as u64,
                     &nv,
-                    (h * new_cap * cfg.d_v * 4) as u64,
-                    (old_cap * cfg.d_v * 4) as u64,
+                    (h * new_cap * vr) as u64,
+                    (old_cap * vr) as u64,
                 );
             }
             gpu.queue.submit([enc.finish()]);
@@ -230,13 +267,14 @@ impl Sequence {
         Ok(())
     }
 
-    /// Copies every state buffer of `src` (same layout) into this sequence.
+    /// Copies every state buffer of `src` (same layout and KV storage) into this sequence.
     pub(crate) fn copy_from(&mut self, gpu: &Gpu, src: &Sequence) {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         for (d, s) in self.layers.iter().zip(&src.layers) {
             enc.copy_buffer_to_buffer(&s.conv, 0, &d.conv, 0, s.conv.size());
             enc.copy_buffer_to_buffer(&s.ssm, 0, &d.ssm, 0, s.ssm.size());
             if let (Some(dk), Some(sk)) = (&d.kv, &s.kv) {
+                assert_eq!(dk.dtype, sk.dtype, "copying a KV cache between storages");
                 enc.copy_buffer_to_buffer(&sk.k, 0, &dk.k, 0, sk.k.size().min(dk.k.size()));
                 enc.copy_buffer_to_buffer(&sk.v, 0, &dk.v, 0, sk.v.size().min(dk.v.size()));
             }

@@ -12,8 +12,8 @@ use crate::config::{AttentionKind, HymbaConfig};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::kernels::{
-    AttentionDecodeParams, AttentionParams, ConvParams, Kernels, Matrix, Prologue, RopeParams,
-    SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
+    AttentionDecodeParams, AttentionParams, ConvParams, Kernels, KvDtype, Matrix, Prologue,
+    RopeParams, SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
     X_PROJ_SLICES,
 };
 use crate::loader::{expected_tensors, Checkpoint};
@@ -167,6 +167,8 @@ pub struct Model {
     pub gpu: Arc<Gpu>,
     kernels: Arc<Kernels>,
     pub dtype: WeightDtype,
+    /// How every sequence's KV cache stores keys and values.
+    pub kv_dtype: KvDtype,
     embed: Matrix,
     lm_head: Option<Matrix>,
     meta: wgpu::Buffer,
@@ -322,6 +324,19 @@ fn aggregate(v: Vec<(String, f64)>) -> Vec<(String, f64, usize)> {
 /// Whether the fused decode kernels cover this config (x_proj row in workgroup memory).
 fn cfg_fusable(c: &HymbaConfig) -> bool {
     c.x_proj_rows() <= 640 && c.d_qk % 4 == 0 && c.d_v % 4 == 0 && c.d_state % 4 == 0
+}
+
+/// Widens words of two f16 each (element 2i in the low half, as `pack2x16float` stores them).
+fn unpack_f16_words(words: &[u32]) -> Vec<f32> {
+    words
+        .iter()
+        .flat_map(|&w| {
+            [
+                half::f16::from_bits(w as u16).to_f32(),
+                half::f16::from_bits((w >> 16) as u16).to_f32(),
+            ]
+        })
+        .collect()
 }
 
 fn round_up(x: usize, m: usize) -> usize {
@@ -786,6 +801,8 @@ impl Model {
         weight_report: Vec<TensorStorage>,
     ) -> Result<Model> {
         let chunk = opts.chunk.max(cfg.n_meta).max(1);
+        let kv_dtype = KvDtype::F32;
+        kv_dtype.check_dims(cfg.d_qk, cfg.d_v)?;
         let max_positions = opts
             .max_positions
             .unwrap_or(cfg.n_meta + cfg.max_position_embeddings)
@@ -883,6 +900,7 @@ impl Model {
             gpu,
             kernels,
             dtype,
+            kv_dtype,
             embed,
             lm_head,
             meta,
@@ -965,7 +983,13 @@ impl Model {
 
     /// A sequence with nothing in it (not even the meta tokens).
     pub fn empty_sequence(&self) -> Result<Sequence> {
-        Sequence::new(&self.gpu, &self.cfg, self.chunk, self.global_cap0)
+        Sequence::new(
+            &self.gpu,
+            &self.cfg,
+            self.chunk,
+            self.global_cap0,
+            self.kv_dtype,
+        )
     }
 
     /// A new sequence starting from the precomputed meta-token prefix.
@@ -1260,8 +1284,7 @@ impl Model {
                 rec,
                 &self.cos_sin,
                 &ws.p,
-                &kv.k,
-                &kv.v,
+                kv.buffers(),
                 RopeParams {
                     n_heads: c.n_kv_heads as u32,
                     q_col: kc as u32,
@@ -1280,8 +1303,7 @@ impl Model {
         k.attention(
             rec,
             &ws.p,
-            &kv.k,
-            &kv.v,
+            kv.buffers(),
             &ws.att,
             AttentionParams {
                 rows: rows as u32,
@@ -1472,7 +1494,7 @@ impl Model {
             None => (&ws.att, &ws.y),
         };
         for _ in 0..self.reps(DecodeStage::AttentionSplit) {
-            k.attention_blocks(rec, &ws.p, &self.cos_sin, &kv.k, &kv.v, &ws.part, ap)?;
+            k.attention_blocks(rec, &ws.p, &self.cos_sin, kv.buffers(), &ws.part, ap)?;
         }
         if !gpu_path {
             for _ in 0..self.reps(DecodeStage::AttentionCombine) {
@@ -1991,8 +2013,9 @@ impl Model {
         self.read_logits().await
     }
 
-    /// Reads back a layer's KV cache as [n_kv_heads, positions, d] with positions in order
-    /// (only positions still held are returned: `first_pos..seq.pos`).
+    /// Reads back a layer's KV cache as [n_kv_heads, positions, d] f32 with positions in order
+    /// (only positions still held are returned: `first_pos..seq.pos`); an f16 cache is widened
+    /// exactly.
     pub async fn read_kv(
         &self,
         seq: &Sequence,
@@ -2003,14 +2026,30 @@ impl Model {
             return Ok(None);
         };
         let cap = kv.cap(c.n_meta);
-        let kall = self
-            .gpu
-            .read_f32(&kv.k, 0, (c.n_kv_heads * cap * c.d_qk) as u64)
-            .await?;
-        let vall = self
-            .gpu
-            .read_f32(&kv.v, 0, (c.n_kv_heads * cap * c.d_v) as u64)
-            .await?;
+        let (kall, vall) = match kv.dtype {
+            KvDtype::F32 => (
+                self.gpu
+                    .read_f32(&kv.k, 0, (c.n_kv_heads * cap * c.d_qk) as u64)
+                    .await?,
+                self.gpu
+                    .read_f32(&kv.v, 0, (c.n_kv_heads * cap * c.d_v) as u64)
+                    .await?,
+            ),
+            KvDtype::F16 => (
+                unpack_f16_words(
+                    &self
+                        .gpu
+                        .read_u32(&kv.k, 0, (c.n_kv_heads * cap * c.d_qk / 2) as u64)
+                        .await?,
+                ),
+                unpack_f16_words(
+                    &self
+                        .gpu
+                        .read_u32(&kv.v, 0, (c.n_kv_heads * cap * c.d_v / 2) as u64)
+                        .await?,
+                ),
+            ),
+        };
         let first_text = seq.pos.saturating_sub(kv.ring).max(c.n_meta);
         let positions: Vec<usize> = (0..c.n_meta.min(seq.pos))
             .chain(first_text..seq.pos)

@@ -721,6 +721,64 @@ pub struct AttentionDecodeParams {
 /// Keys per split of the decode attention.
 pub const DECODE_KEYS_PER_SPLIT: usize = 64;
 
+/// Element storage of the attention KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// f32: keys [n_kv_heads, cap, d_qk] and values [n_kv_heads, cap, d_v] f32. The exact path,
+    /// for models with f32 weights.
+    F32,
+    /// f16 packed in u32 words (`pack2x16float`, rounded to nearest; element 2i in the low half):
+    /// keys [n_kv_heads, cap, d_qk / 2] and values [n_kv_heads, cap, d_v / 2] u32. Half the bytes;
+    /// needs no `shader-f16`. The kernels widen to f32 on load and accumulate in f32.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per cached key or value element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+    /// The KV storage for a model whose weights are stored as `w`: f32 only for f32 weights
+    /// (the exactness reference), f16 for f16 / q8 / q4.
+    pub fn for_weights(w: WeightDtype) -> KvDtype {
+        match w {
+            WeightDtype::F32 => KvDtype::F32,
+            WeightDtype::F16 | WeightDtype::Q8 | WeightDtype::Q4 => KvDtype::F16,
+        }
+    }
+    /// Checks that heads of `d_qk` / `d_v` elements fit this storage: the attention kernels
+    /// load heads as vec4 (f32) or vec2<u32> (f16), so both must be multiples of 4.
+    pub fn check_dims(self, d_qk: usize, d_v: usize) -> Result<()> {
+        if !d_qk.is_multiple_of(4) || !d_v.is_multiple_of(4) {
+            return Err(Error::Unsupported(format!(
+                "a {} KV cache with head dims q/k {d_qk}, v {d_v}: both must be multiples of 4",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One layer's K/V cache buffers as the attention kernels bind them.
+#[derive(Clone, Copy)]
+pub struct KvBuffers<'a> {
+    /// Keys (post-RoPE) [n_kv_heads, cap, d_qk], stored as `dtype`.
+    pub k: &'a wgpu::Buffer,
+    /// Values [n_kv_heads, cap, d_v], stored as `dtype`.
+    pub v: &'a wgpu::Buffer,
+    pub dtype: KvDtype,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct ConvParams {
@@ -881,9 +939,9 @@ pub struct Kernels {
     /// its barrier-free version on CPU adapters.
     gemv_conv: Option<[Arc<Kernel>; 2]>,
     gemv_conv_row: Option<Arc<Kernel>>,
-    attention_split: Arc<Kernel>,
+    attention_split: KvKernel,
     /// The split entry serving a whole KV group per workgroup (GPUs; `GQA`).
-    attention_gqa: Option<Arc<Kernel>>,
+    attention_gqa: Option<KvKernel>,
     attention_combine: Arc<Kernel>,
     conv_step: Arc<Kernel>,
     scan_fused: Arc<Kernel>,
@@ -895,8 +953,8 @@ pub struct Kernels {
     rmsnorm: Arc<Kernel>,
     rmsnorm_inplace: Arc<Kernel>,
     rope_q: Arc<Kernel>,
-    store_kv: Arc<Kernel>,
-    attention: Arc<Kernel>,
+    store_kv: KvKernel,
+    attention: KvKernel,
     conv: Arc<Kernel>,
     conv_state: Arc<Kernel>,
     scan: Arc<Kernel>,
@@ -947,6 +1005,60 @@ impl LazyKernel {
     /// Whether it has been compiled.
     pub(crate) fn compiled(&self) -> bool {
         self.cell.get().is_some()
+    }
+}
+
+/// A kernel that reads or writes the KV cache: its f32-cache form, compiled with the other
+/// kernels, and its f16-cache form (`KV_F16`), compiled on first use (a model uses one KV
+/// storage, and a browser compiles each pipeline slowly).
+struct KvKernel {
+    f32: Arc<Kernel>,
+    f16: std::sync::OnceLock<Arc<Kernel>>,
+    file: &'static str,
+    src: &'static str,
+    defines: Vec<String>,
+    binds: Vec<BindKind>,
+}
+
+impl KvKernel {
+    /// Entry `main` of `src` with `defines` (f32 form compiled now).
+    fn new(
+        gpu: &Gpu,
+        file: &'static str,
+        src: &'static str,
+        defines: &[&str],
+        binds: &[BindKind],
+    ) -> Result<KvKernel> {
+        Ok(KvKernel {
+            f32: Arc::new(Kernel::new(gpu, file, src, "main", defines, binds)?),
+            f16: std::sync::OnceLock::new(),
+            file,
+            src,
+            defines: defines.iter().map(|d| d.to_string()).collect(),
+            binds: binds.to_vec(),
+        })
+    }
+
+    fn get(&self, gpu: &Gpu, dtype: KvDtype) -> Result<Arc<Kernel>> {
+        match dtype {
+            KvDtype::F32 => Ok(self.f32.clone()),
+            KvDtype::F16 => {
+                if let Some(k) = self.f16.get() {
+                    return Ok(k.clone());
+                }
+                let mut d: Vec<&str> = self.defines.iter().map(|s| s.as_str()).collect();
+                d.push("KV_F16");
+                let k = Arc::new(Kernel::new(
+                    gpu,
+                    self.file,
+                    self.src,
+                    "main",
+                    &d,
+                    &self.binds,
+                )?);
+                Ok(self.f16.get_or_init(|| k).clone())
+            }
+        }
     }
 }
 
@@ -1131,11 +1243,11 @@ impl Kernels {
             gemv_wide,
             xsh,
             // CPU adapters get the 64-thread split (fewer invocations per barrier).
-            attention_split: k(
+            attention_split: KvKernel::new(
+                gpu,
                 "attention_decode.wgsl",
                 SRC_ATTENTION_DECODE,
                 if rowwise { &["CPU_SPLIT"] } else { &[] },
-                "main",
                 &[U, RW, R, R, RW, RW],
             )?,
             attention_gqa: if rowwise {
@@ -1146,11 +1258,11 @@ impl Kernels {
                 if sg32 {
                     d.push("SUBGROUP32");
                 }
-                Some(k(
+                Some(KvKernel::new(
+                    gpu,
                     "attention_decode.wgsl",
                     SRC_ATTENTION_DECODE,
                     &d,
-                    "main",
                     &[U, RW, R, R, RW, RW],
                 )?)
             },
@@ -1196,20 +1308,14 @@ impl Kernels {
                 &[U, R, RW],
             )?,
             rope_q: k("rope.wgsl", SRC_ROPE, &[], "main", &[U, R, RW])?,
-            store_kv: k(
+            store_kv: KvKernel::new(
+                gpu,
                 "rope.wgsl",
                 SRC_ROPE,
                 &["STORE_KV"],
-                "main",
                 &[U, R, R, RW, RW],
             )?,
-            attention: k(
-                "attention.wgsl",
-                SRC_ATTENTION,
-                &[],
-                "main",
-                &[U, R, R, R, RW],
-            )?,
+            attention: KvKernel::new(gpu, "attention.wgsl", SRC_ATTENTION, &[], &[U, R, R, R, RW])?,
             conv: k("conv1d.wgsl", SRC_CONV1D, &[], "main", &[U, R, R, R, RW])?,
             conv_state: k("conv1d.wgsl", SRC_CONV1D, &["STATE"], "main", &[U, R, RW])?,
             scan: k(
@@ -1427,40 +1533,41 @@ impl Kernels {
         rec: &mut Recorder,
         pbuf: &wgpu::Buffer,
         cs: &wgpu::Buffer,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
+        kv: KvBuffers,
         part: &wgpu::Buffer,
         out: &wgpu::Buffer,
         p: AttentionDecodeParams,
     ) -> Result<()> {
-        self.attention_blocks(rec, pbuf, cs, k, v, part, p)?;
+        self.attention_blocks(rec, pbuf, cs, kv, part, p)?;
         self.attention_combine(rec, part, out, p)
     }
 
-    /// The first half of [`Kernels::attention_split`]: one partial result per key block.
-    #[allow(clippy::too_many_arguments)]
+    /// The first half of [`Kernels::attention_split`]: one partial result per key block (in a
+    /// KV-owning layer, also this step's key and value stored as `kv.dtype`).
     pub fn attention_blocks(
         &self,
         rec: &mut Recorder,
         pbuf: &wgpu::Buffer,
         cs: &wgpu::Buffer,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
+        kv: KvBuffers,
         part: &wgpu::Buffer,
         p: AttentionDecodeParams,
     ) -> Result<()> {
+        if kv.dtype == KvDtype::F16 {
+            kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
+        }
         let hpg = p.n_heads / p.n_kv_heads;
         match &self.attention_gqa {
             Some(gqa) if hpg <= 8 && hpg * p.d_qk <= 512 => rec.dispatch(
-                gqa,
+                &gqa.get(rec.gpu(), kv.dtype)?,
                 &p,
-                &[part, pbuf, cs, k, v],
+                &[part, pbuf, cs, kv.k, kv.v],
                 [p.n_kv_heads, p.n_splits, 1],
             ),
             _ => rec.dispatch(
-                &self.attention_split,
+                &self.attention_split.get(rec.gpu(), kv.dtype)?,
                 &p,
-                &[part, pbuf, cs, k, v],
+                &[part, pbuf, cs, kv.k, kv.v],
                 [p.n_heads, p.n_splits, 1],
             ),
         }
@@ -1669,31 +1776,38 @@ impl Kernels {
         )
     }
 
-    /// Rotates new keys and writes keys and values into the cache.
+    /// Rotates new keys and writes keys and values into the cache (stored as `kv.dtype`).
     pub fn store_kv(
         &self,
         rec: &mut Recorder,
         cs: &wgpu::Buffer,
         pbuf: &wgpu::Buffer,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
+        kv: KvBuffers,
         p: RopeParams,
     ) -> Result<()> {
-        let w = (p.d_qk / 2).max(p.d_v);
+        // Threads per row and head: one per key pair (rotate-half) and value; with f16 storage
+        // one per pair of words (two keys in each half) and per value word.
+        let w = match kv.dtype {
+            KvDtype::F32 => (p.d_qk / 2).max(p.d_v),
+            KvDtype::F16 => {
+                kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
+                (p.d_qk / 4).max(p.d_v / 2)
+            }
+        };
         rec.dispatch(
-            &self.store_kv,
+            &self.store_kv.get(rec.gpu(), kv.dtype)?,
             &p,
-            &[cs, pbuf, k, v],
+            &[cs, pbuf, kv.k, kv.v],
             [w.div_ceil(64), p.rows, p.n_heads],
         )
     }
 
+    /// Prompt attention of `p.rows` queries over the cache (stored as `kv.dtype`).
     pub fn attention(
         &self,
         rec: &mut Recorder,
         pbuf: &wgpu::Buffer,
-        k: &wgpu::Buffer,
-        v: &wgpu::Buffer,
+        kv: KvBuffers,
         out: &wgpu::Buffer,
         p: AttentionParams,
     ) -> Result<()> {
@@ -1703,11 +1817,14 @@ impl Kernels {
                 p.d_qk, p.d_v
             )));
         }
+        if kv.dtype == KvDtype::F16 {
+            kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
+        }
         // Blocks of 8 query rows per workgroup (QB in attention.wgsl).
         rec.dispatch(
-            &self.attention,
+            &self.attention.get(rec.gpu(), kv.dtype)?,
             &p,
-            &[pbuf, k, v, out],
+            &[pbuf, kv.k, kv.v, out],
             [p.n_heads, p.rows.div_ceil(8), 1],
         )
     }

@@ -516,8 +516,90 @@ fn rotate(v: &[f32], cs: &[f32], pos: usize) -> Vec<f32> {
     o
 }
 
+const KV_DTYPES: [KvDtype; 2] = [KvDtype::F32, KvDtype::F16];
+
+/// `x` as an f16 KV cache holds it (round to nearest even; NaN stays NaN); f32: unchanged.
+fn kv_round(x: &[f32], dtype: KvDtype) -> Vec<f32> {
+    match dtype {
+        KvDtype::F32 => x.to_vec(),
+        KvDtype::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+    }
+}
+
+/// A KV-cache buffer holding `x` (logical f32 elements) in `dtype`'s layout: f16 as u32 words
+/// of two, element 2i in the low half.
+fn kv_upload(gpu: &Gpu, x: &[f32], dtype: KvDtype) -> wgpu::Buffer {
+    match dtype {
+        KvDtype::F32 => gpu.upload("kv", x).unwrap(),
+        KvDtype::F16 => {
+            assert_eq!(x.len() % 2, 0);
+            let words: Vec<u32> = x
+                .chunks_exact(2)
+                .map(|p| {
+                    half::f16::from_f32(p[0]).to_bits() as u32
+                        | (half::f16::from_f32(p[1]).to_bits() as u32) << 16
+                })
+                .collect();
+            gpu.upload("kv", &words).unwrap()
+        }
+    }
+}
+
+/// Reads `n` logical elements of a KV-cache buffer back as f32.
+fn kv_read(gpu: &Gpu, b: &wgpu::Buffer, n: usize, dtype: KvDtype) -> Vec<f32> {
+    match dtype {
+        KvDtype::F32 => read(gpu, b, n),
+        KvDtype::F16 => pollster::block_on(gpu.read_u32(b, 0, (n / 2) as u64))
+            .unwrap()
+            .iter()
+            .flat_map(|&w| {
+                [
+                    half::f16::from_bits(w as u16).to_f32(),
+                    half::f16::from_bits((w >> 16) as u16).to_f32(),
+                ]
+            })
+            .collect(),
+    }
+}
+
+fn kv<'a>(k: &'a wgpu::Buffer, v: &'a wgpu::Buffer, dtype: KvDtype) -> KvBuffers<'a> {
+    KvBuffers { k, v, dtype }
+}
+
+/// Cached keys: `got` must be `want` (computed in f32 on the CPU) as the cache stores it. f32:
+/// within 1e-6 (the GPU may fuse the RoPE multiply-adds). f16: rounded to nearest, so within
+/// half an f16 ulp of `want` (round-toward-zero would be off by up to a whole ulp). NaN in
+/// `want` marks a slot that must not be written.
+#[track_caller]
+fn assert_cached_keys(name: &str, got: &[f32], want: &[f32], dtype: KvDtype) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{name}: element {i} written unexpectedly ({g})");
+            continue;
+        }
+        let tol = match dtype {
+            KvDtype::F32 => 1e-6,
+            // Half an ulp of the f16 binade of w (2^-11 relative; subnormals 2^-25), plus the
+            // f32 rounding of a fused RoPE.
+            KvDtype::F16 => w.abs().max(6.1e-5) * (0.5 / 1024.0) * 1.0001 + 1e-7,
+        };
+        assert!(
+            (g - w).abs() <= tol,
+            "{name}: element {i}: got {g}, want {w} (|err| {}, allowed {tol})",
+            (g - w).abs()
+        );
+    }
+}
+
 #[test]
 fn rope_queries_and_kv_store_into_ring() {
+    for dtype in KV_DTYPES {
+        rope_queries_and_kv_store_into_ring_with(dtype);
+    }
+}
+
+fn rope_queries_and_kv_store_into_ring_with(dtype: KvDtype) {
     let (gpu, ks) = env();
     let mut r = Rng::new(13);
     let (rows, hq, hkv, dqk, dv) = (7, 3, 2, 12, 20);
@@ -533,8 +615,8 @@ fn rope_queries_and_kv_store_into_ring() {
     let cs = rope_table(32, dqk / 2, 1234.5);
     let csb = gpu.upload("cs", &cs).unwrap();
     let pb = gpu.upload("p", &pdata).unwrap();
-    let kb = gpu.upload("k", &vec![NAN; hkv * cap * dqk]).unwrap();
-    let vb = gpu.upload("v", &vec![NAN; hkv * cap * dv]).unwrap();
+    let kb = kv_upload(gpu, &vec![NAN; hkv * cap * dqk], dtype);
+    let vb = kv_upload(gpu, &vec![NAN; hkv * cap * dv], dtype);
     let base = RopeParams {
         rows: rows as u32,
         n_heads: hq as u32,
@@ -554,8 +636,7 @@ fn rope_queries_and_kv_store_into_ring() {
             rec,
             &csb,
             &pb,
-            &kb,
-            &vb,
+            kv(&kb, &vb, dtype),
             RopeParams {
                 n_heads: hkv as u32,
                 q_col: (hq * dqk) as u32,
@@ -566,8 +647,8 @@ fn rope_queries_and_kv_store_into_ring() {
         ks.rope_q(rec, &csb, &pb, base).unwrap();
     });
     let got_p = read(gpu, &pb, pdata.len());
-    let got_k = read(gpu, &kb, hkv * cap * dqk);
-    let got_v = read(gpu, &vb, hkv * cap * dv);
+    let got_k = kv_read(gpu, &kb, hkv * cap * dqk, dtype);
+    let got_v = kv_read(gpu, &vb, hkv * cap * dv, dtype);
     let mut want_p = pdata.clone();
     let mut want_k = vec![NAN; hkv * cap * dqk];
     let mut want_v = vec![NAN; hkv * cap * dv];
@@ -593,14 +674,18 @@ fn rope_queries_and_kv_store_into_ring() {
         }
     }
     assert_close("rope q", &got_p, &want_p, 1e-6, 1e-6);
-    // Meta slots were never written (positions start at 4): they stay NaN.
-    for (name, got, want) in [("k cache", &got_k, &want_k), ("v cache", &got_v, &want_v)] {
-        for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
-            if w.is_nan() {
-                assert!(g.is_nan(), "{name}: slot element {i} written unexpectedly");
-            } else {
-                assert!((g - w).abs() < 1e-6, "{name}: element {i} got {g} want {w}");
-            }
+    // Meta slots were never written (positions start at 4): they stay NaN. Keys within the
+    // storage's rounding of the f32 rotation; values exactly as the storage rounds them.
+    assert_cached_keys(&format!("{dtype:?} k cache"), &got_k, &want_k, dtype);
+    let want_v = kv_round(&want_v, dtype);
+    for (i, (g, w)) in got_v.iter().zip(&want_v).enumerate() {
+        if w.is_nan() {
+            assert!(
+                g.is_nan(),
+                "{dtype:?} v cache: element {i} written unexpectedly"
+            );
+        } else {
+            assert_eq!(g, w, "{dtype:?} v cache: element {i}");
         }
     }
 }
@@ -647,8 +732,11 @@ fn attention_ref(
 fn attention_case(window: Option<usize>, seed: u64) {
     // Small heads; Hymba-1.5B's (d_qk 64, d_v 128: the prompt kernel's eight-wide key loads);
     // d_qk 40 (eight-wide loads plus a remainder).
-    for dims in [(6, 2, 16, 40), (10, 2, 64, 128), (4, 1, 40, 24)] {
-        attention_case_dims(window, seed, dims);
+    // Both KV storages: the f16 one against the same CPU attention over f16-rounded K/V.
+    for dtype in KV_DTYPES {
+        for dims in [(6, 2, 16, 40), (10, 2, 64, 128), (4, 1, 40, 24)] {
+            attention_case_dims(window, seed, dims, dtype);
+        }
     }
 }
 
@@ -656,6 +744,7 @@ fn attention_case_dims(
     window: Option<usize>,
     seed: u64,
     (hq, hkv, dqk, dv): (usize, usize, usize, usize),
+    dtype: KvDtype,
 ) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
@@ -668,8 +757,9 @@ fn attention_case_dims(
         None => total - n_meta,
     };
     let cap = n_meta + ring;
-    let kall = r.vec(total * hkv * dqk, 1.0);
-    let vall = r.vec(total * hkv * dv, 1.0);
+    // K/V as the cache holds them (the CPU reference uses these too).
+    let kall = kv_round(&r.vec(total * hkv * dqk, 1.0), dtype);
+    let vall = kv_round(&r.vec(total * hkv * dv, 1.0), dtype);
     // Fill the cache: meta slots, and ring slots for the positions still held.
     let mut kc = vec![NAN; hkv * cap * dqk];
     let mut vc = vec![NAN; hkv * cap * dv];
@@ -692,8 +782,8 @@ fn attention_case_dims(
     let q_stride = hq * dqk + 5;
     let q = r.vec(rows * q_stride, 1.0);
     let out_stride = hq * dv;
-    let kb = gpu.upload("k", &kc).unwrap();
-    let vb = gpu.upload("v", &vc).unwrap();
+    let kb = kv_upload(gpu, &kc, dtype);
+    let vb = kv_upload(gpu, &vc, dtype);
     let qb = gpu.upload("q", &q).unwrap();
     let ob = gpu.upload("o", &vec![NAN; rows * out_stride]).unwrap();
     let p = AttentionParams {
@@ -716,7 +806,9 @@ fn attention_case_dims(
         v_col: 0,
         self_kv: 0,
     };
-    run(gpu, |rec| ks.attention(rec, &qb, &kb, &vb, &ob, p).unwrap());
+    run(gpu, |rec| {
+        ks.attention(rec, &qb, kv(&kb, &vb, dtype), &ob, p).unwrap()
+    });
     let got = read(gpu, &ob, rows * out_stride);
     let mut want = Vec::new();
     for t in 0..rows {
@@ -736,7 +828,7 @@ fn attention_case_dims(
             &keys,
         ));
     }
-    assert_close("attention", &got, &want, 2e-5, 1e-4);
+    assert_close(&format!("{dtype:?} attention"), &got, &want, 2e-5, 1e-4);
 }
 
 #[test]
@@ -1077,9 +1169,11 @@ fn gemv_with_fused_prologues() {
 
 /// CPU reference for one decode step of attention at position q: keys are the meta slots and the
 /// text positions [max(n_meta, q - window), q]; in a KV-owning layer the key (rotated here) and
-/// value of q come from the in_proj row, every other position from its cache slot.
+/// value of q come from the in_proj row, rounded as `dtype` stores them, every other position
+/// from its cache slot (`kc` / `vc` as the cache holds them).
 #[allow(clippy::too_many_arguments)]
 fn decode_attention_cpu(
+    dtype: KvDtype,
     prow: &[f32],
     kc: &[f32],
     vc: &[f32],
@@ -1110,8 +1204,11 @@ fn decode_attention_cpu(
         let kv = |pos: usize| -> (Vec<f32>, Vec<f32>) {
             if self_kv && pos == q {
                 (
-                    rotate(&prow[k_col + kvh * dqk..k_col + (kvh + 1) * dqk], cs, q),
-                    prow[v_col + kvh * dv..v_col + (kvh + 1) * dv].to_vec(),
+                    kv_round(
+                        &rotate(&prow[k_col + kvh * dqk..k_col + (kvh + 1) * dqk], cs, q),
+                        dtype,
+                    ),
+                    kv_round(&prow[v_col + kvh * dv..v_col + (kvh + 1) * dv], dtype),
                 )
             } else {
                 let sl = if pos < n_meta {
@@ -1143,6 +1240,40 @@ fn decode_attention_cpu(
     out
 }
 
+/// The cache after a decode step at position q stores this step's key (rotated) and value in
+/// q's slot of every KV head: `kc` / `vc` with that slot replaced, in f32 (the caller compares
+/// with the storage's rounding).
+#[allow(clippy::too_many_arguments)]
+fn cache_after_store(
+    kc: &[f32],
+    vc: &[f32],
+    prow: &[f32],
+    cs: &[f32],
+    (hq, hkv, dqk, dv): (usize, usize, usize, usize),
+    n_meta: usize,
+    ring: usize,
+    q: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let cap = n_meta + ring;
+    let (k_col, v_col) = (hq * dqk, hq * dqk + hkv * dqk);
+    let sl = if q < n_meta {
+        q
+    } else {
+        n_meta + (q - n_meta) % ring
+    };
+    let (mut k, mut v) = (kc.to_vec(), vc.to_vec());
+    for h in 0..hkv {
+        k[(h * cap + sl) * dqk..(h * cap + sl + 1) * dqk].copy_from_slice(&rotate(
+            &prow[k_col + h * dqk..k_col + (h + 1) * dqk],
+            cs,
+            q,
+        ));
+        v[(h * cap + sl) * dv..(h * cap + sl + 1) * dv]
+            .copy_from_slice(&prow[v_col + h * dv..v_col + (h + 1) * dv]);
+    }
+    (k, v)
+}
+
 #[test]
 fn attention_decode_split_matches_unfused() {
     // Decode step at position q: the split kernel (RoPE on q, key/value of q from the in_proj
@@ -1150,12 +1281,15 @@ fn attention_decode_split_matches_unfused() {
     // in a KV-owning layer (self_kv = 1) and in a consumer (0).
     // Both split kernels: the GPU one (256 threads) and the CPU-adapter one (64 threads).
     let (gpu, ks) = env();
+    // Both KV storages.
     let other = Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap();
-    attention_decode_split_matches_unfused_with(ks);
-    attention_decode_split_matches_unfused_with(&other);
+    for dtype in KV_DTYPES {
+        attention_decode_split_matches_unfused_with(ks, dtype);
+        attention_decode_split_matches_unfused_with(&other, dtype);
+    }
 }
 
-fn attention_decode_split_matches_unfused_with(ks: &Kernels) {
+fn attention_decode_split_matches_unfused_with(ks: &Kernels, dtype: KvDtype) {
     let (gpu, _) = env();
     let mut r = Rng::new(91);
     let (hq, hkv, dqk, dv) = (6, 2, 16, 40);
@@ -1165,13 +1299,15 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels) {
     let q = 40usize;
     let cs = rope_table(64, dqk / 2, 777.0);
     let csb = gpu.upload("cs", &cs).unwrap();
-    let kc = r.vec(hkv * cap * dqk, 1.0);
-    let vc = r.vec(hkv * cap * dv, 1.0);
+    // The cache's contents as it stores them.
+    let kc = kv_round(&r.vec(hkv * cap * dqk, 1.0), dtype);
+    let vc = kv_round(&r.vec(hkv * cap * dv, 1.0), dtype);
     let width = hq * dqk + hkv * dqk + hkv * dv + 2;
     let prow = r.vec(width, 1.0);
     for self_kv in [1u32, 0] {
         let mk = |p: &Vec<f32>| gpu.upload("b", p).unwrap();
-        let (k1, v1, p1) = (mk(&kc), mk(&vc), mk(&prow));
+        let mkc = |p: &Vec<f32>| kv_upload(gpu, p, dtype);
+        let (k1, v1, p1) = (mkc(&kc), mkc(&vc), mk(&prow));
         let o1 = gpu.upload("o1", &vec![NAN; hq * dv]).unwrap();
         let ap = AttentionParams {
             rows: 1,
@@ -1213,8 +1349,7 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels) {
                     rec,
                     &csb,
                     &p1,
-                    &k1,
-                    &v1,
+                    kv(&k1, &v1, dtype),
                     RopeParams {
                         n_heads: hkv as u32,
                         q_col: (hq * dqk) as u32,
@@ -1227,15 +1362,14 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels) {
             ks.attention(
                 rec,
                 &p1,
-                &k1,
-                &v1,
+                kv(&k1, &v1, dtype),
                 &o1,
                 AttentionParams { self_kv: 0, ..ap },
             )
             .unwrap();
         });
         // The split (flash-decoding) kernel on a third copy, with more splits than keys need.
-        let (k3, v3, p3) = (mk(&kc), mk(&vc), mk(&prow));
+        let (k3, v3, p3) = (mkc(&kc), mkc(&vc), mk(&prow));
         let o3 = gpu.upload("o3", &vec![NAN; hq * dv]).unwrap();
         let n_splits = 3u32;
         let part = gpu
@@ -1259,17 +1393,18 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels) {
             n_splits,
         };
         run(gpu, |rec| {
-            ks.attention_split(rec, &p3, &csb, &k3, &v3, &part, &o3, dp)
+            ks.attention_split(rec, &p3, &csb, kv(&k3, &v3, dtype), &part, &o3, dp)
                 .unwrap()
         });
         assert_close(
-            "split decode attention",
+            &format!("{dtype:?} split decode attention"),
             &read(gpu, &o3, hq * dv),
             &read(gpu, &o1, hq * dv),
             1e-5,
             1e-5,
         );
         let want = decode_attention_cpu(
+            dtype,
             &prow,
             &kc,
             &vc,
@@ -1286,26 +1421,36 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels) {
             0.25,
         );
         assert_close(
-            "split decode attention vs CPU",
+            &format!("{dtype:?} split decode attention vs CPU"),
             &read(gpu, &o3, hq * dv),
             &want,
             2e-5,
             1e-4,
         );
-        assert_close(
-            "split decode keys",
-            &read(gpu, &k3, kc.len()),
-            &read(gpu, &k1, kc.len()),
-            1e-6,
-            1e-6,
-        );
-        assert_close(
-            "split decode values",
-            &read(gpu, &v3, vc.len()),
-            &read(gpu, &v1, vc.len()),
-            0.0,
-            0.0,
-        );
+        // The cache: in a KV-owning layer this step's key and value in q's slot, the rest as
+        // it was; a consumer writes nothing.
+        let (want_k, want_v) = if self_kv == 1 {
+            cache_after_store(&kc, &vc, &prow, &cs, (hq, hkv, dqk, dv), n_meta, ring, q)
+        } else {
+            (kc.clone(), vc.clone())
+        };
+        for (name, b) in [("split", &k3), ("unfused", &k1)] {
+            assert_cached_keys(
+                &format!("{dtype:?} {name} decode keys"),
+                &kv_read(gpu, b, kc.len(), dtype),
+                &want_k,
+                dtype,
+            );
+        }
+        for (name, b) in [("split", &v3), ("unfused", &v1)] {
+            assert_close(
+                &format!("{dtype:?} {name} decode values"),
+                &kv_read(gpu, b, vc.len(), dtype),
+                &kv_round(&want_v, dtype),
+                0.0,
+                0.0,
+            );
+        }
     }
 }
 
@@ -1322,21 +1467,25 @@ fn attention_split_over_many_key_blocks() {
     // The GPU kernels once more with the GQA P.V reduced two heads per round (5 heads: rounds of
     // 2, 2 and 1), where the device allows all of them in one.
     let rounds = Kernels::new_with_gqa_heads(gpu, false, 2).unwrap();
-    for dims in [
-        (4, 2, 8, 24),
-        (10, 2, 64, 128),
-        (4, 2, 128, 128),
-        (10, 1, 16, 24),
-    ] {
-        attention_split_over_many_key_blocks_with(ks, dims);
-        attention_split_over_many_key_blocks_with(&other, dims);
-        attention_split_over_many_key_blocks_with(&rounds, dims);
+    // Both KV storages.
+    for dtype in KV_DTYPES {
+        for dims in [
+            (4, 2, 8, 24),
+            (10, 2, 64, 128),
+            (4, 2, 128, 128),
+            (10, 1, 16, 24),
+        ] {
+            attention_split_over_many_key_blocks_with(ks, dims, dtype);
+            attention_split_over_many_key_blocks_with(&other, dims, dtype);
+            attention_split_over_many_key_blocks_with(&rounds, dims, dtype);
+        }
     }
 }
 
 fn attention_split_over_many_key_blocks_with(
     ks: &Kernels,
     (hq, hkv, dqk, dv): (usize, usize, usize, usize),
+    dtype: KvDtype,
 ) {
     let (gpu, _) = env();
     let mut r = Rng::new(93 + dv as u64);
@@ -1347,13 +1496,15 @@ fn attention_split_over_many_key_blocks_with(
         let cap = n_meta + ring;
         let cs = rope_table(400, dqk / 2, 555.0);
         let csb = gpu.upload("cs", &cs).unwrap();
-        let kc = r.vec(hkv * cap * dqk, 1.0);
-        let vc = r.vec(hkv * cap * dv, 1.0);
+        // The cache's contents as it stores them.
+        let kc = kv_round(&r.vec(hkv * cap * dqk, 1.0), dtype);
+        let vc = kv_round(&r.vec(hkv * cap * dv, 1.0), dtype);
         let width = hq * dqk + hkv * dqk + hkv * dv;
         let prow = r.vec(width, 1.0);
         let mk = |p: &Vec<f32>| gpu.upload("b", p).unwrap();
-        let (k1, v1, p1) = (mk(&kc), mk(&vc), mk(&prow));
-        let (k2, v2, p2) = (mk(&kc), mk(&vc), mk(&prow));
+        let mkc = |p: &Vec<f32>| kv_upload(gpu, p, dtype);
+        let (k1, v1, p1) = (mkc(&kc), mkc(&vc), mk(&prow));
+        let (k2, v2, p2) = (mkc(&kc), mkc(&vc), mk(&prow));
         let o1 = gpu.upload("o1", &vec![NAN; hq * dv]).unwrap();
         let o2 = gpu.upload("o2", &vec![NAN; hq * dv]).unwrap();
         let win = window.map(|w| (w - 1) as u32).unwrap_or(NO_WINDOW);
@@ -1417,8 +1568,7 @@ fn attention_split_over_many_key_blocks_with(
                 rec,
                 &csb,
                 &p1,
-                &k1,
-                &v1,
+                kv(&k1, &v1, dtype),
                 RopeParams {
                     n_heads: hkv as u32,
                     q_col: (hq * dqk) as u32,
@@ -1427,18 +1577,20 @@ fn attention_split_over_many_key_blocks_with(
             )
             .unwrap();
             ks.rope_q(rec, &csb, &p1, rp).unwrap();
-            ks.attention(rec, &p1, &k1, &v1, &o1, ap).unwrap();
-            ks.attention_split(rec, &p2, &csb, &k2, &v2, &part, &o2, dp)
+            ks.attention(rec, &p1, kv(&k1, &v1, dtype), &o1, ap)
+                .unwrap();
+            ks.attention_split(rec, &p2, &csb, kv(&k2, &v2, dtype), &part, &o2, dp)
                 .unwrap();
         });
         assert_close(
-            "split attention, many blocks",
+            &format!("{dtype:?} split attention, many blocks"),
             &read(gpu, &o2, hq * dv),
             &read(gpu, &o1, hq * dv),
             1e-5,
             1e-5,
         );
         let want = decode_attention_cpu(
+            dtype,
             &prow,
             &kc,
             &vc,
@@ -1455,19 +1607,29 @@ fn attention_split_over_many_key_blocks_with(
             0.3,
         );
         assert_close(
-            "split attention, many blocks, vs CPU",
+            &format!("{dtype:?} split attention, many blocks, vs CPU"),
             &read(gpu, &o2, hq * dv),
             &want,
             2e-5,
             1e-4,
         );
-        assert_close(
-            "split attention keys",
-            &read(gpu, &k2, kc.len()),
-            &read(gpu, &k1, kc.len()),
-            1e-6,
-            1e-6,
-        );
+        let (want_k, want_v) =
+            cache_after_store(&kc, &vc, &prow, &cs, (hq, hkv, dqk, dv), n_meta, ring, q);
+        for (name, kb, vb) in [("split", &k2, &v2), ("store_kv", &k1, &v1)] {
+            assert_cached_keys(
+                &format!("{dtype:?} {name} keys, many blocks"),
+                &kv_read(gpu, kb, kc.len(), dtype),
+                &want_k,
+                dtype,
+            );
+            assert_close(
+                &format!("{dtype:?} {name} values, many blocks"),
+                &kv_read(gpu, vb, vc.len(), dtype),
+                &kv_round(&want_v, dtype),
+                0.0,
+                0.0,
+            );
+        }
     }
 }
 
@@ -2023,7 +2185,31 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("rmsnorm", SRC_RMSNORM, vec!["INPLACE"]),
         ("rope", SRC_ROPE, vec![]),
         ("rope", SRC_ROPE, vec!["STORE_KV"]),
+        ("rope", SRC_ROPE, vec!["STORE_KV", "KV_F16"]),
         ("attention", SRC_ATTENTION, vec![]),
+        ("attention", SRC_ATTENTION, vec!["KV_F16"]),
+        // every split entry with the f16 KV cache
+        ("attention_decode", SRC_ATTENTION_DECODE, vec!["KV_F16"]),
+        (
+            "attention_decode",
+            SRC_ATTENTION_DECODE,
+            vec!["CPU_SPLIT", "KV_F16"],
+        ),
+        (
+            "attention_decode",
+            SRC_ATTENTION_DECODE,
+            vec!["SUBGROUP32", "KV_F16"],
+        ),
+        (
+            "attention_decode",
+            SRC_ATTENTION_DECODE,
+            vec!["GQA", "KV_F16"],
+        ),
+        (
+            "attention_decode",
+            SRC_ATTENTION_DECODE,
+            vec!["GQA", "SUBGROUP32", "KV_F16"],
+        ),
         ("attention_decode", SRC_ATTENTION_DECODE, vec![]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec!["COMBINE"]),
         ("attention_decode", SRC_ATTENTION_DECODE, vec!["CPU_SPLIT"]),
