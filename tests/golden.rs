@@ -1,7 +1,7 @@
 //! Golden tests against the official Hymba implementation's outputs.
 //!
 //! For every case (tests/fixtures/* and $HYMBA_EXTRA_FIXTURES/*), with f32 and
-//! with f16 weights:
+//! with f16 weights (which also keep the KV cache in f16):
 //!  (a) prompt logits at every position (`nocache.logits`), no cache, meta tokens inline;
 //!  (b) per-layer hidden states, attention and SSM branch outputs, final norm;
 //!  (c) teacher-forced decoding: prefill from the meta-token prefix cache, then feed
@@ -158,7 +158,8 @@ fn run_case_on(
     ))
     .unwrap_or_else(|e| panic!("{name}: {e}"));
     let f16 = choice == DtypeChoice::F16;
-    // Tolerances: the fixtures' for f32; for f16 weight storage, measured (see README, "Precision").
+    // Tolerances: the fixtures' for f32; for f16 weight and KV storage, measured (see
+    // ARCHITECTURE.md and README.md, "Precision").
     let tol = if f16 {
         Tol {
             logits: (0.08, 0.02),
@@ -416,10 +417,13 @@ fn golden_fixtures() {
     assert!(!cases.is_empty(), "no golden fixtures found");
     let mut rep = Report::default();
     for dir in &cases {
+        // f16 weights with the unfused decode too: its store_kv + prompt attention per step
+        // are the other writer and reader of the f16 KV cache in a decode step.
         for (choice, fused) in [
             (DtypeChoice::F32, true),
             (DtypeChoice::F32, false),
             (DtypeChoice::F16, true),
+            (DtypeChoice::F16, false),
         ] {
             run_case(dir, choice, fused, &mut rep);
         }
@@ -428,7 +432,7 @@ fn golden_fixtures() {
         eprintln!("{l}");
     }
     eprintln!(
-        "{} cases × (f32, f32 with unfused decode, f16) checked",
+        "{} cases × (f32, f16; fused and unfused decode) checked",
         cases.len()
     );
     if !rep.failures.is_empty() {

@@ -69,6 +69,9 @@ pub struct ModelOptions {
     /// Decode with the fused kernels (8 dispatches per layer on GPUs, 9 on CPU adapters); false runs the prompt kernels
     /// one position at a time (20 dispatches per layer), kept as a cross-check.
     pub fused_decode: bool,
+    /// KV-cache storage; None picks it from the weight storage ([`KvDtype::for_weights`]: f32
+    /// for f32 weights, f16 for f16 / q8 / q4).
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl Default for ModelOptions {
@@ -78,6 +81,7 @@ impl Default for ModelOptions {
             chunk: 256,
             max_positions: None,
             fused_decode: true,
+            kv_dtype: None,
         }
     }
 }
@@ -801,7 +805,7 @@ impl Model {
         weight_report: Vec<TensorStorage>,
     ) -> Result<Model> {
         let chunk = opts.chunk.max(cfg.n_meta).max(1);
-        let kv_dtype = KvDtype::F32;
+        let kv_dtype = opts.kv_dtype.unwrap_or(KvDtype::for_weights(dtype));
         kv_dtype.check_dims(cfg.d_qk, cfg.d_v)?;
         let max_positions = opts
             .max_positions
