@@ -312,7 +312,11 @@ fn main() {
                 ctx,
                 "queued",
                 queued,
-                format!("cache {:.1} MiB", s.cache_bytes() as f64 / 1048576.0),
+                format!(
+                    "cache {:.1} MiB (KV {})",
+                    s.cache_bytes() as f64 / 1048576.0,
+                    model.kv_dtype.name()
+                ),
             );
         }
         if let Some(r) = model.gpu.device.generate_allocator_report() {

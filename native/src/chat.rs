@@ -63,12 +63,13 @@ impl Chat<'_> {
     fn stats(&self) {
         let m = &self.lm.model;
         eprintln!(
-            "turns: {}; cache: {} of {} positions used ({} meta), {} allocated",
+            "turns: {}; cache: {} of {} positions used ({} meta), {} allocated (KV {})",
             self.turns,
             self.seq.position(),
             m.max_positions,
             m.cfg.n_meta,
-            crate::output::human_bytes(self.seq.cache_bytes())
+            crate::output::human_bytes(self.seq.cache_bytes()),
+            m.kv_dtype.name()
         );
         if let Some(t) = &self.last {
             eprintln!("last turn: prefill {} tokens", self.last_prefill);

@@ -1,10 +1,10 @@
 //! `hymba info`: GPU adapters, or a model's layout and memory needs.
 
 use crate::load::{open_source, upload};
-use crate::{CliResult, InfoArgs, ModelArgs};
+use crate::{err, CliResult, InfoArgs, ModelArgs};
 use hymba_engine::config::{AttentionKind, HymbaConfig, KvRole};
 use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu};
-use hymba_engine::kernels::{Matrix, WeightDtype};
+use hymba_engine::kernels::{KvDtype, Matrix, WeightDtype};
 use hymba_engine::model::{group_weight_report, ModelOptions, TensorStorage};
 
 pub fn human_bytes(b: u64) -> String {
@@ -108,10 +108,10 @@ fn buf(bytes: usize) -> u64 {
 }
 
 /// Bytes of one sequence's cache holding `tokens` user tokens, by the engine's allocation
-/// rules (`cache.rs`): conv + SSM state per layer; K and V (f32) per KV-owning layer, a
-/// sliding-window layer holding n_meta + window + chunk slots, a global layer a buffer
-/// that starts at `global_cap0` text slots and doubles as the sequence grows.
-pub fn cache_bytes_at(c: &HymbaConfig, opts: &ModelOptions, tokens: usize) -> u64 {
+/// rules (`cache.rs`): conv + SSM state per layer (f32); K and V (stored as `kv`) per
+/// KV-owning layer, a sliding-window layer holding n_meta + window + chunk slots, a global
+/// layer a buffer that starts at `global_cap0` text slots and doubles as the sequence grows.
+pub fn cache_bytes_at(c: &HymbaConfig, opts: &ModelOptions, kv: KvDtype, tokens: usize) -> u64 {
     let chunk = opts.chunk.max(c.n_meta).max(1);
     let max_positions = opts
         .max_positions
@@ -132,7 +132,8 @@ pub fn cache_bytes_at(c: &HymbaConfig, opts: &ModelOptions, tokens: usize) -> u6
                 AttentionKind::SlidingWindow { window } => window + chunk,
             };
             let cap = c.n_meta + ring;
-            total += buf(c.n_kv_heads * cap * c.d_qk * 4) + buf(c.n_kv_heads * cap * c.d_v * 4);
+            let e = kv.bytes();
+            total += buf(c.n_kv_heads * cap * c.d_qk * e) + buf(c.n_kv_heads * cap * c.d_v * e);
         }
     }
     total
@@ -278,25 +279,46 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
         };
         println!("  {i:>2}: {att}, {kv}");
     }
+    // Upload the weights and report what each buffer holds.
+    let args = ModelArgs {
+        model: a.model.clone(),
+        backend: a.backend.clone(),
+        adapter: a.adapter,
+        dtype: a.dtype.clone(),
+    };
+    let lm = upload(src, &args, true)?;
+    let c = &lm.model.cfg;
+    let kv = lm.model.kv_dtype;
     let kv_owner_global = c
         .layers
         .iter()
         .filter(|l| l.owns_kv() && l.attention == AttentionKind::Global)
         .count();
-    let per_token = kv_owner_global * c.n_kv_heads * (c.d_qk + c.d_v) * 4;
+    let per_token = kv_owner_global * c.n_kv_heads * (c.d_qk + c.d_v) * kv.bytes();
     println!(
-        "cache (f32): grows by {} per token ({} KV-owning global layer(s)); sliding-window KV, conv and SSM states are fixed-size (full KV of all {} KV-owning layers would be {} per token)",
+        "cache (KV {}, conv and SSM states f32): grows by {} per token ({} KV-owning global layer(s)); sliding-window KV, conv and SSM states are fixed-size (full KV of all {} KV-owning layers would be {} per token)",
+        kv.name(),
         human_bytes(per_token as u64),
         kv_owner_global,
         c.layers.iter().filter(|l| l.owns_kv()).count(),
-        human_bytes(c.kv_bytes_per_position(4) as u64)
+        human_bytes(c.kv_bytes_per_position(kv.bytes()) as u64)
     );
-    let fixed = cache_bytes_at(c, &opts, 1);
+    let fixed = lm.model.new_sequence().map_err(err)?.cache_bytes();
     println!(
-        "cache for one sequence (allocated as the engine does, prefill chunk {}):",
+        "cache for one sequence (KV {} because the weights are {}; prefill chunk {}):",
+        kv.name(),
+        lm.model.dtype.name(),
         opts.chunk
     );
-    println!("  {:>6} tokens: {}", 1, human_bytes(fixed));
+    println!(
+        "  new sequence: {} (measured from its buffers)",
+        human_bytes(fixed)
+    );
+    println!(
+        "  {:>6} tokens: {} (by the engine's allocation rules, as below)",
+        1,
+        human_bytes(cache_bytes_at(c, &opts, kv, 1))
+    );
     for n in [1024usize, 4096, 8192] {
         let note = if n + c.n_meta > max_positions {
             " (beyond this model's limit)"
@@ -306,18 +328,10 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
         println!(
             "  {:>6} tokens: {}{}",
             n,
-            human_bytes(cache_bytes_at(c, &opts, n)),
+            human_bytes(cache_bytes_at(c, &opts, kv, n)),
             note
         );
     }
-    // Upload the weights and report what each buffer holds.
-    let args = ModelArgs {
-        model: a.model.clone(),
-        backend: a.backend.clone(),
-        adapter: a.adapter,
-        dtype: a.dtype.clone(),
-    };
-    let lm = upload(src, &args, true)?;
     let report = lm.model.weight_report();
     println!(
         "weight storage on the GPU ({}, measured from the uploaded buffers{}):",

@@ -306,6 +306,9 @@ fn info_describes_the_builtin_model() {
         "{out}"
     );
     assert!(out.contains("1024 tokens"), "{out}");
+    // f32 weights keep the f32 KV cache; the allocation rules agree with a new sequence's buffers.
+    assert!(out.contains("cache (KV f32"), "{out}");
+    let f32_kv = assert_cache_rows_agree(&out);
     // Weight storage measured from the uploaded buffers: grouped by role, the groups add up.
     assert!(out.contains("weight storage on the GPU (f32"), "{out}");
     assert!(
@@ -322,6 +325,13 @@ fn info_describes_the_builtin_model() {
         "--tensors",
     ]));
     assert!(out.contains("weight storage on the GPU (q8"), "{out}");
+    // q8 weights: the f16 KV cache, half the f32 one's bytes per token.
+    assert!(
+        out.contains("cache (KV f16") && out.contains("KV f16 because the weights are q8"),
+        "{out}"
+    );
+    assert_cache_rows_agree(&out);
+    assert!(out.contains("grows by 768 B per token") && f32_kv.contains("1.5 KiB per token"));
     for i in 0..7 {
         let line = out
             .lines()
@@ -342,6 +352,28 @@ fn info_describes_the_builtin_model() {
         out.contains("shader-f16") && out.contains("max_buffer_size"),
         "{out}"
     );
+}
+
+/// `hymba info`'s cache rows: the measured size of a new sequence equals the allocation rules'
+/// size at 1 token (the rules give the larger contexts). Returns the "cache (...)" line.
+fn assert_cache_rows_agree(out: &str) -> String {
+    let value = |prefix: &str| -> String {
+        let l = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?}: {out}"));
+        l.trim_start()[prefix.len()..]
+            .split(" (")
+            .next()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(value("new sequence:"), value("1 tokens:"), "{out}");
+    out.lines()
+        .find(|l| l.starts_with("cache ("))
+        .unwrap_or_else(|| panic!("no cache line: {out}"))
+        .to_string()
 }
 
 /// The bytes column of `hymba info`'s storage table adds up to its total line; returns the total.

@@ -48,7 +48,10 @@ export interface Stats {
   generated_tokens: number;
   decode_secs: number;
   decode_tok_s: number;
+  /** Bytes of the sequence's cache on the GPU, measured from its buffers. */
   cache_bytes: number;
+  /** How the KV cache stores keys and values: f32 for f32 weights, f16 otherwise. */
+  kv_dtype: 'f32' | 'f16';
   weight_bytes: number;
   gpu_bytes: number;
   position: number;

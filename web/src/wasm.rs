@@ -610,6 +610,7 @@ fn stats_json(model: &Model, seq: &Sequence, g: &Generation, prefill_tokens: usi
         "decode_secs": g.decode_secs,
         "decode_tok_s": g.decode_tok_s(),
         "cache_bytes": g.cache_bytes,
+        "kv_dtype": model.kv_dtype.name(),
         "weight_bytes": model.weight_bytes(),
         "weights": hymba_engine::model::group_weight_report(model.weight_report()),
         "gpu_bytes": g.cache_bytes + model.weight_bytes(),
