@@ -285,3 +285,50 @@ impl Sequence {
         self.undoable = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuOptions;
+
+    /// Hymba-1.5B's real layout (3 global and 14 sliding-window KV-owning layers, 5 KV heads,
+    /// d_qk 64, d_v 128, 128 meta tokens) at 8000 tokens of context, as the engine allocates it
+    /// (prefill chunk 256): the f16 KV buffers are exactly half the f32 ones, measured from the
+    /// buffers after the global layers grew.
+    #[test]
+    fn hymba_15b_kv_cache_at_8k_context_halves_in_f16() {
+        let cfg = HymbaConfig::from_json_str(
+            include_str!("../../tests/configs/hymba-1.5b-config.json"),
+            "hymba-1.5b-config.json",
+        )
+        .unwrap();
+        let gpu = pollster::block_on(Gpu::new(&GpuOptions::default())).unwrap();
+        let chunk: usize = 256;
+        let max_text = cfg.max_position_embeddings;
+        // As Model::assemble sizes a global layer's first buffer.
+        let global_cap0 = (2 * chunk).div_ceil(256) * 256;
+        let mut sizes = Vec::new();
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            let mut s = Sequence::new(&gpu, &cfg, chunk, global_cap0, dtype).unwrap();
+            s.ensure_capacity(&gpu, &cfg, cfg.n_meta + 8000, max_text)
+                .unwrap();
+            let (kv, all) = (s.kv_bytes(), s.cache_bytes());
+            eprintln!(
+                "Hymba-1.5B, 8000 tokens, KV {}: KV buffers {kv} B ({:.1} MiB), cache {all} B ({:.1} MiB)",
+                dtype.name(),
+                kv as f64 / 1048576.0,
+                all as f64 / 1048576.0
+            );
+            sizes.push((kv, all));
+        }
+        let ((kv32, all32), (kv16, all16)) = (sizes[0], sizes[1]);
+        assert_eq!(kv16 * 2, kv32);
+        assert_eq!(all32 - all16, kv16);
+        // 17 KV-owning layers x 5 heads x (64 + 128) x 4 bytes per slot: the global layers grew
+        // from 512 text slots to the 8000 asked for at once, the sliding-window ones hold
+        // 1024 + 256; plus 128 meta slots each.
+        let per_slot = 5 * (64 + 128) * 4;
+        let want32 = (3 * (128 + 8000) + 14 * (128 + 1024 + 256)) * per_slot;
+        assert_eq!(kv32, want32 as u64);
+    }
+}
