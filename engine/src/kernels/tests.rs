@@ -518,6 +518,18 @@ fn rotate(v: &[f32], cs: &[f32], pos: usize) -> Vec<f32> {
 
 const KV_DTYPES: [KvDtype; 2] = [KvDtype::F32, KvDtype::F16];
 
+/// Absolute tolerance between the split decode attention and store_kv + rope + the prompt
+/// attention. With an f16 cache each path rounds this step's rotated key to f16 from its own
+/// shader's `a * c - b * s`, which a GPU compiler may contract into an FMA in one shader and
+/// not the other: one f32 ulp apart can round to f16 values one f16 ulp apart (on an H200 that
+/// moved outputs of ~0.1 by 1.4e-5 to 1.7e-5). An error of the kernels themselves is far larger.
+fn split_vs_unfused_tol(dtype: KvDtype) -> f32 {
+    match dtype {
+        KvDtype::F32 => 1e-5,
+        KvDtype::F16 => 1e-4,
+    }
+}
+
 /// `x` as an f16 KV cache holds it (round to nearest even; NaN stays NaN); f32: unchanged.
 fn kv_round(x: &[f32], dtype: KvDtype) -> Vec<f32> {
     match dtype {
@@ -1400,7 +1412,7 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels, dtype: KvDtype) {
             &format!("{dtype:?} split decode attention"),
             &read(gpu, &o3, hq * dv),
             &read(gpu, &o1, hq * dv),
-            1e-5,
+            split_vs_unfused_tol(dtype),
             1e-5,
         );
         let want = decode_attention_cpu(
@@ -1586,7 +1598,7 @@ fn attention_split_over_many_key_blocks_with(
             &format!("{dtype:?} split attention, many blocks"),
             &read(gpu, &o2, hq * dv),
             &read(gpu, &o1, hq * dv),
-            1e-5,
+            split_vs_unfused_tol(dtype),
             1e-5,
         );
         let want = decode_attention_cpu(
@@ -2221,6 +2233,11 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
             SRC_ATTENTION_DECODE,
             vec!["GQA", "SUBGROUP32"],
         ),
+        ("attention", SRC_ATTENTION, vec!["SUBGROUP32"]),
+        ("attention", SRC_ATTENTION, vec!["SUBGROUP32", "KV_F16"]),
+        ("matmul", SRC_MATMUL, vec!["WIDE", "PRO_NORM", "SUBGROUP32"]),
+        ("matmul", SRC_MATMUL, vec!["WIDE", "W_Q4", "PRO_SWIGLU"]),
+        ("matmul", SRC_MATMUL, vec!["WIDE", "W_Q8", "SUBGROUP32"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT", "LANES4"]),
         (
             "scan",
