@@ -56,7 +56,8 @@ fn vld(i: u32) -> vec4<f32> { return vc[i]; }
 // walk one common key list: the meta slots visible to its last query, then text positions from
 // the first query's window start to the last query; each (query, key) pair is masked with the
 // query's own visibility. Per block of KB keys: 2 scores per thread (one key, queries i and
-// i + 4, eight vec4 key loads in flight), an online softmax per query row (32 lanes per query),
+// i + 4, eight vec4 key loads in flight), an online softmax per query row (32 lanes per query;
+// with SUBGROUP32 they are one subgroup, and the block's max and sum are subgroup reductions),
 // then P.V with each lane owning one vec4 of the value (d_v <= 128), eight value rows in
 // flight. d_qk <= 256.
 // Grid: (n_heads, ceil(rows / QB), 1).
@@ -173,6 +174,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
         workgroupBarrier();
         let nk = min(KB, n_keys - kb);
+#ifdef SUBGROUP32
+        // The 32 lanes of query row qr are one subgroup: each holds two of the row's scores,
+        // and the block's max and sum are subgroup reductions (no serial pass over the row).
+        let s0 = ps[qr * KB + ln];
+        let s1 = ps[qr * KB + ln + 32u];
+        let bm = subgroupMax(max(select(NEG, s0, ln < nk), select(NEG, s1, ln + 32u < nk)));
+        let nm = max(m, bm);
+        let corr = exp(m - nm);
+        // Probabilities of this row's keys (masked keys exactly 0).
+        var p0 = 0.0;
+        var p1 = 0.0;
+        if (ln < nk && s0 > NEG) { p0 = exp(s0 - nm); }
+        if (ln + 32u < nk && s1 > NEG) { p1 = exp(s1 - nm); }
+        ps[qr * KB + ln] = p0;
+        ps[qr * KB + ln + 32u] = p1;
+        let bs = subgroupAdd(p0 + p1);
+        workgroupBarrier();
+#else
         var bm = NEG;
         for (var jj = 0u; jj < nk; jj++) { bm = max(bm, ps[qr * KB + jj]); }
         let nm = max(m, bm);
@@ -188,6 +207,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
         var bs = 0.0;
         for (var jj = 0u; jj < nk; jj++) { bs += ps[qr * KB + jj]; }
+#endif
         l = l * corr + bs;
         m = nm;
         var a0 = acc0 * corr;

@@ -1315,7 +1315,13 @@ impl Kernels {
                 &["STORE_KV"],
                 &[U, R, R, RW, RW],
             )?,
-            attention: KvKernel::new(gpu, "attention.wgsl", SRC_ATTENTION, &[], &[U, R, R, R, RW])?,
+            attention: KvKernel::new(
+                gpu,
+                "attention.wgsl",
+                SRC_ATTENTION,
+                if sg32 { &["SUBGROUP32"] } else { &[] },
+                &[U, R, R, R, RW],
+            )?,
             conv: k("conv1d.wgsl", SRC_CONV1D, &[], "main", &[U, R, R, R, RW])?,
             conv_state: k("conv1d.wgsl", SRC_CONV1D, &["STATE"], "main", &[U, R, RW])?,
             scan: k(
