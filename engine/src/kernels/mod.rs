@@ -1452,8 +1452,8 @@ impl Kernels {
         self.gemv[dtype_index(w.dtype)][pro][big].get(gpu)
     }
 
-    /// The decode GEMV for `w` with prologue `pro`, its parameters' `passes` and its grid's x
-    /// for `part_rows` rows: `gemv_wide` where K allows, else `gemv` (or `gemv_row`).
+    /// The GEMV for `w` with prologue `pro`, its parameters' `passes` and its grid's x for
+    /// `part_rows` rows of W: `gemv_wide` where K allows, else `gemv` (or `gemv_row`).
     fn gemv_choice(
         &self,
         gpu: &Gpu,

@@ -174,12 +174,17 @@ fn matmul_gemv_f32() {
     // K larger than the workgroup staging buffer (unstaged path), and enough rows for 4 passes.
     matmul_case(WeightDtype::F32, 1, 21, 9000, false, false, 9);
     matmul_case(WeightDtype::F32, 1, 8500, 24, true, false, 10);
+    // Narrow outputs over prompt rows (the prefill x_proj takes the GEMV, a row of workgroups
+    // per X row).
+    matmul_case(WeightDtype::F32, 37, 133, 300, true, true, 11);
+    matmul_case(WeightDtype::F32, 9, 20, 3000, false, false, 12);
 }
 
 #[test]
 fn matmul_gemv_f16() {
     matmul_case(WeightDtype::F16, 1, 37, 45, true, false, 3);
     matmul_case(WeightDtype::F16, 2, 260, 6, false, true, 4);
+    matmul_case(WeightDtype::F16, 12, 132, 200, false, true, 5);
 }
 
 #[test]
