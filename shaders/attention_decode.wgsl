@@ -57,12 +57,15 @@ struct Params {
 fn f16x4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }
 fn kld(i: u32) -> vec4<f32> { return f16x4(kc[i]); }
 fn vld(i: u32) -> vec4<f32> { return f16x4(vc[i]); }
-fn kst(i: u32, v: vec4<f32>) { kc[i] = vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }
-fn vst(i: u32, v: vec4<f32>) { vc[i] = vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }
+// Two values as one word of f16, clamped to the f16 range first (WGSL leaves pack2x16float of
+// larger values undefined).
+fn pack_f16(v: vec2<f32>) -> u32 { return pack2x16float(clamp(v, vec2<f32>(-65504.0), vec2<f32>(65504.0))); }
+fn kst(i: u32, v: vec4<f32>) { kc[i] = vec2<u32>(pack_f16(v.xy), pack_f16(v.zw)); }
+fn vst(i: u32, v: vec4<f32>) { vc[i] = vec2<u32>(pack_f16(v.xy), pack_f16(v.zw)); }
 // This step's key and value as the cache holds them (rounded to f16), so that a step reads its
 // own key and value exactly as later steps and the prompt attention will.
-fn kvr(x: f32) -> f32 { return unpack2x16float(pack2x16float(vec2<f32>(x, 0.0))).x; }
-fn kvr4(v: vec4<f32>) -> vec4<f32> { return f16x4(vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw))); }
+fn kvr(x: f32) -> f32 { return unpack2x16float(pack_f16(vec2<f32>(x, 0.0))).x; }
+fn kvr4(v: vec4<f32>) -> vec4<f32> { return f16x4(vec2<u32>(pack_f16(v.xy), pack_f16(v.zw))); }
 #else
 // kc: [n_kv_heads, cap, d_qk / 4] vec4<f32> keys (post-RoPE); d_qk % 4 == 0.
 @group(0) @binding(4) var<storage, read_write> kc: array<vec4<f32>>;

@@ -33,7 +33,7 @@ struct Params {
     accumulate: u32, // 1: Y += result (residual add), 0: Y = result
     has_bias: u32,   // 1: add bias[m]
     eps: f32,        // RMSNorm epsilon of the PRO_NORM / PRO_MERGE prologues
-    passes: u32,     // gemv: groups of 8 rows each workgroup computes (rows per workgroup / 8)
+    passes: u32,     // gemv: groups of 8 rows each workgroup computes; gemv_wide: groups of 4
     aux_n: u32,      // PRO_CONV: conv kernel width
     kslice: u32,     // gemv: K columns per slice (grid z = slice; = k without a split)
     ypart: u32,      // gemv: Y offset between the slices' partial results (0 without a split)
@@ -427,7 +427,8 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 // gemv_wide: the decode GEMV for K <= 2048 with K spread over the whole workgroup. Thread li
 // owns the 8 columns 8 li .. 8 li + 7 and keeps X there, after the prologue but without its row
 // scales, in registers; it then reads those columns of eight rows of W at a time, every load
-// issued before any is used, with no barrier before the first. Each four rows' partial sums
+// issued before any is used (with SUBGROUP32, the only case the host picks it for outside tests,
+// no barrier comes before the first). Each four rows' partial sums
 // are reduced once (a subgroupAdd per 32 lanes, or a workgroup-memory tree without SUBGROUP32)
 // into workgroup memory; after one barrier at the end a thread per row adds the subgroups'
 // partials, applies the row scale of the prologue's RMS norm (reduced the same way, so the

@@ -9,7 +9,8 @@
 //   layer's KV cache at their slots (ring buffer for sliding-window layers).
 //   Grid: (ceil(max(half, d_v) / 64), rows, n_kv_heads).
 //   With KV_F16 as well (f16 KV cache, two f16 per u32 word, element 2i in the low half, rounded
-//   to nearest by pack2x16float): each thread writes whole words, one pair of keys in each half
+//   by pack2x16float, to nearest on every driver tested, after clamping to the f16 range, where
+//   WGSL leaves the result of larger values undefined): each thread writes whole words, one pair of keys in each half
 //   and one pair of values (d_qk % 4 == 0, d_v even).
 //   Grid: (ceil(max(d_qk / 4, d_v / 2) / 64), rows, n_kv_heads).
 
@@ -39,6 +40,9 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> kc: array<u32>;
 // vc: [n_kv_heads, cap, d_v / 2] u32 value cache, two f16 per word.
 @group(0) @binding(4) var<storage, read_write> vc: array<u32>;
+// Two values as one word of f16, clamped to the f16 range first (WGSL leaves pack2x16float of
+// larger values undefined).
+fn pack_f16(v: vec2<f32>) -> u32 { return pack2x16float(clamp(v, vec2<f32>(-65504.0), vec2<f32>(65504.0))); }
 #else
 // kc: [n_kv_heads, cap, d_qk] f32 key cache (post-RoPE).
 @group(0) @binding(3) var<storage, read_write> kc: array<f32>;
@@ -71,12 +75,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let c = vec2<f32>(cs[ci], cs[ci + 2u]);
         let sn = vec2<f32>(cs[ci + 1u], cs[ci + 3u]);
         let ob = (h * p.cap + s) * (p.d_qk / 2u);
-        kc[ob + e] = pack2x16float(a * c - b * sn);
-        kc[ob + half / 2u + e] = pack2x16float(b * c + a * sn);
+        kc[ob + e] = pack_f16(a * c - b * sn);
+        kc[ob + half / 2u + e] = pack_f16(b * c + a * sn);
     }
     if (e < p.d_v / 2u) {
         let vb = row + p.v_col + h * p.d_v + 2u * e;
-        vc[(h * p.cap + s) * (p.d_v / 2u) + e] = pack2x16float(vec2<f32>(pbuf[vb], pbuf[vb + 1u]));
+        vc[(h * p.cap + s) * (p.d_v / 2u) + e] = pack_f16(vec2<f32>(pbuf[vb], pbuf[vb + 1u]));
     }
 #else
     if (e < half) {

@@ -728,7 +728,8 @@ pub enum KvDtype {
     /// f32: keys [n_kv_heads, cap, d_qk] and values [n_kv_heads, cap, d_v] f32. The exact path,
     /// for models with f32 weights.
     F32,
-    /// f16 packed in u32 words (`pack2x16float`, rounded to nearest; element 2i in the low half):
+    /// f16 packed in u32 words (`pack2x16float` after clamping to ±65504, to nearest on every
+    /// driver tested; element 2i in the low half):
     /// keys [n_kv_heads, cap, d_qk / 2] and values [n_kv_heads, cap, d_v / 2] u32. Half the bytes;
     /// needs no `shader-f16`. The kernels widen to f32 on load and accumulate in f32.
     F16,
@@ -948,6 +949,10 @@ pub struct Kernels {
     scan_fused_conv: Arc<Kernel>,
     /// The fused scans run four lanes per channel (16 channels per workgroup).
     scan_lanes: bool,
+    /// Whether decode GEMVs may take `gemv_wide`: where subgroups are 32 wide (it was measured
+    /// only there; without subgroups each of its reductions is a 9-barrier tree). Tests turn
+    /// it on elsewhere with [`Kernels::with_wide_gemv`].
+    wide: bool,
     /// [dtype f32, f16, q8, q4]
     embed: Vec<Arc<Kernel>>,
     rmsnorm: Arc<Kernel>,
@@ -1140,8 +1145,11 @@ impl Kernels {
                 if sg32 {
                     d.push("SUBGROUP32".into());
                 }
-                per_pro_wide
-                    .push((pro != "PRO_MERGE").then(|| LazyKernel::new("gemv_wide", d, binds)));
+                // f32 weights and the merge prologue never take gemv_wide (see gemv_choice).
+                per_pro_wide.push(
+                    (pro != "PRO_MERGE" && dt != "W_F32")
+                        .then(|| LazyKernel::new("gemv_wide", d, binds)),
+                );
             }
             gemv.push(per_pro);
             gemv_wide.push(per_pro_wide);
@@ -1295,6 +1303,7 @@ impl Kernels {
                 &[U, R, R, R, R, R, RW, RW, R, RW, R],
             )?,
             scan_lanes: !rowwise,
+            wide: sg32,
             embed: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
                 .map(|d| k("embed.wgsl", SRC_EMBED, d, "main", &[U, R, R, R, RW]))
@@ -1417,6 +1426,14 @@ impl Kernels {
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
     }
 
+    /// Lets decode GEMVs take `gemv_wide` (or not) whatever the adapter's subgroups: tests run
+    /// its workgroup-memory reductions on adapters without 32-wide subgroups this way.
+    #[cfg(test)]
+    pub(crate) fn with_wide_gemv(mut self, on: bool) -> Self {
+        self.wide = on;
+        self
+    }
+
     /// How many of the workgroup GEMV variants (compiled on first use) have been compiled.
     pub fn gemv_variants_compiled(&self) -> usize {
         let (staged, wide) = self.gemv_variants_compiled_by_entry();
@@ -1462,12 +1479,13 @@ impl Kernels {
         part_rows: usize,
     ) -> Result<(Arc<Kernel>, u32, u32)> {
         // gemv_wide: K within one chunk per thread, 16-bit or quantized weights (f32 measured
-        // faster on gemv), no merge prologue (it has two branches to reduce).
+        // faster on gemv; no kernel is built for it), no merge prologue (it has two branches to
+        // reduce), subgroups of 32 (`wide`).
         let wide = self
             .gemv_wide
             .get(dtype_index(w.dtype))
             .and_then(|v| v[pro].as_ref())
-            .filter(|_| w.cols <= WIDE_MAX_K && w.dtype != WeightDtype::F32);
+            .filter(|_| self.wide && w.cols <= WIDE_MAX_K);
         if let Some(k) = wide {
             let passes = wide_passes(part_rows);
             let gx = part_rows.div_ceil(4 * passes as usize) as u32;

@@ -1063,7 +1063,13 @@ fn gemv_pro_case(dtype: WeightDtype, which: usize, rows: usize, m: usize, k: usi
     // row-per-thread ones on a GPU).
     let (gpu, ks) = env();
     static OTHER: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
-    let other = OTHER.get_or_init(|| Kernels::new_with(gpu, !ks.cpu_adapter()).unwrap());
+    // The workgroup family takes gemv_wide here even without 32-wide subgroups (lavapipe), so
+    // that its workgroup-memory reductions are tested too.
+    let other = OTHER.get_or_init(|| {
+        Kernels::new_with(gpu, !ks.cpu_adapter())
+            .unwrap()
+            .with_wide_gemv(true)
+    });
     for kern in [ks, other] {
         gemv_pro_case_with(kern, dtype, which, rows, m, k, seed);
     }
@@ -2148,7 +2154,7 @@ fn workgroup_gemvs_compile_on_first_use() {
     // one per (dtype, prologue, K class) when first recorded, reused after. K up to 2048 with
     // 16-bit weights takes `gemv_wide`; f32 weights and longer K take `gemv`.
     let (gpu, _) = env();
-    let ks = Kernels::new_with(gpu, false).unwrap();
+    let ks = Kernels::new_with(gpu, false).unwrap().with_wide_gemv(true);
     assert_eq!(ks.gemv_variants_compiled(), 0);
     let mut r = Rng::new(75);
     let m = 40;
@@ -2313,7 +2319,7 @@ fn gemv_workgroup_and_rowwise_variants_agree() {
     // CPU adapters run the barrier-free GEMV; GPUs the workgroup one. Check each against the
     // other on every prologue and every storage type, whichever adapter runs the tests.
     let (gpu, _) = env();
-    let wg = Kernels::new_with(gpu, false).unwrap();
+    let wg = Kernels::new_with(gpu, false).unwrap().with_wide_gemv(true);
     let rw = Kernels::new_with(gpu, true).unwrap();
     let mut r = Rng::new(401);
     for dtype in [
