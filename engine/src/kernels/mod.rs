@@ -1013,12 +1013,11 @@ impl LazyKernel {
     }
 }
 
-/// A kernel that reads or writes the KV cache: its f32-cache form, compiled with the other
-/// kernels, and its f16-cache form (`KV_F16`), compiled on first use (a model uses one KV
-/// storage, and a browser compiles each pipeline slowly).
+/// A kernel that reads or writes the KV cache, in its f32-cache and f16-cache (`KV_F16`) forms,
+/// each compiled on first use: a model uses one KV storage, and a browser compiles each pipeline
+/// slowly.
 struct KvKernel {
-    f32: Arc<Kernel>,
-    f16: std::sync::OnceLock<Arc<Kernel>>,
+    forms: [std::sync::OnceLock<Arc<Kernel>>; 2],
     file: &'static str,
     src: &'static str,
     defines: Vec<String>,
@@ -1026,17 +1025,16 @@ struct KvKernel {
 }
 
 impl KvKernel {
-    /// Entry `main` of `src` with `defines` (f32 form compiled now).
+    /// Entry `main` of `src` with `defines` (nothing compiled yet).
     fn new(
-        gpu: &Gpu,
+        _gpu: &Gpu,
         file: &'static str,
         src: &'static str,
         defines: &[&str],
         binds: &[BindKind],
     ) -> Result<KvKernel> {
         Ok(KvKernel {
-            f32: Arc::new(Kernel::new(gpu, file, src, "main", defines, binds)?),
-            f16: std::sync::OnceLock::new(),
+            forms: Default::default(),
             file,
             src,
             defines: defines.iter().map(|d| d.to_string()).collect(),
@@ -1045,25 +1043,29 @@ impl KvKernel {
     }
 
     fn get(&self, gpu: &Gpu, dtype: KvDtype) -> Result<Arc<Kernel>> {
-        match dtype {
-            KvDtype::F32 => Ok(self.f32.clone()),
-            KvDtype::F16 => {
-                if let Some(k) = self.f16.get() {
-                    return Ok(k.clone());
-                }
-                let mut d: Vec<&str> = self.defines.iter().map(|s| s.as_str()).collect();
-                d.push("KV_F16");
-                let k = Arc::new(Kernel::new(
-                    gpu,
-                    self.file,
-                    self.src,
-                    "main",
-                    &d,
-                    &self.binds,
-                )?);
-                Ok(self.f16.get_or_init(|| k).clone())
-            }
+        let i = (dtype == KvDtype::F16) as usize;
+        if let Some(k) = self.forms[i].get() {
+            return Ok(k.clone());
         }
+        let mut d: Vec<&str> = self.defines.iter().map(|s| s.as_str()).collect();
+        if dtype == KvDtype::F16 {
+            d.push("KV_F16");
+        }
+        let k = Arc::new(Kernel::new(
+            gpu,
+            self.file,
+            self.src,
+            "main",
+            &d,
+            &self.binds,
+        )?);
+        Ok(self.forms[i].get_or_init(|| k).clone())
+    }
+
+    /// Whether the form for `dtype` has been compiled.
+    #[cfg(test)]
+    fn compiled(&self, dtype: KvDtype) -> bool {
+        self.forms[(dtype == KvDtype::F16) as usize].get().is_some()
     }
 }
 

@@ -2608,3 +2608,20 @@ fn a_row_larger_than_the_limit_is_a_clear_error() {
         "{e}"
     );
 }
+
+#[test]
+fn kv_kernels_compile_only_the_storage_a_model_uses() {
+    // Kernels that read or write the KV cache compile their f32 and f16 forms on first use: an
+    // f16 model (the browser's default) never compiles the f32 ones, and the reverse.
+    let (gpu, _) = env();
+    let ks = Kernels::new_with(gpu, false).unwrap();
+    let mut all = vec![&ks.attention, &ks.store_kv, &ks.attention_split];
+    all.extend(ks.attention_gqa.as_ref());
+    for k in &all {
+        assert!(!k.compiled(KvDtype::F32) && !k.compiled(KvDtype::F16));
+    }
+    for k in &all {
+        k.get(gpu, KvDtype::F16).unwrap();
+        assert!(k.compiled(KvDtype::F16) && !k.compiled(KvDtype::F32));
+    }
+}
