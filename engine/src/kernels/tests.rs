@@ -2625,3 +2625,102 @@ fn kv_kernels_compile_only_the_storage_a_model_uses() {
         assert!(k.compiled(KvDtype::F16) && !k.compiled(KvDtype::F32));
     }
 }
+
+#[test]
+fn decode_step_sees_its_own_key_and_value_as_the_f16_cache_holds_them() {
+    // An f16 cache: a decode step in a KV-owning layer takes its own key and value from the
+    // in_proj row, and must use them rounded to f16 (as later steps and the prompt attention
+    // read them from the cache), not the f32 row. Two keys, the meta token's and the step's,
+    // with scores 64 apart by less than one f16 step of the key, so that rounding the step's
+    // key moves the softmax weights by ~6e-3, and a value between f16 neighbours. One query
+    // head per KV head (per-head split) and two (GQA), both kernel families.
+    let (gpu, _) = env();
+    let dtype = KvDtype::F16;
+    let (dqk, dv, n_meta, ring) = (4usize, 4usize, 1usize, 4usize);
+    let cap = n_meta + ring;
+    let q = 1usize; // the step's position: one text position after the meta token
+    let x = 1.0 + 2f32.powi(-11) + 2f32.powi(-13); // between the f16 values 1 and 1 + 2^-10
+    let k_self = [x, 0.25, -0.5, 0.75];
+    let v_self = [x, -2.0 * x, 0.5, 3.0 * x];
+    let k_meta = [1.0f32, 0.25, -0.5, 0.75];
+    let v_meta = [0.25f32, 0.5, -0.75, 1.0];
+    // RoPE as the identity (cos 1, sin 0) keeps the step's key exactly as given.
+    let cs: Vec<f32> = (0..8 * dqk / 2).flat_map(|_| [1.0f32, 0.0]).collect();
+    let csb = gpu.upload("cs", &cs).unwrap();
+    let round = |v: &[f32]| kv_round(v, dtype);
+    for hq in [1usize, 2] {
+        let hkv = 1;
+        // The in_proj row: q of every head, then k, then v.
+        let qv = [64.0f32, 0.0, 0.0, 0.0];
+        let mut prow: Vec<f32> = (0..hq).flat_map(|_| qv).collect();
+        prow.extend(k_self);
+        prow.extend(v_self);
+        // CPU: softmax over (meta, self) with the step's key and value rounded, or not.
+        let attend = |k: &[f32], v: &[f32]| -> Vec<f32> {
+            let dot = |a: &[f32]| a.iter().zip(&qv).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            let (s0, s1) = (dot(&k_meta), dot(k));
+            let mx = s0.max(s1);
+            let (e0, e1) = ((s0 - mx).exp(), (s1 - mx).exp());
+            (0..dv)
+                .map(|i| ((e0 * v_meta[i] as f64 + e1 * v[i] as f64) / (e0 + e1)) as f32)
+                .collect()
+        };
+        let want = attend(&round(&k_self), &round(&v_self));
+        let unrounded = attend(&k_self, &v_self);
+        let gap = want
+            .iter()
+            .zip(&unrounded)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(gap > 1e-3, "the case must tell the two apart (gap {gap})");
+        for rowwise in [false, true] {
+            let ks = Kernels::new_with(gpu, rowwise).unwrap();
+            let mut kc = vec![NAN; cap * dqk];
+            let mut vc = vec![NAN; cap * dv];
+            kc[..dqk].copy_from_slice(&k_meta);
+            vc[..dv].copy_from_slice(&v_meta);
+            let (kb, vb) = (kv_upload(gpu, &kc, dtype), kv_upload(gpu, &vc, dtype));
+            let pb = gpu.upload("prow", &prow).unwrap();
+            let out = gpu.upload("out", &vec![NAN; hq * dv]).unwrap();
+            let part = gpu.upload("part", &vec![NAN; hq * (2 + dv)]).unwrap();
+            let dp = AttentionDecodeParams {
+                n_heads: hq as u32,
+                n_kv_heads: hkv as u32,
+                d_qk: dqk as u32,
+                d_v: dv as u32,
+                q_stride: prow.len() as u32,
+                k_col: (hq * dqk) as u32,
+                v_col: (hq * dqk + dqk) as u32,
+                self_kv: 1,
+                pos: q as u32,
+                n_meta: n_meta as u32,
+                ring: ring as u32,
+                cap: cap as u32,
+                window: NO_WINDOW,
+                scale: 1.0,
+                n_splits: 1,
+            };
+            run(gpu, |rec| {
+                ks.attention_split(rec, &pb, &csb, kv(&kb, &vb, dtype), &part, &out, dp)
+                    .unwrap()
+            });
+            let got = read(gpu, &out, hq * dv);
+            let want_all: Vec<f32> = (0..hq).flat_map(|_| want.clone()).collect();
+            assert_close(
+                &format!("{hq} query heads, rowwise {rowwise}: own key and value"),
+                &got,
+                &want_all,
+                1e-5,
+                1e-5,
+            );
+            // And the step stored them rounded in its slot (n_meta + (q - n_meta) % ring).
+            let s = n_meta + (q - n_meta) % ring;
+            let (gk, gv) = (
+                kv_read(gpu, &kb, cap * dqk, dtype),
+                kv_read(gpu, &vb, cap * dv, dtype),
+            );
+            assert_eq!(&gk[s * dqk..(s + 1) * dqk], &round(&k_self)[..]);
+            assert_eq!(&gv[s * dv..(s + 1) * dv], &round(&v_self)[..]);
+        }
+    }
+}
