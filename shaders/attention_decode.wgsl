@@ -64,8 +64,17 @@ fn kst(i: u32, v: vec4<f32>) { kc[i] = vec2<u32>(pack_f16(v.xy), pack_f16(v.zw))
 fn vst(i: u32, v: vec4<f32>) { vc[i] = vec2<u32>(pack_f16(v.xy), pack_f16(v.zw)); }
 // This step's key and value as the cache holds them (rounded to f16), so that a step reads its
 // own key and value exactly as later steps and the prompt attention will.
-fn kvr(x: f32) -> f32 { return unpack2x16float(pack_f16(vec2<f32>(x, 0.0))).x; }
-fn kvr4(v: vec4<f32>) -> vec4<f32> { return f16x4(vec2<u32>(pack_f16(v.xy), pack_f16(v.zw))); }
+// The rounding is done on the bits, not as unpack2x16float(pack2x16float(x)): NVIDIA's compiler
+// folds that round trip away (measured on an H200: the step then used its unrounded key and
+// value). Round to nearest even to 10 mantissa bits for f16's normal range, to a multiple of
+// 2^-24 below it (f16 subnormals), after clamping to +-65504: what pack2x16float stores.
+fn kvr(x: f32) -> f32 {
+    let c = clamp(x, -65504.0, 65504.0);
+    if (abs(c) < 6.103515625e-5) { return round(c * 16777216.0) / 16777216.0; }
+    let b = bitcast<u32>(c);
+    return bitcast<f32>((b + 0x0fffu + ((b >> 13u) & 1u)) & 0xffffe000u);
+}
+fn kvr4(v: vec4<f32>) -> vec4<f32> { return vec4<f32>(kvr(v.x), kvr(v.y), kvr(v.z), kvr(v.w)); }
 #else
 // kc: [n_kv_heads, cap, d_qk / 4] vec4<f32> keys (post-RoPE); d_qk % 4 == 0.
 @group(0) @binding(4) var<storage, read_write> kc: array<vec4<f32>>;
