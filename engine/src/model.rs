@@ -958,6 +958,32 @@ impl Model {
         self.weight_report.iter().map(|t| t.bytes).sum()
     }
 
+    /// Bytes of the model's other GPU buffers, measured from them: the activation workspaces
+    /// (each shared buffer once), the decode branch outputs, the RoPE table, and the meta-token
+    /// prefix sequence kept to start new sequences. Weights ([`Model::weight_bytes`]) and each
+    /// sequence's cache (`Sequence::cache_bytes`) come on top.
+    pub fn activation_bytes(&self) -> u64 {
+        let ws = &self.ws;
+        let mut b: u64 = [
+            &ws.h, &ws.u, &ws.p, &ws.att, &ws.xc, &ws.xp, &ws.dt, &ws.y, &ws.logits, &ws.part,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum();
+        debug_assert!(
+            ws.gu == ws.p && ws.m == ws.xc,
+            "shared workspaces counted once"
+        );
+        b += ws.logits_all.get().map(|l| l.size()).unwrap_or(0);
+        b += ws
+            .branch
+            .iter()
+            .map(|o| o.xp.size() + o.att.size() + o.y.size())
+            .sum::<u64>();
+        b += self.cos_sin.size();
+        b + self.prefix.as_ref().map(|s| s.cache_bytes()).unwrap_or(0)
+    }
+
     /// Every weight buffer on the GPU: what it holds, its storage dtype, logical shape and
     /// size in bytes, measured from the uploaded buffers, in upload order.
     pub fn weight_report(&self) -> &[TensorStorage] {

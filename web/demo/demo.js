@@ -33,7 +33,7 @@ function showProgress(p) {
 function showStats(s) {
   if (!s) return;
   $('stats').textContent = `prefill ${s.prefill_tokens} tok at ${s.prefill_tok_s.toFixed(1)} tok/s · decode ${s.generated_tokens} tok at ${s.decode_tok_s.toFixed(1)} tok/s · ` +
-    `GPU memory: weights ${mb(s.weight_bytes)} + cache ${mb(s.cache_bytes)} · context ${s.position}/${s.max_positions}`;
+    `GPU memory: ${mb(s.gpu_bytes)} (weights ${mb(s.weight_bytes)} + activations ${mb(s.activation_bytes)} + cache ${mb(s.cache_bytes)}) · context ${s.position}/${s.max_positions}`;
 }
 
 async function ensureEngine() {

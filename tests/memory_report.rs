@@ -1,0 +1,58 @@
+//! What the engine reports as its GPU memory (weights + activation buffers + a sequence's
+//! cache, each measured from its buffers) must account for what the GPU allocator holds: a
+//! buffer left out of the report would show as a gap.
+
+use hymba_engine::loader::Checkpoint;
+use hymba_engine::model::{DtypeChoice, Logits, Model, ModelOptions};
+use hymba_tests::{gpu, repo_root};
+
+#[test]
+fn reported_gpu_bytes_account_for_the_allocator() {
+    let dir = repo_root().join("models/tiny-shakespeare");
+    let ck = Checkpoint::open_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let (gpu, kernels) = gpu();
+    let Some(before) = gpu.device.generate_allocator_report() else {
+        println!("skipped: this backend has no allocator report");
+        return;
+    };
+    let before = before.total_allocated_bytes;
+    let model = pollster::block_on(Model::load(
+        gpu.clone(),
+        kernels,
+        &ck,
+        &ModelOptions {
+            dtype: DtypeChoice::F16,
+            ..Default::default()
+        },
+        |_, _| {},
+    ))
+    .unwrap();
+    let mut seq = model.new_sequence().unwrap();
+    let ids: Vec<u32> = (0..40).map(|i| 3 + (i * 7) % 60).collect();
+    // (The forward reads its logits back, so its GPU work has finished.)
+    pollster::block_on(model.forward(&mut seq, &ids, Logits::Last, None)).unwrap();
+    let after = gpu
+        .device
+        .generate_allocator_report()
+        .unwrap()
+        .total_allocated_bytes;
+    let reported = model.weight_bytes() + model.activation_bytes() + seq.cache_bytes();
+    let held = after - before;
+    println!(
+        "allocator +{held} B; reported {reported} B (weights {}, activations {}, cache {})",
+        model.weight_bytes(),
+        model.activation_bytes(),
+        seq.cache_bytes()
+    );
+    assert!(
+        reported <= held,
+        "reported {reported} B, more than the allocator's {held} B"
+    );
+    // What is left is the kernels' parameter uniforms and the sampler's small buffers (18 KB
+    // on lavapipe); any workspace or cache buffer left out of the report would be more.
+    let gap = held - reported;
+    assert!(
+        gap < 256 * 1024 && gap * 100 < held,
+        "the allocator holds {gap} B the report does not account for"
+    );
+}
