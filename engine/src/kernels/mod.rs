@@ -1579,9 +1579,8 @@ impl Kernels {
         part: &wgpu::Buffer,
         p: AttentionDecodeParams,
     ) -> Result<()> {
-        if kv.dtype == KvDtype::F16 {
-            kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
-        }
+        // Also for callers of the kernels without a config (which checks the same).
+        kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
         let hpg = p.n_heads / p.n_kv_heads;
         match &self.attention_gqa {
             Some(gqa) if hpg <= 8 && hpg * p.d_qk <= 512 => rec.dispatch(
@@ -1843,9 +1842,8 @@ impl Kernels {
                 p.d_qk, p.d_v
             )));
         }
-        if kv.dtype == KvDtype::F16 {
-            kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
-        }
+        // Also for callers of the kernels without a config (which checks the same).
+        kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
         // Blocks of 8 query rows per workgroup (QB in attention.wgsl).
         rec.dispatch(
             &self.attention.get(rec.gpu(), kv.dtype)?,
