@@ -958,6 +958,20 @@ impl Model {
         self.weight_report.iter().map(|t| t.bytes).sum()
     }
 
+    /// Bytes of a sequence's cache once it holds `tokens` user tokens, measured: an empty
+    /// sequence's buffers are grown as a prompt of that length grows them (the global layers'
+    /// KV doubles as needed), their sizes summed, and the sequence dropped.
+    pub fn cache_bytes_for(&self, tokens: usize) -> Result<u64> {
+        let mut s = self.empty_sequence()?;
+        s.ensure_capacity(
+            &self.gpu,
+            &self.cfg,
+            self.cfg.n_meta + tokens,
+            self.max_positions - self.cfg.n_meta,
+        )?;
+        Ok(s.cache_bytes())
+    }
+
     /// Bytes of the model's other GPU buffers, measured from them: the activation workspaces
     /// (each shared buffer once), the decode branch outputs, the RoPE table, and the meta-token
     /// prefix sequence kept to start new sequences. Weights ([`Model::weight_bytes`]) and each

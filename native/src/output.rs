@@ -4,7 +4,7 @@ use crate::load::{open_source, upload};
 use crate::{err, CliResult, InfoArgs, ModelArgs};
 use hymba_engine::config::{AttentionKind, HymbaConfig, KvRole};
 use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu};
-use hymba_engine::kernels::{KvDtype, Matrix, WeightDtype};
+use hymba_engine::kernels::{Matrix, WeightDtype};
 use hymba_engine::model::{group_weight_report, ModelOptions, TensorStorage};
 
 pub fn human_bytes(b: u64) -> String {
@@ -99,42 +99,6 @@ pub fn gpu_weight_bytes(c: &HymbaConfig, dt: WeightDtype) -> u64 {
         let small =
             (di * c.d_conv + di) + (di * c.d_state + 2 * di) + 2 * di + 2 * d + c.x_proj_rows();
         total += (small * 4) as u64;
-    }
-    total
-}
-
-fn buf(bytes: usize) -> u64 {
-    (bytes.max(16).div_ceil(16) * 16) as u64
-}
-
-/// Bytes of one sequence's cache holding `tokens` user tokens, by the engine's allocation
-/// rules (`cache.rs`): conv + SSM state per layer (f32); K and V (stored as `kv`) per
-/// KV-owning layer, a sliding-window layer holding n_meta + window + chunk slots, a global
-/// layer a buffer that starts at `global_cap0` text slots and doubles as the sequence grows.
-pub fn cache_bytes_at(c: &HymbaConfig, opts: &ModelOptions, kv: KvDtype, tokens: usize) -> u64 {
-    let chunk = opts.chunk.max(c.n_meta).max(1);
-    let max_positions = opts
-        .max_positions
-        .unwrap_or(c.n_meta + c.max_position_embeddings)
-        .max(c.n_meta + 1);
-    let max_text = max_positions - c.n_meta;
-    let mut global_ring = (2 * chunk).div_ceil(256) * 256;
-    global_ring = global_ring.min(max_text).max(1);
-    while global_ring < tokens {
-        global_ring = (global_ring * 2).max(tokens).min(max_text.max(tokens));
-    }
-    let mut total = 0u64;
-    for role in &c.layers {
-        total += buf(c.d_inner * c.d_conv * 4) + buf(c.d_inner * c.d_state * 4);
-        if role.owns_kv() {
-            let ring = match role.attention {
-                AttentionKind::Global => global_ring,
-                AttentionKind::SlidingWindow { window } => window + chunk,
-            };
-            let cap = c.n_meta + ring;
-            let e = kv.bytes();
-            total += buf(c.n_kv_heads * cap * c.d_qk * e) + buf(c.n_kv_heads * cap * c.d_v * e);
-        }
     }
     total
 }
@@ -314,21 +278,17 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
         "  new sequence: {} (measured from its buffers)",
         human_bytes(fixed)
     );
-    println!(
-        "  {:>6} tokens: {} (by the engine's allocation rules, as below)",
-        1,
-        human_bytes(cache_bytes_at(c, &opts, kv, 1))
-    );
-    for n in [1024usize, 4096, 8192] {
+    // Each row is measured too: a sequence's buffers grown to hold that many tokens.
+    for n in [1usize, 1024, 4096, 8192] {
         let note = if n + c.n_meta > max_positions {
             " (beyond this model's limit)"
         } else {
             ""
         };
         println!(
-            "  {:>6} tokens: {}{}",
+            "  {:>6} tokens: {} (measured: a sequence grown to hold them){}",
             n,
-            human_bytes(cache_bytes_at(c, &opts, kv, n)),
+            human_bytes(lm.model.cache_bytes_for(n).map_err(err)?),
             note
         );
     }

@@ -306,7 +306,7 @@ fn info_describes_the_builtin_model() {
         "{out}"
     );
     assert!(out.contains("1024 tokens"), "{out}");
-    // f32 weights keep the f32 KV cache; the allocation rules agree with a new sequence's buffers.
+    // f32 weights keep the f32 KV cache; the measured cache rows (see assert_cache_rows_agree).
     assert!(out.contains("cache (KV f32"), "{out}");
     let f32_kv = assert_cache_rows_agree(&out);
     // Weight storage measured from the uploaded buffers: grouped by role, the groups add up.
@@ -354,8 +354,9 @@ fn info_describes_the_builtin_model() {
     );
 }
 
-/// `hymba info`'s cache rows: the measured size of a new sequence equals the allocation rules'
-/// size at 1 token (the rules give the larger contexts). Returns the "cache (...)" line.
+/// `hymba info`'s cache rows, each measured from a sequence's buffers: a new sequence equals
+/// one holding 1 token, and at 1024 tokens the global layers' KV has grown (the builtin model
+/// has a global layer and starts it at 512 text slots). Returns the "cache (...)" line.
 fn assert_cache_rows_agree(out: &str) -> String {
     let value = |prefix: &str| -> String {
         let l = out
@@ -370,6 +371,7 @@ fn assert_cache_rows_agree(out: &str) -> String {
             .to_string()
     };
     assert_eq!(value("new sequence:"), value("1 tokens:"), "{out}");
+    assert_ne!(value("1 tokens:"), value("1024 tokens:"), "{out}");
     out.lines()
         .find(|l| l.starts_with("cache ("))
         .unwrap_or_else(|| panic!("no cache line: {out}"))
