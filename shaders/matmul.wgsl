@@ -440,9 +440,6 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 // squares. 8 entries per slot (one per subgroup of 32).
 const NORM_SLOT: u32 = 8u;
 var<workgroup> gsum: array<vec4<f32>, 72>;
-#ifndef SUBGROUP32
-var<workgroup> wred: array<vec4<f32>, 256>;
-#endif
 
 // Adds v over the workgroup into slot `slot` of gsum (read with `total` after a barrier).
 // Contains barriers without SUBGROUP32: call from uniform control flow.
@@ -451,13 +448,9 @@ fn partial(li: u32, v: vec4<f32>, slot: u32) {
     let s = subgroupAdd(v);
     if (li % 32u == 0u) { gsum[slot * 8u + li / 32u] = s; }
 #else
-    wred[li] = v;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s = s >> 1u) {
-        if (li < s) { wred[li] += wred[li + s]; }
-        workgroupBarrier();
-    }
-    if (li == 0u) { gsum[slot * 8u] = wred[0]; }
+    let a = wg_sum2(li, v.x, v.y);
+    let b = wg_sum2(li, v.z, v.w);
+    if (li == 0u) { gsum[slot * 8u] = vec4<f32>(a, b); }
 #endif
 }
 
@@ -468,22 +461,6 @@ fn total(slot: u32) -> vec4<f32> {
     return s;
 #else
     return gsum[slot * 8u];
-#endif
-}
-
-// X[t, k] after the prologue (without the row scale), and its raw value for the RMS norm.
-fn xw(xb: u32, k: u32) -> vec2<f32> {
-    if (k >= p.k) { return vec2<f32>(0.0); }
-#ifdef PRO_NORM
-    let v = x[xb + k];
-    return vec2<f32>(aux[k] * v, v);
-#else
-#ifdef PRO_SWIGLU
-    let g = x[xb + k];
-    return vec2<f32>((g / (1.0 + exp(-g))) * x[xb + p.k + k], 0.0);
-#else
-    return vec2<f32>(x[xb + k], 0.0);
-#endif
 #endif
 }
 
@@ -500,21 +477,15 @@ fn rowdot(row: u32, q: u32, xa: vec4<f32>, xc: vec4<f32>) -> f32 {
 fn gemv_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let t = wid.y;
     let xb = p.x_off + t * p.x_stride;
+    // This thread's 8 columns after the prologue, without the row scale (zeros past K).
     let k = li * 8u;
-    let v0 = xw(xb, k);
-    let v1 = xw(xb, k + 1u);
-    let v2 = xw(xb, k + 2u);
-    let v3 = xw(xb, k + 3u);
-    let v4 = xw(xb, k + 4u);
-    let v5 = xw(xb, k + 5u);
-    let v6 = xw(xb, k + 6u);
-    let v7 = xw(xb, k + 7u);
-    let xa = vec4<f32>(v0.x, v1.x, v2.x, v3.x);
-    let xc = vec4<f32>(v4.x, v5.x, v6.x, v7.x);
+    let one = vec2<f32>(1.0);
+    let xa = xv4(xb, k, one);
+    let xc = xv4(xb, k + 4u, one);
     let q = min(li, (p.k + 7u) / 8u - 1u);
 #ifdef PRO_NORM
-    let ra = vec4<f32>(v0.y, v1.y, v2.y, v3.y);
-    let rb = vec4<f32>(v4.y, v5.y, v6.y, v7.y);
+    let ra = xraw4(xb, k);
+    let rb = xraw4(xb, k + 4u);
     partial(li, vec4<f32>(dot(ra, ra) + dot(rb, rb), 0.0, 0.0, 0.0), NORM_SLOT);
 #endif
     let rw = 4u * p.passes;

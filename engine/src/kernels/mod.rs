@@ -950,7 +950,7 @@ pub struct Kernels {
     /// The fused scans run four lanes per channel (16 channels per workgroup).
     scan_lanes: bool,
     /// Whether decode GEMVs may take `gemv_wide`: where subgroups are 32 wide (it was measured
-    /// only there; without subgroups each of its reductions is a 9-barrier tree). Tests turn
+    /// only there; without subgroups each of its reductions is two workgroup-memory trees). Tests turn
     /// it on elsewhere with [`Kernels::with_wide_gemv`].
     wide: bool,
     /// [dtype f32, f16, q8, q4]
