@@ -27,7 +27,6 @@ pub fn gpu() -> (Arc<Gpu>, Arc<Kernels>) {
     .clone()
 }
 
-/// The checkout's root: `$HYMBA_REPO_ROOT` when set (test binaries run elsewhere), else from the build.
 /// Loads `ck` on the shared test GPU ([`gpu`]) with its weights stored as `dtype`.
 pub fn load_model(
     ck: &hymba_engine::loader::Checkpoint,
@@ -46,6 +45,7 @@ pub fn load_model(
     ))
 }
 
+/// The checkout's root: `$HYMBA_REPO_ROOT` when set (test binaries run elsewhere), else from the build.
 pub fn repo_root() -> PathBuf {
     if let Ok(r) = std::env::var("HYMBA_REPO_ROOT") {
         return PathBuf::from(r);

@@ -3,30 +3,20 @@
 //! buffer left out of the report would show as a gap.
 
 use hymba_engine::loader::Checkpoint;
-use hymba_engine::model::{DtypeChoice, Logits, Model, ModelOptions};
-use hymba_tests::{gpu, repo_root};
+use hymba_engine::model::{DtypeChoice, Logits};
+use hymba_tests::{gpu, load_model, repo_root};
 
 #[test]
 fn reported_gpu_bytes_account_for_the_allocator() {
     let dir = repo_root().join("models/tiny-shakespeare");
     let ck = Checkpoint::open_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let (gpu, kernels) = gpu();
+    let (gpu, _) = gpu();
     let Some(before) = gpu.device.generate_allocator_report() else {
         println!("skipped: this backend has no allocator report");
         return;
     };
     let before = before.total_allocated_bytes;
-    let model = pollster::block_on(Model::load(
-        gpu.clone(),
-        kernels,
-        &ck,
-        &ModelOptions {
-            dtype: DtypeChoice::F16,
-            ..Default::default()
-        },
-        |_, _| {},
-    ))
-    .unwrap();
+    let model = load_model(&ck, DtypeChoice::F16).unwrap();
     let mut seq = model.new_sequence().unwrap();
     let ids: Vec<u32> = (0..40).map(|i| 3 + (i * 7) % 60).collect();
     // (The forward reads its logits back, so its GPU work has finished.)

@@ -589,6 +589,32 @@ fn kv<'a>(k: &'a wgpu::Buffer, v: &'a wgpu::Buffer, dtype: KvDtype) -> KvBuffers
 /// half an f16 ulp of `want` (round-toward-zero would be off by up to a whole ulp). NaN in
 /// `want` marks a slot that must not be written.
 #[track_caller]
+/// A KV cache's keys and values (buffers `kb`, `vb` in `dtype`'s layout) against the CPU's
+/// `want_k`, `want_v` (f32): keys as [`assert_cached_keys`], values exactly as stored.
+fn assert_cache_holds(
+    name: &str,
+    kb: &wgpu::Buffer,
+    vb: &wgpu::Buffer,
+    want_k: &[f32],
+    want_v: &[f32],
+    dtype: KvDtype,
+) {
+    let (gpu, _) = env();
+    assert_cached_keys(
+        &format!("{name} keys"),
+        &kv_read(gpu, kb, want_k.len(), dtype),
+        want_k,
+        dtype,
+    );
+    assert_close(
+        &format!("{name} values"),
+        &kv_read(gpu, vb, want_v.len(), dtype),
+        &kv_round(want_v, dtype),
+        0.0,
+        0.0,
+    );
+}
+
 fn assert_cached_keys(name: &str, got: &[f32], want: &[f32], dtype: KvDtype) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -1458,21 +1484,14 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels, dtype: KvDtype) {
         } else {
             (kc.clone(), vc.clone())
         };
-        for (name, b) in [("split", &k3), ("unfused", &k1)] {
-            assert_cached_keys(
-                &format!("{dtype:?} {name} decode keys"),
-                &kv_read(gpu, b, kc.len(), dtype),
+        for (name, kb, vb) in [("split", &k3, &v3), ("unfused", &k1, &v1)] {
+            assert_cache_holds(
+                &format!("{dtype:?} {name} decode"),
+                kb,
+                vb,
                 &want_k,
+                &want_v,
                 dtype,
-            );
-        }
-        for (name, b) in [("split", &v3), ("unfused", &v1)] {
-            assert_close(
-                &format!("{dtype:?} {name} decode values"),
-                &kv_read(gpu, b, vc.len(), dtype),
-                &kv_round(&want_v, dtype),
-                0.0,
-                0.0,
             );
         }
     }
@@ -1640,19 +1659,8 @@ fn attention_split_over_many_key_blocks_with(
         let (want_k, want_v) =
             cache_after_store(&kc, &vc, &prow, &cs, (hq, hkv, dqk, dv), n_meta, ring, q);
         for (name, kb, vb) in [("split", &k2, &v2), ("store_kv", &k1, &v1)] {
-            assert_cached_keys(
-                &format!("{dtype:?} {name} keys, many blocks"),
-                &kv_read(gpu, kb, kc.len(), dtype),
-                &want_k,
-                dtype,
-            );
-            assert_close(
-                &format!("{dtype:?} {name} values, many blocks"),
-                &kv_read(gpu, vb, vc.len(), dtype),
-                &kv_round(&want_v, dtype),
-                0.0,
-                0.0,
-            );
+            let name = format!("{dtype:?} {name}, many blocks");
+            assert_cache_holds(&name, kb, vb, &want_k, &want_v, dtype);
         }
     }
 }
