@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::kernels::{
     AttentionDecodeParams, AttentionParams, ConvParams, Kernels, KvDtype, Matrix, Prologue,
-    RopeParams, SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
-    X_PROJ_SLICES,
+    RopeParams, SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT,
+    F16X_MIN_M, NO_WINDOW, X_PROJ_SLICES,
 };
 use crate::loader::{expected_tensors, Checkpoint};
 use crate::sampling::SamplingParams;
@@ -130,6 +130,9 @@ struct Workspace {
     logits_all: std::sync::OnceLock<wgpu::Buffer>,
     /// Decode attention partials [n_heads, max splits, 2 + d_v].
     part: wgpu::Buffer,
+    /// The f16 copy of a prompt GEMM's X ([`Kernels::matmul_f16x`]), where the adapter has
+    /// cooperative matrices.
+    xh: Option<wgpu::Buffer>,
     /// Per-layer outputs of a decode step's two branches (see [`BranchOutputs`]).
     branch: Vec<BranchOutputs>,
 }
@@ -849,7 +852,27 @@ impl Model {
             (c * pw.max(2 * cfg.intermediate) * 4) as u64,
         )?;
         let xc = g.buffer("conv out | merged", (c * cfg.d_inner * 4) as u64)?;
+        // The f16 copy of X serves the prompt products wide enough for `matmul_f16x`:
+        // sized for the largest K among them.
+        let xh_k = [
+            (pw, cfg.hidden),
+            (cfg.hidden, cfg.d_inner),
+            (2 * cfg.intermediate, cfg.hidden),
+            (cfg.hidden, cfg.intermediate),
+            (cfg.vocab_size, cfg.hidden),
+        ]
+        .iter()
+        .filter(|(m, _)| *m >= F16X_MIN_M)
+        .map(|&(_, k)| k)
+        .max()
+        .unwrap_or(0);
+        let xh_bytes = kernels.f16x_bytes(c, xh_k);
         let ws = Workspace {
+            xh: if xh_bytes > 0 && xh_k > 0 {
+                Some(g.buffer("prompt GEMM X in f16", xh_bytes)?)
+            } else {
+                None
+            },
             h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
             u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
             p: p.clone(),
@@ -989,6 +1012,7 @@ impl Model {
             "shared workspaces counted once"
         );
         b += ws.logits_all.get().map(|l| l.size()).unwrap_or(0);
+        b += ws.xh.as_ref().map(|l| l.size()).unwrap_or(0);
         b += ws
             .branch
             .iter()
@@ -1219,13 +1243,12 @@ impl Model {
             c.hidden,
             c.eps,
         )?;
-        k.matmul(
+        self.gemm(
             rec,
             &self.ws.u,
             0,
             c.hidden,
             self.lm_head(),
-            None,
             logits,
             0,
             c.vocab_size,
@@ -1299,9 +1322,7 @@ impl Model {
             d,
             c.eps,
         )?;
-        k.matmul(
-            rec, &ws.u, 0, d, &w.in_proj, None, &ws.p, 0, pw, rows, false,
-        )?;
+        self.gemm(rec, &ws.u, 0, d, &w.in_proj, &ws.p, 0, pw, rows, false)?;
         // Attention heads.
         let src = c.layers[l].kv_source(l);
         let kv = seq.layers[src]
@@ -1438,19 +1459,7 @@ impl Model {
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
         k.merge(rec, &ws.att, &ws.y, &w.pre_avg, &ws.m, rows, di, c.eps)?;
-        k.matmul(
-            rec,
-            &ws.m,
-            0,
-            di,
-            &w.out_proj,
-            None,
-            &ws.h,
-            0,
-            d,
-            rows,
-            true,
-        )?;
+        self.gemm(rec, &ws.m, 0, di, &w.out_proj, &ws.h, 0, d, rows, true)?;
         // SwiGLU MLP.
         k.rmsnorm(
             rec,
@@ -1464,11 +1473,36 @@ impl Model {
             c.eps,
         )?;
         let i2 = 2 * c.intermediate;
-        k.matmul(
-            rec, &ws.u, 0, d, &w.gate_up, None, &ws.gu, 0, i2, rows, false,
-        )?;
+        self.gemm(rec, &ws.u, 0, d, &w.gate_up, &ws.gu, 0, i2, rows, false)?;
         k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
-        k.matmul(rec, &ws.gu, 0, i2, &w.down, None, &ws.h, 0, d, rows, true)
+        self.gemm(rec, &ws.gu, 0, i2, &w.down, &ws.h, 0, d, rows, true)
+    }
+
+    /// A prompt-chunk product without bias through [`Kernels::matmul_f16x`] (tensor cores on
+    /// f16 operands where the adapter has them), else [`Kernels::matmul`].
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        rec: &mut Recorder,
+        x: &wgpu::Buffer,
+        x_off: usize,
+        x_stride: usize,
+        w: &Matrix,
+        y: &wgpu::Buffer,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let k = &self.kernels;
+        match &self.ws.xh {
+            Some(xh) => k.matmul_f16x(
+                rec, xh, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
+            ),
+            None => k.matmul(
+                rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
+            ),
+        }
     }
 
     /// One decode step of a hybrid layer with fused kernels: 8 dispatches on GPUs, where the

@@ -21,6 +21,7 @@ pub const SRC_CONV1D: &str = include_str!("../../../shaders/conv1d.wgsl");
 pub const SRC_SCAN: &str = include_str!("../../../shaders/scan.wgsl");
 pub const SRC_MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 pub const SRC_SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
+pub const SRC_GEMM_F16: &str = include_str!("../../../shaders/gemm_f16.wgsl");
 pub const SRC_SAMPLE: &str = include_str!("../../../shaders/sample.wgsl");
 pub const SRC_STATE_COPY: &str = include_str!("../../../shaders/state_copy.wgsl");
 
@@ -866,6 +867,12 @@ fn wide_passes(m: usize) -> u32 {
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
+/// Narrowest output (rows of W) that [`Kernels::matmul_f16x`] runs on `gemm_f16.wgsl`. On an
+/// H200, for 256-row prompt chunks of Hymba-1.5B, it beat `gemm_coop` on the wide products
+/// (gate|up 11008: 367 -> 291 us; in_proj 8960 / 8000: 298 / 241 -> 286 / 192 us) and lost on
+/// the 1600-wide ones (out_proj, down: 194 -> 285 us with 4 fragments per subgroup, 324 with 2).
+pub const F16X_MIN_M: usize = 4096;
+
 /// Groups of 8 rows per GEMV workgroup: more rows amortize staging the input, but keep at
 /// least ~264 workgroups (two per SM on a 132-SM GPU) for large outputs. (One row per 32 lanes
 /// with all of a row's loads issued at once from a register array was measured 2.8x slower on
@@ -925,6 +932,9 @@ pub struct Kernels {
     gemm: Vec<Arc<Kernel>>,
     /// Cooperative-matrix GEMM [dtype f32 (unused), f16, q8, q4], where the adapter has it.
     gemm_coop: Option<Vec<Option<Arc<Kernel>>>>,
+    /// The tensor-core GEMM on f16 operands in global memory (`gemm_f16.wgsl`, 4 W fragments
+    /// per subgroup) and its X-to-f16 pass, where the adapter has cooperative matrices.
+    gemm_f16: Option<(Arc<Kernel>, Arc<Kernel>)>,
     /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large];
     /// empty on CPU adapters, which use `gemv_row` (not compiled there: a browser on a software
     /// adapter compiles every pipeline slowly).
@@ -1240,11 +1250,27 @@ impl Kernels {
         } else {
             None
         };
+        let gemm_f16 = if gpu.coop_f16 {
+            let g = |d: &[&str]| k("gemm_f16.wgsl", SRC_GEMM_F16, d, "gemm", &[U, R, R, R, RW]);
+            Some((
+                g(&["COOP", "FM=4", "FM4"])?,
+                k(
+                    "gemm_f16.wgsl",
+                    SRC_GEMM_F16,
+                    &["TO_F16"],
+                    "to_f16",
+                    &[U, R, RW],
+                )?,
+            ))
+        } else {
+            None
+        };
         Ok(Kernels {
             gemv_row,
             gemv_conv,
             gemv_conv_row,
             gemm_coop,
+            gemm_f16,
             gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
                 .map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW]))
@@ -1426,6 +1452,84 @@ impl Kernels {
             return None;
         }
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
+    }
+
+    /// Bytes of the f16 copy of X that [`Kernels::matmul_f16x`] needs for products of up to
+    /// `rows` rows and `k` input features; 0 where the adapter has no cooperative matrices
+    /// (the product then never uses it).
+    pub fn f16x_bytes(&self, rows: usize, k: usize) -> u64 {
+        if self.gemm_f16.is_none() {
+            return 0;
+        }
+        (rows.div_ceil(128) * 128 * k * 2) as u64
+    }
+
+    /// Whether [`Kernels::matmul_f16x`] runs this product on `gemm_f16.wgsl`: cooperative
+    /// matrices, a prompt-sized row count, f16 weights in one buffer with K and m multiples
+    /// of 16 and m at least [`F16X_MIN_M`], no bias, and Y's offset and row stride multiples
+    /// of 4.
+    pub fn uses_f16x(&self, w: &Matrix, rows: usize, y_off: usize, y_stride: usize) -> bool {
+        self.gemm_f16.is_some()
+            && w.rows >= F16X_MIN_M
+            && rows > GEMV_MAX_ROWS
+            && w.rows > 256
+            && w.dtype == WeightDtype::F16
+            && w.parts.len() == 1
+            && w.cols % 16 == 0
+            && w.kp4() as usize * 4 == w.cols
+            && w.rows % 16 == 0
+            && y_off % 4 == 0
+            && y_stride % 4 == 0
+    }
+
+    /// As [`Kernels::matmul`] without a bias; where [`Kernels::uses_f16x`] allows, X is first
+    /// rounded to f16 into `xh` (at least [`Kernels::f16x_bytes`] for `rows` and the weight's
+    /// K) and the product runs on tensor cores with both operands read from global memory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_f16x(
+        &self,
+        rec: &mut Recorder,
+        xh: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        x_off: usize,
+        x_stride: usize,
+        w: &Matrix,
+        y: &wgpu::Buffer,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let Some((gemm, to_f16)) = self
+            .gemm_f16
+            .as_ref()
+            .filter(|_| self.uses_f16x(w, rows, y_off, y_stride))
+        else {
+            return self.matmul(
+                rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
+            );
+        };
+        let need = self.f16x_bytes(rows, w.cols);
+        if xh.size() < need {
+            return Err(Error::Invalid(format!(
+                "f16 copy of X for {}: {} bytes, {need} needed for {rows} rows",
+                w.label,
+                xh.size()
+            )));
+        }
+        let p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate);
+        rec.dispatch(
+            to_f16,
+            &p,
+            &[x, xh],
+            [w.cols.div_ceil(1024) as u32, rows as u32, 1],
+        )?;
+        rec.dispatch(
+            gemm,
+            &p,
+            &[xh, &w.parts[0].buf, &self.dummy, y],
+            [w.rows.div_ceil(64) as u32, rows.div_ceil(128) as u32, 1],
+        )
     }
 
     /// Lets decode GEMVs take `gemv_wide` (or not) whatever the adapter's subgroups: tests run

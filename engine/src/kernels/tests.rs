@@ -87,12 +87,27 @@ fn matmul_case(
     accumulate: bool,
     seed: u64,
 ) {
+    matmul_case_via(dtype, rows, m, k, bias, accumulate, seed, false)
+}
+
+/// `matmul_case`, or with `f16x` the same product through `Kernels::matmul_f16x` (Y's offset
+/// and row stride then multiples of 4, as its tensor-core path needs).
+#[allow(clippy::too_many_arguments)]
+fn matmul_case_via(
+    dtype: WeightDtype,
+    rows: usize,
+    m: usize,
+    k: usize,
+    bias: bool,
+    accumulate: bool,
+    seed: u64,
+    f16x: bool,
+) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
     let x_stride = k + 3;
     let x_off = 5;
-    let y_stride = m + 2;
-    let y_off = 7;
+    let (y_stride, y_off) = if f16x { (m + 4, 8) } else { (m + 2, 7) };
     let x = r.vec(x_off + rows * x_stride, 1.0);
     let w = r.vec(m * k, 0.5);
     let b = r.vec(m, 0.5);
@@ -105,26 +120,38 @@ fn matmul_case(
     let xb = gpu.upload("x", &x).unwrap();
     let bb = gpu.upload("b", &b).unwrap();
     let yb = gpu.upload("y", &y0).unwrap();
+    // The f16 copy of X, poisoned (NaN halves) so that rows it should have written show.
+    let xh_words = (ks.f16x_bytes(rows, k) as usize / 4).max(4);
+    let xh = gpu
+        .upload("xh", &vec![f32::from_bits(0x7e00_7e00); xh_words])
+        .unwrap();
     run(gpu, |rec| {
-        ks.matmul(
-            rec,
-            &xb,
-            x_off,
-            x_stride,
-            &mat,
-            bias.then_some(&bb),
-            &yb,
-            y_off,
-            y_stride,
-            rows,
-            accumulate,
-        )
+        if f16x {
+            assert!(!bias, "matmul_f16x has no bias");
+            ks.matmul_f16x(
+                rec, &xh, &xb, x_off, x_stride, &mat, &yb, y_off, y_stride, rows, accumulate,
+            )
+        } else {
+            ks.matmul(
+                rec,
+                &xb,
+                x_off,
+                x_stride,
+                &mat,
+                bias.then_some(&bb),
+                &yb,
+                y_off,
+                y_stride,
+                rows,
+                accumulate,
+            )
+        }
         .unwrap()
     });
     let got = read(gpu, &yb, y0.len());
-    // The tensor-core GEMM rounds X and the dequantized weights to f16 as it stages them: so
-    // does the reference then.
-    let coop = ks.uses_coop(&mat, rows);
+    // The tensor-core GEMMs round X and the dequantized weights to f16: so does the reference
+    // then.
+    let coop = ks.uses_coop(&mat, rows) || (f16x && ks.uses_f16x(&mat, rows, y_off, y_stride));
     let mut wq = weights_as_stored(&w, m, k, dtype);
     if coop {
         wq.iter_mut()
@@ -208,6 +235,36 @@ fn matmul_gemm_quantized() {
         matmul_case(dt, 129, 300, 33, false, true, s + 1);
         matmul_case(dt, 65, 65, 100, false, true, s + 2);
     }
+}
+
+#[test]
+fn matmul_f16x_prompt_shapes() {
+    // The prompt GEMM on f16 operands in global memory (gemm_f16.wgsl) where the adapter has
+    // cooperative matrices; elsewhere, and for shapes it does not take, `matmul_f16x` falls
+    // back to `matmul`. Rows past the 128-row workgroup tiles, W rows past the 64-wide
+    // subgroup tiles, K past the 64-deep blocks, residual adds and plain stores.
+    let (gpu, ks) = env();
+    let w = |m: usize, k: usize| {
+        Matrix::upload(gpu, "w", &vec![0.5; m * k], m, k, WeightDtype::F16).unwrap()
+    };
+    println!(
+        "gemm_f16 (tensor cores, operands from global memory): {}",
+        if ks.uses_f16x(&w(4112, 80), 300, 8, 4116) {
+            "yes"
+        } else {
+            "no, falls back"
+        }
+    );
+    matmul_case_via(WeightDtype::F16, 300, 4112, 80, false, false, 501, true);
+    matmul_case_via(WeightDtype::F16, 129, 4160, 160, false, true, 502, true);
+    matmul_case_via(WeightDtype::F16, 256, 4112, 48, false, true, 503, true);
+    matmul_case_via(WeightDtype::F16, 40, 4128, 32, false, false, 504, true);
+    // not taken: K not a multiple of 16, W rows not a multiple of 16, narrow outputs,
+    // quantized weights
+    matmul_case_via(WeightDtype::F16, 70, 4100, 40, false, true, 505, true);
+    matmul_case_via(WeightDtype::F16, 70, 4097, 32, false, false, 506, true);
+    matmul_case_via(WeightDtype::F16, 70, 336, 64, false, true, 508, true);
+    matmul_case_via(WeightDtype::Q8, 70, 320, 64, false, true, 507, true);
 }
 
 /// Plain max-abs q4 (`s = max|w| / 7`, q in [-7, 7]), the scheme the q4 search must never lose to.
@@ -2303,6 +2360,8 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q8"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q4"]),
+        ("gemm_f16", SRC_GEMM_F16, vec!["COOP", "FM=4", "FM4"]),
+        ("gemm_f16", SRC_GEMM_F16, vec!["TO_F16"]),
     ];
     for (file, src, defs) in all {
         let coop = if defs.contains(&"COOP") {
@@ -2313,12 +2372,16 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         let code = format!("enable f16;\n{coop}{}", crate::gpu::preprocess(src, &defs));
         let module = naga::front::wgsl::parse_str(&code)
             .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&code)));
-        naga::valid::Validator::new(
+        let info = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
             naga::valid::Capabilities::all(),
         )
         .validate(&module)
         .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        // The Vulkan backend's translation (a native GPU run would otherwise be the first to
+        // meet a naga SPIR-V writer failure).
+        naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+            .unwrap_or_else(|e| panic!("{file} {defs:?} to SPIR-V: {e:?}"));
     }
 }
 
