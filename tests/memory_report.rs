@@ -27,6 +27,15 @@ fn reported_gpu_bytes_account_for_the_allocator() {
         .unwrap()
         .total_allocated_bytes;
     let reported = model.weight_bytes() + model.activation_bytes() + seq.cache_bytes();
+    // The meta-token prefix lives in host memory: the conv and SSM states of every layer and
+    // the meta-token slots of each KV owner's keys and values, nothing more.
+    let c = &model.cfg;
+    let kv_owners = c.layers.iter().filter(|l| l.owns_kv()).count();
+    let kv_elem = seq.kv_dtype().map(|d| d.bytes()).unwrap_or(0);
+    let prefix = c.n_layers * c.d_inner * (c.d_conv + c.d_state) * 4
+        + kv_owners * c.n_kv_heads * c.n_meta * (c.d_qk + c.d_v) * kv_elem;
+    assert!(c.n_meta > 0, "the test model has meta tokens");
+    assert_eq!(model.prefix_host_bytes(), prefix, "meta-token prefix bytes");
     let held = after - before;
     println!(
         "allocator +{held} B; reported {reported} B (weights {}, activations {}, cache {})",

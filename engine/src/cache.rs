@@ -266,23 +266,135 @@ impl Sequence {
         }
         Ok(())
     }
+}
 
-    /// Copies every state buffer of `src` (same layout and KV storage) into this sequence.
-    pub(crate) fn copy_from(&mut self, gpu: &Gpu, src: &Sequence) {
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
-        for (d, s) in self.layers.iter().zip(&src.layers) {
-            enc.copy_buffer_to_buffer(&s.conv, 0, &d.conv, 0, s.conv.size());
-            enc.copy_buffer_to_buffer(&s.ssm, 0, &d.ssm, 0, s.ssm.size());
-            if let (Some(dk), Some(sk)) = (&d.kv, &s.kv) {
-                assert_eq!(dk.dtype, sk.dtype, "copying a KV cache between storages");
-                enc.copy_buffer_to_buffer(&sk.k, 0, &dk.k, 0, sk.k.size().min(dk.k.size()));
-                enc.copy_buffer_to_buffer(&sk.v, 0, &dk.v, 0, sk.v.size().min(dk.v.size()));
+/// The meta-token prefix: the conv / SSM states and the meta-token key / value slots that every
+/// sequence starts from (a constant of the checkpoint). Held in host memory and written into
+/// each new sequence: kept on the GPU as an idle sequence it cost a whole cache (47 MiB for
+/// Hymba-1.5B: every sliding-window ring at full size), for about 12 MB of content.
+pub(crate) struct Prefix {
+    pos: usize,
+    layers: Vec<PrefixLayer>,
+}
+
+/// One layer of the [`Prefix`], as bytes: conv state, SSM state, and for KV owners the meta
+/// slots of keys and values ([n_kv_heads, n_meta, d] in the cache's storage).
+struct PrefixLayer {
+    conv: Vec<u8>,
+    ssm: Vec<u8>,
+    kv: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Row bytes of the keys and values of `kv`.
+fn kv_rows(cfg: &HymbaConfig, kv: &KvCache) -> (usize, usize) {
+    (cfg.d_qk * kv.dtype.bytes(), cfg.d_v * kv.dtype.bytes())
+}
+
+impl Prefix {
+    /// Reads the prefix out of `seq`, which holds the meta tokens and nothing else (one
+    /// readback for all of it).
+    pub(crate) async fn read(gpu: &Gpu, cfg: &HymbaConfig, seq: &Sequence) -> Result<Prefix> {
+        let nm = cfg.n_meta;
+        // (source buffer, offset, bytes) in readback order
+        let mut parts: Vec<(&wgpu::Buffer, u64, u64)> = Vec::new();
+        for l in &seq.layers {
+            parts.push((&l.conv, 0, l.conv.size()));
+            parts.push((&l.ssm, 0, l.ssm.size()));
+            if let Some(kv) = &l.kv {
+                let cap = kv.cap(nm);
+                let (kr, vr) = kv_rows(cfg, kv);
+                for (buf, row) in [(&kv.k, kr), (&kv.v, vr)] {
+                    for h in 0..cfg.n_kv_heads {
+                        parts.push((buf, (h * cap * row) as u64, (nm * row) as u64));
+                    }
+                }
             }
         }
+        let total: u64 = parts.iter().map(|p| p.2).sum();
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("meta-token prefix readback"),
+            size: total.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut at = 0;
+        for &(buf, off, len) in &parts {
+            if len > 0 {
+                enc.copy_buffer_to_buffer(buf, off, &staging, at, len);
+            }
+            at += len;
+        }
         gpu.queue.submit([enc.finish()]);
-        self.pos = src.pos;
-        self.tokens = src.tokens.clone();
-        self.undoable = None;
+        let data = gpu.map_read(&staging, total.max(4)).await?;
+        let mut next = {
+            let mut at = 0usize;
+            move |len: u64| {
+                let v = data[at..at + len as usize].to_vec();
+                at += len as usize;
+                v
+            }
+        };
+        let mut layers = Vec::with_capacity(seq.layers.len());
+        for l in &seq.layers {
+            let conv = next(l.conv.size());
+            let ssm = next(l.ssm.size());
+            let kv = l.kv.as_ref().map(|kv| {
+                let (kr, vr) = kv_rows(cfg, kv);
+                let k: Vec<u8> = (0..cfg.n_kv_heads)
+                    .flat_map(|_| next((nm * kr) as u64))
+                    .collect();
+                let v: Vec<u8> = (0..cfg.n_kv_heads)
+                    .flat_map(|_| next((nm * vr) as u64))
+                    .collect();
+                (k, v)
+            });
+            layers.push(PrefixLayer { conv, ssm, kv });
+        }
+        Ok(Prefix {
+            pos: seq.pos,
+            layers,
+        })
+    }
+
+    /// Host bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                let kv = l.kv.as_ref().map(|(k, v)| k.len() + v.len());
+                l.conv.len() + l.ssm.len() + kv.unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// Writes the prefix into `seq`, a sequence of the same model that has not been used (its
+    /// other slots are still zero), and sets its position to the prefix's.
+    pub(crate) fn write_into(&self, gpu: &Gpu, cfg: &HymbaConfig, seq: &mut Sequence) {
+        let nm = cfg.n_meta;
+        for (l, p) in seq.layers.iter().zip(&self.layers) {
+            gpu.queue.write_buffer(&l.conv, 0, &p.conv);
+            gpu.queue.write_buffer(&l.ssm, 0, &p.ssm);
+            if let (Some(dst), Some((k, v))) = (&l.kv, &p.kv) {
+                let cap = dst.cap(nm);
+                let (kr, vr) = kv_rows(cfg, dst);
+                for (buf, row, src) in [(&dst.k, kr, k), (&dst.v, vr, v)] {
+                    let n = nm * row;
+                    for h in 0..cfg.n_kv_heads {
+                        if n > 0 {
+                            gpu.queue.write_buffer(
+                                buf,
+                                (h * cap * row) as u64,
+                                &src[h * n..(h + 1) * n],
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        seq.pos = self.pos;
+        seq.tokens.clear();
+        seq.undoable = None;
     }
 }
 

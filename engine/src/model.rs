@@ -187,7 +187,8 @@ pub struct Model {
     pub max_positions: usize,
     global_cap0: usize,
     fused_decode: bool,
-    prefix: Option<Sequence>,
+    /// The meta-token prefix every sequence starts from, in host memory (computed at load).
+    prefix: Option<crate::cache::Prefix>,
     weight_report: Vec<TensorStorage>,
     /// Times each fused decode stage is recorded (1; see [`Model::set_stage_repeat`]).
     stage_repeat: [std::sync::atomic::AtomicU32; DecodeStage::COUNT],
@@ -960,7 +961,7 @@ impl Model {
             false,
         )?;
         drop(rec);
-        model.prefix = Some(prefix);
+        model.prefix = Some(crate::cache::Prefix::read(&model.gpu, &model.cfg, &prefix).await?);
         Ok(model)
     }
 
@@ -996,9 +997,10 @@ impl Model {
     }
 
     /// Bytes of the model's other GPU buffers, measured from them: the activation workspaces
-    /// (each shared buffer once), the decode branch outputs, the RoPE table, and the meta-token
-    /// prefix sequence kept to start new sequences. Weights ([`Model::weight_bytes`]) and each
-    /// sequence's cache (`Sequence::cache_bytes`) come on top.
+    /// (each shared buffer once), the decode branch outputs and the RoPE table. Weights
+    /// ([`Model::weight_bytes`]) and each sequence's cache (`Sequence::cache_bytes`) come on
+    /// top. (The meta-token prefix new sequences start from is in host memory:
+    /// [`Model::prefix_host_bytes`].)
     pub fn activation_bytes(&self) -> u64 {
         let ws = &self.ws;
         let mut b: u64 = [
@@ -1018,8 +1020,7 @@ impl Model {
             .iter()
             .map(|o| o.xp.size() + o.att.size() + o.y.size())
             .sum::<u64>();
-        b += self.cos_sin.size();
-        b + self.prefix.as_ref().map(|s| s.cache_bytes()).unwrap_or(0)
+        b + self.cos_sin.size()
     }
 
     /// Every weight buffer on the GPU: what it holds, its storage dtype, logical shape and
@@ -1060,11 +1061,16 @@ impl Model {
         )
     }
 
+    /// Bytes of host memory holding the meta-token prefix (states and meta-token KV slots).
+    pub fn prefix_host_bytes(&self) -> usize {
+        self.prefix.as_ref().map(|p| p.bytes()).unwrap_or(0)
+    }
+
     /// A new sequence starting from the precomputed meta-token prefix.
     pub fn new_sequence(&self) -> Result<Sequence> {
         let mut s = self.empty_sequence()?;
         if let Some(p) = &self.prefix {
-            s.copy_from(&self.gpu, p);
+            p.write_into(&self.gpu, &self.cfg, &mut s);
         }
         Ok(s)
     }
