@@ -189,6 +189,8 @@ fn main() {
                     .unwrap();
             }
         }
+        // Only each row's own sequence is alive from here (the GPU memory lines count on it).
+        drop(seq);
         if a.stages {
             stage_study(&model, a.pp, a.tg, &ids(a.pp, 3));
             continue;
@@ -318,6 +320,26 @@ fn main() {
                     model.kv_dtype.name()
                 ),
             );
+            // GPU memory while this context's sequence is alive: the allocator's total, and
+            // what the engine's own accounting says it is made of.
+            if let Some(r) = model.gpu.device.generate_allocator_report() {
+                let mib = |b: u64| b as f64 / 1048576.0;
+                let (w, act, cache) = (
+                    model.weight_bytes(),
+                    model.activation_bytes(),
+                    s.cache_bytes(),
+                );
+                let total = r.total_allocated_bytes;
+                println!(
+                    "gpu memory @ {ctx}: allocator {:.1} MiB = weights {:.1} + {:.1} MiB (workspaces {:.1}, this sequence's cache {:.1}, unaccounted {:.1})",
+                    mib(total),
+                    mib(w),
+                    mib(total.saturating_sub(w)),
+                    mib(act),
+                    mib(cache),
+                    (total as f64 - (w + act + cache) as f64) / 1048576.0
+                );
+            }
         }
         if let Some(r) = model.gpu.device.generate_allocator_report() {
             println!(
