@@ -113,6 +113,9 @@ fn main() {
         println!("tg rows decode greedily (argmax on the GPU)");
     }
     let copy_gbs = copy_bandwidth(&gpu, a.warmup);
+    if gpu.coop_f16 {
+        mma_throughput(&gpu);
+    }
     println!("| model | dtype | test | tok/s | ms/token | weights GB/s | notes |");
     println!("|---|---|---|---|---|---|---|");
     for dt in a.dtype.split(',') {
@@ -395,6 +398,79 @@ fn stage_study(model: &Model, ctx: usize, n: usize, prompt: &[u32]) {
             (base - t0) * 1e6 / layers,
             t3 * 1e6,
             (t3 - base) * 1e6 / layers / 2.0
+        );
+    }
+}
+
+/// Measured tensor-core throughput through WGSL cooperative matrices (`bench_mma.wgsl`): 16x16x16
+/// f16 multiply-adds into f32, 8 independent accumulators per subgroup, with the operand
+/// fragments in registers, reloaded from workgroup memory, or reloaded from a (cached) storage
+/// buffer every round. Best of 3 dispatches each, after one untimed.
+fn mma_throughput(gpu: &Gpu) {
+    use hymba_engine::gpu::{BindKind, Kernel, Recorder};
+    let groups: u32 = 1056;
+    let iters: u32 = 256;
+    let src: Vec<half::f16> = (0..4096)
+        .map(|i| half::f16::from_f32(((i % 13) as f32 - 6.0) * 0.01))
+        .collect();
+    let Ok(src) = gpu.upload("mma src", &src) else {
+        return;
+    };
+    let Ok(dst) = gpu.buffer("mma dst", groups as u64 * 4 * 2048 * 4) else {
+        return;
+    };
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct P {
+        iters: u32,
+    }
+    for (what, defs) in [
+        ("fragments in registers", &["COOP"][..]),
+        (
+            "fragments reloaded from workgroup memory",
+            &["COOP", "FROM_SHARED"],
+        ),
+        (
+            "fragments reloaded from a storage buffer",
+            &["COOP", "FROM_GLOBAL"],
+        ),
+    ] {
+        let kernel = match Kernel::new(
+            gpu,
+            "bench_mma.wgsl",
+            include_str!("../../shaders/bench_mma.wgsl"),
+            "main",
+            defs,
+            &[BindKind::Uniform, BindKind::Read, BindKind::ReadWrite],
+        ) {
+            Ok(k) => std::sync::Arc::new(k),
+            Err(e) => {
+                println!("tensor-core throughput ({what}): not measured: {e}");
+                continue;
+            }
+        };
+        let mut rec = Recorder::new(gpu);
+        if rec
+            .dispatch(&kernel, &P { iters }, &[&src, &dst], [groups, 1, 1])
+            .is_err()
+        {
+            continue;
+        }
+        let prog = rec.finish();
+        let mut best = f64::MAX;
+        for r in 0..4 {
+            pollster::block_on(gpu.finish()).ok();
+            let t = Instant::now();
+            prog.run(gpu);
+            pollster::block_on(gpu.finish()).ok();
+            if r > 0 {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        let flops = groups as f64 * 4.0 * iters as f64 * 8.0 * 2.0 * 4096.0;
+        println!(
+            "tensor-core throughput ({what}): {:.1} TFLOP/s (WGSL cooperative matrices 16x16x16 f16 -> f32, {groups} x 4 subgroups x {iters} rounds of 8)",
+            flops / best / 1e12
         );
     }
 }

@@ -2362,6 +2362,22 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q4"]),
         ("gemm_f16", SRC_GEMM_F16, vec!["COOP", "FM=4", "FM4"]),
         ("gemm_f16", SRC_GEMM_F16, vec!["TO_F16"]),
+        // hymba-bench's tensor-core throughput probe
+        (
+            "bench_mma",
+            include_str!("../../../shaders/bench_mma.wgsl"),
+            vec!["COOP"],
+        ),
+        (
+            "bench_mma",
+            include_str!("../../../shaders/bench_mma.wgsl"),
+            vec!["COOP", "FROM_SHARED"],
+        ),
+        (
+            "bench_mma",
+            include_str!("../../../shaders/bench_mma.wgsl"),
+            vec!["COOP", "FROM_GLOBAL"],
+        ),
     ];
     for (file, src, defs) in all {
         let coop = if defs.contains(&"COOP") {
