@@ -7,7 +7,9 @@
 //           rows of W at a time.
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
 //           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
-//   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs.
+//   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs;
+//           optionally split over K (grid z, partial results apart in Y)...
+//   gemm_reduce - (define REDUCE) ...and the sum of those partial results into Y.
 //   gemv_row  - one thread per output row, no barriers (CPU adapters).
 // Variants (defines): W_F32 (f32 weights), W_Q8 / W_Q4 (block-quantized int8 / 4-bit weights with
 // one f16 scale per 32 weights along K, dequantized in the weight readers), or f16 weights, read
@@ -597,6 +599,8 @@ var<workgroup> cy: array<f32, 4096>;
 // and of the W tile (zero past the edges). The kernel keeps the next step's items in sixteen
 // variables: held in a private array instead, as this kernel first did, the prompt GEMMs ran
 // at half the speed on an H200 (the array lived in local memory).
+// (X is read up to kend, the end of this workgroup's K slice; W past it meets zeros.)
+var<private> kend: u32;
 fn coop_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
     let e4 = li + i * 128u;
     let k = k0 + (e4 % (CK / 4u)) * 4u;
@@ -604,10 +608,10 @@ fn coop_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (t < p.rows) {
         let b = p.x_off + t * p.x_stride + k;
-        if (k + 3u < p.k) {
+        if (k + 3u < kend) {
             v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
         } else {
-            for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
+            for (var j = 0u; j < 4u; j++) { if (k + j < kend) { v[j] = x[b + j]; } }
         }
     }
     return v;
@@ -642,6 +646,12 @@ fn coop_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
 fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
     let m0 = wid.x * 64u;
     let t0 = wid.y * 64u;
+    // Split over K (grid z > 1, narrow outputs): this workgroup's slice of K and where its
+    // partial results go; kslice = k and ypart = 0 without a split.
+    let kb = wid.z * p.kslice;
+    let ke = min(kb + p.kslice, p.k);
+    kend = ke;
+    yslice = wid.z * p.ypart;
     let st = (sg / 2u) * 32u;
     let sm = (sg % 2u) * 32u;
     for (var i = li; i < 4096u; i += 128u) { cy[i] = 0.0; }
@@ -650,23 +660,23 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     var c01 = c00;
     var c10 = c00;
     var c11 = c00;
-    var x0 = coop_x(li, 0u, t0, 0u);
-    var x1 = coop_x(li, 1u, t0, 0u);
-    var x2 = coop_x(li, 2u, t0, 0u);
-    var x3 = coop_x(li, 3u, t0, 0u);
-    var x4 = coop_x(li, 4u, t0, 0u);
-    var x5 = coop_x(li, 5u, t0, 0u);
-    var x6 = coop_x(li, 6u, t0, 0u);
-    var x7 = coop_x(li, 7u, t0, 0u);
-    var w0 = coop_w(li, 0u, m0, 0u);
-    var w1 = coop_w(li, 1u, m0, 0u);
-    var w2 = coop_w(li, 2u, m0, 0u);
-    var w3 = coop_w(li, 3u, m0, 0u);
-    var w4v = coop_w(li, 4u, m0, 0u);
-    var w5 = coop_w(li, 5u, m0, 0u);
-    var w6 = coop_w(li, 6u, m0, 0u);
-    var w7 = coop_w(li, 7u, m0, 0u);
-    for (var k0 = 0u; k0 < p.k; k0 += CK) {
+    var x0 = coop_x(li, 0u, t0, kb);
+    var x1 = coop_x(li, 1u, t0, kb);
+    var x2 = coop_x(li, 2u, t0, kb);
+    var x3 = coop_x(li, 3u, t0, kb);
+    var x4 = coop_x(li, 4u, t0, kb);
+    var x5 = coop_x(li, 5u, t0, kb);
+    var x6 = coop_x(li, 6u, t0, kb);
+    var x7 = coop_x(li, 7u, t0, kb);
+    var w0 = coop_w(li, 0u, m0, kb);
+    var w1 = coop_w(li, 1u, m0, kb);
+    var w2 = coop_w(li, 2u, m0, kb);
+    var w3 = coop_w(li, 3u, m0, kb);
+    var w4v = coop_w(li, 4u, m0, kb);
+    var w5 = coop_w(li, 5u, m0, kb);
+    var w6 = coop_w(li, 6u, m0, kb);
+    var w7 = coop_w(li, 7u, m0, kb);
+    for (var k0 = kb; k0 < ke; k0 += CK) {
         coop_stage(li, 0u, x0, w0);
         coop_stage(li, 1u, x1, w1);
         coop_stage(li, 2u, x2, w2);
@@ -677,7 +687,7 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         coop_stage(li, 7u, x7, w7);
         workgroupBarrier();
         let kn = k0 + CK;
-        if (kn < p.k) {
+        if (kn < ke) {
             x0 = coop_x(li, 0u, t0, kn);
             x1 = coop_x(li, 1u, t0, kn);
             x2 = coop_x(li, 2u, t0, kn);
@@ -718,6 +728,21 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         let m = m0 + e % 64u;
         if (t < p.rows && m < p.m) { store(t, m, cy[e]); }
     }
+}
+#endif
+
+#ifdef REDUCE
+// gemm_reduce: Y[t, m] (+)= the sum of a K-split gemm_coop's `passes` partial results (bound as
+// X: [passes][rows][x_stride] f32 from x_off, ypart elements apart), summed in slice order.
+// Grid: (ceil(m / 256), rows).
+@compute @workgroup_size(256)
+fn gemm_reduce(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let m = gid.x;
+    let t = gid.y;
+    if (m >= p.m || t >= p.rows) { return; }
+    var s = 0.0;
+    for (var z = 0u; z < p.passes; z++) { s += x[p.x_off + z * p.ypart + t * p.x_stride + m]; }
+    store(t, m, s);
 }
 #endif
 

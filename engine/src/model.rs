@@ -130,7 +130,7 @@ struct Workspace {
     logits_all: std::sync::OnceLock<wgpu::Buffer>,
     /// Decode attention partials [n_heads, max splits, 2 + d_v].
     part: wgpu::Buffer,
-    /// The f16 copy of a prompt GEMM's X ([`Kernels::matmul_f16x`]), where the adapter has
+    /// The f16 copy of a prompt GEMM's X ([`Kernels::matmul_prompt`]), where the adapter has
     /// cooperative matrices.
     xh: Option<wgpu::Buffer>,
     /// Per-layer outputs of a decode step's two branches (see [`BranchOutputs`]).
@@ -853,7 +853,7 @@ impl Model {
             (c * pw.max(2 * cfg.intermediate) * 4) as u64,
         )?;
         let xc = g.buffer("conv out | merged", (c * cfg.d_inner * 4) as u64)?;
-        // The f16 copy of X serves the prompt products wide enough for `matmul_f16x`:
+        // The f16 copy of X serves the prompt products wide enough for `matmul_prompt`:
         // sized for the largest K among them.
         let xh_k = [
             (pw, cfg.hidden),
@@ -1484,8 +1484,9 @@ impl Model {
         self.gemm(rec, &ws.gu, 0, i2, &w.down, &ws.h, 0, d, rows, true)
     }
 
-    /// A prompt-chunk product without bias through [`Kernels::matmul_f16x`] (tensor cores on
-    /// f16 operands where the adapter has them), else [`Kernels::matmul`].
+    /// A prompt-chunk product without bias through [`Kernels::matmul_prompt`], with the f16
+    /// copy of X and, for products into the residual (out_proj, down), the SSM output `y` as
+    /// scratch for K-split partial results (it is dead from the merge to the next layer's scan).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -1500,15 +1501,21 @@ impl Model {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let k = &self.kernels;
-        match &self.ws.xh {
-            Some(xh) => k.matmul_f16x(
-                rec, xh, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
-            ),
-            None => k.matmul(
-                rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
-            ),
-        }
+        let parts = (y == &self.ws.h).then_some(&self.ws.y);
+        self.kernels.matmul_prompt(
+            rec,
+            self.ws.xh.as_ref(),
+            parts,
+            x,
+            x_off,
+            x_stride,
+            w,
+            y,
+            y_off,
+            y_stride,
+            rows,
+            accumulate,
+        )
     }
 
     /// One decode step of a hybrid layer with fused kernels: 8 dispatches on GPUs, where the

@@ -867,7 +867,7 @@ fn wide_passes(m: usize) -> u32 {
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
-/// Narrowest output (rows of W) that [`Kernels::matmul_f16x`] runs on `gemm_f16.wgsl`. On an
+/// Narrowest output (rows of W) that [`Kernels::matmul_prompt`] runs on `gemm_f16.wgsl`. On an
 /// H200, for 256-row prompt chunks of Hymba-1.5B, it beat `gemm_coop` on the wide products
 /// (gate|up 11008: 367 -> 291 us; in_proj 8960 / 8000: 298 / 241 -> 286 / 192 us) and lost on
 /// the 1600-wide ones (out_proj, down: 194 -> 285 us with 4 fragments per subgroup, 324 with 2).
@@ -935,6 +935,9 @@ pub struct Kernels {
     /// The tensor-core GEMM on f16 operands in global memory (`gemm_f16.wgsl`, 4 W fragments
     /// per subgroup) and its X-to-f16 pass, where the adapter has cooperative matrices.
     gemm_f16: Option<(Arc<Kernel>, Arc<Kernel>)>,
+    /// The sum of a K-split `gemm_coop`'s partial results (matmul.wgsl `gemm_reduce`), where the
+    /// adapter has cooperative matrices.
+    gemm_coop_reduce: Option<Arc<Kernel>>,
     /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large];
     /// empty on CPU adapters, which use `gemv_row` (not compiled there: a browser on a software
     /// adapter compiles every pipeline slowly).
@@ -1265,12 +1268,24 @@ impl Kernels {
         } else {
             None
         };
+        let gemm_coop_reduce = if gpu.coop_f16 {
+            Some(k(
+                "matmul.wgsl",
+                SRC_MATMUL,
+                &["REDUCE"],
+                "gemm_reduce",
+                &[U, R, R, R, RW],
+            )?)
+        } else {
+            None
+        };
         Ok(Kernels {
             gemv_row,
             gemv_conv,
             gemv_conv_row,
             gemm_coop,
             gemm_f16,
+            gemm_coop_reduce,
             gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
                 .map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW]))
@@ -1454,7 +1469,7 @@ impl Kernels {
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
     }
 
-    /// Bytes of the f16 copy of X that [`Kernels::matmul_f16x`] needs for products of up to
+    /// Bytes of the f16 copy of X that [`Kernels::matmul_prompt`] needs for products of up to
     /// `rows` rows and `k` input features; 0 where the adapter has no cooperative matrices
     /// (the product then never uses it).
     pub fn f16x_bytes(&self, rows: usize, k: usize) -> u64 {
@@ -1464,7 +1479,7 @@ impl Kernels {
         (rows.div_ceil(128) * 128 * k * 2) as u64
     }
 
-    /// Whether [`Kernels::matmul_f16x`] runs this product on `gemm_f16.wgsl`: cooperative
+    /// Whether [`Kernels::matmul_prompt`] runs this product on `gemm_f16.wgsl`: cooperative
     /// matrices, a prompt-sized row count, f16 weights in one buffer with K and m multiples
     /// of 16 and m at least [`F16X_MIN_M`], no bias, and Y's offset and row stride multiples
     /// of 4.
@@ -1482,14 +1497,39 @@ impl Kernels {
             && y_stride % 4 == 0
     }
 
-    /// As [`Kernels::matmul`] without a bias; where [`Kernels::uses_f16x`] allows, X is first
-    /// rounded to f16 into `xh` (at least [`Kernels::f16x_bytes`] for `rows` and the weight's
-    /// K) and the product runs on tensor cores with both operands read from global memory.
+    /// Into how many K slices [`Kernels::matmul_prompt`] splits this product on the staged
+    /// tensor-core GEMM, given `parts_bytes` of scratch for the partial results: 2 for narrow
+    /// outputs (under [`F16X_MIN_M`] rows of W, so gemm_coop's 64 x 64 tiles leave SMs idle: 100
+    /// workgroups for Hymba-1.5B's 1600-wide out_proj and down at 256 rows) with K of at least
+    /// 2048; 1 (no split) otherwise. On the H200 the split took those products from 12.49 to
+    /// 11.90 ms per 256-row chunk (the partial sums' pass included): pp512 5034 -> 5295 f16,
+    /// 3434 -> 3500 q4 in one run.
+    pub fn coop_splits(&self, w: &Matrix, rows: usize, parts_bytes: u64) -> usize {
+        let ok = self.coop_kernel(w, rows).is_some()
+            && self.gemm_coop_reduce.is_some()
+            && w.parts.len() == 1
+            && w.rows < F16X_MIN_M
+            && w.cols >= 2048
+            && (2 * rows * w.rows * 4) as u64 <= parts_bytes;
+        if ok {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// As [`Kernels::matmul`] without a bias, for prompt chunks, with scratch the faster paths
+    /// need: where [`Kernels::uses_f16x`] allows, X is first rounded to f16 into `xh` (at least
+    /// [`Kernels::f16x_bytes`] for `rows` and the weight's K) and the product runs on
+    /// `gemm_f16.wgsl`; where [`Kernels::coop_splits`] gives 2, the staged tensor-core GEMM
+    /// runs over two halves of K at once into `parts` and a second pass adds them into Y.
+    /// Otherwise (or without the scratch) it is [`Kernels::matmul`].
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_f16x(
+    pub fn matmul_prompt(
         &self,
         rec: &mut Recorder,
-        xh: &wgpu::Buffer,
+        xh: Option<&wgpu::Buffer>,
+        parts: Option<&wgpu::Buffer>,
         x: &wgpu::Buffer,
         x_off: usize,
         x_stride: usize,
@@ -1500,35 +1540,73 @@ impl Kernels {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let Some((gemm, to_f16)) = self
-            .gemm_f16
-            .as_ref()
-            .filter(|_| self.uses_f16x(w, rows, y_off, y_stride))
-        else {
-            return self.matmul(
-                rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
-            );
-        };
-        let need = self.f16x_bytes(rows, w.cols);
-        if xh.size() < need {
-            return Err(Error::Invalid(format!(
-                "f16 copy of X for {}: {} bytes, {need} needed for {rows} rows",
-                w.label,
-                xh.size()
-            )));
-        }
         let p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate);
-        rec.dispatch(
-            to_f16,
-            &p,
-            &[x, xh],
-            [w.cols.div_ceil(1024) as u32, rows as u32, 1],
-        )?;
-        rec.dispatch(
-            gemm,
-            &p,
-            &[xh, &w.parts[0].buf, &self.dummy, y],
-            [w.rows.div_ceil(64) as u32, rows.div_ceil(128) as u32, 1],
+        if let (Some(xh), Some((gemm, to_f16))) = (xh, self.gemm_f16.as_ref()) {
+            if self.uses_f16x(w, rows, y_off, y_stride) {
+                let need = self.f16x_bytes(rows, w.cols);
+                if xh.size() < need {
+                    return Err(Error::Invalid(format!(
+                        "f16 copy of X for {}: {} bytes, {need} needed for {rows} rows",
+                        w.label,
+                        xh.size()
+                    )));
+                }
+                rec.dispatch(
+                    to_f16,
+                    &p,
+                    &[x, xh],
+                    [w.cols.div_ceil(1024) as u32, rows as u32, 1],
+                )?;
+                return rec.dispatch(
+                    gemm,
+                    &p,
+                    &[xh, &w.parts[0].buf, &self.dummy, y],
+                    [w.rows.div_ceil(64) as u32, rows.div_ceil(128) as u32, 1],
+                );
+            }
+        }
+        if let Some(parts) = parts {
+            let splits = self.coop_splits(w, rows, parts.size());
+            if splits > 1 {
+                let (Some(k), Some(reduce)) = (self.coop_kernel(w, rows), &self.gemm_coop_reduce)
+                else {
+                    unreachable!("coop_splits checked both kernels");
+                };
+                let m = w.rows;
+                // Slices of whole 64-deep K steps; partial results [splits][rows][m].
+                let kslice = w.cols.div_ceil(splits).div_ceil(64) * 64;
+                let split = MatmulParams {
+                    kslice: kslice as u32,
+                    ypart: (rows * m) as u32,
+                    ..MatmulParams::new(w, x_off, x_stride, 0, m, rows, false)
+                };
+                rec.dispatch(
+                    k,
+                    &split,
+                    &[x, &w.parts[0].buf, &self.dummy, parts],
+                    [
+                        m.div_ceil(64) as u32,
+                        rows.div_ceil(64) as u32,
+                        w.cols.div_ceil(kslice) as u32,
+                    ],
+                )?;
+                let sum = MatmulParams {
+                    x_off: 0,
+                    x_stride: m as u32,
+                    ypart: (rows * m) as u32,
+                    passes: w.cols.div_ceil(kslice) as u32,
+                    ..p
+                };
+                return rec.dispatch(
+                    reduce,
+                    &sum,
+                    &[parts, &self.dummy, &self.dummy, y],
+                    [m.div_ceil(256) as u32, rows as u32, 1],
+                );
+            }
+        }
+        self.matmul(
+            rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
         )
     }
 

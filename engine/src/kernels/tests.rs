@@ -90,8 +90,8 @@ fn matmul_case(
     matmul_case_via(dtype, rows, m, k, bias, accumulate, seed, false)
 }
 
-/// `matmul_case`, or with `f16x` the same product through `Kernels::matmul_f16x` (Y's offset
-/// and row stride then multiples of 4, as its tensor-core path needs).
+/// `matmul_case`, or with `f16x` the same product through `Kernels::matmul_prompt` with its
+/// scratch (Y's offset and row stride then multiples of 4, as gemm_f16.wgsl needs).
 #[allow(clippy::too_many_arguments)]
 fn matmul_case_via(
     dtype: WeightDtype,
@@ -120,16 +120,29 @@ fn matmul_case_via(
     let xb = gpu.upload("x", &x).unwrap();
     let bb = gpu.upload("b", &b).unwrap();
     let yb = gpu.upload("y", &y0).unwrap();
-    // The f16 copy of X, poisoned (NaN halves) so that rows it should have written show.
+    // Scratch of matmul_prompt, poisoned so that what it should have written shows: the f16
+    // copy of X (NaN halves) and the K-split partial results.
     let xh_words = (ks.f16x_bytes(rows, k) as usize / 4).max(4);
     let xh = gpu
         .upload("xh", &vec![f32::from_bits(0x7e00_7e00); xh_words])
         .unwrap();
+    let parts = gpu.upload("parts", &vec![NAN; 2 * rows * m]).unwrap();
     run(gpu, |rec| {
         if f16x {
-            assert!(!bias, "matmul_f16x has no bias");
-            ks.matmul_f16x(
-                rec, &xh, &xb, x_off, x_stride, &mat, &yb, y_off, y_stride, rows, accumulate,
+            assert!(!bias, "matmul_prompt has no bias");
+            ks.matmul_prompt(
+                rec,
+                Some(&xh),
+                Some(&parts),
+                &xb,
+                x_off,
+                x_stride,
+                &mat,
+                &yb,
+                y_off,
+                y_stride,
+                rows,
+                accumulate,
             )
         } else {
             ks.matmul(
@@ -238,11 +251,11 @@ fn matmul_gemm_quantized() {
 }
 
 #[test]
-fn matmul_f16x_prompt_shapes() {
-    // The prompt GEMM on f16 operands in global memory (gemm_f16.wgsl) where the adapter has
-    // cooperative matrices; elsewhere, and for shapes it does not take, `matmul_f16x` falls
-    // back to `matmul`. Rows past the 128-row workgroup tiles, W rows past the 64-wide
-    // subgroup tiles, K past the 64-deep blocks, residual adds and plain stores.
+fn matmul_prompt_shapes() {
+    // The prompt GEMM on f16 operands in global memory (gemm_f16.wgsl) and the K-split staged
+    // one where the adapter has cooperative matrices; elsewhere, and for shapes they do not
+    // take, `matmul_prompt` falls back to `matmul`. Rows past the 128-row workgroup tiles, W
+    // rows past the 64-wide subgroup tiles, K tails, residual adds and plain stores.
     let (gpu, ks) = env();
     let w = |m: usize, k: usize| {
         Matrix::upload(gpu, "w", &vec![0.5; m * k], m, k, WeightDtype::F16).unwrap()
@@ -265,6 +278,18 @@ fn matmul_f16x_prompt_shapes() {
     matmul_case_via(WeightDtype::F16, 70, 4097, 32, false, false, 506, true);
     matmul_case_via(WeightDtype::F16, 70, 336, 64, false, true, 508, true);
     matmul_case_via(WeightDtype::Q8, 70, 320, 64, false, true, 507, true);
+    // K-split staged GEMM: narrow outputs with K >= 2048 (two slices, the second shorter)
+    println!(
+        "K-split tensor-core GEMM: {}",
+        if ks.coop_splits(&w(336, 2112), 130, u64::MAX) > 1 {
+            "yes"
+        } else {
+            "no, falls back"
+        }
+    );
+    matmul_case_via(WeightDtype::F16, 130, 336, 2112, false, true, 509, true);
+    matmul_case_via(WeightDtype::F16, 64, 200, 2048, false, false, 510, true);
+    matmul_case_via(WeightDtype::Q4, 70, 330, 2100, false, true, 511, true);
 }
 
 /// Plain max-abs q4 (`s = max|w| / 7`, q in [-7, 7]), the scheme the q4 search must never lose to.
@@ -2362,6 +2387,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q4"]),
         ("gemm_f16", SRC_GEMM_F16, vec!["COOP", "FM=4", "FM4"]),
         ("gemm_f16", SRC_GEMM_F16, vec!["TO_F16"]),
+        ("matmul", SRC_MATMUL, vec!["SHADER_F16", "REDUCE"]),
         // hymba-bench's tensor-core throughput probe
         (
             "bench_mma",
