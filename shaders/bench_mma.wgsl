@@ -1,12 +1,12 @@
 // Tensor-core throughput probe for hymba-bench: cooperative-matrix multiply-adds (16x16x16, f16
 // inputs, f32 accumulators) per second through wgpu's WGSL cooperative matrices, the ceiling the
-// prompt GEMMs (matmul.wgsl gemm_coop, gemm_f16.wgsl) work under. Each subgroup keeps 8
-// independent accumulators (2 x 4 fragments, the tile of gemm_f16.wgsl) and does `iters` rounds
+// prompt GEMMs (matmul.wgsl gemm_coop, gemm_coop2) work under. Each subgroup keeps 8
+// independent accumulators (2 x 4 fragments, gemm_coop2's subgroup tile) and does `iters` rounds
 // of 8 multiply-adds. Where its 6 operand fragments come from each round:
 //   (default)    registers: loaded once, before the loop (the multiply-add issue rate alone);
-//   FROM_SHARED  workgroup memory, reloaded every round (as gemm_coop's inner loop);
-//   FROM_GLOBAL  the storage buffer (12 KB, cache-resident), reloaded every round (as
-//                gemm_f16's loop).
+//   FROM_SHARED  workgroup memory, reloaded every round (as the GEMMs' inner loops);
+//   FROM_GLOBAL  the storage buffer (12 KB, cache-resident), reloaded every round (as a GEMM
+//                without staging would).
 // Grid: (groups, 1, 1) of 4 subgroups of 32.
 
 struct Params {

@@ -10,6 +10,7 @@
 //   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs;
 //           optionally split over K (grid z, partial results apart in Y)...
 //   gemm_reduce - (define REDUCE) ...and the sum of those partial results into Y.
+//   gemm_coop2 - (define COOP2 with COOP) 128 x 128 tiles of 8 subgroups for wide outputs.
 //   gemv_row  - one thread per output row, no barriers (CPU adapters).
 // Variants (defines): W_F32 (f32 weights), W_Q8 / W_Q4 (block-quantized int8 / 4-bit weights with
 // one f16 scale per 32 weights along K, dequantized in the weight readers), or f16 weights, read
@@ -578,6 +579,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 }
 
 #ifdef COOP
+#ifndef COOP2
 // gemm_coop: the prompt-chunk GEMM on cooperative matrices (tensor cores), for f16 / q8 / q4
 // weights where the adapter has EXPERIMENTAL_COOPERATIVE_MATRIX with 16x16x16 f16 inputs and
 // f32 accumulators and subgroups of 32. X and the (dequantized) weights are rounded to f16 when
@@ -727,6 +729,201 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         let t = t0 + e / 64u;
         let m = m0 + e % 64u;
         if (t < p.rows && m < p.m) { store(t, m, cy[e]); }
+    }
+}
+#endif
+#endif
+
+#ifdef COOP2
+// gemm_coop2: gemm_coop with twice the multiplies per staged element, for wide outputs. One
+// workgroup = 8 subgroups = a 128 (rows of X) x 128 (rows of W) output tile, each subgroup a
+// 32 x 64 part of it as 2 x 4 fragments; K advances 32 at a time through workgroup memory, the
+// next step's loads held in registers meanwhile. Full tiles store their fragments straight to Y
+// (a residual add starts them from Y); edge tiles go through a per-subgroup 16 x 16 staging
+// fragment and the bounds-checked store. Grid: (ceil(m / 128), ceil(rows / 128)).
+const CK2: u32 = 32u;
+// Row stride of the staged tiles in f16: CK2 plus 8 of padding (bank spread, as gemm_coop).
+const SK2: u32 = 40u;
+// ax2: [128 rows of X][SK2] f16, row-major (fragment A).
+var<workgroup> ax2: array<f16, 5120>;
+// bw2: [128 rows of W][SK2] f16, row-major = W^T column-major (fragment B).
+var<workgroup> bw2: array<f16, 5120>;
+// cs2: zeros for the accumulators' start (the first 256), then one 16 x 16 f32 staging fragment
+// per subgroup for edge tiles.
+var<workgroup> cs2: array<f32, 2304>;
+
+// Item i (0..4) of this thread's share of a K step: four consecutive k of one row of the X tile
+// (zero past the edges), and of the W tile.
+fn coop2_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
+    let e4 = li + i * 256u;
+    let k = k0 + (e4 % (CK2 / 4u)) * 4u;
+    let t = t0 + e4 / (CK2 / 4u);
+    var v = vec4<f32>(0.0);
+    if (t < p.rows) {
+        let b = p.x_off + t * p.x_stride + k;
+        if (k + 3u < p.k) {
+            v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+        } else {
+            for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
+        }
+    }
+    return v;
+}
+
+fn coop2_w(li: u32, i: u32, m0: u32, k0: u32) -> vec4<f32> {
+    let e4 = li + i * 256u;
+    let k = k0 + (e4 % (CK2 / 4u)) * 4u;
+    let m = m0 + e4 / (CK2 / 4u);
+    var u = vec4<f32>(0.0);
+    if (m < p.m && k < p.kp4 * 4u) { u = w4(m * p.kp4 + k / 4u); }
+    return u;
+}
+
+fn coop2_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
+    let e4 = li + i * 256u;
+    let o = (e4 / (CK2 / 4u)) * SK2 + (e4 % (CK2 / 4u)) * 4u;
+    let v = vec4<f16>(xv);
+    let u = vec4<f16>(wv);
+    ax2[o] = v.x;
+    ax2[o + 1u] = v.y;
+    ax2[o + 2u] = v.z;
+    ax2[o + 3u] = v.w;
+    bw2[o] = u.x;
+    bw2[o + 1u] = u.y;
+    bw2[o + 2u] = u.z;
+    bw2[o + 3u] = u.w;
+}
+
+// Edge tiles: the subgroup's staging fragment (rows t0.., W rows m0..) stored element by
+// element where inside Y. Contains barriers: call from uniform control flow.
+fn coop2_edge(sg: u32, lane: u32, t0: u32, m0: u32) {
+    workgroupBarrier();
+    for (var e = 0u; e < 8u; e++) {
+        let i = lane + e * 32u;
+        let t = t0 + i / 16u;
+        let m = m0 + i % 16u;
+        if (t < p.rows && m < p.m) { store(t, m, cs2[256u + sg * 256u + i]); }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(256)
+fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
+    let mw = wid.x * 128u;
+    let tw = wid.y * 128u;
+    // subgroup sg: rows tw + (sg / 2) * 32 .., W rows mw + (sg % 2) * 64 ..
+    let st = (sg / 2u) * 32u;
+    let sm = (sg % 2u) * 64u;
+    let lane = li % 32u;
+    let full = (tw + 128u <= p.rows) & (mw + 128u <= p.m);
+    for (var i = li; i < 2304u; i += 256u) { cs2[i] = 0.0; }
+    workgroupBarrier();
+    var c00 = coopLoadT<coop_mat16x16<f32, C>>(&cs2[0], 16u);
+    var c01 = c00;
+    var c02 = c00;
+    var c03 = c00;
+    var c10 = c00;
+    var c11 = c00;
+    var c12 = c00;
+    var c13 = c00;
+    // Y indices and stride as lets: naga 30 does not emit the index or stride expressions of a
+    // cooperative store inside a branch itself (its SPIR-V writer then fails; the variant test
+    // runs that writer). `&`, not `&&`, in `full`: naga lowers a short-circuit to a branch,
+    // which its uniformity analysis cannot follow.
+    let ys = p.y_stride;
+    let y0 = p.y_off + (tw + st) * p.y_stride + mw + sm;
+    let y1 = y0 + 16u * p.y_stride;
+    let i00 = y0;
+    let i01 = y0 + 16u;
+    let i02 = y0 + 32u;
+    let i03 = y0 + 48u;
+    let i10 = y1;
+    let i11 = y1 + 16u;
+    let i12 = y1 + 32u;
+    let i13 = y1 + 48u;
+    if (full & (p.accumulate != 0u)) {
+        c00 = coopLoadT<coop_mat16x16<f32, C>>(&y[i00], ys);
+        c01 = coopLoadT<coop_mat16x16<f32, C>>(&y[i01], ys);
+        c02 = coopLoadT<coop_mat16x16<f32, C>>(&y[i02], ys);
+        c03 = coopLoadT<coop_mat16x16<f32, C>>(&y[i03], ys);
+        c10 = coopLoadT<coop_mat16x16<f32, C>>(&y[i10], ys);
+        c11 = coopLoadT<coop_mat16x16<f32, C>>(&y[i11], ys);
+        c12 = coopLoadT<coop_mat16x16<f32, C>>(&y[i12], ys);
+        c13 = coopLoadT<coop_mat16x16<f32, C>>(&y[i13], ys);
+    }
+    var x0 = coop2_x(li, 0u, tw, 0u);
+    var x1 = coop2_x(li, 1u, tw, 0u);
+    var x2 = coop2_x(li, 2u, tw, 0u);
+    var x3 = coop2_x(li, 3u, tw, 0u);
+    var w0 = coop2_w(li, 0u, mw, 0u);
+    var w1 = coop2_w(li, 1u, mw, 0u);
+    var w2 = coop2_w(li, 2u, mw, 0u);
+    var w3 = coop2_w(li, 3u, mw, 0u);
+    for (var k0 = 0u; k0 < p.k; k0 += CK2) {
+        coop2_stage(li, 0u, x0, w0);
+        coop2_stage(li, 1u, x1, w1);
+        coop2_stage(li, 2u, x2, w2);
+        coop2_stage(li, 3u, x3, w3);
+        workgroupBarrier();
+        let kn = k0 + CK2;
+        if (kn < p.k) {
+            x0 = coop2_x(li, 0u, tw, kn);
+            x1 = coop2_x(li, 1u, tw, kn);
+            x2 = coop2_x(li, 2u, tw, kn);
+            x3 = coop2_x(li, 3u, tw, kn);
+            w0 = coop2_w(li, 0u, mw, kn);
+            w1 = coop2_w(li, 1u, mw, kn);
+            w2 = coop2_w(li, 2u, mw, kn);
+            w3 = coop2_w(li, 3u, mw, kn);
+        }
+        for (var kk = 0u; kk < CK2; kk += 16u) {
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax2[st * SK2 + kk], SK2);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax2[(st + 16u) * SK2 + kk], SK2);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&bw2[sm * SK2 + kk], SK2);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&bw2[(sm + 16u) * SK2 + kk], SK2);
+            let b2 = coopLoad<coop_mat16x16<f16, B>>(&bw2[(sm + 32u) * SK2 + kk], SK2);
+            let b3 = coopLoad<coop_mat16x16<f16, B>>(&bw2[(sm + 48u) * SK2 + kk], SK2);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c02 = coopMultiplyAdd(a0, b2, c02);
+            c03 = coopMultiplyAdd(a0, b3, c03);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            c12 = coopMultiplyAdd(a1, b2, c12);
+            c13 = coopMultiplyAdd(a1, b3, c13);
+        }
+        workgroupBarrier();
+    }
+    if (full) {
+        coopStoreT(c00, &y[i00], ys);
+        coopStoreT(c01, &y[i01], ys);
+        coopStoreT(c02, &y[i02], ys);
+        coopStoreT(c03, &y[i03], ys);
+        coopStoreT(c10, &y[i10], ys);
+        coopStoreT(c11, &y[i11], ys);
+        coopStoreT(c12, &y[i12], ys);
+        coopStoreT(c13, &y[i13], ys);
+    } else {
+        let cs0 = 256u + sg * 256u;
+        let ta = tw + st;
+        let tb = ta + 16u;
+        let ma = mw + sm;
+        coopStoreT(c00, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, ta, ma);
+        coopStoreT(c01, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, ta, ma + 16u);
+        coopStoreT(c02, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, ta, ma + 32u);
+        coopStoreT(c03, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, ta, ma + 48u);
+        coopStoreT(c10, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, tb, ma);
+        coopStoreT(c11, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, tb, ma + 16u);
+        coopStoreT(c12, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, tb, ma + 32u);
+        coopStoreT(c13, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, tb, ma + 48u);
     }
 }
 #endif

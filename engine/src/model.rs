@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::kernels::{
     AttentionDecodeParams, AttentionParams, ConvParams, Kernels, KvDtype, Matrix, Prologue,
-    RopeParams, SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT,
-    F16X_MIN_M, NO_WINDOW, X_PROJ_SLICES,
+    RopeParams, SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
+    X_PROJ_SLICES,
 };
 use crate::loader::{expected_tensors, Checkpoint};
 use crate::sampling::SamplingParams;
@@ -130,9 +130,6 @@ struct Workspace {
     logits_all: std::sync::OnceLock<wgpu::Buffer>,
     /// Decode attention partials [n_heads, max splits, 2 + d_v].
     part: wgpu::Buffer,
-    /// The f16 copy of a prompt GEMM's X ([`Kernels::matmul_prompt`]), where the adapter has
-    /// cooperative matrices.
-    xh: Option<wgpu::Buffer>,
     /// Per-layer outputs of a decode step's two branches (see [`BranchOutputs`]).
     branch: Vec<BranchOutputs>,
 }
@@ -853,27 +850,7 @@ impl Model {
             (c * pw.max(2 * cfg.intermediate) * 4) as u64,
         )?;
         let xc = g.buffer("conv out | merged", (c * cfg.d_inner * 4) as u64)?;
-        // The f16 copy of X serves the prompt products wide enough for `matmul_prompt`:
-        // sized for the largest K among them.
-        let xh_k = [
-            (pw, cfg.hidden),
-            (cfg.hidden, cfg.d_inner),
-            (2 * cfg.intermediate, cfg.hidden),
-            (cfg.hidden, cfg.intermediate),
-            (cfg.vocab_size, cfg.hidden),
-        ]
-        .iter()
-        .filter(|(m, _)| *m >= F16X_MIN_M)
-        .map(|&(_, k)| k)
-        .max()
-        .unwrap_or(0);
-        let xh_bytes = kernels.f16x_bytes(c, xh_k);
         let ws = Workspace {
-            xh: if xh_bytes > 0 && xh_k > 0 {
-                Some(g.buffer("prompt GEMM X in f16", xh_bytes)?)
-            } else {
-                None
-            },
             h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
             u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
             p: p.clone(),
@@ -1014,7 +991,6 @@ impl Model {
             "shared workspaces counted once"
         );
         b += ws.logits_all.get().map(|l| l.size()).unwrap_or(0);
-        b += ws.xh.as_ref().map(|l| l.size()).unwrap_or(0);
         b += ws
             .branch
             .iter()
@@ -1484,9 +1460,9 @@ impl Model {
         self.gemm(rec, &ws.gu, 0, i2, &w.down, &ws.h, 0, d, rows, true)
     }
 
-    /// A prompt-chunk product without bias through [`Kernels::matmul_prompt`], with the f16
-    /// copy of X and, for products into the residual (out_proj, down), the SSM output `y` as
-    /// scratch for K-split partial results (it is dead from the merge to the next layer's scan).
+    /// A prompt-chunk product without bias through [`Kernels::matmul_prompt`], with, for
+    /// products into the residual (out_proj, down), the SSM output `y` as scratch for K-split
+    /// partial results (it is dead from the merge to the next layer's scan).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -1503,18 +1479,7 @@ impl Model {
     ) -> Result<()> {
         let parts = (y == &self.ws.h).then_some(&self.ws.y);
         self.kernels.matmul_prompt(
-            rec,
-            self.ws.xh.as_ref(),
-            parts,
-            x,
-            x_off,
-            x_stride,
-            w,
-            y,
-            y_off,
-            y_stride,
-            rows,
-            accumulate,
+            rec, parts, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
         )
     }
 

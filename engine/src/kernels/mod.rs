@@ -21,7 +21,6 @@ pub const SRC_CONV1D: &str = include_str!("../../../shaders/conv1d.wgsl");
 pub const SRC_SCAN: &str = include_str!("../../../shaders/scan.wgsl");
 pub const SRC_MERGE: &str = include_str!("../../../shaders/merge.wgsl");
 pub const SRC_SWIGLU: &str = include_str!("../../../shaders/swiglu.wgsl");
-pub const SRC_GEMM_F16: &str = include_str!("../../../shaders/gemm_f16.wgsl");
 pub const SRC_SAMPLE: &str = include_str!("../../../shaders/sample.wgsl");
 pub const SRC_STATE_COPY: &str = include_str!("../../../shaders/state_copy.wgsl");
 
@@ -867,11 +866,12 @@ fn wide_passes(m: usize) -> u32 {
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
-/// Narrowest output (rows of W) that [`Kernels::matmul_prompt`] runs on `gemm_f16.wgsl`. On an
-/// H200, for 256-row prompt chunks of Hymba-1.5B, it beat `gemm_coop` on the wide products
-/// (gate|up 11008: 367 -> 291 us; in_proj 8960 / 8000: 298 / 241 -> 286 / 192 us) and lost on
-/// the 1600-wide ones (out_proj, down: 194 -> 285 us with 4 fragments per subgroup, 324 with 2).
-pub const F16X_MIN_M: usize = 4096;
+/// Narrowest output (rows of W) that [`Kernels::matmul_prompt`] runs on `gemm_coop2` (128 x 128
+/// tiles of 8 subgroups, twice the multiplies per staged element of `gemm_coop`'s 64 x 64). On an
+/// H200, for 256-row chunks of Hymba-1.5B: gate|up 367 -> 237 us, in_proj 298 / 241 -> 227 / 130
+/// us; pp512 f16 5034 -> 5547-5759, q4 3496 -> 4857, q8 3353 -> 4490. The 1600-wide outputs
+/// (13 x 2 such tiles) stay on `gemm_coop`, split over K.
+pub const COOP_WIDE_MIN_M: usize = 4096;
 
 /// Groups of 8 rows per GEMV workgroup: more rows amortize staging the input, but keep at
 /// least ~264 workgroups (two per SM on a 132-SM GPU) for large outputs. (One row per 32 lanes
@@ -932,12 +932,11 @@ pub struct Kernels {
     gemm: Vec<Arc<Kernel>>,
     /// Cooperative-matrix GEMM [dtype f32 (unused), f16, q8, q4], where the adapter has it.
     gemm_coop: Option<Vec<Option<Arc<Kernel>>>>,
-    /// The tensor-core GEMM on f16 operands in global memory (`gemm_f16.wgsl`, 4 W fragments
-    /// per subgroup) and its X-to-f16 pass, where the adapter has cooperative matrices.
-    gemm_f16: Option<(Arc<Kernel>, Arc<Kernel>)>,
     /// The sum of a K-split `gemm_coop`'s partial results (matmul.wgsl `gemm_reduce`), where the
     /// adapter has cooperative matrices.
     gemm_coop_reduce: Option<Arc<Kernel>>,
+    /// 128 x 128-tile tensor-core GEMM for wide outputs [dtype f32 (unused), f16, q8, q4].
+    gemm_coop2: Option<Vec<Option<Arc<Kernel>>>>,
     /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large];
     /// empty on CPU adapters, which use `gemv_row` (not compiled there: a browser on a software
     /// adapter compiles every pipeline slowly).
@@ -1253,21 +1252,6 @@ impl Kernels {
         } else {
             None
         };
-        let gemm_f16 = if gpu.coop_f16 {
-            let g = |d: &[&str]| k("gemm_f16.wgsl", SRC_GEMM_F16, d, "gemm", &[U, R, R, R, RW]);
-            Some((
-                g(&["COOP", "FM=4", "FM4"])?,
-                k(
-                    "gemm_f16.wgsl",
-                    SRC_GEMM_F16,
-                    &["TO_F16"],
-                    "to_f16",
-                    &[U, R, RW],
-                )?,
-            ))
-        } else {
-            None
-        };
         let gemm_coop_reduce = if gpu.coop_f16 {
             Some(k(
                 "matmul.wgsl",
@@ -1279,13 +1263,30 @@ impl Kernels {
         } else {
             None
         };
+        let gemm_coop2 = if gpu.coop_f16 {
+            let mut v = vec![None];
+            for dt in [&[][..], &["W_Q8"], &["W_Q4"]] {
+                let mut d = dt.to_vec();
+                d.extend(["COOP", "COOP2"]);
+                v.push(Some(k(
+                    "matmul.wgsl",
+                    SRC_MATMUL,
+                    &d,
+                    "gemm_coop2",
+                    &[U, R, R, R, RW],
+                )?));
+            }
+            Some(v)
+        } else {
+            None
+        };
         Ok(Kernels {
             gemv_row,
             gemv_conv,
             gemv_conv_row,
             gemm_coop,
-            gemm_f16,
             gemm_coop_reduce,
+            gemm_coop2,
             gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
                 .map(|d| k("matmul.wgsl", SRC_MATMUL, d, "gemm", &[U, R, R, R, RW]))
@@ -1469,37 +1470,29 @@ impl Kernels {
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
     }
 
-    /// Bytes of the f16 copy of X that [`Kernels::matmul_prompt`] needs for products of up to
-    /// `rows` rows and `k` input features; 0 where the adapter has no cooperative matrices
-    /// (the product then never uses it).
-    pub fn f16x_bytes(&self, rows: usize, k: usize) -> u64 {
-        if self.gemm_f16.is_none() {
-            return 0;
+    /// The 128 x 128-tile tensor-core GEMM for this wide product (>= [`COOP_WIDE_MIN_M`] rows of
+    /// W, one buffer, Y rows 16-byte aligned), if the adapter has it.
+    pub fn coop2_kernel(
+        &self,
+        w: &Matrix,
+        rows: usize,
+        y_off: usize,
+        y_stride: usize,
+    ) -> Option<&Arc<Kernel>> {
+        if self.coop_kernel(w, rows).is_none()
+            || w.rows < COOP_WIDE_MIN_M
+            || w.parts.len() != 1
+            || y_off % 4 != 0
+            || y_stride % 4 != 0
+        {
+            return None;
         }
-        (rows.div_ceil(128) * 128 * k * 2) as u64
-    }
-
-    /// Whether [`Kernels::matmul_prompt`] runs this product on `gemm_f16.wgsl`: cooperative
-    /// matrices, a prompt-sized row count, f16 weights in one buffer with K and m multiples
-    /// of 16 and m at least [`F16X_MIN_M`], no bias, and Y's offset and row stride multiples
-    /// of 4.
-    pub fn uses_f16x(&self, w: &Matrix, rows: usize, y_off: usize, y_stride: usize) -> bool {
-        self.gemm_f16.is_some()
-            && w.rows >= F16X_MIN_M
-            && rows > GEMV_MAX_ROWS
-            && w.rows > 256
-            && w.dtype == WeightDtype::F16
-            && w.parts.len() == 1
-            && w.cols % 16 == 0
-            && w.kp4() as usize * 4 == w.cols
-            && w.rows % 16 == 0
-            && y_off % 4 == 0
-            && y_stride % 4 == 0
+        self.gemm_coop2.as_ref()?[dtype_index(w.dtype)].as_ref()
     }
 
     /// Into how many K slices [`Kernels::matmul_prompt`] splits this product on the staged
     /// tensor-core GEMM, given `parts_bytes` of scratch for the partial results: 2 for narrow
-    /// outputs (under [`F16X_MIN_M`] rows of W, so gemm_coop's 64 x 64 tiles leave SMs idle: 100
+    /// outputs (under [`COOP_WIDE_MIN_M`] rows of W, so gemm_coop's 64 x 64 tiles leave SMs idle: 100
     /// workgroups for Hymba-1.5B's 1600-wide out_proj and down at 256 rows) with K of at least
     /// 2048; 1 (no split) otherwise. On the H200 the split took those products from 12.49 to
     /// 11.90 ms per 256-row chunk (the partial sums' pass included): pp512 5034 -> 5295 f16,
@@ -1508,7 +1501,7 @@ impl Kernels {
         let ok = self.coop_kernel(w, rows).is_some()
             && self.gemm_coop_reduce.is_some()
             && w.parts.len() == 1
-            && w.rows < F16X_MIN_M
+            && w.rows < COOP_WIDE_MIN_M
             && w.cols >= 2048
             && (2 * rows * w.rows * 4) as u64 <= parts_bytes;
         if ok {
@@ -1518,17 +1511,15 @@ impl Kernels {
         }
     }
 
-    /// As [`Kernels::matmul`] without a bias, for prompt chunks, with scratch the faster paths
-    /// need: where [`Kernels::uses_f16x`] allows, X is first rounded to f16 into `xh` (at least
-    /// [`Kernels::f16x_bytes`] for `rows` and the weight's K) and the product runs on
-    /// `gemm_f16.wgsl`; where [`Kernels::coop_splits`] gives 2, the staged tensor-core GEMM
-    /// runs over two halves of K at once into `parts` and a second pass adds them into Y.
-    /// Otherwise (or without the scratch) it is [`Kernels::matmul`].
+    /// As [`Kernels::matmul`] without a bias, for prompt chunks: wide products (at least
+    /// [`COOP_WIDE_MIN_M`] rows of W) run on `gemm_coop2` where [`Kernels::coop2_kernel`] allows;
+    /// where [`Kernels::coop_splits`] gives 2, `gemm_coop` runs over two halves of K at once into
+    /// `parts` and `gemm_reduce` adds them into Y; otherwise (or without `parts`) this is
+    /// [`Kernels::matmul`].
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_prompt(
         &self,
         rec: &mut Recorder,
-        xh: Option<&wgpu::Buffer>,
         parts: Option<&wgpu::Buffer>,
         x: &wgpu::Buffer,
         x_off: usize,
@@ -1541,29 +1532,13 @@ impl Kernels {
         accumulate: bool,
     ) -> Result<()> {
         let p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate);
-        if let (Some(xh), Some((gemm, to_f16))) = (xh, self.gemm_f16.as_ref()) {
-            if self.uses_f16x(w, rows, y_off, y_stride) {
-                let need = self.f16x_bytes(rows, w.cols);
-                if xh.size() < need {
-                    return Err(Error::Invalid(format!(
-                        "f16 copy of X for {}: {} bytes, {need} needed for {rows} rows",
-                        w.label,
-                        xh.size()
-                    )));
-                }
-                rec.dispatch(
-                    to_f16,
-                    &p,
-                    &[x, xh],
-                    [w.cols.div_ceil(1024) as u32, rows as u32, 1],
-                )?;
-                return rec.dispatch(
-                    gemm,
-                    &p,
-                    &[xh, &w.parts[0].buf, &self.dummy, y],
-                    [w.rows.div_ceil(64) as u32, rows.div_ceil(128) as u32, 1],
-                );
-            }
+        if let Some(k) = self.coop2_kernel(w, rows, y_off, y_stride) {
+            return rec.dispatch(
+                k,
+                &p,
+                &[x, &w.parts[0].buf, &self.dummy, y],
+                [w.rows.div_ceil(128) as u32, rows.div_ceil(128) as u32, 1],
+            );
         }
         if let Some(parts) = parts {
             let splits = self.coop_splits(w, rows, parts.size());

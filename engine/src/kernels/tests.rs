@@ -90,8 +90,8 @@ fn matmul_case(
     matmul_case_via(dtype, rows, m, k, bias, accumulate, seed, false)
 }
 
-/// `matmul_case`, or with `f16x` the same product through `Kernels::matmul_prompt` with its
-/// scratch (Y's offset and row stride then multiples of 4, as gemm_f16.wgsl needs).
+/// `matmul_case`, or with `prompt` the same product through `Kernels::matmul_prompt` with its
+/// scratch (Y's offset and row stride then multiples of 4, as gemm_coop2's direct stores need).
 #[allow(clippy::too_many_arguments)]
 fn matmul_case_via(
     dtype: WeightDtype,
@@ -101,13 +101,13 @@ fn matmul_case_via(
     bias: bool,
     accumulate: bool,
     seed: u64,
-    f16x: bool,
+    prompt: bool,
 ) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
     let x_stride = k + 3;
     let x_off = 5;
-    let (y_stride, y_off) = if f16x { (m + 4, 8) } else { (m + 2, 7) };
+    let (y_stride, y_off) = if prompt { (m + 4, 8) } else { (m + 2, 7) };
     let x = r.vec(x_off + rows * x_stride, 1.0);
     let w = r.vec(m * k, 0.5);
     let b = r.vec(m, 0.5);
@@ -120,19 +120,14 @@ fn matmul_case_via(
     let xb = gpu.upload("x", &x).unwrap();
     let bb = gpu.upload("b", &b).unwrap();
     let yb = gpu.upload("y", &y0).unwrap();
-    // Scratch of matmul_prompt, poisoned so that what it should have written shows: the f16
-    // copy of X (NaN halves) and the K-split partial results.
-    let xh_words = (ks.f16x_bytes(rows, k) as usize / 4).max(4);
-    let xh = gpu
-        .upload("xh", &vec![f32::from_bits(0x7e00_7e00); xh_words])
-        .unwrap();
+    // matmul_prompt's scratch for K-split partial results, poisoned so that what it should
+    // have written shows.
     let parts = gpu.upload("parts", &vec![NAN; 2 * rows * m]).unwrap();
     run(gpu, |rec| {
-        if f16x {
+        if prompt {
             assert!(!bias, "matmul_prompt has no bias");
             ks.matmul_prompt(
                 rec,
-                Some(&xh),
                 Some(&parts),
                 &xb,
                 x_off,
@@ -164,7 +159,7 @@ fn matmul_case_via(
     let got = read(gpu, &yb, y0.len());
     // The tensor-core GEMMs round X and the dequantized weights to f16: so does the reference
     // then.
-    let coop = ks.uses_coop(&mat, rows) || (f16x && ks.uses_f16x(&mat, rows, y_off, y_stride));
+    let coop = ks.uses_coop(&mat, rows);
     let mut wq = weights_as_stored(&w, m, k, dtype);
     if coop {
         wq.iter_mut()
@@ -252,17 +247,17 @@ fn matmul_gemm_quantized() {
 
 #[test]
 fn matmul_prompt_shapes() {
-    // The prompt GEMM on f16 operands in global memory (gemm_f16.wgsl) and the K-split staged
-    // one where the adapter has cooperative matrices; elsewhere, and for shapes they do not
-    // take, `matmul_prompt` falls back to `matmul`. Rows past the 128-row workgroup tiles, W
-    // rows past the 64-wide subgroup tiles, K tails, residual adds and plain stores.
+    // The prompt GEMMs where the adapter has cooperative matrices: gemm_coop2 (128 x 128 tiles)
+    // for wide outputs, gemm_coop split over K for narrow ones with long K; elsewhere
+    // `matmul_prompt` falls back to `matmul`. Rows and W rows past the 128 x 128 tiles, K past
+    // the 32-deep steps, residual adds and plain stores, every weight storage.
     let (gpu, ks) = env();
     let w = |m: usize, k: usize| {
         Matrix::upload(gpu, "w", &vec![0.5; m * k], m, k, WeightDtype::F16).unwrap()
     };
     println!(
-        "gemm_f16 (tensor cores, operands from global memory): {}",
-        if ks.uses_f16x(&w(4112, 80), 300, 8, 4116) {
+        "gemm_coop2 (128 x 128 tensor-core tiles): {}",
+        if ks.coop2_kernel(&w(4112, 80), 300, 8, 4116).is_some() {
             "yes"
         } else {
             "no, falls back"
@@ -270,12 +265,12 @@ fn matmul_prompt_shapes() {
     );
     matmul_case_via(WeightDtype::F16, 300, 4112, 80, false, false, 501, true);
     matmul_case_via(WeightDtype::F16, 129, 4160, 160, false, true, 502, true);
-    matmul_case_via(WeightDtype::F16, 256, 4112, 48, false, true, 503, true);
-    matmul_case_via(WeightDtype::F16, 40, 4128, 32, false, false, 504, true);
-    // not taken: K not a multiple of 16, W rows not a multiple of 16, narrow outputs,
-    // quantized weights
-    matmul_case_via(WeightDtype::F16, 70, 4100, 40, false, true, 505, true);
-    matmul_case_via(WeightDtype::F16, 70, 4097, 32, false, false, 506, true);
+    matmul_case_via(WeightDtype::F16, 256, 4224, 48, false, true, 503, true);
+    matmul_case_via(WeightDtype::F16, 40, 4128, 30, false, false, 504, true);
+    matmul_case_via(WeightDtype::F16, 70, 4097, 33, false, true, 505, true);
+    matmul_case_via(WeightDtype::Q4, 200, 4128, 96, false, true, 512, true);
+    matmul_case_via(WeightDtype::Q8, 130, 4100, 72, false, false, 513, true);
+    // narrow, short K: plain gemm_coop / FMA GEMM
     matmul_case_via(WeightDtype::F16, 70, 336, 64, false, true, 508, true);
     matmul_case_via(WeightDtype::Q8, 70, 320, 64, false, true, 507, true);
     // K-split staged GEMM: narrow outputs with K >= 2048 (two slices, the second shorter)
@@ -2385,9 +2380,13 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q8"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q4"]),
-        ("gemm_f16", SRC_GEMM_F16, vec!["COOP", "FM=4", "FM4"]),
-        ("gemm_f16", SRC_GEMM_F16, vec!["TO_F16"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "REDUCE"]),
+        ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "COOP2"]),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["SHADER_F16", "COOP", "COOP2", "W_Q4"],
+        ),
         // hymba-bench's tensor-core throughput probe
         (
             "bench_mma",
