@@ -754,6 +754,8 @@ var<workgroup> cs2: array<f32, 2304>;
 
 // Item i (0..4) of this thread's share of a K step: four consecutive k of one row of the X tile
 // (zero past the edges), and of the W tile.
+// (X is read up to kend2, the end of this workgroup's K slice; W past it meets zeros.)
+var<private> kend2: u32;
 fn coop2_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
     let e4 = li + i * 256u;
     let k = k0 + (e4 % (CK2 / 4u)) * 4u;
@@ -761,10 +763,10 @@ fn coop2_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (t < p.rows) {
         let b = p.x_off + t * p.x_stride + k;
-        if (k + 3u < p.k) {
+        if (k + 3u < kend2) {
             v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
         } else {
-            for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
+            for (var j = 0u; j < 4u; j++) { if (k + j < kend2) { v[j] = x[b + j]; } }
         }
     }
     return v;
@@ -815,6 +817,11 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let st = (sg / 2u) * 32u;
     let sm = (sg % 2u) * 64u;
     let lane = li % 32u;
+    // Split over K (grid z > 1): this workgroup's slice and where its partial results go.
+    let kb = wid.z * p.kslice;
+    let ke = min(kb + p.kslice, p.k);
+    kend2 = ke;
+    yslice = wid.z * p.ypart;
     let full = (tw + 128u <= p.rows) & (mw + 128u <= p.m);
     for (var i = li; i < 2304u; i += 256u) { cs2[i] = 0.0; }
     workgroupBarrier();
@@ -831,7 +838,7 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     // runs that writer). `&`, not `&&`, in `full`: naga lowers a short-circuit to a branch,
     // which its uniformity analysis cannot follow.
     let ys = p.y_stride;
-    let y0 = p.y_off + (tw + st) * p.y_stride + mw + sm;
+    let y0 = p.y_off + wid.z * p.ypart + (tw + st) * p.y_stride + mw + sm;
     let y1 = y0 + 16u * p.y_stride;
     let i00 = y0;
     let i01 = y0 + 16u;
@@ -851,22 +858,22 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         c12 = coopLoadT<coop_mat16x16<f32, C>>(&y[i12], ys);
         c13 = coopLoadT<coop_mat16x16<f32, C>>(&y[i13], ys);
     }
-    var x0 = coop2_x(li, 0u, tw, 0u);
-    var x1 = coop2_x(li, 1u, tw, 0u);
-    var x2 = coop2_x(li, 2u, tw, 0u);
-    var x3 = coop2_x(li, 3u, tw, 0u);
-    var w0 = coop2_w(li, 0u, mw, 0u);
-    var w1 = coop2_w(li, 1u, mw, 0u);
-    var w2 = coop2_w(li, 2u, mw, 0u);
-    var w3 = coop2_w(li, 3u, mw, 0u);
-    for (var k0 = 0u; k0 < p.k; k0 += CK2) {
+    var x0 = coop2_x(li, 0u, tw, kb);
+    var x1 = coop2_x(li, 1u, tw, kb);
+    var x2 = coop2_x(li, 2u, tw, kb);
+    var x3 = coop2_x(li, 3u, tw, kb);
+    var w0 = coop2_w(li, 0u, mw, kb);
+    var w1 = coop2_w(li, 1u, mw, kb);
+    var w2 = coop2_w(li, 2u, mw, kb);
+    var w3 = coop2_w(li, 3u, mw, kb);
+    for (var k0 = kb; k0 < ke; k0 += CK2) {
         coop2_stage(li, 0u, x0, w0);
         coop2_stage(li, 1u, x1, w1);
         coop2_stage(li, 2u, x2, w2);
         coop2_stage(li, 3u, x3, w3);
         workgroupBarrier();
         let kn = k0 + CK2;
-        if (kn < p.k) {
+        if (kn < ke) {
             x0 = coop2_x(li, 0u, tw, kn);
             x1 = coop2_x(li, 1u, tw, kn);
             x2 = coop2_x(li, 2u, tw, kn);

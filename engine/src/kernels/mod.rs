@@ -1492,11 +1492,11 @@ impl Kernels {
 
     /// Into how many K slices [`Kernels::matmul_prompt`] splits this product on the staged
     /// tensor-core GEMM, given `parts_bytes` of scratch for the partial results: 2 for narrow
-    /// outputs (under [`COOP_WIDE_MIN_M`] rows of W, so gemm_coop's 64 x 64 tiles leave SMs idle: 100
-    /// workgroups for Hymba-1.5B's 1600-wide out_proj and down at 256 rows) with K of at least
-    /// 2048; 1 (no split) otherwise. On the H200 the split took those products from 12.49 to
-    /// 11.90 ms per 256-row chunk (the partial sums' pass included): pp512 5034 -> 5295 f16,
-    /// 3434 -> 3500 q4 in one run.
+    /// outputs (under [`COOP_WIDE_MIN_M`] rows of W, where whole-K tiles leave SMs idle: 100
+    /// workgroups of 64 x 64 for Hymba-1.5B's 1600-wide out_proj and down at 256 rows) with K
+    /// of at least 2048; 1 (no split) otherwise. On the H200 the split took those products from
+    /// 12.49 to 11.90 ms per 256-row chunk on gemm_coop (the partial sums' pass included), and
+    /// to 10.62 + 0.68 ms on gemm_coop2.
     pub fn coop_splits(&self, w: &Matrix, rows: usize, parts_bytes: u64) -> usize {
         let ok = self.coop_kernel(w, rows).is_some()
             && self.gemm_coop_reduce.is_some()
@@ -1547,6 +1547,17 @@ impl Kernels {
                 else {
                     unreachable!("coop_splits checked both kernels");
                 };
+                // gemm_coop2's 128 x 128 tiles where compiled (13 x 2 x 2 workgroups for the
+                // 1600-wide products: on the H200 10.62 ms per chunk against gemm_coop's 11.28),
+                // gemm_coop's 64 x 64 otherwise.
+                let (k, tile) = match self
+                    .gemm_coop2
+                    .as_ref()
+                    .and_then(|v| v[dtype_index(w.dtype)].as_ref())
+                {
+                    Some(k2) => (k2, 128),
+                    None => (k, 64),
+                };
                 let m = w.rows;
                 // Slices of whole 64-deep K steps; partial results [splits][rows][m].
                 let kslice = w.cols.div_ceil(splits).div_ceil(64) * 64;
@@ -1560,8 +1571,8 @@ impl Kernels {
                     &split,
                     &[x, &w.parts[0].buf, &self.dummy, parts],
                     [
-                        m.div_ceil(64) as u32,
-                        rows.div_ceil(64) as u32,
+                        m.div_ceil(tile) as u32,
+                        rows.div_ceil(tile) as u32,
                         w.cols.div_ceil(kslice) as u32,
                     ],
                 )?;

@@ -248,7 +248,7 @@ fn matmul_gemm_quantized() {
 #[test]
 fn matmul_prompt_shapes() {
     // The prompt GEMMs where the adapter has cooperative matrices: gemm_coop2 (128 x 128 tiles)
-    // for wide outputs, gemm_coop split over K for narrow ones with long K; elsewhere
+    // for wide outputs, and split over K for narrow ones with long K; elsewhere
     // `matmul_prompt` falls back to `matmul`. Rows and W rows past the 128 x 128 tiles, K past
     // the 32-deep steps, residual adds and plain stores, every weight storage.
     let (gpu, ks) = env();
