@@ -420,6 +420,18 @@ impl HymbaConfig {
                 let factor = 2.0f64;
                 let scale =
                     factor * raw.max_position_embeddings as f64 / orig as f64 - (factor - 1.0);
+                // The reference's NTK base, theta * (2 * max / orig - 1)^(d / (d - 2)), is zero
+                // or undefined unless max_position_embeddings > orig / 2: every RoPE angle
+                // would be inf / NaN.
+                if scale <= 0.0 {
+                    return Err(bad(format!(
+                        "rope_type \"ntk\" with max_position_embeddings = {} and \
+                         orig_max_position_embeddings = {orig}: the NTK RoPE base \
+                         rope_theta * (2 * {} / {orig} - 1)^(d / (d - 2)) is not positive; \
+                         max_position_embeddings must exceed orig_max_position_embeddings / 2",
+                        raw.max_position_embeddings, raw.max_position_embeddings
+                    )));
+                }
                 raw.rope_theta * scale.powf(d_qk as f64 / (d_qk as f64 - 2.0))
             }
             None | Some("default") => raw.rope_theta,
@@ -429,6 +441,12 @@ impl HymbaConfig {
                 )))
             }
         };
+        if !(rope_base.is_finite() && rope_base > 0.0) {
+            return Err(bad(format!(
+                "rope_theta = {}: the RoPE base must be a positive finite number",
+                raw.rope_theta
+            )));
+        }
         let eos_token_ids = match &raw.eos_token_id {
             None => vec![2],
             Some(Value::Number(x)) => vec![x.as_u64().unwrap_or(2) as u32],
@@ -613,6 +631,34 @@ mod tests {
             AttentionKind::SlidingWindow { window: 1024 }
         );
         assert_eq!(c.parameter_count(), 1_522_797_824);
+    }
+
+    #[test]
+    fn rope_bases_that_would_make_every_angle_nan_are_refused() {
+        // max_position_embeddings <= orig / 2 makes the NTK base 0 (found by a test model with
+        // max 1024 and orig 2048, whose logits were all NaN)
+        for (max, rope_type) in [(1024, "ntk"), (512, "ntk")] {
+            let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
+            v["max_position_embeddings"] = max.into();
+            v["rope_type"] = rope_type.into();
+            let e = HymbaConfig::from_json_str(&v.to_string(), "x")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("max_position_embeddings") && e.contains("orig_max_position_embeddings"),
+                "{e}"
+            );
+        }
+        let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
+        v["max_position_embeddings"] = 1025.into();
+        assert!(HymbaConfig::from_json_str(&v.to_string(), "x").is_ok());
+        let mut v: serde_json::Value = serde_json::from_str(HYMBA_15B).unwrap();
+        v["rope_type"] = "default".into();
+        v["rope_theta"] = (-1.0).into();
+        let e = HymbaConfig::from_json_str(&v.to_string(), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope_theta"), "{e}");
     }
 
     #[test]
