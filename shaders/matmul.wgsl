@@ -7,10 +7,11 @@
 //           rows of W at a time.
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
 //           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
-//   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs;
-//           optionally split over K (grid z, partial results apart in Y)...
+//   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs.
+//   gemm_coop2 - (define COOP2 with COOP) 128 x 128 tiles of 8 subgroups on cooperative
+//           matrices, optionally split over K (grid z, partial results a slice apart in Y)...
 //   gemm_reduce - (define REDUCE) ...and the sum of those partial results into Y.
-//   gemm_coop2 - (define COOP2 with COOP) 128 x 128 tiles of 8 subgroups for wide outputs.
+// The cooperative-matrix entries take no bias (has_bias = 0; the host never sends one).
 //   gemv_row  - one thread per output row, no barriers (CPU adapters).
 // Variants (defines): W_F32 (f32 weights), W_Q8 / W_Q4 (block-quantized int8 / 4-bit weights with
 // one f16 scale per 32 weights along K, dequantized in the weight readers), or f16 weights, read
@@ -36,10 +37,12 @@ struct Params {
     accumulate: u32, // 1: Y += result (residual add), 0: Y = result
     has_bias: u32,   // 1: add bias[m]
     eps: f32,        // RMSNorm epsilon of the PRO_NORM / PRO_MERGE prologues
-    passes: u32,     // gemv: groups of 8 rows each workgroup computes; gemv_wide: groups of 4
+    passes: u32,     // gemv: groups of 8 rows each workgroup computes; gemv_wide: groups of 4;
+                     // gemm_reduce: K slices to sum
     aux_n: u32,      // PRO_CONV: conv kernel width
-    kslice: u32,     // gemv: K columns per slice (grid z = slice; = k without a split)
-    ypart: u32,      // gemv: Y offset between the slices' partial results (0 without a split)
+    kslice: u32,     // gemv, gemm_coop2: K columns per slice (grid z = slice; = k without a split)
+    ypart: u32,      // gemv, gemm_coop2, gemm_reduce: offset between the slices' partial
+                     // results (0 without a split)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -142,7 +145,7 @@ fn conv_x(xb: u32, k: u32) -> f32 {
 @group(0) @binding(6) var<storage, read> x2: array<f32>;
 #endif
 
-// Offset of this workgroup's K slice's partial results in Y (gemv split over K).
+// Offset of this workgroup's K slice's partial results in Y (gemv / gemm_coop2 split over K).
 var<private> yslice: u32;
 
 fn store(t: u32, m: u32, v: f32) {
@@ -601,8 +604,6 @@ var<workgroup> cy: array<f32, 4096>;
 // and of the W tile (zero past the edges). The kernel keeps the next step's items in sixteen
 // variables: held in a private array instead, as this kernel first did, the prompt GEMMs ran
 // at half the speed on an H200 (the array lived in local memory).
-// (X is read up to kend, the end of this workgroup's K slice; W past it meets zeros.)
-var<private> kend: u32;
 fn coop_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
     let e4 = li + i * 128u;
     let k = k0 + (e4 % (CK / 4u)) * 4u;
@@ -610,10 +611,10 @@ fn coop_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (t < p.rows) {
         let b = p.x_off + t * p.x_stride + k;
-        if (k + 3u < kend) {
+        if (k + 3u < p.k) {
             v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
         } else {
-            for (var j = 0u; j < 4u; j++) { if (k + j < kend) { v[j] = x[b + j]; } }
+            for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
         }
     }
     return v;
@@ -648,12 +649,6 @@ fn coop_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
 fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
     let m0 = wid.x * 64u;
     let t0 = wid.y * 64u;
-    // Split over K (grid z > 1, narrow outputs): this workgroup's slice of K and where its
-    // partial results go; kslice = k and ypart = 0 without a split.
-    let kb = wid.z * p.kslice;
-    let ke = min(kb + p.kslice, p.k);
-    kend = ke;
-    yslice = wid.z * p.ypart;
     let st = (sg / 2u) * 32u;
     let sm = (sg % 2u) * 32u;
     for (var i = li; i < 4096u; i += 128u) { cy[i] = 0.0; }
@@ -662,23 +657,23 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     var c01 = c00;
     var c10 = c00;
     var c11 = c00;
-    var x0 = coop_x(li, 0u, t0, kb);
-    var x1 = coop_x(li, 1u, t0, kb);
-    var x2 = coop_x(li, 2u, t0, kb);
-    var x3 = coop_x(li, 3u, t0, kb);
-    var x4 = coop_x(li, 4u, t0, kb);
-    var x5 = coop_x(li, 5u, t0, kb);
-    var x6 = coop_x(li, 6u, t0, kb);
-    var x7 = coop_x(li, 7u, t0, kb);
-    var w0 = coop_w(li, 0u, m0, kb);
-    var w1 = coop_w(li, 1u, m0, kb);
-    var w2 = coop_w(li, 2u, m0, kb);
-    var w3 = coop_w(li, 3u, m0, kb);
-    var w4v = coop_w(li, 4u, m0, kb);
-    var w5 = coop_w(li, 5u, m0, kb);
-    var w6 = coop_w(li, 6u, m0, kb);
-    var w7 = coop_w(li, 7u, m0, kb);
-    for (var k0 = kb; k0 < ke; k0 += CK) {
+    var x0 = coop_x(li, 0u, t0, 0u);
+    var x1 = coop_x(li, 1u, t0, 0u);
+    var x2 = coop_x(li, 2u, t0, 0u);
+    var x3 = coop_x(li, 3u, t0, 0u);
+    var x4 = coop_x(li, 4u, t0, 0u);
+    var x5 = coop_x(li, 5u, t0, 0u);
+    var x6 = coop_x(li, 6u, t0, 0u);
+    var x7 = coop_x(li, 7u, t0, 0u);
+    var w0 = coop_w(li, 0u, m0, 0u);
+    var w1 = coop_w(li, 1u, m0, 0u);
+    var w2 = coop_w(li, 2u, m0, 0u);
+    var w3 = coop_w(li, 3u, m0, 0u);
+    var w4v = coop_w(li, 4u, m0, 0u);
+    var w5 = coop_w(li, 5u, m0, 0u);
+    var w6 = coop_w(li, 6u, m0, 0u);
+    var w7 = coop_w(li, 7u, m0, 0u);
+    for (var k0 = 0u; k0 < p.k; k0 += CK) {
         coop_stage(li, 0u, x0, w0);
         coop_stage(li, 1u, x1, w1);
         coop_stage(li, 2u, x2, w2);
@@ -689,7 +684,7 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         coop_stage(li, 7u, x7, w7);
         workgroupBarrier();
         let kn = k0 + CK;
-        if (kn < ke) {
+        if (kn < p.k) {
             x0 = coop_x(li, 0u, t0, kn);
             x1 = coop_x(li, 1u, t0, kn);
             x2 = coop_x(li, 2u, t0, kn);
@@ -735,12 +730,15 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 #endif
 
 #ifdef COOP2
-// gemm_coop2: gemm_coop with twice the multiplies per staged element, for wide outputs. One
+// gemm_coop2: gemm_coop with twice the multiplies per staged element. One
 // workgroup = 8 subgroups = a 128 (rows of X) x 128 (rows of W) output tile, each subgroup a
 // 32 x 64 part of it as 2 x 4 fragments; K advances 32 at a time through workgroup memory, the
 // next step's loads held in registers meanwhile. Full tiles store their fragments straight to Y
 // (a residual add starts them from Y); edge tiles go through a per-subgroup 16 x 16 staging
-// fragment and the bounds-checked store. Grid: (ceil(m / 128), ceil(rows / 128)).
+// fragment and the bounds-checked store. Split over K (grid z = slice, kslice a multiple of 32),
+// each slice's partial results go ypart further along Y; the host keeps Y's offset, row stride
+// and ypart multiples of 4 (16-byte aligned fragment rows). No bias.
+// Grid: (ceil(m / 128), ceil(rows / 128), slices).
 const CK2: u32 = 32u;
 // Row stride of the staged tiles in f16: CK2 plus 8 of padding (bank spread, as gemm_coop).
 const SK2: u32 = 40u;

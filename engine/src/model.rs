@@ -938,7 +938,10 @@ impl Model {
             false,
         )?;
         drop(rec);
-        model.prefix = Some(crate::cache::Prefix::read(&model.gpu, &model.cfg, &prefix).await?);
+        // Without meta tokens a new sequence starts from zeros: nothing to keep.
+        if model.cfg.n_meta > 0 {
+            model.prefix = Some(crate::cache::Prefix::read(&model.gpu, &model.cfg, &prefix).await?);
+        }
         Ok(model)
     }
 
@@ -1461,8 +1464,9 @@ impl Model {
     }
 
     /// A prompt-chunk product without bias through [`Kernels::matmul_prompt`], with, for
-    /// products into the residual (out_proj, down), the SSM output `y` as scratch for K-split
-    /// partial results (it is dead from the merge to the next layer's scan).
+    /// products into the residual (out_proj, down), the `dt` workspace as scratch for K-split
+    /// partial results: it is dead from the scan to the next layer's dt_proj, and unlike the
+    /// branch outputs `forward_traced` does not read it after the layer.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -1477,7 +1481,7 @@ impl Model {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let parts = (y == &self.ws.h).then_some(&self.ws.y);
+        let parts = (y == &self.ws.h).then_some(&self.ws.dt);
         self.kernels.matmul_prompt(
             rec, parts, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
         )

@@ -583,8 +583,8 @@ pub struct MatmulParams {
     pub eps: f32,
     pub passes: u32,
     pub aux_n: u32,
-    /// K columns per slice of a GEMV split over K (grid z), and the Y offset between the
-    /// slices' partial results; `k` and 0 without a split.
+    /// K columns per slice of a GEMV or `gemm_coop2` split over K (grid z), and the Y offset
+    /// between the slices' partial results; `k` and 0 without a split.
     pub kslice: u32,
     pub ypart: u32,
 }
@@ -866,11 +866,12 @@ fn wide_passes(m: usize) -> u32 {
 /// Rows at or below this use the GEMV kernel, above it the tiled GEMM.
 pub const GEMV_MAX_ROWS: usize = 4;
 
-/// Narrowest output (rows of W) that [`Kernels::matmul_prompt`] runs on `gemm_coop2` (128 x 128
-/// tiles of 8 subgroups, twice the multiplies per staged element of `gemm_coop`'s 64 x 64). On an
-/// H200, for 256-row chunks of Hymba-1.5B: gate|up 367 -> 237 us, in_proj 298 / 241 -> 227 / 130
-/// us; pp512 f16 5034 -> 5547-5759, q4 3496 -> 4857, q8 3353 -> 4490. The 1600-wide outputs
-/// (13 x 2 such tiles) stay on `gemm_coop`, split over K.
+/// Narrowest output (rows of W) that [`Kernels::matmul_prompt`] runs on `gemm_coop2` over the
+/// whole of K (128 x 128 tiles of 8 subgroups, twice the multiplies per staged element of
+/// `gemm_coop`'s 64 x 64). On an H200, for 256-row chunks of Hymba-1.5B: gate|up 367 -> 237 us,
+/// in_proj 298 / 241 -> 227 / 130 us; pp512 f16 5363 -> 5547-5759 (against the gemm_f16
+/// experiment of the same run), q4 3496 -> 4857, q8 3353 -> 4490. Narrower outputs with long K
+/// run on it split over K ([`Kernels::coop_splits`]); the rest on `gemm_coop`.
 pub const COOP_WIDE_MIN_M: usize = 4096;
 
 /// Groups of 8 rows per GEMV workgroup: more rows amortize staging the input, but keep at
@@ -932,8 +933,8 @@ pub struct Kernels {
     gemm: Vec<Arc<Kernel>>,
     /// Cooperative-matrix GEMM [dtype f32 (unused), f16, q8, q4], where the adapter has it.
     gemm_coop: Option<Vec<Option<Arc<Kernel>>>>,
-    /// The sum of a K-split `gemm_coop`'s partial results (matmul.wgsl `gemm_reduce`), where the
-    /// adapter has cooperative matrices.
+    /// The sum of a K-split `gemm_coop2`'s partial results (matmul.wgsl `gemm_reduce`), where
+    /// the adapter has cooperative matrices.
     gemm_coop_reduce: Option<Arc<Kernel>>,
     /// 128 x 128-tile tensor-core GEMM for wide outputs [dtype f32 (unused), f16, q8, q4].
     gemm_coop2: Option<Vec<Option<Arc<Kernel>>>>,
@@ -1490,20 +1491,21 @@ impl Kernels {
         self.gemm_coop2.as_ref()?[dtype_index(w.dtype)].as_ref()
     }
 
-    /// Into how many K slices [`Kernels::matmul_prompt`] splits this product on the staged
-    /// tensor-core GEMM, given `parts_bytes` of scratch for the partial results: 2 for narrow
-    /// outputs (under [`COOP_WIDE_MIN_M`] rows of W, where whole-K tiles leave SMs idle: 100
-    /// workgroups of 64 x 64 for Hymba-1.5B's 1600-wide out_proj and down at 256 rows) with K
-    /// of at least 2048; 1 (no split) otherwise. On the H200 the split took those products from
-    /// 12.49 to 11.90 ms per 256-row chunk on gemm_coop (the partial sums' pass included), and
-    /// to 10.62 + 0.68 ms on gemm_coop2.
+    /// Into how many K slices [`Kernels::matmul_prompt`] splits this product on `gemm_coop2`,
+    /// given `parts_bytes` of scratch for the partial results: 2 for narrow outputs (under
+    /// [`COOP_WIDE_MIN_M`] rows of W, where whole-K tiles leave SMs idle: 13 x 2 tiles of 128 x
+    /// 128, or 100 of gemm_coop's 64 x 64, for Hymba-1.5B's 1600-wide out_proj and down at 256
+    /// rows) with K of at least 2048; 1 (no split) otherwise. On the H200 the split products
+    /// took 10.62 + 0.68 ms (the sums) per 256-row chunk, against 12.49 unsplit on gemm_coop.
     pub fn coop_splits(&self, w: &Matrix, rows: usize, parts_bytes: u64) -> usize {
+        let dt = dtype_index(w.dtype);
         let ok = self.coop_kernel(w, rows).is_some()
             && self.gemm_coop_reduce.is_some()
+            && self.gemm_coop2.as_ref().is_some_and(|v| v[dt].is_some())
             && w.parts.len() == 1
             && w.rows < COOP_WIDE_MIN_M
             && w.cols >= 2048
-            && (2 * rows * w.rows * 4) as u64 <= parts_bytes;
+            && (2 * rows * Self::parts_stride(w.rows) * 4) as u64 <= parts_bytes;
         if ok {
             2
         } else {
@@ -1511,9 +1513,15 @@ impl Kernels {
         }
     }
 
+    /// Row stride (floats) of the K-split partial results for `m` outputs: a multiple of 4, so
+    /// that gemm_coop2's fragment stores stay 16-byte aligned.
+    fn parts_stride(m: usize) -> usize {
+        m.div_ceil(4) * 4
+    }
+
     /// As [`Kernels::matmul`] without a bias, for prompt chunks: wide products (at least
     /// [`COOP_WIDE_MIN_M`] rows of W) run on `gemm_coop2` where [`Kernels::coop2_kernel`] allows;
-    /// where [`Kernels::coop_splits`] gives 2, `gemm_coop` runs over two halves of K at once into
+    /// where [`Kernels::coop_splits`] gives 2, `gemm_coop2` runs over two halves of K at once into
     /// `parts` and `gemm_reduce` adds them into Y; otherwise (or without `parts`) this is
     /// [`Kernels::matmul`].
     #[allow(clippy::too_many_arguments)]
@@ -1543,44 +1551,40 @@ impl Kernels {
         if let Some(parts) = parts {
             let splits = self.coop_splits(w, rows, parts.size());
             if splits > 1 {
-                let (Some(k), Some(reduce)) = (self.coop_kernel(w, rows), &self.gemm_coop_reduce)
-                else {
+                debug_assert!(parts != x && parts != y, "split scratch aliases X or Y");
+                let (Some(reduce), Some(k)) = (
+                    &self.gemm_coop_reduce,
+                    self.gemm_coop2
+                        .as_ref()
+                        .and_then(|v| v[dtype_index(w.dtype)].as_ref()),
+                ) else {
                     unreachable!("coop_splits checked both kernels");
                 };
-                // gemm_coop2's 128 x 128 tiles where compiled (13 x 2 x 2 workgroups for the
-                // 1600-wide products: on the H200 10.62 ms per chunk against gemm_coop's 11.28),
-                // gemm_coop's 64 x 64 otherwise.
-                let (k, tile) = match self
-                    .gemm_coop2
-                    .as_ref()
-                    .and_then(|v| v[dtype_index(w.dtype)].as_ref())
-                {
-                    Some(k2) => (k2, 128),
-                    None => (k, 64),
-                };
                 let m = w.rows;
-                // Slices of whole 64-deep K steps; partial results [splits][rows][m].
+                let ms = Self::parts_stride(m);
+                // Slices of whole 64-deep K steps; partial results [splits][rows][ms].
                 let kslice = w.cols.div_ceil(splits).div_ceil(64) * 64;
+                let slices = w.cols.div_ceil(kslice);
                 let split = MatmulParams {
                     kslice: kslice as u32,
-                    ypart: (rows * m) as u32,
-                    ..MatmulParams::new(w, x_off, x_stride, 0, m, rows, false)
+                    ypart: (rows * ms) as u32,
+                    ..MatmulParams::new(w, x_off, x_stride, 0, ms, rows, false)
                 };
                 rec.dispatch(
                     k,
                     &split,
                     &[x, &w.parts[0].buf, &self.dummy, parts],
                     [
-                        m.div_ceil(tile) as u32,
-                        rows.div_ceil(tile) as u32,
-                        w.cols.div_ceil(kslice) as u32,
+                        m.div_ceil(128) as u32,
+                        rows.div_ceil(128) as u32,
+                        slices as u32,
                     ],
                 )?;
                 let sum = MatmulParams {
                     x_off: 0,
-                    x_stride: m as u32,
-                    ypart: (rows * m) as u32,
-                    passes: w.cols.div_ceil(kslice) as u32,
+                    x_stride: ms as u32,
+                    ypart: (rows * ms) as u32,
+                    passes: slices as u32,
                     ..p
                 };
                 return rec.dispatch(

@@ -283,8 +283,11 @@ fn matmul_prompt_shapes() {
         }
     );
     matmul_case_via(WeightDtype::F16, 130, 336, 2112, false, true, 509, true);
-    matmul_case_via(WeightDtype::F16, 64, 200, 2048, false, false, 510, true);
-    matmul_case_via(WeightDtype::Q4, 70, 330, 2100, false, true, 511, true);
+    // m not a multiple of 4 with full 128 x 128 tiles (padded partial rows), K not a multiple
+    // of 4
+    matmul_case_via(WeightDtype::F16, 160, 290, 2049, false, false, 510, true);
+    matmul_case_via(WeightDtype::Q4, 130, 330, 2100, false, true, 511, true);
+    matmul_case_via(WeightDtype::Q8, 129, 258, 2080, false, true, 514, true);
 }
 
 /// Plain max-abs q4 (`s = max|w| / 7`, q in [-7, 7]), the scheme the q4 search must never lose to.
