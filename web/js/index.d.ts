@@ -53,8 +53,8 @@ export interface Stats {
   /** How the KV cache stores keys and values: f32 for f32 weights, f16 otherwise. */
   kv_dtype: 'f32' | 'f16';
   weight_bytes: number;
-  /** The model's other GPU buffers (activation workspaces, RoPE table, meta-token prefix cache),
-   * measured from them. */
+  /** The model's other GPU buffers (activation workspaces, RoPE table), measured from them.
+   * (The meta-token prefix new conversations start from is kept in wasm memory.) */
   activation_bytes: number;
   /** weight_bytes + activation_bytes + cache_bytes. */
   gpu_bytes: number;
