@@ -3,10 +3,10 @@
 // prompt GEMMs (matmul.wgsl gemm_coop, gemm_coop2) work under. Each subgroup keeps 8
 // independent accumulators (2 x 4 fragments, gemm_coop2's subgroup tile) and does `iters` rounds
 // of 8 multiply-adds. Where its 6 operand fragments come from each round:
-//   (default)    registers: loaded once, before the loop (the multiply-add issue rate alone);
-//   FROM_SHARED  workgroup memory, reloaded every round (as the GEMMs' inner loops);
-//   FROM_GLOBAL  the storage buffer (12 KB, cache-resident), reloaded every round (as a GEMM
-//                without staging would).
+//   (default)          registers: loaded once, before the loop (the multiply-add issue rate);
+//   RELOAD with OPS=sh workgroup memory, reloaded every round (as the GEMMs' inner loops);
+//   RELOAD with OPS=src the storage buffer (12 KB, cache-resident), reloaded every round (as a
+//                      GEMM without staging would).
 // Grid: (groups, 1, 1) of 4 subgroups of 32.
 
 struct Params {
@@ -44,23 +44,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var c12 = c00;
     var c13 = c00;
     for (var i = 0u; i < p.iters; i++) {
-#ifdef FROM_SHARED
+#ifdef RELOAD
         let o = (i % 4u) * 384u;
-        a0 = coopLoadT<coop_mat16x16<f16, A>>(&sh[o], 24u);
-        a1 = coopLoadT<coop_mat16x16<f16, A>>(&sh[o + 384u], 24u);
-        b0 = coopLoad<coop_mat16x16<f16, B>>(&sh[o + 768u], 24u);
-        b1 = coopLoad<coop_mat16x16<f16, B>>(&sh[o + 1152u], 24u);
-        b2 = coopLoad<coop_mat16x16<f16, B>>(&sh[o + 1536u], 24u);
-        b3 = coopLoad<coop_mat16x16<f16, B>>(&sh[o + 1920u], 24u);
-#endif
-#ifdef FROM_GLOBAL
-        let o = (i % 4u) * 384u;
-        a0 = coopLoadT<coop_mat16x16<f16, A>>(&src[o], 24u);
-        a1 = coopLoadT<coop_mat16x16<f16, A>>(&src[o + 384u], 24u);
-        b0 = coopLoad<coop_mat16x16<f16, B>>(&src[o + 768u], 24u);
-        b1 = coopLoad<coop_mat16x16<f16, B>>(&src[o + 1152u], 24u);
-        b2 = coopLoad<coop_mat16x16<f16, B>>(&src[o + 1536u], 24u);
-        b3 = coopLoad<coop_mat16x16<f16, B>>(&src[o + 1920u], 24u);
+        a0 = coopLoadT<coop_mat16x16<f16, A>>(&OPS[o], 24u);
+        a1 = coopLoadT<coop_mat16x16<f16, A>>(&OPS[o + 384u], 24u);
+        b0 = coopLoad<coop_mat16x16<f16, B>>(&OPS[o + 768u], 24u);
+        b1 = coopLoad<coop_mat16x16<f16, B>>(&OPS[o + 1152u], 24u);
+        b2 = coopLoad<coop_mat16x16<f16, B>>(&OPS[o + 1536u], 24u);
+        b3 = coopLoad<coop_mat16x16<f16, B>>(&OPS[o + 1920u], 24u);
 #endif
         c00 = coopMultiplyAdd(a0, b0, c00);
         c01 = coopMultiplyAdd(a0, b1, c01);

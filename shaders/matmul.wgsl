@@ -582,6 +582,30 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 }
 
 #ifdef COOP
+// Tile readers of the cooperative-matrix GEMMs (gemm_coop, gemm_coop2): four consecutive k of
+// row t of X, zero past the rows and from kend on (the end of K, or of a K slice), and of row m
+// of W, zero past its rows and its padded K (past a slice's end W meets X's zeros).
+fn tile_x4(t: u32, k: u32, kend: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (t < p.rows) {
+        let b = p.x_off + t * p.x_stride + k;
+        if (k + 3u < kend) {
+            v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+        } else {
+            for (var j = 0u; j < 4u; j++) { if (k + j < kend) { v[j] = x[b + j]; } }
+        }
+    }
+    return v;
+}
+
+fn tile_w4(m: u32, k: u32) -> vec4<f32> {
+    var u = vec4<f32>(0.0);
+    if (m < p.m && k < p.kp4 * 4u) { u = w4(m * p.kp4 + k / 4u); }
+    return u;
+}
+#endif
+
+#ifdef COOP
 #ifndef COOP2
 // gemm_coop: the prompt-chunk GEMM on cooperative matrices (tensor cores), for f16 / q8 / q4
 // weights where the adapter has EXPERIMENTAL_COOPERATIVE_MATRIX with 16x16x16 f16 inputs and
@@ -606,27 +630,12 @@ var<workgroup> cy: array<f32, 4096>;
 // at half the speed on an H200 (the array lived in local memory).
 fn coop_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
     let e4 = li + i * 128u;
-    let k = k0 + (e4 % (CK / 4u)) * 4u;
-    let t = t0 + e4 / (CK / 4u);
-    var v = vec4<f32>(0.0);
-    if (t < p.rows) {
-        let b = p.x_off + t * p.x_stride + k;
-        if (k + 3u < p.k) {
-            v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
-        } else {
-            for (var j = 0u; j < 4u; j++) { if (k + j < p.k) { v[j] = x[b + j]; } }
-        }
-    }
-    return v;
+    return tile_x4(t0 + e4 / (CK / 4u), k0 + (e4 % (CK / 4u)) * 4u, p.k);
 }
 
 fn coop_w(li: u32, i: u32, m0: u32, k0: u32) -> vec4<f32> {
     let e4 = li + i * 128u;
-    let k = k0 + (e4 % (CK / 4u)) * 4u;
-    let m = m0 + e4 / (CK / 4u);
-    var u = vec4<f32>(0.0);
-    if (m < p.m && k < p.kp4 * 4u) { u = w4(m * p.kp4 + k / 4u); }
-    return u;
+    return tile_w4(m0 + e4 / (CK / 4u), k0 + (e4 % (CK / 4u)) * 4u);
 }
 
 // Writes item i (X values v, W values u) into the staged tiles.
@@ -751,32 +760,15 @@ var<workgroup> bw2: array<f16, 5120>;
 var<workgroup> cs2: array<f32, 2304>;
 
 // Item i (0..4) of this thread's share of a K step: four consecutive k of one row of the X tile
-// (zero past the edges), and of the W tile.
-// (X is read up to kend2, the end of this workgroup's K slice; W past it meets zeros.)
-var<private> kend2: u32;
-fn coop2_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
+// (X read up to ke, the end of this workgroup's K slice), and of the W tile.
+fn coop2_x(li: u32, i: u32, t0: u32, k0: u32, ke: u32) -> vec4<f32> {
     let e4 = li + i * 256u;
-    let k = k0 + (e4 % (CK2 / 4u)) * 4u;
-    let t = t0 + e4 / (CK2 / 4u);
-    var v = vec4<f32>(0.0);
-    if (t < p.rows) {
-        let b = p.x_off + t * p.x_stride + k;
-        if (k + 3u < kend2) {
-            v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
-        } else {
-            for (var j = 0u; j < 4u; j++) { if (k + j < kend2) { v[j] = x[b + j]; } }
-        }
-    }
-    return v;
+    return tile_x4(t0 + e4 / (CK2 / 4u), k0 + (e4 % (CK2 / 4u)) * 4u, ke);
 }
 
 fn coop2_w(li: u32, i: u32, m0: u32, k0: u32) -> vec4<f32> {
     let e4 = li + i * 256u;
-    let k = k0 + (e4 % (CK2 / 4u)) * 4u;
-    let m = m0 + e4 / (CK2 / 4u);
-    var u = vec4<f32>(0.0);
-    if (m < p.m && k < p.kp4 * 4u) { u = w4(m * p.kp4 + k / 4u); }
-    return u;
+    return tile_w4(m0 + e4 / (CK2 / 4u), k0 + (e4 % (CK2 / 4u)) * 4u);
 }
 
 fn coop2_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
@@ -818,7 +810,6 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     // Split over K (grid z > 1): this workgroup's slice and where its partial results go.
     let kb = wid.z * p.kslice;
     let ke = min(kb + p.kslice, p.k);
-    kend2 = ke;
     yslice = wid.z * p.ypart;
     let full = (tw + 128u <= p.rows) & (mw + 128u <= p.m);
     for (var i = li; i < 2304u; i += 256u) { cs2[i] = 0.0; }
@@ -856,10 +847,10 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         c12 = coopLoadT<coop_mat16x16<f32, C>>(&y[i12], ys);
         c13 = coopLoadT<coop_mat16x16<f32, C>>(&y[i13], ys);
     }
-    var x0 = coop2_x(li, 0u, tw, kb);
-    var x1 = coop2_x(li, 1u, tw, kb);
-    var x2 = coop2_x(li, 2u, tw, kb);
-    var x3 = coop2_x(li, 3u, tw, kb);
+    var x0 = coop2_x(li, 0u, tw, kb, ke);
+    var x1 = coop2_x(li, 1u, tw, kb, ke);
+    var x2 = coop2_x(li, 2u, tw, kb, ke);
+    var x3 = coop2_x(li, 3u, tw, kb, ke);
     var w0 = coop2_w(li, 0u, mw, kb);
     var w1 = coop2_w(li, 1u, mw, kb);
     var w2 = coop2_w(li, 2u, mw, kb);
@@ -872,10 +863,10 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         workgroupBarrier();
         let kn = k0 + CK2;
         if (kn < ke) {
-            x0 = coop2_x(li, 0u, tw, kn);
-            x1 = coop2_x(li, 1u, tw, kn);
-            x2 = coop2_x(li, 2u, tw, kn);
-            x3 = coop2_x(li, 3u, tw, kn);
+            x0 = coop2_x(li, 0u, tw, kn, ke);
+            x1 = coop2_x(li, 1u, tw, kn, ke);
+            x2 = coop2_x(li, 2u, tw, kn, ke);
+            x3 = coop2_x(li, 3u, tw, kn, ke);
             w0 = coop2_w(li, 0u, mw, kn);
             w1 = coop2_w(li, 1u, mw, kn);
             w2 = coop2_w(li, 2u, mw, kn);

@@ -428,11 +428,11 @@ fn mma_throughput(gpu: &Gpu) {
         ("fragments in registers", &["COOP"][..]),
         (
             "fragments reloaded from workgroup memory",
-            &["COOP", "FROM_SHARED"],
+            &["COOP", "RELOAD", "OPS=sh"],
         ),
         (
             "fragments reloaded from a storage buffer",
-            &["COOP", "FROM_GLOBAL"],
+            &["COOP", "RELOAD", "OPS=src"],
         ),
     ] {
         let kernel = match Kernel::new(

@@ -1235,51 +1235,38 @@ impl Kernels {
             }
             d
         };
-        // Tensor-core GEMM for prompt chunks. f32 weights keep the exact f32 GEMM.
-        let gemm_coop = if gpu.coop_f16 {
-            let mut v = vec![None];
-            for dt in [&[][..], &["W_Q8"], &["W_Q4"]] {
-                let mut d = dt.to_vec();
-                d.push("COOP");
-                v.push(Some(k(
+        // Tensor-core GEMMs for prompt chunks, per storage [f32 (none: f32 weights keep the
+        // exact f32 GEMM), f16, q8, q4], and the sum of a K-split one's partial results.
+        let coop_family =
+            |entry: &str, defs: &[&'static str]| -> Result<Vec<Option<Arc<Kernel>>>> {
+                let mut v = vec![None];
+                for dt in [&[][..], &["W_Q8"], &["W_Q4"]] {
+                    let mut d = dt.to_vec();
+                    d.extend_from_slice(defs);
+                    v.push(Some(k(
+                        "matmul.wgsl",
+                        SRC_MATMUL,
+                        &d,
+                        entry,
+                        &[U, R, R, R, RW],
+                    )?));
+                }
+                Ok(v)
+            };
+        let (gemm_coop, gemm_coop2, gemm_coop_reduce) = if gpu.coop_f16 {
+            (
+                Some(coop_family("gemm_coop", &["COOP"])?),
+                Some(coop_family("gemm_coop2", &["COOP", "COOP2"])?),
+                Some(k(
                     "matmul.wgsl",
                     SRC_MATMUL,
-                    &d,
-                    "gemm_coop",
+                    &["REDUCE"],
+                    "gemm_reduce",
                     &[U, R, R, R, RW],
-                )?));
-            }
-            Some(v)
+                )?),
+            )
         } else {
-            None
-        };
-        let gemm_coop_reduce = if gpu.coop_f16 {
-            Some(k(
-                "matmul.wgsl",
-                SRC_MATMUL,
-                &["REDUCE"],
-                "gemm_reduce",
-                &[U, R, R, R, RW],
-            )?)
-        } else {
-            None
-        };
-        let gemm_coop2 = if gpu.coop_f16 {
-            let mut v = vec![None];
-            for dt in [&[][..], &["W_Q8"], &["W_Q4"]] {
-                let mut d = dt.to_vec();
-                d.extend(["COOP", "COOP2"]);
-                v.push(Some(k(
-                    "matmul.wgsl",
-                    SRC_MATMUL,
-                    &d,
-                    "gemm_coop2",
-                    &[U, R, R, R, RW],
-                )?));
-            }
-            Some(v)
-        } else {
-            None
+            (None, None, None)
         };
         Ok(Kernels {
             gemv_row,

@@ -255,13 +255,10 @@ fn matmul_prompt_shapes() {
     let w = |m: usize, k: usize| {
         Matrix::upload(gpu, "w", &vec![0.5; m * k], m, k, WeightDtype::F16).unwrap()
     };
+    let taken = |yes: bool| if yes { "yes" } else { "no, falls back" };
     println!(
         "gemm_coop2 (128 x 128 tensor-core tiles): {}",
-        if ks.coop2_kernel(&w(4112, 80), 300, 8, 4116).is_some() {
-            "yes"
-        } else {
-            "no, falls back"
-        }
+        taken(ks.coop2_kernel(&w(4112, 80), 300, 8, 4116).is_some())
     );
     matmul_case_via(WeightDtype::F16, 300, 4112, 80, false, false, 501, true);
     matmul_case_via(WeightDtype::F16, 129, 4160, 160, false, true, 502, true);
@@ -276,11 +273,7 @@ fn matmul_prompt_shapes() {
     // K-split staged GEMM: narrow outputs with K >= 2048 (two slices, the second shorter)
     println!(
         "K-split tensor-core GEMM: {}",
-        if ks.coop_splits(&w(336, 2112), 130, u64::MAX) > 1 {
-            "yes"
-        } else {
-            "no, falls back"
-        }
+        taken(ks.coop_splits(&w(336, 2112), 130, u64::MAX) > 1)
     );
     matmul_case_via(WeightDtype::F16, 130, 336, 2112, false, true, 509, true);
     // m not a multiple of 4 with full 128 x 128 tiles (padded partial rows), K not a multiple
@@ -2399,12 +2392,12 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         (
             "bench_mma",
             include_str!("../../../shaders/bench_mma.wgsl"),
-            vec!["COOP", "FROM_SHARED"],
+            vec!["COOP", "RELOAD", "OPS=sh"],
         ),
         (
             "bench_mma",
             include_str!("../../../shaders/bench_mma.wgsl"),
-            vec!["COOP", "FROM_GLOBAL"],
+            vec!["COOP", "RELOAD", "OPS=src"],
         ),
     ];
     for (file, src, defs) in all {
