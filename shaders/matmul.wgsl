@@ -117,8 +117,14 @@ fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x1
 #endif
 #endif
 #endif
+#ifdef XV4
+// xq: X again, as vec4 [rows, x_stride / 4] (gemm_coop2, which has no bias; the host keeps x_off
+// and x_stride multiples of 4): one 16-byte load per four k of a staged row.
+@group(0) @binding(3) var<storage, read> xq: array<vec4<f32>>;
+#else
 // bias: [m] f32 (bound to a dummy buffer when has_bias = 0).
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
+#endif
 // Y: [rows, y_stride] f32, row-major, starting at y_off.
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 #ifdef PRO_NORM
@@ -150,7 +156,9 @@ var<private> yslice: u32;
 
 fn store(t: u32, m: u32, v: f32) {
     var r = v;
+#ifndef XV4
     if (p.has_bias != 0u) { r += bias[m]; }
+#endif
     let i = p.y_off + yslice + t * p.y_stride + m;
     if (p.accumulate != 0u) { r += y[i]; }
     y[i] = r;
@@ -590,7 +598,11 @@ fn tile_x4(t: u32, k: u32, kend: u32) -> vec4<f32> {
     if (t < p.rows) {
         let b = p.x_off + t * p.x_stride + k;
         if (k + 3u < kend) {
+#ifdef XV4
+            v = xq[b / 4u];
+#else
             v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+#endif
         } else {
             for (var j = 0u; j < 4u; j++) { if (k + j < kend) { v[j] = x[b + j]; } }
         }

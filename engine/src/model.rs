@@ -1481,7 +1481,16 @@ impl Model {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let parts = (y == &self.ws.h).then_some(&self.ws.dt);
+        // Scratch for the split partial results of the products into the residual: out_proj
+        // takes the in_proj output (dead from the merge until gate|up writes it), down the
+        // `dt` workspace (its X is that gate|up output).
+        let parts = (y == &self.ws.h).then(|| {
+            if x == &self.ws.gu {
+                &self.ws.dt
+            } else {
+                &self.ws.p
+            }
+        });
         self.kernels.matmul_prompt(
             rec, parts, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
         )

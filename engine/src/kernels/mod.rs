@@ -874,6 +874,13 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// run on it split over K ([`Kernels::coop_splits`]); the rest on `gemm_coop`.
 pub const COOP_WIDE_MIN_M: usize = 4096;
 
+/// Workgroups a narrow `gemm_coop2` product is split over K to reach (see
+/// [`Kernels::coop_splits`]): about one per SM of an H100 / H200 (132).
+pub const COOP_SPLIT_WORKGROUPS: usize = 128;
+
+/// The shallowest K slice of a split `gemm_coop2` product: 8 steps of 64.
+pub const COOP_SPLIT_MIN_K: usize = 512;
+
 /// Groups of 8 rows per GEMV workgroup: more rows amortize staging the input, but keep at
 /// least ~264 workgroups (two per SM on a 132-SM GPU) for large outputs. (One row per 32 lanes
 /// with all of a row's loads issued at once from a register array was measured 2.8x slower on
@@ -1256,7 +1263,7 @@ impl Kernels {
         let (gemm_coop, gemm_coop2, gemm_coop_reduce) = if gpu.coop_f16 {
             (
                 Some(coop_family("gemm_coop", &["COOP"])?),
-                Some(coop_family("gemm_coop2", &["COOP", "COOP2"])?),
+                Some(coop_family("gemm_coop2", &["COOP", "COOP2", "XV4"])?),
                 Some(k(
                     "matmul.wgsl",
                     SRC_MATMUL,
@@ -1459,17 +1466,21 @@ impl Kernels {
     }
 
     /// The 128 x 128-tile tensor-core GEMM for this wide product (>= [`COOP_WIDE_MIN_M`] rows of
-    /// W, one buffer, Y rows 16-byte aligned), if the adapter has it.
+    /// W, one buffer, X and Y rows 16-byte aligned), if the adapter has it.
     pub fn coop2_kernel(
         &self,
         w: &Matrix,
         rows: usize,
+        x_off: usize,
+        x_stride: usize,
         y_off: usize,
         y_stride: usize,
     ) -> Option<&Arc<Kernel>> {
         if self.coop_kernel(w, rows).is_none()
             || w.rows < COOP_WIDE_MIN_M
             || w.parts.len() != 1
+            || x_off % 4 != 0
+            || x_stride % 4 != 0
             || y_off % 4 != 0
             || y_stride % 4 != 0
         {
@@ -1479,24 +1490,39 @@ impl Kernels {
     }
 
     /// Into how many K slices [`Kernels::matmul_prompt`] splits this product on `gemm_coop2`,
-    /// given `parts_bytes` of scratch for the partial results: 2 for narrow outputs (under
-    /// [`COOP_WIDE_MIN_M`] rows of W, where whole-K tiles leave SMs idle: 13 x 2 tiles of 128 x
-    /// 128, or 100 of gemm_coop's 64 x 64, for Hymba-1.5B's 1600-wide out_proj and down at 256
-    /// rows) with K of at least 2048; 1 (no split) otherwise. On the H200 the split products
-    /// took 10.62 + 0.68 ms (the sums) per 256-row chunk, against 12.49 unsplit on gemm_coop.
-    pub fn coop_splits(&self, w: &Matrix, rows: usize, parts_bytes: u64) -> usize {
+    /// given `parts_bytes` of scratch for the partial results. Only narrow outputs (under
+    /// [`COOP_WIDE_MIN_M`] rows of W) split: Hymba-1.5B's 1600-wide out_proj and down make 13 x 2
+    /// tiles of 128 x 128 at 256 rows, a fifth of an H200's 132 SMs, each walking all of K. Slices
+    /// are added until the product has about [`COOP_SPLIT_WORKGROUPS`] workgroups, each slice at
+    /// least [`COOP_SPLIT_MIN_K`] deep, as many as the scratch holds; 1 means no split.
+    pub fn coop_splits(
+        &self,
+        w: &Matrix,
+        rows: usize,
+        x_off: usize,
+        x_stride: usize,
+        parts_bytes: u64,
+    ) -> usize {
         let dt = dtype_index(w.dtype);
         let ok = self.coop_kernel(w, rows).is_some()
+            && x_off % 4 == 0
+            && x_stride % 4 == 0
             && self.gemm_coop_reduce.is_some()
             && self.gemm_coop2.as_ref().is_some_and(|v| v[dt].is_some())
             && w.parts.len() == 1
-            && w.rows < COOP_WIDE_MIN_M
-            && w.cols >= 2048
-            && (2 * rows * Self::parts_stride(w.rows) * 4) as u64 <= parts_bytes;
-        if ok {
-            2
-        } else {
+            && w.rows < COOP_WIDE_MIN_M;
+        if !ok {
+            return 1;
+        }
+        let tiles = w.rows.div_ceil(128) * rows.div_ceil(128);
+        let part = (rows * Self::parts_stride(w.rows) * 4) as u64;
+        let n = (COOP_SPLIT_WORKGROUPS / tiles)
+            .min(w.cols / COOP_SPLIT_MIN_K)
+            .min((parts_bytes / part) as usize);
+        if n < 2 {
             1
+        } else {
+            n
         }
     }
 
@@ -1527,16 +1553,17 @@ impl Kernels {
         accumulate: bool,
     ) -> Result<()> {
         let p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate);
-        if let Some(k) = self.coop2_kernel(w, rows, y_off, y_stride) {
+        // gemm_coop2 reads X through both of its X bindings (scalar and vec4).
+        if let Some(k) = self.coop2_kernel(w, rows, x_off, x_stride, y_off, y_stride) {
             return rec.dispatch(
                 k,
                 &p,
-                &[x, &w.parts[0].buf, &self.dummy, y],
+                &[x, &w.parts[0].buf, x, y],
                 [w.rows.div_ceil(128) as u32, rows.div_ceil(128) as u32, 1],
             );
         }
         if let Some(parts) = parts {
-            let splits = self.coop_splits(w, rows, parts.size());
+            let splits = self.coop_splits(w, rows, x_off, x_stride, parts.size());
             if splits > 1 {
                 debug_assert!(parts != x && parts != y, "split scratch aliases X or Y");
                 let (Some(reduce), Some(k)) = (
@@ -1549,7 +1576,7 @@ impl Kernels {
                 };
                 let m = w.rows;
                 let ms = Self::parts_stride(m);
-                // Slices of whole 64-deep K steps; partial results [splits][rows][ms].
+                // Slices of whole 64-deep K steps; partial results [slices][rows][ms].
                 let kslice = w.cols.div_ceil(splits).div_ceil(64) * 64;
                 let slices = w.cols.div_ceil(kslice);
                 let split = MatmulParams {
@@ -1560,7 +1587,7 @@ impl Kernels {
                 rec.dispatch(
                     k,
                     &split,
-                    &[x, &w.parts[0].buf, &self.dummy, parts],
+                    &[x, &w.parts[0].buf, x, parts],
                     [
                         m.div_ceil(128) as u32,
                         rows.div_ceil(128) as u32,

@@ -103,10 +103,31 @@ fn matmul_case_via(
     seed: u64,
     prompt: bool,
 ) {
+    matmul_case_scratch(dtype, rows, m, k, bias, accumulate, seed, prompt, 8);
+}
+
+/// `matmul_case_via` with room for `slices` K-split partial results in the scratch.
+#[allow(clippy::too_many_arguments)]
+fn matmul_case_scratch(
+    dtype: WeightDtype,
+    rows: usize,
+    m: usize,
+    k: usize,
+    bias: bool,
+    accumulate: bool,
+    seed: u64,
+    prompt: bool,
+    slices: usize,
+) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
-    let x_stride = k + 3;
-    let x_off = 5;
+    // matmul_prompt's tensor-core GEMMs read X rows as vec4: offset and stride multiples of 4
+    // there (elsewhere they fall back to `matmul`, tested without).
+    let (x_stride, x_off) = if prompt {
+        (k.div_ceil(4) * 4 + 4, 4)
+    } else {
+        (k + 3, 5)
+    };
     let (y_stride, y_off) = if prompt { (m + 4, 8) } else { (m + 2, 7) };
     let x = r.vec(x_off + rows * x_stride, 1.0);
     let w = r.vec(m * k, 0.5);
@@ -122,7 +143,9 @@ fn matmul_case_via(
     let yb = gpu.upload("y", &y0).unwrap();
     // matmul_prompt's scratch for K-split partial results, poisoned so that what it should
     // have written shows.
-    let parts = gpu.upload("parts", &vec![NAN; 2 * rows * m]).unwrap();
+    let parts = gpu
+        .upload("parts", &vec![NAN; slices * rows * m.div_ceil(4) * 4])
+        .unwrap();
     run(gpu, |rec| {
         if prompt {
             assert!(!bias, "matmul_prompt has no bias");
@@ -258,7 +281,7 @@ fn matmul_prompt_shapes() {
     let taken = |yes: bool| if yes { "yes" } else { "no, falls back" };
     println!(
         "gemm_coop2 (128 x 128 tensor-core tiles): {}",
-        taken(ks.coop2_kernel(&w(4112, 80), 300, 8, 4116).is_some())
+        taken(ks.coop2_kernel(&w(4112, 80), 300, 8, 84, 8, 4116).is_some())
     );
     matmul_case_via(WeightDtype::F16, 300, 4112, 80, false, false, 501, true);
     matmul_case_via(WeightDtype::F16, 129, 4160, 160, false, true, 502, true);
@@ -270,12 +293,15 @@ fn matmul_prompt_shapes() {
     // narrow, short K: plain gemm_coop / FMA GEMM
     matmul_case_via(WeightDtype::F16, 70, 336, 64, false, true, 508, true);
     matmul_case_via(WeightDtype::Q8, 70, 320, 64, false, true, 507, true);
-    // K-split staged GEMM: narrow outputs with K >= 2048 (two slices, the second shorter)
+    // K-split staged GEMM: narrow outputs with long K (here 4 slices, the last shorter; and as
+    // many as a smaller scratch holds)
     println!(
-        "K-split tensor-core GEMM: {}",
-        taken(ks.coop_splits(&w(336, 2112), 130, u64::MAX) > 1)
+        "K-split tensor-core GEMM: {} slices",
+        ks.coop_splits(&w(336, 2112), 130, 8, 2116, u64::MAX)
     );
     matmul_case_via(WeightDtype::F16, 130, 336, 2112, false, true, 509, true);
+    matmul_case_scratch(WeightDtype::F16, 130, 336, 2112, false, true, 515, true, 2);
+    matmul_case_scratch(WeightDtype::F16, 100, 600, 1100, false, false, 516, true, 3);
     // m not a multiple of 4 with full 128 x 128 tiles (padded partial rows), K not a multiple
     // of 4
     matmul_case_via(WeightDtype::F16, 160, 290, 2049, false, false, 510, true);
@@ -2377,11 +2403,15 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q8"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "W_Q4"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "REDUCE"]),
-        ("matmul", SRC_MATMUL, vec!["SHADER_F16", "COOP", "COOP2"]),
         (
             "matmul",
             SRC_MATMUL,
-            vec!["SHADER_F16", "COOP", "COOP2", "W_Q4"],
+            vec!["SHADER_F16", "COOP", "COOP2", "XV4"],
+        ),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["SHADER_F16", "COOP", "COOP2", "XV4", "W_Q4"],
         ),
         // hymba-bench's tensor-core throughput probe
         (
