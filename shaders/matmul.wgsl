@@ -937,7 +937,7 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
 #endif
 
 #ifdef REDUCE
-// gemm_reduce: Y[t, m] (+)= the sum of a K-split gemm_coop's `passes` partial results (bound as
+// gemm_reduce: Y[t, m] (+)= the sum of a K-split gemm_coop2's `passes` partial results (bound as
 // X: [passes][rows][x_stride] f32 from x_off, ypart elements apart), summed in slice order.
 // Grid: (ceil(m / 256), rows).
 @compute @workgroup_size(256)

@@ -1,6 +1,6 @@
 //! The prompt GEMM paths that only models at real widths reach, checked at the model level:
 //! `gemm_coop2` over the whole of K (products with at least 4096 outputs: in_proj, gate|up) and
-//! split over K (narrow products with K >= 2048: out_proj, down). The golden fixtures are too
+//! split over K (narrow products with K >= 1024: out_proj, down). The golden fixtures are too
 //! small for either. A random checkpoint with those widths runs the same prompt on the
 //! tensor-core kernels and on the f32-FMA GEMM (a device opened without cooperative matrices);
 //! the logits of every position must agree within the rounding of X to f16 that the

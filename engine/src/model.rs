@@ -1464,9 +1464,10 @@ impl Model {
     }
 
     /// A prompt-chunk product without bias through [`Kernels::matmul_prompt`], with, for
-    /// products into the residual (out_proj, down), the `dt` workspace as scratch for K-split
-    /// partial results: it is dead from the scan to the next layer's dt_proj, and unlike the
-    /// branch outputs `forward_traced` does not read it after the layer.
+    /// products into the residual (out_proj, down), a dead workspace as scratch for K-split
+    /// partial results: for out_proj the in_proj output (dead from the merge until gate|up
+    /// writes it), for down (whose X is that gate|up output) `dt`, dead from the scan to the
+    /// next layer's dt_proj. `forward_traced` reads neither after the layer.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,

@@ -878,7 +878,8 @@ pub const COOP_WIDE_MIN_M: usize = 4096;
 /// [`Kernels::coop_splits`]): about one per SM of an H100 / H200 (132).
 pub const COOP_SPLIT_WORKGROUPS: usize = 128;
 
-/// The shallowest K slice of a split `gemm_coop2` product: 8 steps of 64.
+/// The shallowest full K slice of a split `gemm_coop2` product (8 steps of 64); the last slice
+/// takes what is left of K and can be shallower.
 pub const COOP_SPLIT_MIN_K: usize = 512;
 
 /// Groups of 8 rows per GEMV workgroup: more rows amortize staging the input, but keep at
@@ -1493,8 +1494,9 @@ impl Kernels {
     /// given `parts_bytes` of scratch for the partial results. Only narrow outputs (under
     /// [`COOP_WIDE_MIN_M`] rows of W) split: Hymba-1.5B's 1600-wide out_proj and down make 13 x 2
     /// tiles of 128 x 128 at 256 rows, a fifth of an H200's 132 SMs, each walking all of K. Slices
-    /// are added until the product has about [`COOP_SPLIT_WORKGROUPS`] workgroups, each slice at
-    /// least [`COOP_SPLIT_MIN_K`] deep, as many as the scratch holds; 1 means no split.
+    /// are added until the product has about [`COOP_SPLIT_WORKGROUPS`] workgroups, at most
+    /// K / [`COOP_SPLIT_MIN_K`] of them, as many as the scratch holds; 1 means no split. Slices
+    /// are whole multiples of 64 deep except the last, which takes the rest of K.
     pub fn coop_splits(
         &self,
         w: &Matrix,
@@ -1534,8 +1536,8 @@ impl Kernels {
 
     /// As [`Kernels::matmul`] without a bias, for prompt chunks: wide products (at least
     /// [`COOP_WIDE_MIN_M`] rows of W) run on `gemm_coop2` where [`Kernels::coop2_kernel`] allows;
-    /// where [`Kernels::coop_splits`] gives 2, `gemm_coop2` runs over two halves of K at once into
-    /// `parts` and `gemm_reduce` adds them into Y; otherwise (or without `parts`) this is
+    /// where [`Kernels::coop_splits`] gives n > 1, `gemm_coop2` runs over n slices of K at once
+    /// into `parts` and `gemm_reduce` adds them into Y; otherwise (or without `parts`) this is
     /// [`Kernels::matmul`].
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_prompt(

@@ -103,10 +103,11 @@ fn matmul_case_via(
     seed: u64,
     prompt: bool,
 ) {
-    matmul_case_scratch(dtype, rows, m, k, bias, accumulate, seed, prompt, 8);
+    matmul_case_scratch(dtype, rows, m, k, bias, accumulate, seed, prompt, 8, prompt);
 }
 
-/// `matmul_case_via` with room for `slices` K-split partial results in the scratch.
+/// `matmul_case_via` with room for `slices` K-split partial results in the scratch, and X's
+/// offset and row stride multiples of 4 (`x_aligned`, what `gemm_coop2` needs) or not.
 #[allow(clippy::too_many_arguments)]
 fn matmul_case_scratch(
     dtype: WeightDtype,
@@ -118,12 +119,13 @@ fn matmul_case_scratch(
     seed: u64,
     prompt: bool,
     slices: usize,
+    x_aligned: bool,
 ) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
     // matmul_prompt's tensor-core GEMMs read X rows as vec4: offset and stride multiples of 4
     // there (elsewhere they fall back to `matmul`, tested without).
-    let (x_stride, x_off) = if prompt {
+    let (x_stride, x_off) = if x_aligned {
         (k.div_ceil(4) * 4 + 4, 4)
     } else {
         (k + 3, 5)
@@ -293,15 +295,70 @@ fn matmul_prompt_shapes() {
     // narrow, short K: plain gemm_coop / FMA GEMM
     matmul_case_via(WeightDtype::F16, 70, 336, 64, false, true, 508, true);
     matmul_case_via(WeightDtype::Q8, 70, 320, 64, false, true, 507, true);
-    // K-split staged GEMM: narrow outputs with long K (here 4 slices, the last shorter; and as
-    // many as a smaller scratch holds)
-    println!(
-        "K-split tensor-core GEMM: {} slices",
-        ks.coop_splits(&w(336, 2112), 130, 8, 2116, u64::MAX)
-    );
+    // K-split staged GEMM: narrow outputs with long K (here 4 slices, the last shorter; then as
+    // many as a smaller scratch holds: 2 of 4, 3 of 5)
+    let n = ks.coop_splits(&w(336, 2112), 130, 8, 2116, u64::MAX);
+    println!("K-split tensor-core GEMM: {n} slices");
+    if ks.coop2_kernel(&w(4112, 80), 300, 8, 84, 8, 4116).is_some() {
+        // 3 x 2 tiles: 4 slices (K / 512), as many as a 2-slot scratch holds, none for X rows
+        // that are not 16-byte aligned.
+        assert_eq!(n, 4);
+        let part = (130 * 336 * 4) as u64;
+        assert_eq!(ks.coop_splits(&w(336, 2112), 130, 8, 2116, 2 * part), 2);
+        assert_eq!(ks.coop_splits(&w(336, 2112), 130, 5, 2115, u64::MAX), 1);
+        assert!(ks.coop2_kernel(&w(4112, 80), 300, 5, 83, 8, 4116).is_none());
+    }
     matmul_case_via(WeightDtype::F16, 130, 336, 2112, false, true, 509, true);
-    matmul_case_scratch(WeightDtype::F16, 130, 336, 2112, false, true, 515, true, 2);
-    matmul_case_scratch(WeightDtype::F16, 100, 600, 1100, false, false, 516, true, 3);
+    matmul_case_scratch(
+        WeightDtype::F16,
+        130,
+        336,
+        2112,
+        false,
+        true,
+        515,
+        true,
+        2,
+        true,
+    );
+    matmul_case_scratch(
+        WeightDtype::F16,
+        100,
+        600,
+        3000,
+        false,
+        false,
+        516,
+        true,
+        3,
+        true,
+    );
+    // X rows not 16-byte aligned: no gemm_coop2 (it reads X as vec4), whole or split; the
+    // product falls back to the other GEMMs
+    matmul_case_scratch(
+        WeightDtype::F16,
+        150,
+        4112,
+        72,
+        false,
+        true,
+        517,
+        true,
+        8,
+        false,
+    );
+    matmul_case_scratch(
+        WeightDtype::Q8,
+        130,
+        336,
+        2112,
+        false,
+        false,
+        518,
+        true,
+        8,
+        false,
+    );
     // m not a multiple of 4 with full 128 x 128 tiles (padded partial rows), K not a multiple
     // of 4
     matmul_case_via(WeightDtype::F16, 160, 290, 2049, false, false, 510, true);
