@@ -29,6 +29,10 @@ struct Args {
     /// Prompt length for pp.
     #[arg(long, default_value_t = 512)]
     pp: usize,
+    /// Timed prompts for the pp row: it gives the best, with the median and the slowest of
+    /// them beside it (single rows of one binary vary by a few percent; A/B with more).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pp_reps: u64,
     /// Generated tokens for tg.
     #[arg(long, default_value_t = 128)]
     tg: usize,
@@ -198,17 +202,21 @@ fn main() {
             stage_study(&model, a.pp, a.tg, &ids(a.pp, 3));
             continue;
         }
-        // pp: prompt processing, best of 3.
-        let mut best = f64::MAX;
-        for r in 0..3 {
+        // pp: prompt processing, best of --pp-reps (median and slowest noted).
+        let mut times = Vec::new();
+        for r in 0..a.pp_reps as u32 {
             let mut s = model.new_sequence().unwrap();
             pollster::block_on(model.gpu.finish()).unwrap();
             let t = Instant::now();
             pollster::block_on(model.forward(&mut s, &ids(a.pp, 7 + r), Logits::Last, None))
                 .unwrap();
             pollster::block_on(model.gpu.finish()).unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
+            times.push(t.elapsed().as_secs_f64());
         }
+        times.sort_by(f64::total_cmp);
+        let best = times[0];
+        let median = times[times.len() / 2];
+        let slowest = times[times.len() - 1];
         if a.profile {
             let mut s = model.new_sequence().unwrap();
             pollster::block_on(model.forward(&mut s, &ids(a.chunk, 5), Logits::None, None))
@@ -233,11 +241,14 @@ fn main() {
             }
         }
         println!(
-            "| {name} | {dt} | pp{} | {:.0} | {:.3} | | chunk {} |",
+            "| {name} | {dt} | pp{} | {:.0} | {:.3} | | chunk {}; best of {}, median {:.0}, slowest {:.0} |",
             a.pp,
             a.pp as f64 / best,
             best * 1e3 / a.pp as f64,
-            a.chunk
+            a.chunk,
+            times.len(),
+            a.pp as f64 / median,
+            a.pp as f64 / slowest
         );
         // tg after a pp-length prompt, two ways.
         let mut rows = vec![(a.pp, a.tg)];
