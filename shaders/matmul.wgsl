@@ -615,44 +615,44 @@ fn tile_w4(m: u32, k: u32) -> vec4<f32> {
     if (m < p.m && k < p.kp4 * 4u) { u = w4(m * p.kp4 + k / 4u); }
     return u;
 }
-#endif
 
-#ifdef COOP
-#ifndef COOP2
-// gemm_coop: the prompt-chunk GEMM on cooperative matrices (tensor cores), for f16 / q8 / q4
-// weights where the adapter has EXPERIMENTAL_COOPERATIVE_MATRIX with 16x16x16 f16 inputs and
-// f32 accumulators and subgroups of 32. X and the (dequantized) weights are rounded to f16 when
-// staged; accumulation is f32. One workgroup = 4 subgroups = a 64 (rows of X) x 64 (rows of W)
-// output tile, each subgroup a 32 x 32 quarter of it as 2 x 2 fragments of 16 x 16. K advances
-// CK at a time through workgroup memory; the next step's global loads are issued into registers
-// before the current step's multiplies. Grid: (ceil(m / 64), ceil(rows / 64)).
+// The staged tiles of the cooperative-matrix GEMMs: each K step, the workgroup's THREADS threads
+// copy TILE rows of X and TILE rows of W, CK deep, into workgroup memory as f16, four k per item.
+#ifdef COOP2
+const TILE: u32 = 128u;
+const THREADS: u32 = 256u;
+const CK: u32 = 32u;
+#else
+const TILE: u32 = 64u;
+const THREADS: u32 = 128u;
 const CK: u32 = 64u;
+#endif
 // Row stride of the staged tiles in f16: CK plus 8 of padding, so that the 16 rows a fragment
 // load reads start in different shared-memory banks.
-const SK: u32 = 72u;
-// ax: [64 rows of X][SK] f16, row-major (fragment A, loaded row-major).
-var<workgroup> ax: array<f16, 4608>;
-// bw: [64 rows of W][SK] f16, row-major = W^T column-major (fragment B).
-var<workgroup> bw: array<f16, 4608>;
-// cy: [64 rows of X][64 rows of W] f32 accumulators, staged for the bounds-checked epilogue.
-var<workgroup> cy: array<f32, 4096>;
-// Item i (0..8) of this thread's share of a K step: four consecutive k of one row of the X tile
-// and of the W tile (zero past the edges). The kernel keeps the next step's items in sixteen
-// variables: held in a private array instead, as this kernel first did, the prompt GEMMs ran
-// at half the speed on an H200 (the array lived in local memory).
-fn coop_x(li: u32, i: u32, t0: u32, k0: u32) -> vec4<f32> {
-    let e4 = li + i * 128u;
-    return tile_x4(t0 + e4 / (CK / 4u), k0 + (e4 % (CK / 4u)) * 4u, p.k);
+const SK: u32 = CK + 8u;
+// ax: [TILE rows of X][SK] f16, row-major (fragment A).
+var<workgroup> ax: array<f16, TILE * SK>;
+// bw: [TILE rows of W][SK] f16, row-major = W^T column-major (fragment B).
+var<workgroup> bw: array<f16, TILE * SK>;
+
+// Item i (0 .. TILE * CK / 4 / THREADS) of this thread's share of a K step: four consecutive k
+// of one row of the X tile (X read up to ke: the end of K, or of this workgroup's K slice) and
+// of the W tile, zero past the edges. The kernels keep the next step's items in variables:
+// held in a private array instead, as gemm_coop first did, the prompt GEMMs ran at half the
+// speed on an H200 (the array lived in local memory).
+fn coop_x(li: u32, i: u32, t0: u32, k0: u32, ke: u32) -> vec4<f32> {
+    let e4 = li + i * THREADS;
+    return tile_x4(t0 + e4 / (CK / 4u), k0 + (e4 % (CK / 4u)) * 4u, ke);
 }
 
 fn coop_w(li: u32, i: u32, m0: u32, k0: u32) -> vec4<f32> {
-    let e4 = li + i * 128u;
+    let e4 = li + i * THREADS;
     return tile_w4(m0 + e4 / (CK / 4u), k0 + (e4 % (CK / 4u)) * 4u);
 }
 
-// Writes item i (X values v, W values u) into the staged tiles.
+// Writes item i (X values xv, W values wv) into the staged tiles.
 fn coop_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
-    let e4 = li + i * 128u;
+    let e4 = li + i * THREADS;
     let o = (e4 / (CK / 4u)) * SK + (e4 % (CK / 4u)) * 4u;
     let v = vec4<f16>(xv);
     let u = vec4<f16>(wv);
@@ -665,7 +665,19 @@ fn coop_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
     bw[o + 2u] = u.z;
     bw[o + 3u] = u.w;
 }
+#endif
 
+#ifdef COOP
+#ifndef COOP2
+// gemm_coop: the prompt-chunk GEMM on cooperative matrices (tensor cores), for f16 / q8 / q4
+// weights where the adapter has EXPERIMENTAL_COOPERATIVE_MATRIX with 16x16x16 f16 inputs and
+// f32 accumulators and subgroups of 32. X and the (dequantized) weights are rounded to f16 when
+// staged; accumulation is f32. One workgroup = 4 subgroups = a 64 (rows of X) x 64 (rows of W)
+// output tile, each subgroup a 32 x 32 quarter of it as 2 x 2 fragments of 16 x 16. K advances
+// CK at a time through workgroup memory; the next step's global loads are issued into registers
+// before the current step's multiplies. Grid: (ceil(m / 64), ceil(rows / 64)).
+// cy: [64 rows of X][64 rows of W] f32 accumulators, staged for the bounds-checked epilogue.
+var<workgroup> cy: array<f32, 4096>;
 @compute @workgroup_size(128)
 fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
     let m0 = wid.x * 64u;
@@ -678,14 +690,14 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     var c01 = c00;
     var c10 = c00;
     var c11 = c00;
-    var x0 = coop_x(li, 0u, t0, 0u);
-    var x1 = coop_x(li, 1u, t0, 0u);
-    var x2 = coop_x(li, 2u, t0, 0u);
-    var x3 = coop_x(li, 3u, t0, 0u);
-    var x4 = coop_x(li, 4u, t0, 0u);
-    var x5 = coop_x(li, 5u, t0, 0u);
-    var x6 = coop_x(li, 6u, t0, 0u);
-    var x7 = coop_x(li, 7u, t0, 0u);
+    var x0 = coop_x(li, 0u, t0, 0u, p.k);
+    var x1 = coop_x(li, 1u, t0, 0u, p.k);
+    var x2 = coop_x(li, 2u, t0, 0u, p.k);
+    var x3 = coop_x(li, 3u, t0, 0u, p.k);
+    var x4 = coop_x(li, 4u, t0, 0u, p.k);
+    var x5 = coop_x(li, 5u, t0, 0u, p.k);
+    var x6 = coop_x(li, 6u, t0, 0u, p.k);
+    var x7 = coop_x(li, 7u, t0, 0u, p.k);
     var w0 = coop_w(li, 0u, m0, 0u);
     var w1 = coop_w(li, 1u, m0, 0u);
     var w2 = coop_w(li, 2u, m0, 0u);
@@ -706,14 +718,14 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         workgroupBarrier();
         let kn = k0 + CK;
         if (kn < p.k) {
-            x0 = coop_x(li, 0u, t0, kn);
-            x1 = coop_x(li, 1u, t0, kn);
-            x2 = coop_x(li, 2u, t0, kn);
-            x3 = coop_x(li, 3u, t0, kn);
-            x4 = coop_x(li, 4u, t0, kn);
-            x5 = coop_x(li, 5u, t0, kn);
-            x6 = coop_x(li, 6u, t0, kn);
-            x7 = coop_x(li, 7u, t0, kn);
+            x0 = coop_x(li, 0u, t0, kn, p.k);
+            x1 = coop_x(li, 1u, t0, kn, p.k);
+            x2 = coop_x(li, 2u, t0, kn, p.k);
+            x3 = coop_x(li, 3u, t0, kn, p.k);
+            x4 = coop_x(li, 4u, t0, kn, p.k);
+            x5 = coop_x(li, 5u, t0, kn, p.k);
+            x6 = coop_x(li, 6u, t0, kn, p.k);
+            x7 = coop_x(li, 7u, t0, kn, p.k);
             w0 = coop_w(li, 0u, m0, kn);
             w1 = coop_w(li, 1u, m0, kn);
             w2 = coop_w(li, 2u, m0, kn);
@@ -760,43 +772,9 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 // each slice's partial results go ypart further along Y; the host keeps Y's offset, row stride
 // and ypart multiples of 4 (16-byte aligned fragment rows). No bias.
 // Grid: (ceil(m / 128), ceil(rows / 128), slices).
-const CK2: u32 = 32u;
-// Row stride of the staged tiles in f16: CK2 plus 8 of padding (bank spread, as gemm_coop).
-const SK2: u32 = 40u;
-// ax2: [128 rows of X][SK2] f16, row-major (fragment A).
-var<workgroup> ax2: array<f16, 5120>;
-// bw2: [128 rows of W][SK2] f16, row-major = W^T column-major (fragment B).
-var<workgroup> bw2: array<f16, 5120>;
 // cs2: zeros for the accumulators' start (the first 256), then one 16 x 16 f32 staging fragment
 // per subgroup for edge tiles.
 var<workgroup> cs2: array<f32, 2304>;
-
-// Item i (0..4) of this thread's share of a K step: four consecutive k of one row of the X tile
-// (X read up to ke, the end of this workgroup's K slice), and of the W tile.
-fn coop2_x(li: u32, i: u32, t0: u32, k0: u32, ke: u32) -> vec4<f32> {
-    let e4 = li + i * 256u;
-    return tile_x4(t0 + e4 / (CK2 / 4u), k0 + (e4 % (CK2 / 4u)) * 4u, ke);
-}
-
-fn coop2_w(li: u32, i: u32, m0: u32, k0: u32) -> vec4<f32> {
-    let e4 = li + i * 256u;
-    return tile_w4(m0 + e4 / (CK2 / 4u), k0 + (e4 % (CK2 / 4u)) * 4u);
-}
-
-fn coop2_stage(li: u32, i: u32, xv: vec4<f32>, wv: vec4<f32>) {
-    let e4 = li + i * 256u;
-    let o = (e4 / (CK2 / 4u)) * SK2 + (e4 % (CK2 / 4u)) * 4u;
-    let v = vec4<f16>(xv);
-    let u = vec4<f16>(wv);
-    ax2[o] = v.x;
-    ax2[o + 1u] = v.y;
-    ax2[o + 2u] = v.z;
-    ax2[o + 3u] = v.w;
-    bw2[o] = u.x;
-    bw2[o + 1u] = u.y;
-    bw2[o + 2u] = u.z;
-    bw2[o + 3u] = u.w;
-}
 
 // Edge tiles: the subgroup's staging fragment (rows t0.., W rows m0..) stored element by
 // element where inside Y. Contains barriers: call from uniform control flow.
@@ -859,38 +837,38 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         c12 = coopLoadT<coop_mat16x16<f32, C>>(&y[i12], ys);
         c13 = coopLoadT<coop_mat16x16<f32, C>>(&y[i13], ys);
     }
-    var x0 = coop2_x(li, 0u, tw, kb, ke);
-    var x1 = coop2_x(li, 1u, tw, kb, ke);
-    var x2 = coop2_x(li, 2u, tw, kb, ke);
-    var x3 = coop2_x(li, 3u, tw, kb, ke);
-    var w0 = coop2_w(li, 0u, mw, kb);
-    var w1 = coop2_w(li, 1u, mw, kb);
-    var w2 = coop2_w(li, 2u, mw, kb);
-    var w3 = coop2_w(li, 3u, mw, kb);
-    for (var k0 = kb; k0 < ke; k0 += CK2) {
-        coop2_stage(li, 0u, x0, w0);
-        coop2_stage(li, 1u, x1, w1);
-        coop2_stage(li, 2u, x2, w2);
-        coop2_stage(li, 3u, x3, w3);
+    var x0 = coop_x(li, 0u, tw, kb, ke);
+    var x1 = coop_x(li, 1u, tw, kb, ke);
+    var x2 = coop_x(li, 2u, tw, kb, ke);
+    var x3 = coop_x(li, 3u, tw, kb, ke);
+    var w0 = coop_w(li, 0u, mw, kb);
+    var w1 = coop_w(li, 1u, mw, kb);
+    var w2 = coop_w(li, 2u, mw, kb);
+    var w3 = coop_w(li, 3u, mw, kb);
+    for (var k0 = kb; k0 < ke; k0 += CK) {
+        coop_stage(li, 0u, x0, w0);
+        coop_stage(li, 1u, x1, w1);
+        coop_stage(li, 2u, x2, w2);
+        coop_stage(li, 3u, x3, w3);
         workgroupBarrier();
-        let kn = k0 + CK2;
+        let kn = k0 + CK;
         if (kn < ke) {
-            x0 = coop2_x(li, 0u, tw, kn, ke);
-            x1 = coop2_x(li, 1u, tw, kn, ke);
-            x2 = coop2_x(li, 2u, tw, kn, ke);
-            x3 = coop2_x(li, 3u, tw, kn, ke);
-            w0 = coop2_w(li, 0u, mw, kn);
-            w1 = coop2_w(li, 1u, mw, kn);
-            w2 = coop2_w(li, 2u, mw, kn);
-            w3 = coop2_w(li, 3u, mw, kn);
+            x0 = coop_x(li, 0u, tw, kn, ke);
+            x1 = coop_x(li, 1u, tw, kn, ke);
+            x2 = coop_x(li, 2u, tw, kn, ke);
+            x3 = coop_x(li, 3u, tw, kn, ke);
+            w0 = coop_w(li, 0u, mw, kn);
+            w1 = coop_w(li, 1u, mw, kn);
+            w2 = coop_w(li, 2u, mw, kn);
+            w3 = coop_w(li, 3u, mw, kn);
         }
-        for (var kk = 0u; kk < CK2; kk += 16u) {
-            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax2[st * SK2 + kk], SK2);
-            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax2[(st + 16u) * SK2 + kk], SK2);
-            let b0 = coopLoad<coop_mat16x16<f16, B>>(&bw2[sm * SK2 + kk], SK2);
-            let b1 = coopLoad<coop_mat16x16<f16, B>>(&bw2[(sm + 16u) * SK2 + kk], SK2);
-            let b2 = coopLoad<coop_mat16x16<f16, B>>(&bw2[(sm + 32u) * SK2 + kk], SK2);
-            let b3 = coopLoad<coop_mat16x16<f16, B>>(&bw2[(sm + 48u) * SK2 + kk], SK2);
+        for (var kk = 0u; kk < CK; kk += 16u) {
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax[st * SK + kk], SK);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax[(st + 16u) * SK + kk], SK);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&bw[sm * SK + kk], SK);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&bw[(sm + 16u) * SK + kk], SK);
+            let b2 = coopLoad<coop_mat16x16<f16, B>>(&bw[(sm + 32u) * SK + kk], SK);
+            let b3 = coopLoad<coop_mat16x16<f16, B>>(&bw[(sm + 48u) * SK + kk], SK);
             c00 = coopMultiplyAdd(a0, b0, c00);
             c01 = coopMultiplyAdd(a0, b1, c01);
             c02 = coopMultiplyAdd(a0, b2, c02);

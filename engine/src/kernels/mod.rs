@@ -1466,8 +1466,29 @@ impl Kernels {
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
     }
 
-    /// The 128 x 128-tile tensor-core GEMM for this wide product (>= [`COOP_WIDE_MIN_M`] rows of
-    /// W, one buffer, X and Y rows 16-byte aligned), if the adapter has it.
+    /// `gemm_coop2` for this product whatever its width, if the adapter has it and the product
+    /// suits it: a tensor-core product (see [`Kernels::coop_kernel`]), W in one buffer, X rows
+    /// 16-byte aligned (it reads them as vec4).
+    fn coop2_any(
+        &self,
+        w: &Matrix,
+        rows: usize,
+        x_off: usize,
+        x_stride: usize,
+    ) -> Option<&Arc<Kernel>> {
+        if self.coop_kernel(w, rows).is_none()
+            || w.parts.len() != 1
+            || x_off % 4 != 0
+            || x_stride % 4 != 0
+        {
+            return None;
+        }
+        self.gemm_coop2.as_ref()?[dtype_index(w.dtype)].as_ref()
+    }
+
+    /// The 128 x 128-tile tensor-core GEMM over the whole of K for this wide product (>=
+    /// [`COOP_WIDE_MIN_M`] rows of W, one buffer, X and Y rows 16-byte aligned), if the adapter
+    /// has it.
     pub fn coop2_kernel(
         &self,
         w: &Matrix,
@@ -1477,17 +1498,10 @@ impl Kernels {
         y_off: usize,
         y_stride: usize,
     ) -> Option<&Arc<Kernel>> {
-        if self.coop_kernel(w, rows).is_none()
-            || w.rows < COOP_WIDE_MIN_M
-            || w.parts.len() != 1
-            || x_off % 4 != 0
-            || x_stride % 4 != 0
-            || y_off % 4 != 0
-            || y_stride % 4 != 0
-        {
+        if w.rows < COOP_WIDE_MIN_M || y_off % 4 != 0 || y_stride % 4 != 0 {
             return None;
         }
-        self.gemm_coop2.as_ref()?[dtype_index(w.dtype)].as_ref()
+        self.coop2_any(w, rows, x_off, x_stride)
     }
 
     /// Into how many K slices [`Kernels::matmul_prompt`] splits this product on `gemm_coop2`,
@@ -1505,13 +1519,8 @@ impl Kernels {
         x_stride: usize,
         parts_bytes: u64,
     ) -> usize {
-        let dt = dtype_index(w.dtype);
-        let ok = self.coop_kernel(w, rows).is_some()
-            && x_off % 4 == 0
-            && x_stride % 4 == 0
+        let ok = self.coop2_any(w, rows, x_off, x_stride).is_some()
             && self.gemm_coop_reduce.is_some()
-            && self.gemm_coop2.as_ref().is_some_and(|v| v[dt].is_some())
-            && w.parts.len() == 1
             && w.rows < COOP_WIDE_MIN_M;
         if !ok {
             return 1;
@@ -1570,9 +1579,7 @@ impl Kernels {
                 debug_assert!(parts != x && parts != y, "split scratch aliases X or Y");
                 let (Some(reduce), Some(k)) = (
                     &self.gemm_coop_reduce,
-                    self.gemm_coop2
-                        .as_ref()
-                        .and_then(|v| v[dtype_index(w.dtype)].as_ref()),
+                    self.coop2_any(w, rows, x_off, x_stride),
                 ) else {
                     unreachable!("coop_splits checked both kernels");
                 };
