@@ -6,11 +6,12 @@
 //   gemv_wide - (define WIDE) few rows, K <= 2048: K across the workgroup's 256 threads, eight
 //           rows of W at a time.
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
-//           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64)).
+//           4x4 outputs per thread, grid (ceil(m / 64), ceil(rows / 64), K slices); split over
+//           K (grid z, partial results a slice apart in Y) for narrow outputs (x_proj)...
 //   gemm_coop - (define COOP) the same tiles on cooperative matrices (tensor cores), f16 inputs.
 //   gemm_coop2 - (define COOP2 with COOP) 128 x 128 tiles of 8 subgroups on cooperative
 //           matrices, optionally split over K (grid z, partial results a slice apart in Y)...
-//   gemm_reduce - (define REDUCE) ...and the sum of those partial results into Y.
+//   gemm_reduce - (define REDUCE) ...and the sum of the partial results of either into Y.
 // The cooperative-matrix entries take no bias (has_bias = 0; the host never sends one).
 //   gemv_row  - one thread per output row, no barriers (CPU adapters).
 // Variants (defines): W_F32 (f32 weights), W_Q8 / W_Q4 (block-quantized int8 / 4-bit weights with
@@ -538,6 +539,11 @@ var<workgroup> ws: array<f32, 1024>; // [BK][BM]
 fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let m0 = wid.x * BM;
     let t0 = wid.y * BT;
+    // K slice wid.z: columns [kb, ke) (all of K without a split), its partial results ypart
+    // elements apart in Y; kslice is a multiple of BK.
+    let kb = wid.z * p.kslice;
+    let ke = min(p.k, kb + p.kslice);
+    yslice = wid.z * p.ypart;
     // The 4 x 4 outputs as four vec4 variables (row i of the thread's block in acc_i), not an
     // array: a private array may live in local memory (it halved the tensor-core GEMM's speed).
     var acc0 = vec4<f32>(0.0);
@@ -545,7 +551,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     let kw = p.kp4 * 4u;
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    for (var k0 = kb; k0 < ke; k0 += BK) {
         for (var i = 0u; i < 4u; i++) {
             let e = li + i * 256u;
             let r = e / BK;
@@ -553,7 +559,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             let t = t0 + r;
             let k = k0 + kk;
             var v = 0.0;
-            if (t < p.rows && k < p.k) { v = x[p.x_off + t * p.x_stride + k]; }
+            if (t < p.rows && k < ke) { v = x[p.x_off + t * p.x_stride + k]; }
             xs[kk * BT + r] = v;
         }
         {
@@ -915,7 +921,7 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
 #endif
 
 #ifdef REDUCE
-// gemm_reduce: Y[t, m] (+)= the sum of a K-split gemm_coop2's `passes` partial results (bound as
+// gemm_reduce: Y[t, m] (+)= the sum of a K-split gemm's or gemm_coop2's `passes` partial results (bound as
 // X: [passes][rows][x_stride] f32 from x_off, ypart elements apart), summed in slice order.
 // Grid: (ceil(m / 256), rows).
 @compute @workgroup_size(256)

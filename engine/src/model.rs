@@ -1393,9 +1393,21 @@ impl Model {
                 has_bias: 1,
             },
         )?;
+        // x_proj: narrow (dt_rank + 2 d_state outputs), so split over K on GPUs, its partial
+        // results in `dt` (dead until dt_proj writes it below).
         let xs = c.x_proj_rows();
-        k.matmul(
-            rec, &ws.xc, 0, di, &w.x_proj, None, &ws.xp, 0, xs, rows, false,
+        k.matmul_prompt(
+            rec,
+            Some(&ws.dt),
+            &ws.xc,
+            0,
+            di,
+            &w.x_proj,
+            &ws.xp,
+            0,
+            xs,
+            rows,
+            false,
         )?;
         if let Some((ndt, nb, nc)) = &w.inner_norms {
             k.rmsnorm(rec, None, ndt, &ws.xp, 0, xs, rows, c.dt_rank, c.eps)?;
@@ -1467,7 +1479,8 @@ impl Model {
     /// products into the residual (out_proj, down), a dead workspace as scratch for K-split
     /// partial results: for out_proj the in_proj output (dead from the merge until gate|up
     /// writes it), for down (whose X is that gate|up output) `dt`, dead from the scan to the
-    /// next layer's dt_proj. `forward_traced` reads neither after the layer.
+    /// next layer's dt_proj (x_proj borrows it too, just before dt_proj). `forward_traced`
+    /// reads neither after the layer.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,

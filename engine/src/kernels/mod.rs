@@ -882,6 +882,19 @@ pub const COOP_SPLIT_WORKGROUPS: usize = 128;
 /// takes what is left of K and can be shallower.
 pub const COOP_SPLIT_MIN_K: usize = 512;
 
+/// Workgroups a narrow prompt product (at most [`NARROW_MAX_M`] outputs: Hymba's x_proj) is
+/// split over K to reach on the FMA `gemm` (see [`Kernels::narrow_splits`]): about two per SM
+/// of an H100 / H200.
+pub const NARROW_SPLIT_WORKGROUPS: usize = 256;
+
+/// The shallowest full K slice of a split FMA `gemm` product (4 steps of 16).
+pub const NARROW_SPLIT_MIN_K: usize = 64;
+
+/// Widest output (rows of W) that prompt chunks multiply as a narrow product: the GEMV over the
+/// chunk's rows in [`Kernels::matmul`], or the FMA `gemm` split over K in
+/// [`Kernels::matmul_prompt`]; 64 x 64 tiles over all of K would leave most of a GPU idle.
+pub const NARROW_MAX_M: usize = 256;
+
 /// Groups of 8 rows per GEMV workgroup: more rows amortize staging the input, but keep at
 /// least ~264 workgroups (two per SM on a 132-SM GPU) for large outputs. (One row per 32 lanes
 /// with all of a row's loads issued at once from a register array was measured 2.8x slower on
@@ -941,9 +954,9 @@ pub struct Kernels {
     gemm: Vec<Arc<Kernel>>,
     /// Cooperative-matrix GEMM [dtype f32 (unused), f16, q8, q4], where the adapter has it.
     gemm_coop: Option<Vec<Option<Arc<Kernel>>>>,
-    /// The sum of a K-split `gemm_coop2`'s partial results (matmul.wgsl `gemm_reduce`), where
-    /// the adapter has cooperative matrices.
-    gemm_coop_reduce: Option<Arc<Kernel>>,
+    /// The sum of a K-split `gemm`'s or `gemm_coop2`'s partial results (matmul.wgsl
+    /// `gemm_reduce`).
+    gemm_reduce: Arc<Kernel>,
     /// 128 x 128-tile tensor-core GEMM for wide outputs [dtype f32 (unused), f16, q8, q4].
     gemm_coop2: Option<Vec<Option<Arc<Kernel>>>>,
     /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large];
@@ -1261,27 +1274,27 @@ impl Kernels {
                 }
                 Ok(v)
             };
-        let (gemm_coop, gemm_coop2, gemm_coop_reduce) = if gpu.coop_f16 {
+        let (gemm_coop, gemm_coop2) = if gpu.coop_f16 {
             (
                 Some(coop_family("gemm_coop", &["COOP"])?),
                 Some(coop_family("gemm_coop2", &["COOP", "COOP2", "XV4"])?),
-                Some(k(
-                    "matmul.wgsl",
-                    SRC_MATMUL,
-                    &["REDUCE"],
-                    "gemm_reduce",
-                    &[U, R, R, R, RW],
-                )?),
             )
         } else {
-            (None, None, None)
+            (None, None)
         };
+        let gemm_reduce = k(
+            "matmul.wgsl",
+            SRC_MATMUL,
+            &["REDUCE"],
+            "gemm_reduce",
+            &[U, R, R, R, RW],
+        )?;
         Ok(Kernels {
             gemv_row,
             gemv_conv,
             gemv_conv_row,
             gemm_coop,
-            gemm_coop_reduce,
+            gemm_reduce,
             gemm_coop2,
             gemm: [&["W_F32"][..], &[], &["W_Q8"], &["W_Q4"]]
                 .iter()
@@ -1437,7 +1450,7 @@ impl Kernels {
             .for_part(part);
             // GEMV for decode-sized row counts, and for narrow outputs (x_proj) where GEMM tiles
             // would leave most of the GPU idle.
-            if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
+            if rows <= GEMV_MAX_ROWS || w.rows <= NARROW_MAX_M {
                 let (k, passes, gx) = self.gemv_choice(rec.gpu(), w, 0, part.rows)?;
                 let p = MatmulParams { passes, ..p };
                 rec.dispatch(&k, &p, &[x, &part.buf, b, y], [gx, rows as u32, 1])?;
@@ -1460,7 +1473,7 @@ impl Kernels {
     /// The cooperative-matrix GEMM `matmul` uses for this weight and row count, if any
     /// (it rounds X to f16, so callers' references must too).
     fn coop_kernel(&self, w: &Matrix, rows: usize) -> Option<&Arc<Kernel>> {
-        if rows <= GEMV_MAX_ROWS || w.rows <= 256 {
+        if rows <= GEMV_MAX_ROWS || w.rows <= NARROW_MAX_M {
             return None;
         }
         self.gemm_coop.as_ref()?[dtype_index(w.dtype)].as_ref()
@@ -1519,9 +1532,7 @@ impl Kernels {
         x_stride: usize,
         parts_bytes: u64,
     ) -> usize {
-        let ok = self.coop2_any(w, rows, x_off, x_stride).is_some()
-            && self.gemm_coop_reduce.is_some()
-            && w.rows < COOP_WIDE_MIN_M;
+        let ok = self.coop2_any(w, rows, x_off, x_stride).is_some() && w.rows < COOP_WIDE_MIN_M;
         if !ok {
             return 1;
         }
@@ -1537,6 +1548,30 @@ impl Kernels {
         }
     }
 
+    /// Into how many K slices [`Kernels::matmul_prompt`] splits this narrow product (at most
+    /// [`NARROW_MAX_M`] outputs, more than [`GEMV_MAX_ROWS`] rows) on the FMA `gemm`, given
+    /// `parts_bytes` of scratch; 1: no split (it then runs as a GEMV over the rows). Hymba-1.5B's
+    /// x_proj (132 outputs, K 3200) makes 3 x 4 tiles of 64 x 64 at 256 rows: as a GEMV each
+    /// workgroup re-read its rows of W for every row of X (256 x 1.7 MB from L2 per chunk).
+    /// Slices are added until the product has about [`NARROW_SPLIT_WORKGROUPS`] workgroups, at
+    /// most K / [`NARROW_SPLIT_MIN_K`], as many as the scratch holds. Not on CPU adapters (their
+    /// barriers are slow; they keep the barrier-free GEMV).
+    pub fn narrow_splits(&self, w: &Matrix, rows: usize, parts_bytes: u64) -> usize {
+        if self.cpu_adapter()
+            || rows <= GEMV_MAX_ROWS
+            || w.rows > NARROW_MAX_M
+            || w.parts.len() != 1
+        {
+            return 1;
+        }
+        let tiles = w.rows.div_ceil(64) * rows.div_ceil(64);
+        let part = (rows * Self::parts_stride(w.rows) * 4) as u64;
+        let n = (NARROW_SPLIT_WORKGROUPS / tiles)
+            .min(w.cols / NARROW_SPLIT_MIN_K)
+            .min((parts_bytes / part) as usize);
+        n.max(1)
+    }
+
     /// Row stride (floats) of the K-split partial results for `m` outputs: a multiple of 4, so
     /// that gemm_coop2's fragment stores stay 16-byte aligned.
     fn parts_stride(m: usize) -> usize {
@@ -1546,8 +1581,9 @@ impl Kernels {
     /// As [`Kernels::matmul`] without a bias, for prompt chunks: wide products (at least
     /// [`COOP_WIDE_MIN_M`] rows of W) run on `gemm_coop2` where [`Kernels::coop2_kernel`] allows;
     /// where [`Kernels::coop_splits`] gives n > 1, `gemm_coop2` runs over n slices of K at once
-    /// into `parts` and `gemm_reduce` adds them into Y; otherwise (or without `parts`) this is
-    /// [`Kernels::matmul`].
+    /// into `parts` and `gemm_reduce` adds them into Y; narrow products where
+    /// [`Kernels::narrow_splits`] gives n > 1 do the same on the FMA `gemm`; otherwise (or
+    /// without `parts`) this is [`Kernels::matmul`].
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_prompt(
         &self,
@@ -1574,34 +1610,37 @@ impl Kernels {
             );
         }
         if let Some(parts) = parts {
-            let splits = self.coop_splits(w, rows, x_off, x_stride, parts.size());
-            if splits > 1 {
-                debug_assert!(parts != x && parts != y, "split scratch aliases X or Y");
-                let (Some(reduce), Some(k)) = (
-                    &self.gemm_coop_reduce,
-                    self.coop2_any(w, rows, x_off, x_stride),
-                ) else {
-                    unreachable!("coop_splits checked both kernels");
-                };
-                let m = w.rows;
-                let ms = Self::parts_stride(m);
-                // Slices of whole 64-deep K steps; partial results [slices][rows][ms].
-                let kslice = w.cols.div_ceil(splits).div_ceil(64) * 64;
+            debug_assert!(parts != x && parts != y, "split scratch aliases X or Y");
+            let m = w.rows;
+            let ms = Self::parts_stride(m);
+            // Partial results [slices][rows][ms]; each kernel's slices are whole K steps (64
+            // deep for gemm_coop2, 16 for gemm), the last one taking the rest of K.
+            let coop = self.coop_splits(w, rows, x_off, x_stride, parts.size());
+            let narrow = self.narrow_splits(w, rows, parts.size());
+            let split = if coop > 1 {
+                let k = self.coop2_any(w, rows, x_off, x_stride);
+                k.map(|k| (k, coop, 64, [m.div_ceil(128), rows.div_ceil(128)], true))
+            } else if narrow > 1 {
+                let k = &self.gemm[dtype_index(w.dtype)];
+                Some((k, narrow, 16, [m.div_ceil(64), rows.div_ceil(64)], false))
+            } else {
+                None
+            };
+            if let Some((k, splits, step, [gx, gy], xv4)) = split {
+                let kslice = w.cols.div_ceil(splits).div_ceil(step) * step;
                 let slices = w.cols.div_ceil(kslice);
-                let split = MatmulParams {
+                let sp = MatmulParams {
                     kslice: kslice as u32,
                     ypart: (rows * ms) as u32,
                     ..MatmulParams::new(w, x_off, x_stride, 0, ms, rows, false)
                 };
+                // gemm_coop2 reads X through both of its X bindings (scalar and vec4).
+                let third = if xv4 { x } else { &self.dummy };
                 rec.dispatch(
                     k,
-                    &split,
-                    &[x, &w.parts[0].buf, x, parts],
-                    [
-                        m.div_ceil(128) as u32,
-                        rows.div_ceil(128) as u32,
-                        slices as u32,
-                    ],
+                    &sp,
+                    &[x, &w.parts[0].buf, third, parts],
+                    [gx as u32, gy as u32, slices as u32],
                 )?;
                 let sum = MatmulParams {
                     x_off: 0,
@@ -1611,7 +1650,7 @@ impl Kernels {
                     ..p
                 };
                 return rec.dispatch(
-                    reduce,
+                    &self.gemm_reduce,
                     &sum,
                     &[parts, &self.dummy, &self.dummy, y],
                     [m.div_ceil(256) as u32, rows as u32, 1],

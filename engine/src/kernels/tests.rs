@@ -121,7 +121,28 @@ fn matmul_case_scratch(
     slices: usize,
     x_aligned: bool,
 ) {
-    let (gpu, ks) = env();
+    let (_, ks) = env();
+    matmul_case_on(
+        ks, dtype, rows, m, k, bias, accumulate, seed, prompt, slices, x_aligned,
+    );
+}
+
+/// `matmul_case_scratch` with the kernels `ks`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_case_on(
+    ks: &Kernels,
+    dtype: WeightDtype,
+    rows: usize,
+    m: usize,
+    k: usize,
+    bias: bool,
+    accumulate: bool,
+    seed: u64,
+    prompt: bool,
+    slices: usize,
+    x_aligned: bool,
+) {
+    let (gpu, _) = env();
     let mut r = Rng::new(seed);
     // matmul_prompt's tensor-core GEMMs read X rows as vec4: offset and stride multiples of 4
     // there (elsewhere they fall back to `matmul`, tested without).
@@ -364,6 +385,110 @@ fn matmul_prompt_shapes() {
     matmul_case_via(WeightDtype::F16, 160, 290, 2049, false, false, 510, true);
     matmul_case_via(WeightDtype::Q4, 130, 330, 2100, false, true, 511, true);
     matmul_case_via(WeightDtype::Q8, 129, 258, 2080, false, true, 514, true);
+}
+
+#[test]
+fn matmul_prompt_narrow_split() {
+    // Narrow prompt products (x_proj: dt_rank + 2 d_state outputs) on the GPU kernel family: the
+    // FMA GEMM split over K into as many slices as the scratch holds, summed by gemm_reduce;
+    // K tails within a 16-deep step, rows and outputs past the 64 x 64 tiles, plain stores and
+    // residual adds, f32 (what x_proj keeps) and the other storages.
+    let (gpu, _) = env();
+    let ks = Kernels::new_with(gpu, false).unwrap();
+    let w = |m: usize, k: usize| {
+        Matrix::upload(gpu, "w", &vec![0.5; m * k], m, k, WeightDtype::F32).unwrap()
+    };
+    // 2 x 3 tiles: K / 64 = 11 slices; as many as a 5-slot scratch holds; none for decode rows,
+    // for wide outputs or for CPU adapters' kernels.
+    assert_eq!(ks.narrow_splits(&w(70, 700), 130, u64::MAX), 10);
+    let part = (130 * 72 * 4) as u64;
+    assert_eq!(ks.narrow_splits(&w(70, 700), 130, 5 * part), 5);
+    assert_eq!(ks.narrow_splits(&w(70, 700), 4, u64::MAX), 1);
+    assert_eq!(ks.narrow_splits(&w(300, 700), 130, u64::MAX), 1);
+    assert_eq!(
+        Kernels::new_with(gpu, true)
+            .unwrap()
+            .narrow_splits(&w(70, 700), 130, u64::MAX),
+        1
+    );
+    matmul_case_on(
+        &ks,
+        WeightDtype::F32,
+        130,
+        70,
+        700,
+        false,
+        false,
+        601,
+        true,
+        16,
+        false,
+    );
+    matmul_case_on(
+        &ks,
+        WeightDtype::F32,
+        130,
+        70,
+        700,
+        false,
+        true,
+        602,
+        true,
+        5,
+        true,
+    );
+    matmul_case_on(
+        &ks,
+        WeightDtype::F32,
+        37,
+        132,
+        3201,
+        false,
+        false,
+        603,
+        true,
+        64,
+        false,
+    );
+    matmul_case_on(
+        &ks,
+        WeightDtype::F16,
+        65,
+        33,
+        250,
+        false,
+        true,
+        604,
+        true,
+        3,
+        false,
+    );
+    matmul_case_on(
+        &ks,
+        WeightDtype::Q8,
+        70,
+        100,
+        520,
+        false,
+        false,
+        605,
+        true,
+        4,
+        false,
+    );
+    matmul_case_on(
+        &ks,
+        WeightDtype::Q4,
+        70,
+        100,
+        520,
+        false,
+        true,
+        606,
+        true,
+        9,
+        false,
+    );
 }
 
 /// Plain max-abs q4 (`s = max|w| / 7`, q in [-7, 7]), the scheme the q4 search must never lose to.
