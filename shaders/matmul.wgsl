@@ -532,9 +532,37 @@ fn gemv_wide(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 const BT: u32 = 64u;
 const BM: u32 = 64u;
 const BK: u32 = 16u;
-var<workgroup> xs: array<f32, 1024>; // [BK][BT]
-var<workgroup> ws: array<f32, 1024>; // [BK][BM]
+// Row stride of the staged tiles in vec4 (68 floats: the 4 spare spread a step's stores over
+// the memory banks, at most 2 threads of a subgroup per bank).
+const SS: u32 = 17u;
+// xs: [BK][SS] vec4, k-major: xs[kk * SS + i] = X rows t0 + 4i .. 4i + 3 at k0 + kk.
+var<workgroup> xs: array<vec4<f32>, 272>;
+// ws: [BK][SS] vec4, k-major: ws[kk * SS + i] = W rows m0 + 4i .. 4i + 3 at k0 + kk.
+var<workgroup> ws: array<vec4<f32>, 272>;
 
+// Store v (k = kq*4 .. kq*4 + 3 of tile row r) into the k-major tiles. (WGSL passes no
+// workgroup pointers to functions: one function per tile.)
+fn stage_xs(r: u32, kq: u32, v: vec4<f32>) {
+    let i = (kq * 4u) * SS + r / 4u;
+    let c = r % 4u;
+    xs[i][c] = v.x;
+    xs[i + SS][c] = v.y;
+    xs[i + 2u * SS][c] = v.z;
+    xs[i + 3u * SS][c] = v.w;
+}
+
+fn stage_ws(r: u32, kq: u32, v: vec4<f32>) {
+    let i = (kq * 4u) * SS + r / 4u;
+    let c = r % 4u;
+    ws[i][c] = v.x;
+    ws[i + SS][c] = v.y;
+    ws[i + 2u * SS][c] = v.z;
+    ws[i + 3u * SS][c] = v.w;
+}
+
+// 64 x 64 output tiles of 256 threads, 4 x 4 outputs each (rows lid.y * 4.., outputs
+// lid.x * 4..). Each 16-deep K step stages X and W through workgroup memory, one 4-wide k
+// chunk of one tile row per thread for each, and the inner loop reads one vec4 of each per k.
 @compute @workgroup_size(16, 16)
 fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let m0 = wid.x * BM;
@@ -551,33 +579,35 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     let kw = p.kp4 * 4u;
+    // This thread's staging: tile row r, k chunk kq of each step.
+    let r = li / 4u;
+    let kq = li % 4u;
     for (var k0 = kb; k0 < ke; k0 += BK) {
-        for (var i = 0u; i < 4u; i++) {
-            let e = li + i * 256u;
-            let r = e / BK;
-            let kk = e % BK;
+        {
             let t = t0 + r;
-            let k = k0 + kk;
-            var v = 0.0;
-            if (t < p.rows && k < ke) { v = x[p.x_off + t * p.x_stride + k]; }
-            xs[kk * BT + r] = v;
+            let k = k0 + kq * 4u;
+            var v = vec4<f32>(0.0);
+            if (t < p.rows) {
+                let b = p.x_off + t * p.x_stride + k;
+                if (k + 3u < ke) {
+                    v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+                } else {
+                    for (var j = 0u; j < 4u; j++) { if (k + j < ke) { v[j] = x[b + j]; } }
+                }
+            }
+            stage_xs(r, kq, v);
         }
         {
-            let r = li / 4u;
-            let c = li % 4u;
             let m = m0 + r;
-            let k = k0 + c * 4u;
+            let k = k0 + kq * 4u;
             var v = vec4<f32>(0.0);
             if (m < p.m && k < kw) { v = w4(m * p.kp4 + k / 4u); }
-            ws[(c * 4u) * BM + r] = v.x;
-            ws[(c * 4u + 1u) * BM + r] = v.y;
-            ws[(c * 4u + 2u) * BM + r] = v.z;
-            ws[(c * 4u + 3u) * BM + r] = v.w;
+            stage_ws(r, kq, v);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
-            let a = vec4<f32>(xs[kk * BT + lid.y * 4u], xs[kk * BT + lid.y * 4u + 1u], xs[kk * BT + lid.y * 4u + 2u], xs[kk * BT + lid.y * 4u + 3u]);
-            let b = vec4<f32>(ws[kk * BM + lid.x * 4u], ws[kk * BM + lid.x * 4u + 1u], ws[kk * BM + lid.x * 4u + 2u], ws[kk * BM + lid.x * 4u + 3u]);
+            let a = xs[kk * SS + lid.y];
+            let b = ws[kk * SS + lid.x];
             acc0 += a.x * b;
             acc1 += a.y * b;
             acc2 += a.z * b;
