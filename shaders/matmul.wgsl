@@ -560,6 +560,36 @@ fn stage_ws(r: u32, kq: u32, v: vec4<f32>) {
     ws[i + 3u * SS][c] = v.w;
 }
 
+// Four consecutive k of row t of X (zeros past the rows and from ke on), and of row m of W
+// (zeros past its rows and its padded K, kw).
+fn gemm_x4(t: u32, k: u32, ke: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (t < p.rows) {
+        let b = p.x_off + t * p.x_stride + k;
+        if (k + 3u < ke) {
+            v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
+        } else {
+            for (var j = 0u; j < 4u; j++) { if (k + j < ke) { v[j] = x[b + j]; } }
+        }
+    }
+    return v;
+}
+
+fn gemm_w4(m: u32, k: u32, kw: u32) -> vec4<f32> {
+    if (m < p.m && k < kw) { return w4(m * p.kp4 + k / 4u); }
+    return vec4<f32>(0.0);
+}
+
+// Whether `gemm` loads each K step's operands one step ahead. Measured on an H200 (pp512,
+// best of 10, two alternating runs): f32 weights 3236 / 3221 -> 3450 / 3453 tokens/s with it;
+// f16 weights (tensor cores off) 3351 / 3338 -> 3298 / 3325, so 16-bit and quantized weights
+// load each step as it comes.
+#ifdef W_F32
+const GEMM_PREFETCH: bool = true;
+#else
+const GEMM_PREFETCH: bool = false;
+#endif
+
 // 64 x 64 output tiles of 256 threads, 4 x 4 outputs each (rows lid.y * 4.., outputs
 // lid.x * 4..). Each 16-deep K step stages X and W through workgroup memory, one 4-wide k
 // chunk of one tile row per thread for each, and the inner loop reads one vec4 of each per k.
@@ -579,32 +609,28 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
     let kw = p.kp4 * 4u;
-    // This thread's staging: tile row r, k chunk kq of each step.
+    // This thread's staging: tile row r, k chunk kq of each step; with GEMM_PREFETCH loaded
+    // into registers one step ahead (the next step's loads in flight while this one multiplies).
     let r = li / 4u;
     let kq = li % 4u;
+    var vx = vec4<f32>(0.0);
+    var vw = vec4<f32>(0.0);
+    if (GEMM_PREFETCH) {
+        vx = gemm_x4(t0 + r, kb + kq * 4u, ke);
+        vw = gemm_w4(m0 + r, kb + kq * 4u, kw);
+    }
     for (var k0 = kb; k0 < ke; k0 += BK) {
-        {
-            let t = t0 + r;
-            let k = k0 + kq * 4u;
-            var v = vec4<f32>(0.0);
-            if (t < p.rows) {
-                let b = p.x_off + t * p.x_stride + k;
-                if (k + 3u < ke) {
-                    v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
-                } else {
-                    for (var j = 0u; j < 4u; j++) { if (k + j < ke) { v[j] = x[b + j]; } }
-                }
-            }
-            stage_xs(r, kq, v);
+        if (!GEMM_PREFETCH) {
+            vx = gemm_x4(t0 + r, k0 + kq * 4u, ke);
+            vw = gemm_w4(m0 + r, k0 + kq * 4u, kw);
         }
-        {
-            let m = m0 + r;
-            let k = k0 + kq * 4u;
-            var v = vec4<f32>(0.0);
-            if (m < p.m && k < kw) { v = w4(m * p.kp4 + k / 4u); }
-            stage_ws(r, kq, v);
-        }
+        stage_xs(r, kq, vx);
+        stage_ws(r, kq, vw);
         workgroupBarrier();
+        if (GEMM_PREFETCH && k0 + BK < ke) {
+            vx = gemm_x4(t0 + r, k0 + BK + kq * 4u, ke);
+            vw = gemm_w4(m0 + r, k0 + BK + kq * 4u, kw);
+        }
         for (var kk = 0u; kk < BK; kk++) {
             let a = xs[kk * SS + lid.y];
             let b = ws[kk * SS + lid.x];
