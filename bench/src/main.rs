@@ -21,7 +21,7 @@ struct Args {
     /// config.json for random weights.
     #[arg(long, default_value = "tests/configs/hymba-1.5b-config.json")]
     config: std::path::PathBuf,
-    /// Weight storage: f32, f16 or auto (repeatable comma list).
+    /// Weight storage: f32, f16, q8, q4 or auto, or a comma list of them (one set of rows each).
     #[arg(long, default_value = "f16")]
     dtype: String,
     #[arg(long, default_value = "vulkan")]
