@@ -41,8 +41,9 @@ struct Params {
     passes: u32,     // gemv: groups of 8 rows each workgroup computes; gemv_wide: groups of 4;
                      // gemm_reduce: K slices to sum
     aux_n: u32,      // PRO_CONV: conv kernel width
-    kslice: u32,     // gemv, gemm_coop2: K columns per slice (grid z = slice; = k without a split)
-    ypart: u32,      // gemv, gemm_coop2, gemm_reduce: offset between the slices' partial
+    kslice: u32,     // gemv, gemm, gemm_coop2: K columns per slice (grid z = slice; = k without
+                     // a split)
+    ypart: u32,      // gemv, gemm, gemm_coop2, gemm_reduce: offset between the slices' partial
                      // results (0 without a split)
 }
 
@@ -152,7 +153,8 @@ fn conv_x(xb: u32, k: u32) -> f32 {
 @group(0) @binding(6) var<storage, read> x2: array<f32>;
 #endif
 
-// Offset of this workgroup's K slice's partial results in Y (gemv / gemm_coop2 split over K).
+// Offset of this workgroup's K slice's partial results in Y (gemv / gemm / gemm_coop2 split over
+// K).
 var<private> yslice: u32;
 
 fn store(t: u32, m: u32, v: f32) {
@@ -560,101 +562,9 @@ fn stage_ws(r: u32, kq: u32, v: vec4<f32>) {
     ws[i + 3u * SS][c] = v.w;
 }
 
-// Four consecutive k of row t of X (zeros past the rows and from ke on), and of row m of W
-// (zeros past its rows and its padded K, kw).
-fn gemm_x4(t: u32, k: u32, ke: u32) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (t < p.rows) {
-        let b = p.x_off + t * p.x_stride + k;
-        if (k + 3u < ke) {
-            v = vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]);
-        } else {
-            for (var j = 0u; j < 4u; j++) { if (k + j < ke) { v[j] = x[b + j]; } }
-        }
-    }
-    return v;
-}
-
-fn gemm_w4(m: u32, k: u32, kw: u32) -> vec4<f32> {
-    if (m < p.m && k < kw) { return w4(m * p.kp4 + k / 4u); }
-    return vec4<f32>(0.0);
-}
-
-// Whether `gemm` loads each K step's operands one step ahead. Measured on an H200 (pp512,
-// best of 10, two alternating runs): f32 weights 3236 / 3221 -> 3450 / 3453 tokens/s with it;
-// f16 weights (tensor cores off) 3351 / 3338 -> 3298 / 3325, so 16-bit and quantized weights
-// load each step as it comes.
-#ifdef W_F32
-const GEMM_PREFETCH: bool = true;
-#else
-const GEMM_PREFETCH: bool = false;
-#endif
-
-// 64 x 64 output tiles of 256 threads, 4 x 4 outputs each (rows lid.y * 4.., outputs
-// lid.x * 4..). Each 16-deep K step stages X and W through workgroup memory, one 4-wide k
-// chunk of one tile row per thread for each, and the inner loop reads one vec4 of each per k.
-@compute @workgroup_size(16, 16)
-fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let m0 = wid.x * BM;
-    let t0 = wid.y * BT;
-    // K slice wid.z: columns [kb, ke) (all of K without a split), its partial results ypart
-    // elements apart in Y; kslice is a multiple of BK.
-    let kb = wid.z * p.kslice;
-    let ke = min(p.k, kb + p.kslice);
-    yslice = wid.z * p.ypart;
-    // The 4 x 4 outputs as four vec4 variables (row i of the thread's block in acc_i), not an
-    // array: a private array may live in local memory (it halved the tensor-core GEMM's speed).
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    let kw = p.kp4 * 4u;
-    // This thread's staging: tile row r, k chunk kq of each step; with GEMM_PREFETCH loaded
-    // into registers one step ahead (the next step's loads in flight while this one multiplies).
-    let r = li / 4u;
-    let kq = li % 4u;
-    var vx = vec4<f32>(0.0);
-    var vw = vec4<f32>(0.0);
-    if (GEMM_PREFETCH) {
-        vx = gemm_x4(t0 + r, kb + kq * 4u, ke);
-        vw = gemm_w4(m0 + r, kb + kq * 4u, kw);
-    }
-    for (var k0 = kb; k0 < ke; k0 += BK) {
-        if (!GEMM_PREFETCH) {
-            vx = gemm_x4(t0 + r, k0 + kq * 4u, ke);
-            vw = gemm_w4(m0 + r, k0 + kq * 4u, kw);
-        }
-        stage_xs(r, kq, vx);
-        stage_ws(r, kq, vw);
-        workgroupBarrier();
-        if (GEMM_PREFETCH && k0 + BK < ke) {
-            vx = gemm_x4(t0 + r, k0 + BK + kq * 4u, ke);
-            vw = gemm_w4(m0 + r, k0 + BK + kq * 4u, kw);
-        }
-        for (var kk = 0u; kk < BK; kk++) {
-            let a = xs[kk * SS + lid.y];
-            let b = ws[kk * SS + lid.x];
-            acc0 += a.x * b;
-            acc1 += a.y * b;
-            acc2 += a.z * b;
-            acc3 += a.w * b;
-        }
-        workgroupBarrier();
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let t = t0 + lid.y * 4u + i;
-        let row = select(select(acc3, acc2, i == 2u), select(acc1, acc0, i == 0u), i < 2u);
-        for (var j = 0u; j < 4u; j++) {
-            let m = m0 + lid.x * 4u + j;
-            if (t < p.rows && m < p.m) { store(t, m, row[j]); }
-        }
-    }
-}
-
-#ifdef COOP
-// Tile readers of the cooperative-matrix GEMMs (gemm_coop, gemm_coop2): four consecutive k of
-// row t of X, zero past the rows and from kend on (the end of K, or of a K slice), and of row m
-// of W, zero past its rows and its padded K (past a slice's end W meets X's zeros).
+// Tile readers of the GEMMs (gemm, gemm_coop, gemm_coop2): four consecutive k of row t of X,
+// zero past the rows and from kend on (the end of K, or of a K slice), and of row m of W, zero
+// past its rows and its padded K (past a slice's end W meets X's zeros).
 fn tile_x4(t: u32, k: u32, kend: u32) -> vec4<f32> {
     var v = vec4<f32>(0.0);
     if (t < p.rows) {
@@ -678,6 +588,77 @@ fn tile_w4(m: u32, k: u32) -> vec4<f32> {
     return u;
 }
 
+// Whether `gemm` loads each K step's operands one step ahead. Measured on an H200 (pp512,
+// best of 10, two alternating runs): f32 weights 3236 / 3221 -> 3450 / 3453 tokens/s with it;
+// f16 weights (tensor cores off) 3351 / 3338 -> 3298 / 3325, so 16-bit and quantized weights
+// load each step as it comes.
+#ifdef W_F32
+const GEMM_PREFETCH: bool = true;
+#else
+const GEMM_PREFETCH: bool = false;
+#endif
+
+// 64 x 64 output tiles of 256 threads, 4 x 4 outputs each (rows lid.y * 4.., outputs
+// lid.x * 4..). Each 16-deep K step stages X and W through workgroup memory, one 4-wide k
+// chunk of one tile row per thread for each, and the inner loop reads one vec4 of each per k.
+@compute @workgroup_size(16, 16)
+fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let m0 = wid.x * BM;
+    let t0 = wid.y * BT;
+    // K slice wid.z: columns [kb, ke) (all of K without a split), its partial results ypart
+    // elements apart in Y; the host makes split slices multiples of BK deep.
+    let kb = wid.z * p.kslice;
+    let ke = min(p.k, kb + p.kslice);
+    yslice = wid.z * p.ypart;
+    // The 4 x 4 outputs as four vec4 variables (row i of the thread's block in acc_i), not an
+    // array: a private array may live in local memory (it halved the tensor-core GEMM's speed).
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    // This thread's staging: tile row r, k chunk kq of each step; with GEMM_PREFETCH loaded
+    // into registers one step ahead (the next step's loads in flight while this one multiplies).
+    let r = li / 4u;
+    let kq = li % 4u;
+    var vx = vec4<f32>(0.0);
+    var vw = vec4<f32>(0.0);
+    if (GEMM_PREFETCH) {
+        vx = tile_x4(t0 + r, kb + kq * 4u, ke);
+        vw = tile_w4(m0 + r, kb + kq * 4u);
+    }
+    for (var k0 = kb; k0 < ke; k0 += BK) {
+        if (!GEMM_PREFETCH) {
+            vx = tile_x4(t0 + r, k0 + kq * 4u, ke);
+            vw = tile_w4(m0 + r, k0 + kq * 4u);
+        }
+        stage_xs(r, kq, vx);
+        stage_ws(r, kq, vw);
+        workgroupBarrier();
+        if (GEMM_PREFETCH && k0 + BK < ke) {
+            vx = tile_x4(t0 + r, k0 + BK + kq * 4u, ke);
+            vw = tile_w4(m0 + r, k0 + BK + kq * 4u);
+        }
+        for (var kk = 0u; kk < BK; kk++) {
+            let a = xs[kk * SS + lid.y];
+            let b = ws[kk * SS + lid.x];
+            acc0 += a.x * b;
+            acc1 += a.y * b;
+            acc2 += a.z * b;
+            acc3 += a.w * b;
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let t = t0 + lid.y * 4u + i;
+        let row = select(select(acc3, acc2, i == 2u), select(acc1, acc0, i == 0u), i < 2u);
+        for (var j = 0u; j < 4u; j++) {
+            let m = m0 + lid.x * 4u + j;
+            if (t < p.rows && m < p.m) { store(t, m, row[j]); }
+        }
+    }
+}
+
+#ifdef COOP
 // The staged tiles of the cooperative-matrix GEMMs: each K step, the workgroup's THREADS threads
 // copy TILE rows of X and TILE rows of W, CK deep, into workgroup memory as f16, four k per item.
 #ifdef COOP2

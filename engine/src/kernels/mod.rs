@@ -583,7 +583,7 @@ pub struct MatmulParams {
     pub eps: f32,
     pub passes: u32,
     pub aux_n: u32,
-    /// K columns per slice of a GEMV or `gemm_coop2` split over K (grid z), and the Y offset
+    /// K columns per slice of a GEMV, `gemm` or `gemm_coop2` split over K (grid z), and the Y offset
     /// between the slices' partial results; `k` and 0 without a split.
     pub kslice: u32,
     pub ypart: u32,
@@ -955,8 +955,8 @@ pub struct Kernels {
     /// Cooperative-matrix GEMM [dtype f32 (unused), f16, q8, q4], where the adapter has it.
     gemm_coop: Option<Vec<Option<Arc<Kernel>>>>,
     /// The sum of a K-split `gemm`'s or `gemm_coop2`'s partial results (matmul.wgsl
-    /// `gemm_reduce`).
-    gemm_reduce: Arc<Kernel>,
+    /// `gemm_reduce`), where either split can happen.
+    gemm_reduce: Option<Arc<Kernel>>,
     /// 128 x 128-tile tensor-core GEMM for wide outputs [dtype f32 (unused), f16, q8, q4].
     gemm_coop2: Option<Vec<Option<Arc<Kernel>>>>,
     /// [dtype f32, f16, q8, q4][prologue none, norm, merge, swiglu][staging small, large];
@@ -1257,7 +1257,7 @@ impl Kernels {
             d
         };
         // Tensor-core GEMMs for prompt chunks, per storage [f32 (none: f32 weights keep the
-        // exact f32 GEMM), f16, q8, q4], and the sum of a K-split one's partial results.
+        // exact f32 GEMM), f16, q8, q4].
         let coop_family =
             |entry: &str, defs: &[&'static str]| -> Result<Vec<Option<Arc<Kernel>>>> {
                 let mut v = vec![None];
@@ -1282,13 +1282,19 @@ impl Kernels {
         } else {
             (None, None)
         };
-        let gemm_reduce = k(
-            "matmul.wgsl",
-            SRC_MATMUL,
-            &["REDUCE"],
-            "gemm_reduce",
-            &[U, R, R, R, RW],
-        )?;
+        // The sum of K-split partial results: GPU kernel families split narrow products
+        // (`narrow_splits`), tensor-core adapters the 1600-wide ones (`coop_splits`).
+        let gemm_reduce = if !rowwise || gpu.coop_f16 {
+            Some(k(
+                "matmul.wgsl",
+                SRC_MATMUL,
+                &["REDUCE"],
+                "gemm_reduce",
+                &[U, R, R, R, RW],
+            )?)
+        } else {
+            None
+        };
         Ok(Kernels {
             gemv_row,
             gemv_conv,
@@ -1532,7 +1538,9 @@ impl Kernels {
         x_stride: usize,
         parts_bytes: u64,
     ) -> usize {
-        let ok = self.coop2_any(w, rows, x_off, x_stride).is_some() && w.rows < COOP_WIDE_MIN_M;
+        let ok = self.coop2_any(w, rows, x_off, x_stride).is_some()
+            && self.gemm_reduce.is_some()
+            && w.rows < COOP_WIDE_MIN_M;
         if !ok {
             return 1;
         }
@@ -1558,6 +1566,7 @@ impl Kernels {
     /// barriers are slow; they keep the barrier-free GEMV).
     pub fn narrow_splits(&self, w: &Matrix, rows: usize, parts_bytes: u64) -> usize {
         if self.cpu_adapter()
+            || self.gemm_reduce.is_none()
             || rows <= GEMV_MAX_ROWS
             || w.rows > NARROW_MAX_M
             || w.parts.len() != 1
@@ -1626,7 +1635,9 @@ impl Kernels {
             } else {
                 None
             };
-            if let Some((k, splits, step, [gx, gy], xv4)) = split {
+            if let (Some((k, splits, step, [gx, gy], xv4)), Some(reduce)) =
+                (split, &self.gemm_reduce)
+            {
                 let kslice = w.cols.div_ceil(splits).div_ceil(step) * step;
                 let slices = w.cols.div_ceil(kslice);
                 let sp = MatmulParams {
@@ -1650,7 +1661,7 @@ impl Kernels {
                     ..p
                 };
                 return rec.dispatch(
-                    &self.gemm_reduce,
+                    reduce,
                     &sum,
                     &[parts, &self.dummy, &self.dummy, y],
                     [m.div_ceil(256) as u32, rows as u32, 1],

@@ -127,7 +127,8 @@ fn matmul_case_scratch(
     );
 }
 
-/// `matmul_case_scratch` with the kernels `ks`.
+/// `matmul_case_scratch` with the kernels `ks`; returns whether the product wrote into the
+/// NaN-poisoned K-split scratch (it took a split path).
 #[allow(clippy::too_many_arguments)]
 fn matmul_case_on(
     ks: &Kernels,
@@ -141,7 +142,7 @@ fn matmul_case_on(
     prompt: bool,
     slices: usize,
     x_aligned: bool,
-) {
+) -> bool {
     let (gpu, _) = env();
     let mut r = Rng::new(seed);
     // matmul_prompt's tensor-core GEMMs read X rows as vec4: offset and stride multiples of 4
@@ -246,6 +247,8 @@ fn matmul_case_on(
             }
         }
     }
+    let n_parts = slices * rows * m.div_ceil(4) * 4;
+    read(gpu, &parts, n_parts).iter().any(|v| !v.is_nan())
 }
 
 #[test]
@@ -255,8 +258,9 @@ fn matmul_gemv_f32() {
     // K larger than the workgroup staging buffer (unstaged path), and enough rows for 4 passes.
     matmul_case(WeightDtype::F32, 1, 21, 9000, false, false, 9);
     matmul_case(WeightDtype::F32, 1, 8500, 24, true, false, 10);
-    // Narrow outputs over prompt rows (the prefill x_proj takes the GEMV, a row of workgroups
-    // per X row).
+    // Narrow outputs over prompt rows through `matmul` (a row of GEMV workgroups per X row;
+    // `matmul_prompt` splits them over K on GPU kernel families, see
+    // matmul_prompt_narrow_split).
     matmul_case(WeightDtype::F32, 37, 133, 300, true, true, 11);
     matmul_case(WeightDtype::F32, 9, 20, 3000, false, false, 12);
 }
@@ -398,7 +402,7 @@ fn matmul_prompt_narrow_split() {
     let w = |m: usize, k: usize| {
         Matrix::upload(gpu, "w", &vec![0.5; m * k], m, k, WeightDtype::F32).unwrap()
     };
-    // 2 x 3 tiles: K / 64 = 11 slices; as many as a 5-slot scratch holds; none for decode rows,
+    // 2 x 3 tiles: K / 64 = 10 slices; as many as a 5-slot scratch holds; none for decode rows,
     // for wide outputs or for CPU adapters' kernels.
     assert_eq!(ks.narrow_splits(&w(70, 700), 130, u64::MAX), 10);
     let part = (130 * 72 * 4) as u64;
@@ -411,84 +415,20 @@ fn matmul_prompt_narrow_split() {
             .narrow_splits(&w(70, 700), 130, u64::MAX),
         1
     );
-    matmul_case_on(
-        &ks,
-        WeightDtype::F32,
-        130,
-        70,
-        700,
-        false,
-        false,
-        601,
-        true,
-        16,
-        false,
-    );
-    matmul_case_on(
-        &ks,
-        WeightDtype::F32,
-        130,
-        70,
-        700,
-        false,
-        true,
-        602,
-        true,
-        5,
-        true,
-    );
-    matmul_case_on(
-        &ks,
-        WeightDtype::F32,
-        37,
-        132,
-        3201,
-        false,
-        false,
-        603,
-        true,
-        64,
-        false,
-    );
-    matmul_case_on(
-        &ks,
-        WeightDtype::F16,
-        65,
-        33,
-        250,
-        false,
-        true,
-        604,
-        true,
-        3,
-        false,
-    );
-    matmul_case_on(
-        &ks,
-        WeightDtype::Q8,
-        70,
-        100,
-        520,
-        false,
-        false,
-        605,
-        true,
-        4,
-        false,
-    );
-    matmul_case_on(
-        &ks,
-        WeightDtype::Q4,
-        70,
-        100,
-        520,
-        false,
-        true,
-        606,
-        true,
-        9,
-        false,
-    );
+    // Each case must have gone through the split (written into its poisoned scratch).
+    for (dtype, rows, m, k, acc, seed, slots, aligned) in [
+        (WeightDtype::F32, 130, 70, 700, false, 601, 16, false),
+        (WeightDtype::F32, 130, 70, 700, true, 602, 5, true),
+        (WeightDtype::F32, 37, 132, 3201, false, 603, 64, false),
+        (WeightDtype::F16, 65, 33, 250, true, 604, 3, false),
+        (WeightDtype::Q8, 70, 100, 520, false, 605, 4, false),
+        (WeightDtype::Q4, 70, 100, 520, true, 606, 9, false),
+    ] {
+        let split = matmul_case_on(
+            &ks, dtype, rows, m, k, false, acc, seed, true, slots, aligned,
+        );
+        assert!(split, "{dtype:?} rows {rows} m {m} k {k}: no K split taken");
+    }
 }
 
 /// Plain max-abs q4 (`s = max|w| / 7`, q in [-7, 7]), the scheme the q4 search must never lose to.
