@@ -542,24 +542,19 @@ var<workgroup> xs: array<vec4<f32>, 272>;
 // ws: [BK][SS] vec4, k-major: ws[kk * SS + i] = W rows m0 + 4i .. 4i + 3 at k0 + kk.
 var<workgroup> ws: array<vec4<f32>, 272>;
 
-// Store v (k = kq*4 .. kq*4 + 3 of tile row r) into the k-major tiles. (WGSL passes no
-// workgroup pointers to functions: one function per tile.)
-fn stage_xs(r: u32, kq: u32, v: vec4<f32>) {
+// Stores one K step's items of this thread: k = kq*4 .. kq*4 + 3 of row r of the X tile (vx)
+// and of row r of the W tile (vw), into the k-major tiles.
+fn stage_tiles(r: u32, kq: u32, vx: vec4<f32>, vw: vec4<f32>) {
     let i = (kq * 4u) * SS + r / 4u;
     let c = r % 4u;
-    xs[i][c] = v.x;
-    xs[i + SS][c] = v.y;
-    xs[i + 2u * SS][c] = v.z;
-    xs[i + 3u * SS][c] = v.w;
-}
-
-fn stage_ws(r: u32, kq: u32, v: vec4<f32>) {
-    let i = (kq * 4u) * SS + r / 4u;
-    let c = r % 4u;
-    ws[i][c] = v.x;
-    ws[i + SS][c] = v.y;
-    ws[i + 2u * SS][c] = v.z;
-    ws[i + 3u * SS][c] = v.w;
+    xs[i][c] = vx.x;
+    xs[i + SS][c] = vx.y;
+    xs[i + 2u * SS][c] = vx.z;
+    xs[i + 3u * SS][c] = vx.w;
+    ws[i][c] = vw.x;
+    ws[i + SS][c] = vw.y;
+    ws[i + 2u * SS][c] = vw.z;
+    ws[i + 3u * SS][c] = vw.w;
 }
 
 // Tile readers of the GEMMs (gemm, gemm_coop, gemm_coop2): four consecutive k of row t of X,
@@ -631,8 +626,7 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             vx = tile_x4(t0 + r, k0 + kq * 4u, ke);
             vw = tile_w4(m0 + r, k0 + kq * 4u);
         }
-        stage_xs(r, kq, vx);
-        stage_ws(r, kq, vw);
+        stage_tiles(r, kq, vx, vw);
         workgroupBarrier();
         if (GEMM_PREFETCH && k0 + BK < ke) {
             vx = tile_x4(t0 + r, k0 + BK + kq * 4u, ke);

@@ -1544,16 +1544,14 @@ impl Kernels {
         if !ok {
             return 1;
         }
-        let tiles = w.rows.div_ceil(128) * rows.div_ceil(128);
-        let part = (rows * Self::parts_stride(w.rows) * 4) as u64;
-        let n = (COOP_SPLIT_WORKGROUPS / tiles)
-            .min(w.cols / COOP_SPLIT_MIN_K)
-            .min((parts_bytes / part) as usize);
-        if n < 2 {
-            1
-        } else {
-            n
-        }
+        Self::k_splits(
+            w,
+            rows,
+            128,
+            COOP_SPLIT_WORKGROUPS,
+            COOP_SPLIT_MIN_K,
+            parts_bytes,
+        )
     }
 
     /// Into how many K slices [`Kernels::matmul_prompt`] splits this narrow product (at most
@@ -1573,12 +1571,33 @@ impl Kernels {
         {
             return 1;
         }
-        let tiles = w.rows.div_ceil(64) * rows.div_ceil(64);
+        Self::k_splits(
+            w,
+            rows,
+            64,
+            NARROW_SPLIT_WORKGROUPS,
+            NARROW_SPLIT_MIN_K,
+            parts_bytes,
+        )
+    }
+
+    /// K slices for a product of `rows` rows on square output tiles of `tile`: enough to bring
+    /// it to about `workgroups` workgroups, at most K / `min_k`, as many as `parts_bytes` of
+    /// scratch holds; at least 1 (no split).
+    fn k_splits(
+        w: &Matrix,
+        rows: usize,
+        tile: usize,
+        workgroups: usize,
+        min_k: usize,
+        parts_bytes: u64,
+    ) -> usize {
+        let tiles = w.rows.div_ceil(tile) * rows.div_ceil(tile);
         let part = (rows * Self::parts_stride(w.rows) * 4) as u64;
-        let n = (NARROW_SPLIT_WORKGROUPS / tiles)
-            .min(w.cols / NARROW_SPLIT_MIN_K)
-            .min((parts_bytes / part) as usize);
-        n.max(1)
+        (workgroups / tiles)
+            .min(w.cols / min_k)
+            .min((parts_bytes / part) as usize)
+            .max(1)
     }
 
     /// Row stride (floats) of the K-split partial results for `m` outputs: a multiple of 4, so
