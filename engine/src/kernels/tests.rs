@@ -1157,10 +1157,13 @@ fn conv1d_with_state() {
 
 #[test]
 fn selective_scan_chunk_and_step() {
+    // n = 5 takes the one-lane-per-channel scan everywhere; n = 8 and 16 take the
+    // one-lane-per-(channel, state) scan where subgroups are 32 wide (GPUs), over more rows
+    // than one of its blocks.
     let (gpu, ks) = env();
     let mut r = Rng::new(41);
-    for rows in [13usize, 1] {
-        let (d, n, rank) = (70, 5, 3);
+    for (rows, n) in [(13usize, 5usize), (1, 5), (70, 16), (37, 8), (1, 16)] {
+        let (d, rank) = (70, 3);
         let xs = rank + 2 * n;
         let zw = 2 * d + 3;
         let z_off = d + 1;
