@@ -103,32 +103,25 @@ fn matmul_case_via(
     seed: u64,
     prompt: bool,
 ) {
-    matmul_case_scratch(dtype, rows, m, k, bias, accumulate, seed, prompt, 8, prompt);
-}
-
-/// `matmul_case_via` with room for `slices` K-split partial results in the scratch, and X's
-/// offset and row stride multiples of 4 (`x_aligned`, what `gemm_coop2` needs) or not.
-#[allow(clippy::too_many_arguments)]
-fn matmul_case_scratch(
-    dtype: WeightDtype,
-    rows: usize,
-    m: usize,
-    k: usize,
-    bias: bool,
-    accumulate: bool,
-    seed: u64,
-    prompt: bool,
-    slices: usize,
-    x_aligned: bool,
-) {
-    let (_, ks) = env();
     matmul_case_on(
-        ks, dtype, rows, m, k, bias, accumulate, seed, prompt, slices, x_aligned,
+        &env().1,
+        dtype,
+        rows,
+        m,
+        k,
+        bias,
+        accumulate,
+        seed,
+        prompt,
+        8,
+        prompt,
     );
 }
 
-/// `matmul_case_scratch` with the kernels `ks`; returns whether the product wrote into the
-/// NaN-poisoned K-split scratch (it took a split path).
+/// `matmul_case_via` with the kernels `ks`, room for `slices` K-split partial results in the
+/// scratch, and X's offset and row stride multiples of 4 (`x_aligned`, what `gemm_coop2`
+/// needs) or not; returns whether the product wrote into the NaN-poisoned scratch (it took a
+/// split path).
 #[allow(clippy::too_many_arguments)]
 fn matmul_case_on(
     ks: &Kernels,
@@ -334,7 +327,8 @@ fn matmul_prompt_shapes() {
         assert!(ks.coop2_kernel(&w(4112, 80), 300, 5, 83, 8, 4116).is_none());
     }
     matmul_case_via(WeightDtype::F16, 130, 336, 2112, false, true, 509, true);
-    matmul_case_scratch(
+    matmul_case_on(
+        &env().1,
         WeightDtype::F16,
         130,
         336,
@@ -346,7 +340,8 @@ fn matmul_prompt_shapes() {
         2,
         true,
     );
-    matmul_case_scratch(
+    matmul_case_on(
+        &env().1,
         WeightDtype::F16,
         100,
         600,
@@ -360,7 +355,8 @@ fn matmul_prompt_shapes() {
     );
     // X rows not 16-byte aligned: no gemm_coop2 (it reads X as vec4), whole or split; the
     // product falls back to the other GEMMs
-    matmul_case_scratch(
+    matmul_case_on(
+        &env().1,
         WeightDtype::F16,
         150,
         4112,
@@ -372,7 +368,8 @@ fn matmul_prompt_shapes() {
         8,
         false,
     );
-    matmul_case_scratch(
+    matmul_case_on(
+        &env().1,
         WeightDtype::Q8,
         130,
         336,
