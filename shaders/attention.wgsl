@@ -254,3 +254,236 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
 }
+
+#ifdef COOP
+// main_coop (define COOP with KV_F16): the same attention on cooperative matrices (tensor cores),
+// where the adapter has 16x16x16 f16 fragments with f32 accumulators in subgroups of 32.
+// Queries (pre-scaled by `scale`) and probabilities are rounded to f16 for the products; the
+// keys and values are the f16 cache's own; scores, softmax statistics and P.V accumulate in f32.
+// d_qk <= 64 and d_v <= 128 (multiples of 4; the fragments past them see zeros).
+// One workgroup of 8 subgroups per (head, block of CQB = 32 query rows); keys in blocks of
+// CKB = 64 staged in workgroup memory, over the same key list as `main`. Two passes over it:
+//   1. S = Q.K^T per block (subgroup s computes the 16 x 16 fragment at query rows 16 (s / 4),
+//      keys 16 (s % 4)), then each query row's running max and softmax denominator (8 threads
+//      per row, 8 keys each, combined with subgroup shuffles);
+//   2. S again, P = exp(S - max) / denominator (exactly 0 where masked) as f16, and O += P.V
+//      (subgroup s owns the fragments at rows 16 (s / 4), value columns 32 (s % 4) .. + 32),
+//      so the accumulators never need rescaling.
+// Grid: (n_heads, ceil(rows / 32), 1).
+const CQB: u32 = 32u;
+const CKB: u32 = 64u;
+const CDQ: u32 = 64u;
+const CDV: u32 = 128u;
+// Row strides in f16 of the staged tiles: 8 past the data, so that the 16 rows a fragment load
+// reads start in different shared-memory banks.
+const SQ: u32 = CDQ + 8u;
+const SV: u32 = CDV + 8u;
+const SP: u32 = CKB + 8u;
+// kh: [CKB keys][SQ] f16 keys, row-major (= K^T column-major: fragment B of S = Q.K^T).
+var<workgroup> kh: array<f16, CKB * SQ>;
+// vh: [CKB keys][SV] f16 values, row-major (fragment B of O = P.V).
+var<workgroup> vh: array<f16, CKB * SV>;
+// ph: [CQB query rows][SP] f16: the queries (d_qk columns, zeros to CDQ) until their fragments
+// are loaded, then each block's probabilities (fragment A of P.V).
+var<workgroup> ph: array<f16, CQB * SP>;
+// sf: [CQB][CKB] f32 scores of a block; at the end, half of the output tile at a time.
+var<workgroup> sf: array<f32, CQB * CKB>;
+// ckp: [CKB] position of each key of the block (0xffffffff past the key list).
+var<workgroup> ckp: array<u32, 64>;
+// cz: zeros, where the accumulators start from.
+var<workgroup> cz: array<f32, 256>;
+
+// `visible(q, pos) && pos != 0xffffffff` without branches (naga requires the cooperative-matrix
+// operations that follow to be in uniform control flow; a short-circuit or an early return
+// taken per invocation would break it).
+fn coop_visible(q: u32, pos: u32) -> bool {
+    let lo = select(p.n_meta, max(p.n_meta, q - p.window), p.window != 0xffffffffu & q > p.window);
+    return (pos != 0xffffffffu) & (pos <= q) & ((pos < p.n_meta) | (pos >= lo));
+}
+
+fn f16x4(w: vec2<u32>) -> vec4<f16> {
+    return vec4<f16>(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)));
+}
+
+// Stages key block kb (and, with `values`, its value rows): positions into ckp, rows into kh /
+// vh, zeros past the key list and past d_qk / d_v. Call between barriers.
+fn coop_stage_keys(li: u32, kb: u32, n_keys: u32, n_meta_vis: u32, lo: u32, kvh: u32, values: bool) {
+    let dq4 = p.d_qk / 4u;
+    let dv4 = p.d_v / 4u;
+    if (li < CKB) {
+        let j = kb + li;
+        var pos = 0xffffffffu;
+        if (j < n_keys) {
+            pos = j;
+            if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
+        }
+        ckp[li] = pos;
+    }
+    // Keys: CKB rows x CDQ / 4 items of four f16, 4 per thread.
+    for (var i = li; i < CKB * (CDQ / 4u); i += 256u) {
+        let r = i / (CDQ / 4u);
+        let e4 = i % (CDQ / 4u);
+        let j = kb + r;
+        var v = vec4<f16>(0.0h);
+        if (j < n_keys && e4 < dq4) {
+            var pos = j;
+            if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
+            v = f16x4(kc[(kvh * p.cap + slot(pos)) * dq4 + e4]);
+        }
+        let o = r * SQ + 4u * e4;
+        kh[o] = v.x;
+        kh[o + 1u] = v.y;
+        kh[o + 2u] = v.z;
+        kh[o + 3u] = v.w;
+    }
+    if (values) {
+        // Values: CKB rows x CDV / 4 items, 8 per thread.
+        for (var i = li; i < CKB * (CDV / 4u); i += 256u) {
+            let r = i / (CDV / 4u);
+            let e4 = i % (CDV / 4u);
+            let j = kb + r;
+            var v = vec4<f16>(0.0h);
+            if (j < n_keys && e4 < dv4) {
+                var pos = j;
+                if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
+                v = f16x4(vc[(kvh * p.cap + slot(pos)) * dv4 + e4]);
+            }
+            let o = r * SV + 4u * e4;
+            vh[o] = v.x;
+            vh[o + 1u] = v.y;
+            vh[o + 2u] = v.z;
+            vh[o + 3u] = v.w;
+        }
+    }
+}
+
+// Writes the half c of the output tile staged in sf (see the end of main_coop) into `out`.
+fn coop_store_out(li: u32, t0: u32, nq: u32, h: u32, c: u32) {
+    for (var i = li; i < CQB * CKB; i += 256u) {
+        let r = i / CKB;
+        let col = ((i % CKB) / 16u) * 32u + 16u * c + i % 16u;
+        if (r < nq && col < p.d_v) {
+            out[p.out_off + (t0 + r) * p.out_stride + h * p.d_v + col] = sf[i];
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn main_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
+    let h = wid.x;
+    let t0 = wid.y * CQB;
+    let nq = min(CQB, p.rows - t0);
+    let kvh = h / (p.n_heads / p.n_kv_heads);
+    cz[li] = 0.0;
+    // Queries times scale, as f16 (zero past nq and d_qk): CQB rows x CDQ / 4 items, 2 per thread.
+    for (var i = li; i < CQB * (CDQ / 4u); i += 256u) {
+        let r = i / (CDQ / 4u);
+        let e = 4u * (i % (CDQ / 4u));
+        var v = vec4<f32>(0.0);
+        if (r < nq && e < p.d_qk) {
+            let qb = p.q_off + (t0 + r) * p.q_stride + h * p.d_qk + e;
+            v = vec4<f32>(pbuf[qb], pbuf[qb + 1u], pbuf[qb + 2u], pbuf[qb + 3u]) * p.scale;
+        }
+        let o = r * SP + e;
+        let w = vec4<f16>(v);
+        ph[o] = w.x;
+        ph[o + 1u] = w.y;
+        ph[o + 2u] = w.z;
+        ph[o + 3u] = w.w;
+    }
+    let q_first = p.pos0 + t0;
+    let q_last = q_first + nq - 1u;
+    let n_meta_vis = min(p.n_meta, q_last + 1u);
+    // (Branch-free, from uniform values only, so that naga sees the key loop below, which holds
+    // the cooperative-matrix operations, as uniform control flow.)
+    let lo = select(p.n_meta, max(p.n_meta, q_first - p.window), p.window != 0xffffffffu & q_first > p.window);
+    let n_keys = n_meta_vis + select(0u, q_last + 1u - lo, q_last >= lo);
+    workgroupBarrier();
+    // This subgroup's query fragments (rows 16 (sg / 4) .., all of CDQ), kept for both passes.
+    let fr = (sg / 4u) * 16u;
+    let qa0 = coopLoadT<coop_mat16x16<f16, A>>(&ph[fr * SP], SP);
+    let qa1 = coopLoadT<coop_mat16x16<f16, A>>(&ph[fr * SP + 16u], SP);
+    let qa2 = coopLoadT<coop_mat16x16<f16, A>>(&ph[fr * SP + 32u], SP);
+    let qa3 = coopLoadT<coop_mat16x16<f16, A>>(&ph[fr * SP + 48u], SP);
+    let fk = (sg % 4u) * 16u;
+    // Softmax statistics: thread li scans query row rr, keys 8 rj .. 8 rj + 8 of each block; the
+    // row's 8 threads are consecutive lanes of one subgroup.
+    let rr = li / 8u;
+    let rj = (li % 8u) * 8u;
+    let qpos = q_first + rr;
+    let row_ok = rr < nq;
+    var mrow = NEG;
+    var lrow = 0.0;
+    // (The two passes are two loops, not one loop over a pass index: naga would see a branch
+    // on a loop variable as non-uniform control flow around the cooperative-matrix operations.)
+    // Pass 1: the running max and denominator of each query row.
+    for (var kb = 0u; kb < n_keys; kb += CKB) {
+        workgroupBarrier();
+        coop_stage_keys(li, kb, n_keys, n_meta_vis, lo, kvh, false);
+        workgroupBarrier();
+        var s = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
+        s = coopMultiplyAdd(qa0, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ], SQ), s);
+        s = coopMultiplyAdd(qa1, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 16u], SQ), s);
+        s = coopMultiplyAdd(qa2, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 32u], SQ), s);
+        s = coopMultiplyAdd(qa3, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 48u], SQ), s);
+        coopStoreT(s, &sf[fr * CKB + fk], CKB);
+        workgroupBarrier();
+        var bm = NEG;
+        for (var u = 0u; u < 8u; u++) {
+            let vis = row_ok & coop_visible(qpos, ckp[rj + u]);
+            bm = max(bm, select(NEG, sf[rr * CKB + rj + u], vis));
+        }
+        bm = max(bm, subgroupShuffleXor(bm, 1u));
+        bm = max(bm, subgroupShuffleXor(bm, 2u));
+        bm = max(bm, subgroupShuffleXor(bm, 4u));
+        let nm = max(mrow, bm);
+        var bs = 0.0;
+        for (var u = 0u; u < 8u; u++) {
+            let vis = row_ok & coop_visible(qpos, ckp[rj + u]);
+            bs += select(0.0, exp(sf[rr * CKB + rj + u] - nm), vis);
+        }
+        bs += subgroupShuffleXor(bs, 1u);
+        bs += subgroupShuffleXor(bs, 2u);
+        bs += subgroupShuffleXor(bs, 4u);
+        lrow = lrow * exp(mrow - nm) + bs;
+        mrow = nm;
+    }
+    // Pass 2: normalized probabilities and O = P.V.
+    let inv = select(0.0, 1.0 / lrow, lrow > 0.0);
+    let fv = (sg % 4u) * 32u;
+    var o0 = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
+    var o1 = o0;
+    for (var kb = 0u; kb < n_keys; kb += CKB) {
+        workgroupBarrier();
+        coop_stage_keys(li, kb, n_keys, n_meta_vis, lo, kvh, true);
+        workgroupBarrier();
+        var s = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
+        s = coopMultiplyAdd(qa0, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ], SQ), s);
+        s = coopMultiplyAdd(qa1, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 16u], SQ), s);
+        s = coopMultiplyAdd(qa2, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 32u], SQ), s);
+        s = coopMultiplyAdd(qa3, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 48u], SQ), s);
+        coopStoreT(s, &sf[fr * CKB + fk], CKB);
+        workgroupBarrier();
+        for (var u = 0u; u < 8u; u++) {
+            let vis = row_ok & coop_visible(qpos, ckp[rj + u]);
+            ph[rr * SP + rj + u] = f16(select(0.0, exp(sf[rr * CKB + rj + u] - mrow) * inv, vis));
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < CKB; kk += 16u) {
+            let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[fr * SP + kk], SP);
+            o0 = coopMultiplyAdd(a, coopLoadT<coop_mat16x16<f16, B>>(&vh[kk * SV + fv], SV), o0);
+            o1 = coopMultiplyAdd(a, coopLoadT<coop_mat16x16<f16, B>>(&vh[kk * SV + fv + 16u], SV), o1);
+        }
+    }
+    // The output tile, half at a time through sf: fragment o0 of every subgroup, then o1 (value
+    // columns 32 (s % 4) + 16 c ..), each at sf rows 16 (s / 4), columns 16 (s % 4).
+    workgroupBarrier();
+    coopStoreT(o0, &sf[fr * CKB + fk], CKB);
+    workgroupBarrier();
+    coop_store_out(li, t0, nq, h, 0u);
+    workgroupBarrier();
+    coopStoreT(o1, &sf[fr * CKB + fk], CKB);
+    workgroupBarrier();
+    coop_store_out(li, t0, nq, h, 1u);
+}
+#endif

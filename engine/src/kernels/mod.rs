@@ -994,6 +994,9 @@ pub struct Kernels {
     rope_q: Arc<Kernel>,
     store_kv: KvKernel,
     attention: KvKernel,
+    /// Prompt attention on cooperative matrices (attention.wgsl `main_coop`) for the f16 KV
+    /// cache, where the adapter has them (see [`Kernels::attention`]).
+    attention_coop: Option<Arc<Kernel>>,
     conv: Arc<Kernel>,
     conv_state: Arc<Kernel>,
     scan: Arc<Kernel>,
@@ -1390,6 +1393,19 @@ impl Kernels {
                 if sg32 { &["SUBGROUP32"] } else { &[] },
                 &[U, R, R, R, RW],
             )?,
+            // HYMBA_NO_COOP_ATTENTION=1 keeps the FMA form (A/B measurements).
+            attention_coop: if gpu.coop_f16 && std::env::var_os("HYMBA_NO_COOP_ATTENTION").is_none()
+            {
+                Some(k(
+                    "attention.wgsl",
+                    SRC_ATTENTION,
+                    &["KV_F16", "COOP"],
+                    "main_coop",
+                    &[U, R, R, R, RW],
+                )?)
+            } else {
+                None
+            },
             conv: k("conv1d.wgsl", SRC_CONV1D, &[], "main", &[U, R, R, R, RW])?,
             conv_state: k("conv1d.wgsl", SRC_CONV1D, &["STATE"], "main", &[U, R, RW])?,
             scan: k(
@@ -2100,6 +2116,22 @@ impl Kernels {
         out: &wgpu::Buffer,
         p: AttentionParams,
     ) -> Result<()> {
+        self.attention_with(rec, pbuf, kv, out, p, true)
+    }
+
+    /// [`Kernels::attention`], on the tensor cores only where `allow_coop` (tests run both
+    /// forms): `main_coop` for an f16 KV cache with d_qk <= 64 and d_v <= 128 where the adapter
+    /// has cooperative matrices (queries and probabilities rounded to f16 for the products),
+    /// else `main` (all f32 arithmetic).
+    pub(crate) fn attention_with(
+        &self,
+        rec: &mut Recorder,
+        pbuf: &wgpu::Buffer,
+        kv: KvBuffers,
+        out: &wgpu::Buffer,
+        p: AttentionParams,
+        allow_coop: bool,
+    ) -> Result<()> {
         if p.d_v > 128 || p.d_qk > 256 {
             return Err(crate::error::Error::Invalid(format!(
                 "prompt attention supports d_v up to 128 and d_qk up to 256 (got d_qk {}, d_v {})",
@@ -2108,6 +2140,19 @@ impl Kernels {
         }
         // Also for callers of the kernels without a config (which checks the same).
         kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
+        if let Some(coop) = self
+            .attention_coop
+            .as_ref()
+            .filter(|_| allow_coop && kv.dtype == KvDtype::F16 && p.d_qk <= 64)
+        {
+            // Blocks of 32 query rows per workgroup (CQB in attention.wgsl).
+            return rec.dispatch(
+                coop,
+                &p,
+                &[pbuf, kv.k, kv.v, out],
+                [p.n_heads, p.rows.div_ceil(32), 1],
+            );
+        }
         // Blocks of 8 query rows per workgroup (QB in attention.wgsl).
         rec.dispatch(
             &self.attention.get(rec.gpu(), kv.dtype)?,
@@ -2115,6 +2160,11 @@ impl Kernels {
             &[pbuf, kv.k, kv.v, out],
             [p.n_heads, p.rows.div_ceil(8), 1],
         )
+    }
+
+    /// Whether [`Kernels::attention`] runs an f16 cache's prompt attention on the tensor cores.
+    pub fn coop_attention(&self) -> bool {
+        self.attention_coop.is_some()
     }
 
     /// Causal depthwise conv + silu, then the conv-state update.

@@ -1047,7 +1047,6 @@ fn attention_case_dims(
     let kb = kv_upload(gpu, &kc, dtype);
     let vb = kv_upload(gpu, &vc, dtype);
     let qb = gpu.upload("q", &q).unwrap();
-    let ob = gpu.upload("o", &vec![NAN; rows * out_stride]).unwrap();
     let p = AttentionParams {
         rows: rows as u32,
         n_heads: hq as u32,
@@ -1068,29 +1067,55 @@ fn attention_case_dims(
         v_col: 0,
         self_kv: 0,
     };
-    run(gpu, |rec| {
-        ks.attention(rec, &qb, kv(&kb, &vb, dtype), &ob, p).unwrap()
-    });
-    let got = read(gpu, &ob, rows * out_stride);
-    let mut want = Vec::new();
-    for t in 0..rows {
-        let qp = pos0 + t;
-        let keys: Vec<usize> = (0..=qp)
-            .filter(|&kp| kp < n_meta || window.is_none_or(|w| qp - kp <= w))
-            .collect();
-        want.extend(attention_ref(
-            &q[t * q_stride..t * q_stride + hq * dqk],
-            &kall,
-            &vall,
-            hq,
-            hkv,
-            dqk,
-            dv,
-            qp,
-            &keys,
-        ));
+    // The FMA form everywhere; the tensor-core form too where the adapter has it (f16 cache,
+    // d_qk <= 64), against the reference over f16-rounded scaled queries, with a tolerance for
+    // the probabilities' f16 rounding.
+    let coop_too = ks.coop_attention() && dtype == KvDtype::F16 && dqk <= 64;
+    for coop in [false, true] {
+        if coop && !coop_too {
+            continue;
+        }
+        let ob = gpu.upload("o", &vec![NAN; rows * out_stride]).unwrap();
+        run(gpu, |rec| {
+            ks.attention_with(rec, &qb, kv(&kb, &vb, dtype), &ob, p, coop)
+                .unwrap()
+        });
+        let got = read(gpu, &ob, rows * out_stride);
+        let scale = p.scale;
+        let qr: Vec<f32> = if coop {
+            q.iter()
+                .map(|&v| half::f16::from_f32(v * scale).to_f32() / scale)
+                .collect()
+        } else {
+            q.clone()
+        };
+        let mut want = Vec::new();
+        for t in 0..rows {
+            let qp = pos0 + t;
+            let keys: Vec<usize> = (0..=qp)
+                .filter(|&kp| kp < n_meta || window.is_none_or(|w| qp - kp <= w))
+                .collect();
+            want.extend(attention_ref(
+                &qr[t * q_stride..t * q_stride + hq * dqk],
+                &kall,
+                &vall,
+                hq,
+                hkv,
+                dqk,
+                dv,
+                qp,
+                &keys,
+            ));
+        }
+        let (atol, rtol) = if coop { (2e-3, 5e-3) } else { (2e-5, 1e-4) };
+        assert_close(
+            &format!("{dtype:?} attention (coop {coop})"),
+            &got,
+            &want,
+            atol,
+            rtol,
+        );
     }
-    assert_close(&format!("{dtype:?} attention"), &got, &want, 2e-5, 1e-4);
 }
 
 #[test]
@@ -1630,12 +1655,14 @@ fn attention_decode_split_matches_unfused_with(ks: &Kernels, dtype: KvDtype) {
                 .unwrap();
             }
             ks.rope_q(rec, &csb, &p1, rp).unwrap();
-            ks.attention(
+            // The f32 prompt kernel (not the tensor-core one, which rounds Q and P to f16).
+            ks.attention_with(
                 rec,
                 &p1,
                 kv(&k1, &v1, dtype),
                 &o1,
                 AttentionParams { self_kv: 0, ..ap },
+                false,
             )
             .unwrap();
         });
@@ -1841,7 +1868,8 @@ fn attention_split_over_many_key_blocks_with(
             )
             .unwrap();
             ks.rope_q(rec, &csb, &p1, rp).unwrap();
-            ks.attention(rec, &p1, kv(&k1, &v1, dtype), &o1, ap)
+            // The f32 prompt kernel (the tensor-core one rounds Q and P to f16).
+            ks.attention_with(rec, &p1, kv(&k1, &v1, dtype), &o1, ap, false)
                 .unwrap();
             ks.attention_split(rec, &p2, &csb, kv(&k2, &v2, dtype), &part, &o2, dp)
                 .unwrap();
@@ -2534,6 +2562,12 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
             "matmul",
             SRC_MATMUL,
             vec!["SHADER_F16", "COOP", "COOP2", "XV4", "W_Q4"],
+        ),
+        // prompt attention on cooperative matrices
+        (
+            "attention",
+            SRC_ATTENTION,
+            vec!["SHADER_F16", "KV_F16", "COOP"],
         ),
         // hymba-bench's tensor-core throughput probe
         (
