@@ -305,56 +305,46 @@ fn f16x4(w: vec2<u32>) -> vec4<f16> {
     return vec4<f16>(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)));
 }
 
-// Stages key block kb (and, with `values`, its value rows): positions into ckp, rows into kh /
-// vh, zeros past the key list and past d_qk / d_v. Call between barriers.
-fn coop_stage_keys(li: u32, kb: u32, n_keys: u32, n_meta_vis: u32, lo: u32, kvh: u32, values: bool) {
-    let dq4 = p.d_qk / 4u;
-    let dv4 = p.d_v / 4u;
-    if (li < CKB) {
-        let j = kb + li;
-        var pos = 0xffffffffu;
-        if (j < n_keys) {
-            pos = j;
-            if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
-        }
-        ckp[li] = pos;
-    }
-    // Keys: CKB rows x CDQ / 4 items of four f16, 4 per thread.
-    for (var i = li; i < CKB * (CDQ / 4u); i += 256u) {
-        let r = i / (CDQ / 4u);
-        let e4 = i % (CDQ / 4u);
-        let j = kb + r;
-        var v = vec4<f16>(0.0h);
-        if (j < n_keys && e4 < dq4) {
-            var pos = j;
-            if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
-            v = f16x4(kc[(kvh * p.cap + slot(pos)) * dq4 + e4]);
-        }
-        let o = r * SQ + 4u * e4;
-        kh[o] = v.x;
-        kh[o + 1u] = v.y;
-        kh[o + 2u] = v.z;
-        kh[o + 3u] = v.w;
-    }
-    if (values) {
-        // Values: CKB rows x CDV / 4 items, 8 per thread.
-        for (var i = li; i < CKB * (CDV / 4u); i += 256u) {
-            let r = i / (CDV / 4u);
-            let e4 = i % (CDV / 4u);
-            let j = kb + r;
-            var v = vec4<f16>(0.0h);
-            if (j < n_keys && e4 < dv4) {
-                var pos = j;
-                if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
-                v = f16x4(vc[(kvh * p.cap + slot(pos)) * dv4 + e4]);
-            }
-            let o = r * SV + 4u * e4;
-            vh[o] = v.x;
-            vh[o + 1u] = v.y;
-            vh[o + 2u] = v.z;
-            vh[o + 3u] = v.w;
-        }
-    }
+// Key-list entry j: its position (0xffffffff past the list).
+fn coop_key_pos(j: u32, n_keys: u32, n_meta_vis: u32, lo: u32) -> u32 {
+    if (j >= n_keys) { return 0xffffffffu; }
+    if (j < n_meta_vis) { return j; }
+    return lo + (j - n_meta_vis);
+}
+
+// Item i of a key block starting at list entry kb: four f16 of key row i / 16, dimensions
+// 4 (i % 16) .. (zeros past the list and past d_qk), as two u32 words.
+fn coop_key_item(i: u32, kb: u32, n_keys: u32, n_meta_vis: u32, lo: u32, kvh: u32) -> vec2<u32> {
+    let e4 = i % (CDQ / 4u);
+    let pos = coop_key_pos(kb + i / (CDQ / 4u), n_keys, n_meta_vis, lo);
+    if (pos == 0xffffffffu || e4 >= p.d_qk / 4u) { return vec2<u32>(0u); }
+    return kc[(kvh * p.cap + slot(pos)) * (p.d_qk / 4u) + e4];
+}
+
+// The same for values: four f16 of value row i / 32, columns 4 (i % 32) ...
+fn coop_value_item(i: u32, kb: u32, n_keys: u32, n_meta_vis: u32, lo: u32, kvh: u32) -> vec2<u32> {
+    let e4 = i % (CDV / 4u);
+    let pos = coop_key_pos(kb + i / (CDV / 4u), n_keys, n_meta_vis, lo);
+    if (pos == 0xffffffffu || e4 >= p.d_v / 4u) { return vec2<u32>(0u); }
+    return vc[(kvh * p.cap + slot(pos)) * (p.d_v / 4u) + e4];
+}
+
+fn coop_put_key(i: u32, w: vec2<u32>) {
+    let v = f16x4(w);
+    let o = (i / (CDQ / 4u)) * SQ + 4u * (i % (CDQ / 4u));
+    kh[o] = v.x;
+    kh[o + 1u] = v.y;
+    kh[o + 2u] = v.z;
+    kh[o + 3u] = v.w;
+}
+
+fn coop_put_value(i: u32, w: vec2<u32>) {
+    let v = f16x4(w);
+    let o = (i / (CDV / 4u)) * SV + 4u * (i % (CDV / 4u));
+    vh[o] = v.x;
+    vh[o + 1u] = v.y;
+    vh[o + 2u] = v.z;
+    vh[o + 3u] = v.w;
 }
 
 // Writes the half c of the output tile staged in sf (see the end of main_coop) into `out`.
@@ -416,11 +406,27 @@ fn main_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     var lrow = 0.0;
     // (The two passes are two loops, not one loop over a pass index: naga would see a branch
     // on a loop variable as non-uniform control flow around the cooperative-matrix operations.)
-    // Pass 1: the running max and denominator of each query row.
+    // Pass 1: the running max and denominator of each query row. Each thread stages items li +
+    // 256 u of a key block (4 of keys, 8 of values); the next block's are loaded into registers
+    // while the current one is multiplied.
+    var k0 = coop_key_item(li, 0u, n_keys, n_meta_vis, lo, kvh);
+    var k1 = coop_key_item(li + 256u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var k2 = coop_key_item(li + 512u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var k3 = coop_key_item(li + 768u, 0u, n_keys, n_meta_vis, lo, kvh);
     for (var kb = 0u; kb < n_keys; kb += CKB) {
         workgroupBarrier();
-        coop_stage_keys(li, kb, n_keys, n_meta_vis, lo, kvh, false);
+        if (li < CKB) { ckp[li] = coop_key_pos(kb + li, n_keys, n_meta_vis, lo); }
+        coop_put_key(li, k0);
+        coop_put_key(li + 256u, k1);
+        coop_put_key(li + 512u, k2);
+        coop_put_key(li + 768u, k3);
         workgroupBarrier();
+        // The next block (or pass 2's first) into registers.
+        let kn = select(kb + CKB, 0u, kb + CKB >= n_keys);
+        k0 = coop_key_item(li, kn, n_keys, n_meta_vis, lo, kvh);
+        k1 = coop_key_item(li + 256u, kn, n_keys, n_meta_vis, lo, kvh);
+        k2 = coop_key_item(li + 512u, kn, n_keys, n_meta_vis, lo, kvh);
+        k3 = coop_key_item(li + 768u, kn, n_keys, n_meta_vis, lo, kvh);
         var s = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
         s = coopMultiplyAdd(qa0, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ], SQ), s);
         s = coopMultiplyAdd(qa1, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 16u], SQ), s);
@@ -453,10 +459,45 @@ fn main_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let fv = (sg % 4u) * 32u;
     var o0 = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
     var o1 = o0;
+    var v0 = coop_value_item(li, 0u, n_keys, n_meta_vis, lo, kvh);
+    var v1 = coop_value_item(li + 256u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var v2 = coop_value_item(li + 512u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var v3 = coop_value_item(li + 768u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var v4 = coop_value_item(li + 1024u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var v5 = coop_value_item(li + 1280u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var v6 = coop_value_item(li + 1536u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var v7 = coop_value_item(li + 1792u, 0u, n_keys, n_meta_vis, lo, kvh);
     for (var kb = 0u; kb < n_keys; kb += CKB) {
         workgroupBarrier();
-        coop_stage_keys(li, kb, n_keys, n_meta_vis, lo, kvh, true);
+        if (li < CKB) { ckp[li] = coop_key_pos(kb + li, n_keys, n_meta_vis, lo); }
+        coop_put_key(li, k0);
+        coop_put_key(li + 256u, k1);
+        coop_put_key(li + 512u, k2);
+        coop_put_key(li + 768u, k3);
+        coop_put_value(li, v0);
+        coop_put_value(li + 256u, v1);
+        coop_put_value(li + 512u, v2);
+        coop_put_value(li + 768u, v3);
+        coop_put_value(li + 1024u, v4);
+        coop_put_value(li + 1280u, v5);
+        coop_put_value(li + 1536u, v6);
+        coop_put_value(li + 1792u, v7);
         workgroupBarrier();
+        let kn = kb + CKB;
+        if (kn < n_keys) {
+            k0 = coop_key_item(li, kn, n_keys, n_meta_vis, lo, kvh);
+            k1 = coop_key_item(li + 256u, kn, n_keys, n_meta_vis, lo, kvh);
+            k2 = coop_key_item(li + 512u, kn, n_keys, n_meta_vis, lo, kvh);
+            k3 = coop_key_item(li + 768u, kn, n_keys, n_meta_vis, lo, kvh);
+            v0 = coop_value_item(li, kn, n_keys, n_meta_vis, lo, kvh);
+            v1 = coop_value_item(li + 256u, kn, n_keys, n_meta_vis, lo, kvh);
+            v2 = coop_value_item(li + 512u, kn, n_keys, n_meta_vis, lo, kvh);
+            v3 = coop_value_item(li + 768u, kn, n_keys, n_meta_vis, lo, kvh);
+            v4 = coop_value_item(li + 1024u, kn, n_keys, n_meta_vis, lo, kvh);
+            v5 = coop_value_item(li + 1280u, kn, n_keys, n_meta_vis, lo, kvh);
+            v6 = coop_value_item(li + 1536u, kn, n_keys, n_meta_vis, lo, kvh);
+            v7 = coop_value_item(li + 1792u, kn, n_keys, n_meta_vis, lo, kvh);
+        }
         var s = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
         s = coopMultiplyAdd(qa0, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ], SQ), s);
         s = coopMultiplyAdd(qa1, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 16u], SQ), s);
