@@ -1396,7 +1396,7 @@ impl Model {
         // x_proj: narrow (dt_rank + 2 d_state outputs), so split over K on GPUs, its partial
         // results in `dt` (dead until dt_proj writes it below).
         let xs = c.x_proj_rows();
-        k.matmul_prompt(
+        let pending = k.matmul_prompt_partial(
             rec,
             Some(&ws.dt),
             &ws.xc,
@@ -1409,20 +1409,38 @@ impl Model {
             rows,
             false,
         )?;
-        if let Some((ndt, nb, nc)) = &w.inner_norms {
-            k.rmsnorm(rec, None, ndt, &ws.xp, 0, xs, rows, c.dt_rank, c.eps)?;
-            k.rmsnorm(rec, None, nb, &ws.xp, c.dt_rank, xs, rows, c.d_state, c.eps)?;
-            k.rmsnorm(
+        match (pending, &w.inner_norms, &w.inner_norms_cat) {
+            // The split's sum and the inner dt / B / C norms in one dispatch.
+            (Some(pp), Some(_), Some(cat)) => k.rmsnorm_partials(
                 rec,
-                None,
-                nc,
+                &ws.dt,
+                pp,
+                cat,
                 &ws.xp,
-                c.dt_rank + c.d_state,
-                xs,
-                rows,
-                c.d_state,
+                None,
+                (c.dt_rank, c.dt_rank + c.d_state),
                 c.eps,
-            )?;
+            )?,
+            (pending, norms, _) => {
+                if let Some(pp) = pending {
+                    k.reduce_partials(rec, &ws.dt, pp, &ws.xp)?;
+                }
+                if let Some((ndt, nb, nc)) = norms {
+                    k.rmsnorm(rec, None, ndt, &ws.xp, 0, xs, rows, c.dt_rank, c.eps)?;
+                    k.rmsnorm(rec, None, nb, &ws.xp, c.dt_rank, xs, rows, c.d_state, c.eps)?;
+                    k.rmsnorm(
+                        rec,
+                        None,
+                        nc,
+                        &ws.xp,
+                        c.dt_rank + c.d_state,
+                        xs,
+                        rows,
+                        c.d_state,
+                        c.eps,
+                    )?;
+                }
+            }
         }
         k.matmul(
             rec, &ws.xp, 0, xs, &w.dt_proj, None, &ws.dt, 0, di, rows, false,
@@ -1456,19 +1474,30 @@ impl Model {
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
         k.merge(rec, &ws.att, &ws.y, &w.pre_avg, &ws.m, rows, di, c.eps)?;
-        self.gemm(rec, &ws.m, 0, di, &w.out_proj, &ws.h, 0, d, rows, true)?;
-        // SwiGLU MLP.
-        k.rmsnorm(
-            rec,
-            Some((&ws.h, 0, d)),
-            &w.pre_mlp_norm,
-            &ws.u,
-            0,
-            d,
-            rows,
-            d,
-            c.eps,
-        )?;
+        // SwiGLU MLP, its norm fused with the sum of a split out_proj.
+        match self.gemm_partial(rec, &ws.m, 0, di, &w.out_proj, &ws.h, 0, d, rows, true)? {
+            Some((pp, parts)) => k.rmsnorm_partials(
+                rec,
+                parts,
+                pp,
+                &w.pre_mlp_norm,
+                &ws.h,
+                Some((&ws.u, 0, d)),
+                (d, d),
+                c.eps,
+            )?,
+            None => k.rmsnorm(
+                rec,
+                Some((&ws.h, 0, d)),
+                &w.pre_mlp_norm,
+                &ws.u,
+                0,
+                d,
+                rows,
+                d,
+                c.eps,
+            )?,
+        }
         let i2 = 2 * c.intermediate;
         self.gemm(rec, &ws.u, 0, d, &w.gate_up, &ws.gu, 0, i2, rows, false)?;
         k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
@@ -1495,6 +1524,30 @@ impl Model {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
+        match self.gemm_partial(
+            rec, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
+        )? {
+            Some((pp, parts)) => self.kernels.reduce_partials(rec, parts, pp, y),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Model::gemm`] without the final sum of a split product: its partial results and the
+    /// scratch buffer that holds them, or None when Y is written.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_partial(
+        &self,
+        rec: &mut Recorder,
+        x: &wgpu::Buffer,
+        x_off: usize,
+        x_stride: usize,
+        w: &Matrix,
+        y: &wgpu::Buffer,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<Option<(crate::kernels::Partials, &wgpu::Buffer)>> {
         // Scratch for the split partial results of the products into the residual: out_proj
         // takes the in_proj output (dead from the merge until gate|up writes it), down the
         // `dt` workspace (its X is that gate|up output).
@@ -1505,9 +1558,10 @@ impl Model {
                 &self.ws.p
             }
         });
-        self.kernels.matmul_prompt(
+        let pending = self.kernels.matmul_prompt_partial(
             rec, parts, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
-        )
+        )?;
+        Ok(pending.zip(parts))
     }
 
     /// One decode step of a hybrid layer with fused kernels: 8 dispatches on GPUs, where the

@@ -641,6 +641,33 @@ pub struct RmsNormParams {
     pub y_off: u32,
     pub y_stride: u32,
     pub eps: f32,
+    /// The PARTS variants (partial results summed in front of the norm): segment bounds.
+    pub seg1: u32,
+    pub seg2: u32,
+    /// Partial results, elements between them, and whether the sum adds to Y.
+    pub slices: u32,
+    pub ypart: u32,
+    pub accumulate: u32,
+    /// Row 0 and row stride of the normalized output (PARTS without INPLACE).
+    pub u_off: u32,
+    pub u_stride: u32,
+}
+
+/// The partial results a K-split prompt product left in its scratch buffer
+/// ([`Kernels::matmul_prompt_partial`]): [slices][rows][ms] f32 from element 0, to be summed
+/// into Y by [`Kernels::reduce_partials`] or by a norm that follows it
+/// ([`Kernels::rmsnorm_partials`]).
+#[derive(Clone, Copy)]
+pub struct Partials {
+    /// gemm_reduce's parameters (Y's offset, stride, width and `accumulate` included).
+    sum: MatmulParams,
+}
+
+impl Partials {
+    /// Outputs per row (the product's width).
+    pub fn width(&self) -> usize {
+        self.sum.m as usize
+    }
 }
 
 #[repr(C)]
@@ -991,6 +1018,9 @@ pub struct Kernels {
     embed: Vec<Arc<Kernel>>,
     rmsnorm: Arc<Kernel>,
     rmsnorm_inplace: Arc<Kernel>,
+    /// RMSNorms with the sum of K-split partial results in front (rmsnorm.wgsl PARTS):
+    /// [into a separate output, in place (segments)]; where `gemm_reduce` exists.
+    rmsnorm_parts: Option<[Arc<Kernel>; 2]>,
     rope_q: Arc<Kernel>,
     store_kv: KvKernel,
     attention: KvKernel,
@@ -1298,6 +1328,7 @@ impl Kernels {
         } else {
             None
         };
+        let has_reduce = gemm_reduce.is_some();
         Ok(Kernels {
             gemv_row,
             gemv_conv,
@@ -1378,6 +1409,26 @@ impl Kernels {
                 "main",
                 &[U, R, RW],
             )?,
+            rmsnorm_parts: if has_reduce {
+                Some([
+                    k(
+                        "rmsnorm.wgsl",
+                        SRC_RMSNORM,
+                        &["PARTS"],
+                        "main",
+                        &[U, R, R, RW, RW],
+                    )?,
+                    k(
+                        "rmsnorm.wgsl",
+                        SRC_RMSNORM,
+                        &["PARTS", "INPLACE"],
+                        "main",
+                        &[U, R, R, RW],
+                    )?,
+                ])
+            } else {
+                None
+            },
             rope_q: k("rope.wgsl", SRC_ROPE, &[], "main", &[U, R, RW])?,
             store_kv: KvKernel::new(
                 gpu,
@@ -1643,15 +1694,66 @@ impl Kernels {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
+        let pending = self.matmul_prompt_partial(
+            rec, parts, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
+        )?;
+        match (pending, parts) {
+            (Some(pp), Some(parts)) => self.reduce_partials(rec, parts, pp, y),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sums the partial results `pp` left in `parts` into Y (`y`, as the product named it).
+    pub fn reduce_partials(
+        &self,
+        rec: &mut Recorder,
+        parts: &wgpu::Buffer,
+        pp: Partials,
+        y: &wgpu::Buffer,
+    ) -> Result<()> {
+        let reduce = self.gemm_reduce.as_ref().ok_or_else(|| {
+            crate::error::Error::Invalid(
+                "reduce_partials: no split products on this adapter".into(),
+            )
+        })?;
+        let s = pp.sum;
+        rec.dispatch(
+            reduce,
+            &s,
+            &[parts, &self.dummy, &self.dummy, y],
+            [s.m.div_ceil(256), s.rows, 1],
+        )
+    }
+
+    /// [`Kernels::matmul_prompt`] without the final sum of a K-split product: returns the
+    /// partial results it left in `parts` (Y not yet written), or None when the product wrote Y
+    /// itself. The caller sums them with [`Kernels::reduce_partials`] or
+    /// [`Kernels::rmsnorm_partials`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_prompt_partial(
+        &self,
+        rec: &mut Recorder,
+        parts: Option<&wgpu::Buffer>,
+        x: &wgpu::Buffer,
+        x_off: usize,
+        x_stride: usize,
+        w: &Matrix,
+        y: &wgpu::Buffer,
+        y_off: usize,
+        y_stride: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<Option<Partials>> {
         let p = MatmulParams::new(w, x_off, x_stride, y_off, y_stride, rows, accumulate);
         // gemm_coop2 reads X through both of its X bindings (scalar and vec4).
         if let Some(k) = self.coop2_kernel(w, rows, x_off, x_stride, y_off, y_stride) {
-            return rec.dispatch(
+            rec.dispatch(
                 k,
                 &p,
                 &[x, &w.parts[0].buf, x, y],
                 [w.rows.div_ceil(128) as u32, rows.div_ceil(128) as u32, 1],
-            );
+            )?;
+            return Ok(None);
         }
         if let Some(parts) = parts {
             debug_assert!(parts != x && parts != y, "split scratch aliases X or Y");
@@ -1670,9 +1772,7 @@ impl Kernels {
             } else {
                 None
             };
-            if let (Some((k, splits, step, [gx, gy], xv4)), Some(reduce)) =
-                (split, &self.gemm_reduce)
-            {
+            if let (Some((k, splits, step, [gx, gy], xv4)), Some(_)) = (split, &self.gemm_reduce) {
                 let kslice = w.cols.div_ceil(splits).div_ceil(step) * step;
                 let slices = w.cols.div_ceil(kslice);
                 let sp = MatmulParams {
@@ -1695,17 +1795,13 @@ impl Kernels {
                     passes: slices as u32,
                     ..p
                 };
-                return rec.dispatch(
-                    reduce,
-                    &sum,
-                    &[parts, &self.dummy, &self.dummy, y],
-                    [m.div_ceil(256) as u32, rows as u32, 1],
-                );
+                return Ok(Some(Partials { sum }));
             }
         }
         self.matmul(
             rec, x, x_off, x_stride, w, None, y, y_off, y_stride, rows, accumulate,
-        )
+        )?;
+        Ok(None)
     }
 
     /// Lets decode GEMVs take `gemv_wide` (or not) whatever the adapter's subgroups: tests run
@@ -2022,10 +2118,62 @@ impl Kernels {
             y_off: y_off as u32,
             y_stride: y_stride as u32,
             eps,
+            seg1: width as u32,
+            seg2: width as u32,
+            slices: 0,
+            ypart: 0,
+            accumulate: 0,
+            u_off: 0,
+            u_stride: 0,
         };
         match x {
             Some((xb, _, _)) => rec.dispatch(&self.rmsnorm, &p, &[w, xb, y], [rows as u32, 1, 1]),
             None => rec.dispatch(&self.rmsnorm_inplace, &p, &[w, y], [rows as u32, 1, 1]),
+        }
+    }
+
+    /// The sum of a split product's partial results (left in `parts` by
+    /// [`Kernels::matmul_prompt_partial`]) written into its Y (`y`, which the product named),
+    /// then an RMSNorm of each row in one dispatch: into `out` (buffer, offset, row stride), or
+    /// with `out` None in place in Y, columns [0, seg1), [seg1, seg2), [seg2, width) normalized
+    /// separately with the concatenated weights `w` (the SSM's inner dt / B / C norms).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_partials(
+        &self,
+        rec: &mut Recorder,
+        parts: &wgpu::Buffer,
+        pp: Partials,
+        w: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        out: Option<(&wgpu::Buffer, usize, usize)>,
+        segs: (usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        let k = self.rmsnorm_parts.as_ref().ok_or_else(|| {
+            crate::error::Error::Invalid(
+                "rmsnorm_partials: no split products on this adapter".into(),
+            )
+        })?;
+        let s = pp.sum;
+        let p = RmsNormParams {
+            rows: s.rows,
+            width: s.m,
+            x_off: s.x_off,
+            x_stride: s.x_stride,
+            y_off: s.y_off,
+            y_stride: s.y_stride,
+            eps,
+            seg1: segs.0 as u32,
+            seg2: segs.1 as u32,
+            slices: s.passes,
+            ypart: s.ypart,
+            accumulate: s.accumulate,
+            u_off: out.map(|o| o.1 as u32).unwrap_or(0),
+            u_stride: out.map(|o| o.2 as u32).unwrap_or(0),
+        };
+        match out {
+            Some((u, _, _)) => rec.dispatch(&k[0], &p, &[w, parts, y, u], [s.rows, 1, 1]),
+            None => rec.dispatch(&k[1], &p, &[w, parts, y], [s.rows, 1, 1]),
         }
     }
 

@@ -684,6 +684,117 @@ fn rmsnorm_rows_and_in_place_slices() {
 }
 
 #[test]
+fn split_product_sum_fused_into_the_norm() {
+    // A K-split narrow prompt product's partial results summed by the norm that follows it
+    // (rmsnorm.wgsl PARTS), on the GPU kernel family (which splits): in place with three
+    // segments (x_proj, then its dt / B / C norms), and into a separate output after adding to
+    // the residual (out_proj, then the pre-MLP norm). Against the CPU product and norms; the
+    // outputs start poisoned, and the scratch must have been written.
+    let (gpu, _) = env();
+    let ks = Kernels::new_with(gpu, false).unwrap();
+    let mut r = Rng::new(77);
+    for (rows, m, k, segs, residual) in [
+        (37, 132, 700, (100, 116), false),
+        (70, 45, 330, (20, 31), false),
+        (33, 150, 520, (150, 150), true),
+    ] {
+        let x = r.vec(rows * k, 1.0);
+        let wv = r.vec(m * k, 0.5);
+        let g = r.vec(m, 1.0);
+        let y0 = r.vec(rows * m, 2.0);
+        let wm = Matrix::upload(gpu, "w", &wv, m, k, WeightDtype::F32).unwrap();
+        let xb = gpu.upload("x", &x).unwrap();
+        let gb = gpu.upload("g", &g).unwrap();
+        let yb = gpu
+            .upload(
+                "y",
+                &if residual {
+                    y0.clone()
+                } else {
+                    vec![NAN; rows * m]
+                },
+            )
+            .unwrap();
+        let ub = gpu.upload("u", &vec![NAN; rows * m]).unwrap();
+        let scratch = gpu
+            .upload("parts", &vec![NAN; 16 * rows * (m + 8)])
+            .unwrap();
+        let mut split = false;
+        run(gpu, |rec| {
+            let pp = ks
+                .matmul_prompt_partial(
+                    rec,
+                    Some(&scratch),
+                    &xb,
+                    0,
+                    k,
+                    &wm,
+                    &yb,
+                    0,
+                    m,
+                    rows,
+                    residual,
+                )
+                .unwrap()
+                .expect("a narrow product with long K splits on the GPU kernel family");
+            split = true;
+            assert_eq!(pp.width(), m);
+            let out = residual.then_some((&ub, 0, m));
+            ks.rmsnorm_partials(rec, &scratch, pp, &gb, &yb, out, segs, 1e-6)
+                .unwrap();
+        });
+        assert!(split);
+        // Slice 0 of the scratch ([rows][ms]) holds finite partial sums.
+        let ms = Kernels::parts_stride(m);
+        let sc = read(gpu, &scratch, rows * ms);
+        assert!((0..rows).all(|t| sc[t * ms..t * ms + m].iter().all(|v| v.is_finite())));
+        // CPU: the product (plus the residual), then the norms.
+        let mut sum = vec![0f32; rows * m];
+        for t in 0..rows {
+            for j in 0..m {
+                let d: f64 = (0..k)
+                    .map(|i| x[t * k + i] as f64 * wv[j * k + i] as f64)
+                    .sum();
+                sum[t * m + j] = d as f32 + if residual { y0[t * m + j] } else { 0.0 };
+            }
+        }
+        let mut normed = vec![0f32; rows * m];
+        for t in 0..rows {
+            for (a, b) in [(0, segs.0), (segs.0, segs.1), (segs.1, m)] {
+                if a < b {
+                    let n = rms_ref(&sum[t * m + a..t * m + b], &g[a..b], 1e-6);
+                    normed[t * m + a..t * m + b].copy_from_slice(&n);
+                }
+            }
+        }
+        if residual {
+            assert_close(
+                "split sum into the residual",
+                &read(gpu, &yb, rows * m),
+                &sum,
+                1e-4,
+                1e-4,
+            );
+            assert_close(
+                "norm of the residual",
+                &read(gpu, &ub, rows * m),
+                &normed,
+                1e-4,
+                1e-4,
+            );
+        } else {
+            assert_close(
+                "split sum normed in place",
+                &read(gpu, &yb, rows * m),
+                &normed,
+                1e-4,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
 fn embed_with_meta_tokens() {
     let (gpu, ks) = env();
     let mut r = Rng::new(12);
@@ -2464,6 +2575,8 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("embed", SRC_EMBED, vec!["W_F32"]),
         ("rmsnorm", SRC_RMSNORM, vec![]),
         ("rmsnorm", SRC_RMSNORM, vec!["INPLACE"]),
+        ("rmsnorm", SRC_RMSNORM, vec!["PARTS"]),
+        ("rmsnorm", SRC_RMSNORM, vec!["PARTS", "INPLACE"]),
         ("rope", SRC_ROPE, vec![]),
         ("rope", SRC_ROPE, vec!["STORE_KV"]),
         ("rope", SRC_ROPE, vec!["STORE_KV", "KV_F16"]),
