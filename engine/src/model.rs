@@ -1267,8 +1267,14 @@ impl Model {
             &self.ws.h,
             rows,
         )?;
+        // A layer's split down_proj leaves its partial results for the next layer's input norm
+        // to sum into the residual; after the last layer they are summed on their own.
+        let mut pending = None;
         for l in 0..c.n_layers {
-            self.record_layer(rec, seq, l, pos0, rows, decode)?;
+            pending = self.record_layer(rec, seq, l, pos0, rows, decode, pending)?;
+        }
+        if let Some((pp, parts)) = pending {
+            self.kernels.reduce_partials(rec, parts, pp, &self.ws.h)?;
         }
         match logits {
             Logits::None => Ok(()),
@@ -1277,16 +1283,21 @@ impl Model {
         }
     }
 
-    /// One hybrid layer over `rows` positions starting at `pos0`.
-    fn record_layer(
-        &self,
+    /// One hybrid layer over `rows` positions starting at `pos0`. `pending`: the previous
+    /// layer's split down_proj partial results, not yet in the residual `h` (this layer's input
+    /// norm sums them in). Returns this layer's, if its down_proj was split: `h` is complete
+    /// only once they are summed.
+    #[allow(clippy::too_many_arguments)]
+    fn record_layer<'a>(
+        &'a self,
         rec: &mut Recorder,
         seq: &Sequence,
         l: usize,
         pos0: usize,
         rows: usize,
         decode: bool,
-    ) -> Result<()> {
+        pending: Option<(crate::kernels::Partials, &'a wgpu::Buffer)>,
+    ) -> Result<Option<(crate::kernels::Partials, &'a wgpu::Buffer)>> {
         let c = &self.cfg;
         let k = &self.kernels;
         let w = &self.layers[l];
@@ -1295,18 +1306,31 @@ impl Model {
         let di = c.d_inner;
         let split = c.in_proj_split(l);
         let pw = split.total;
-        // Input norm and the fused in_proj (q | k | v | x | z).
-        k.rmsnorm(
-            rec,
-            Some((&ws.h, 0, d)),
-            &w.input_norm,
-            &ws.u,
-            0,
-            d,
-            rows,
-            d,
-            c.eps,
-        )?;
+        // Input norm (with the previous layer's split down_proj summed into the residual
+        // first) and the fused in_proj (q | k | v | x | z).
+        match pending {
+            Some((pp, parts)) => k.rmsnorm_partials(
+                rec,
+                parts,
+                pp,
+                &w.input_norm,
+                &ws.h,
+                Some((&ws.u, 0, d)),
+                (d, d),
+                c.eps,
+            )?,
+            None => k.rmsnorm(
+                rec,
+                Some((&ws.h, 0, d)),
+                &w.input_norm,
+                &ws.u,
+                0,
+                d,
+                rows,
+                d,
+                c.eps,
+            )?,
+        }
         self.gemm(rec, &ws.u, 0, d, &w.in_proj, &ws.p, 0, pw, rows, false)?;
         // Attention heads.
         let src = c.layers[l].kv_source(l);
@@ -1501,7 +1525,7 @@ impl Model {
         let i2 = 2 * c.intermediate;
         self.gemm(rec, &ws.u, 0, d, &w.gate_up, &ws.gu, 0, i2, rows, false)?;
         k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
-        self.gemm(rec, &ws.gu, 0, i2, &w.down, &ws.h, 0, d, rows, true)
+        self.gemm_partial(rec, &ws.gu, 0, i2, &w.down, &ws.h, 0, d, rows, true)
     }
 
     /// A prompt-chunk product without bias through [`Kernels::matmul_prompt`], with, for
@@ -1805,7 +1829,12 @@ impl Model {
         for l in 0..n {
             tr.hidden[l].extend(g.read_f32(&self.ws.h, 0, (rows * c.hidden) as u64).await?);
             let mut rec = Recorder::new(g);
-            self.record_layer(&mut rec, seq, l, pos0, rows, false)?;
+            if let Some((pp, parts)) =
+                self.record_layer(&mut rec, seq, l, pos0, rows, false, None)?
+            {
+                self.kernels
+                    .reduce_partials(&mut rec, parts, pp, &self.ws.h)?;
+            }
             rec.finish().run(g);
             tr.attn_out[l].extend(
                 g.read_f32(&self.ws.att, 0, (rows * c.d_inner) as u64)
