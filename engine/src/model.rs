@@ -1532,8 +1532,9 @@ impl Model {
     /// products into the residual (out_proj, down), a dead workspace as scratch for K-split
     /// partial results: for out_proj the in_proj output (dead from the merge until gate|up
     /// writes it), for down (whose X is that gate|up output) `dt`, dead from the scan to the
-    /// next layer's dt_proj (x_proj borrows it too, just before dt_proj). `forward_traced`
-    /// reads neither after the layer.
+    /// next layer's x_proj (down's partial results wait there for the next layer's input norm;
+    /// x_proj borrows it after that, just before dt_proj). `forward_traced` reads neither after
+    /// the layer.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
