@@ -2,10 +2,11 @@
 // with the sliding-window mask and always-visible meta tokens:
 //   key k visible to query q  iff  k <= q  and (k < n_meta  or  q - k <= window)
 // (window = 0xffffffff for global layers). Prefill uses window = W, a reference decode step W - 1.
-// Online softmax over blocks of 64 keys (flash style): no [T, T] score matrix exists.
+// Flash style over blocks of 64 keys: no [T, T] score matrix exists.
 // KV consumers pass their producer's cache.
-// Define KV_F16: the cache holds f16, two per u32 word (see the bindings); keys and values are
-// widened to f32 as they are loaded, and all arithmetic stays f32.
+// Define KV_F16: the cache holds f16, two per u32 word (see the bindings). `main` widens keys and
+// values to f32 as they are loaded and keeps all arithmetic f32 (online softmax); `main_coop`
+// (define COOP, below) multiplies f16 fragments on the tensor cores, with f32 accumulation.
 // Single-token decode steps use attention_decode.wgsl (split over the keys).
 
 struct Params {
@@ -66,15 +67,9 @@ const KB: u32 = 64u;
 const QB: u32 = 8u;
 const NEG: f32 = -3.0e38;
 var<workgroup> qs: array<vec4<f32>, 512>;   // [QB][d_qk / 4] queries
-// ps: [QB][KB / 4] vec4: scores, then probabilities (key j of query row r at [r * KB / 4 + j / 4][j % 4]);
-// read four keys at a time in P.V.
-var<workgroup> ps: array<vec4<f32>, 128>;
+var<workgroup> ps: array<f32, 512>;         // [QB][KB] scores, then probabilities
 var<workgroup> kp: array<u32, 64>;          // [KB] position of each key of the block
-var<workgroup> sl: array<vec4<u32>, 16>;    // [KB / 4] its cache slot (key j at [j / 4][j % 4])
-
-// Score / probability j of the flattened [QB][KB] block.
-fn psr(j: u32) -> f32 { return ps[j / 4u][j % 4u]; }
-fn psw(j: u32, v: f32) { ps[j / 4u][j % 4u] = v; }
+var<workgroup> sl: array<u32, 64>;          // [KB] its cache slot
 
 fn slot(pos: u32) -> u32 {
     if (pos < p.n_meta) { return pos; }
@@ -132,7 +127,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 if (j >= n_meta_vis) { pos = lo + (j - n_meta_vis); }
             }
             kp[li] = pos;
-            sl[li / 4u][li % 4u] = slot(min(pos, q_last));
+            sl[li] = slot(min(pos, q_last));
         }
         workgroupBarrier();
         // Scores: this thread's key jl = li % KB for queries li / KB and li / KB + 4 (QB = 8,
@@ -147,7 +142,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             let va = qa < nq && pos != 0xffffffffu && visible(q_first + qa, pos);
             let vb2 = qb2 < nq && pos != 0xffffffffu && visible(q_first + qb2, pos);
             if (va || vb2) {
-                let b = (kvh * p.cap + sl[jl / 4u][jl % 4u]) * dq4;
+                let b = (kvh * p.cap + sl[jl]) * dq4;
                 var da = vec4<f32>(0.0);
                 var db = vec4<f32>(0.0);
                 var f = 0u;
@@ -175,16 +170,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
                 if (va) { sa = ((da.x + da.y) + (da.z + da.w)) * p.scale; }
                 if (vb2) { sb = ((db.x + db.y) + (db.z + db.w)) * p.scale; }
             }
-            ps[li / 4u][li % 4u] = sa;
-            ps[(li + WG) / 4u][li % 4u] = sb;
+            ps[li] = sa;
+            ps[li + WG] = sb;
         }
         workgroupBarrier();
         let nk = min(KB, n_keys - kb);
 #ifdef SUBGROUP32
         // The 32 lanes of query row qr are one subgroup: each holds two of the row's scores,
         // and the block's max and sum are subgroup reductions (no serial pass over the row).
-        let s0 = psr(qr * KB + ln);
-        let s1 = psr(qr * KB + ln + 32u);
+        let s0 = ps[qr * KB + ln];
+        let s1 = ps[qr * KB + ln + 32u];
         let bm = subgroupMax(max(select(NEG, s0, ln < nk), select(NEG, s1, ln + 32u < nk)));
         let nm = max(m, bm);
         let corr = exp(m - nm);
@@ -193,53 +188,55 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         var p1 = 0.0;
         if (ln < nk && s0 > NEG) { p0 = exp(s0 - nm); }
         if (ln + 32u < nk && s1 > NEG) { p1 = exp(s1 - nm); }
-        psw(qr * KB + ln, p0);
-        psw(qr * KB + ln + 32u, p1);
+        ps[qr * KB + ln] = p0;
+        ps[qr * KB + ln + 32u] = p1;
         let bs = subgroupAdd(p0 + p1);
         workgroupBarrier();
 #else
         var bm = NEG;
-        for (var jj = 0u; jj < nk; jj++) { bm = max(bm, psr(qr * KB + jj)); }
+        for (var jj = 0u; jj < nk; jj++) { bm = max(bm, ps[qr * KB + jj]); }
         let nm = max(m, bm);
         let corr = exp(m - nm);
         workgroupBarrier();
         // Probabilities of this row's keys (masked keys exactly 0).
         for (var jj = ln; jj < KB; jj += 32u) {
-            let sv = psr(qr * KB + jj);
+            let sv = ps[qr * KB + jj];
             var pj = 0.0;
             if (jj < nk && sv > NEG) { pj = exp(sv - nm); }
-            psw(qr * KB + jj, pj);
+            ps[qr * KB + jj] = pj;
         }
         workgroupBarrier();
         var bs = 0.0;
-        for (var jj = 0u; jj < nk; jj++) { bs += psr(qr * KB + jj); }
+        for (var jj = 0u; jj < nk; jj++) { bs += ps[qr * KB + jj]; }
 #endif
         l = l * corr + bs;
         m = nm;
         var a0 = acc0 * corr;
         let vb = kvh * p.cap;
         if (ln < dv4) {
-            // Eight value rows in flight per round, their probabilities and slots read as two
-            // vec4 each. Keys past nk (up to the next multiple of 8, within the block) have
-            // probability 0 and a valid slot, so they add nothing.
-            let n8 = (nk + 7u) / 8u;
-            let pr = qr * (KB / 4u);
-            for (var g = 0u; g < n8; g++) {
-                let pa = ps[pr + 2u * g];
-                let pb = ps[pr + 2u * g + 1u];
-                let sa4 = sl[2u * g];
-                let sb4 = sl[2u * g + 1u];
-                let v0 = vld((vb + sa4.x) * dv4 + ln);
-                let v1 = vld((vb + sa4.y) * dv4 + ln);
-                let v2 = vld((vb + sa4.z) * dv4 + ln);
-                let v3 = vld((vb + sa4.w) * dv4 + ln);
-                let v4 = vld((vb + sb4.x) * dv4 + ln);
-                let v5 = vld((vb + sb4.y) * dv4 + ln);
-                let v6 = vld((vb + sb4.z) * dv4 + ln);
-                let v7 = vld((vb + sb4.w) * dv4 + ln);
-                a0 += ((pa.x * v0 + pa.y * v1) + (pa.z * v2 + pa.w * v3))
-                    + ((pb.x * v4 + pb.y * v5) + (pb.z * v6 + pb.w * v7));
+            var jj = 0u;
+            // Eight value rows in flight per round.
+            for (; jj + 7u < nk; jj += 8u) {
+                let o = qr * KB + jj;
+                let v0 = vld((vb + sl[jj]) * dv4 + ln);
+                let v1 = vld((vb + sl[jj + 1u]) * dv4 + ln);
+                let v2 = vld((vb + sl[jj + 2u]) * dv4 + ln);
+                let v3 = vld((vb + sl[jj + 3u]) * dv4 + ln);
+                let v4 = vld((vb + sl[jj + 4u]) * dv4 + ln);
+                let v5 = vld((vb + sl[jj + 5u]) * dv4 + ln);
+                let v6 = vld((vb + sl[jj + 6u]) * dv4 + ln);
+                let v7 = vld((vb + sl[jj + 7u]) * dv4 + ln);
+                a0 += ((ps[o] * v0 + ps[o + 1u] * v1) + (ps[o + 2u] * v2 + ps[o + 3u] * v3))
+                    + ((ps[o + 4u] * v4 + ps[o + 5u] * v5) + (ps[o + 6u] * v6 + ps[o + 7u] * v7));
             }
+            for (; jj + 3u < nk; jj += 4u) {
+                let v0 = vld((vb + sl[jj]) * dv4 + ln);
+                let v1 = vld((vb + sl[jj + 1u]) * dv4 + ln);
+                let v2 = vld((vb + sl[jj + 2u]) * dv4 + ln);
+                let v3 = vld((vb + sl[jj + 3u]) * dv4 + ln);
+                a0 += (ps[qr * KB + jj] * v0 + ps[qr * KB + jj + 1u] * v1) + (ps[qr * KB + jj + 2u] * v2 + ps[qr * KB + jj + 3u] * v3);
+            }
+            for (; jj < nk; jj++) { a0 += ps[qr * KB + jj] * vld((vb + sl[jj]) * dv4 + ln); }
         }
         acc0 = a0;
     }
@@ -293,9 +290,8 @@ var<workgroup> ckp: array<u32, 64>;
 // cz: zeros, where the accumulators start from.
 var<workgroup> cz: array<f32, 256>;
 
-// `visible(q, pos) && pos != 0xffffffff` without branches (naga requires the cooperative-matrix
-// operations that follow to be in uniform control flow; a short-circuit or an early return
-// taken per invocation would break it).
+// `visible(q, pos) && pos != 0xffffffff` as one branch-free expression (the masks below are
+// selects, not branches).
 fn coop_visible(q: u32, pos: u32) -> bool {
     let lo = select(p.n_meta, max(p.n_meta, q - p.window), p.window != 0xffffffffu & q > p.window);
     return (pos != 0xffffffffu) & (pos <= q) & ((pos < p.n_meta) | (pos >= lo));

@@ -3,8 +3,8 @@
 // norms, which normalize column slices of the x_proj output in place (define INPLACE).
 // Define PARTS: the row is first the sum of a K-split product's partial results (the
 // gemm_reduce of matmul.wgsl fused in front of the norm that follows it):
-//   PARTS            r = y (+ existing y if accumulate) = sum of the slices; y <- r (the residual
-//                    stream), u <- w * norm(r)                      (out_proj then pre-MLP norm)
+//   PARTS            r = the sum of the slices (+ the existing y row if accumulate); y <- r (the
+//                    residual stream), u <- w * norm(r)               (out_proj then pre-MLP norm)
 //   PARTS, INPLACE   y <- w * norm(sum of the slices), with columns [0, seg1), [seg1, seg2),
 //                    [seg2, width) normalized separately               (x_proj then dt, B, C norms)
 // Grid: (rows, 1, 1).
