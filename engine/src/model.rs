@@ -94,7 +94,8 @@ struct LayerWeights {
     x_proj: Matrix,
     /// dt, B, C RMSNorm weights (None when mamba_inner_layernorms is false).
     inner_norms: Option<(wgpu::Buffer, wgpu::Buffer, wgpu::Buffer)>,
-    /// The same three weights concatenated (for the fused decode scan).
+    /// The same three weights concatenated (for the fused decode scan, and the prefill norm that
+    /// sums x_proj's split partial results).
     inner_norms_cat: Option<wgpu::Buffer>,
     dt_proj: Matrix,
     /// A = -exp(A_log) [d_inner, d_state], dt_proj bias [d_inner], D [d_inner].
@@ -696,8 +697,9 @@ impl ModelBuilder {
                     derived(names[1].clone(), &b)?,
                     derived(names[2].clone(), &c)?,
                 );
-                // The same three again, concatenated for the fused decode scan.
-                let cat = derived(n("mamba.dt+B+C_layernorm.weight (fused decode copy)"), &cat)?;
+                // The same three again, concatenated for the fused decode scan and the prefill
+                // norm of x_proj's split sum (rmsnorm.wgsl PARTS INPLACE).
+                let cat = derived(n("mamba.dt+B+C_layernorm.weight (fused copy)"), &cat)?;
                 (Some(sep), Some(cat))
             } else {
                 (None, None)

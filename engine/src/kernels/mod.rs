@@ -758,7 +758,9 @@ pub enum KvDtype {
     /// f16 packed in u32 words (`pack2x16float` after clamping to ±65504, to nearest on every
     /// driver tested; element 2i in the low half):
     /// keys [n_kv_heads, cap, d_qk / 2] and values [n_kv_heads, cap, d_v / 2] u32. Half the bytes;
-    /// needs no `shader-f16`. The kernels widen to f32 on load and accumulate in f32.
+    /// needs no `shader-f16`. The kernels widen to f32 on load and accumulate in f32, except the
+    /// tensor-core prompt attention (attention.wgsl `main_coop`), which multiplies f16 fragments
+    /// (queries and probabilities rounded to f16) with f32 accumulation.
     F16,
 }
 
@@ -901,6 +903,11 @@ pub const GEMV_MAX_ROWS: usize = 4;
 /// run on it split over K ([`Kernels::coop_splits`]); the rest on `gemm_coop`.
 pub const COOP_WIDE_MIN_M: usize = 4096;
 
+/// Workgroup memory of attention.wgsl `main_coop`: staged keys [64][72] and values [64][136] f16,
+/// probabilities [32][72] f16, scores [32][64] f32, 64 key positions and 256 zeros.
+pub const ATTENTION_COOP_WORKGROUP_BYTES: u32 =
+    64 * 72 * 2 + 64 * 136 * 2 + 32 * 72 * 2 + 32 * 64 * 4 + 64 * 4 + 256 * 4;
+
 /// Workgroups a narrow `gemm_coop2` product is split over K to reach (see
 /// [`Kernels::coop_splits`]): about one per SM of an H100 / H200 (132).
 pub const COOP_SPLIT_WORKGROUPS: usize = 128;
@@ -1026,7 +1033,9 @@ pub struct Kernels {
     attention: KvKernel,
     /// Prompt attention on cooperative matrices (attention.wgsl `main_coop`) for the f16 KV
     /// cache, where the adapter has them (see [`Kernels::attention`]).
-    attention_coop: Option<Arc<Kernel>>,
+    /// Compiled on first use (f32 models never run it), and only offered where the device
+    /// allows its workgroup memory ([`ATTENTION_COOP_WORKGROUP_BYTES`]).
+    attention_coop: Option<std::sync::OnceLock<Arc<Kernel>>>,
     conv: Arc<Kernel>,
     conv_state: Arc<Kernel>,
     scan: Arc<Kernel>,
@@ -1445,18 +1454,11 @@ impl Kernels {
                 &[U, R, R, R, RW],
             )?,
             // HYMBA_NO_COOP_ATTENTION=1 keeps the FMA form (A/B measurements).
-            attention_coop: if gpu.coop_f16 && std::env::var_os("HYMBA_NO_COOP_ATTENTION").is_none()
-            {
-                Some(k(
-                    "attention.wgsl",
-                    SRC_ATTENTION,
-                    &["KV_F16", "COOP"],
-                    "main_coop",
-                    &[U, R, R, R, RW],
-                )?)
-            } else {
-                None
-            },
+            attention_coop: (gpu.coop_f16
+                && gpu.device.limits().max_compute_workgroup_storage_size
+                    >= ATTENTION_COOP_WORKGROUP_BYTES
+                && std::env::var_os("HYMBA_NO_COOP_ATTENTION").is_none())
+            .then(std::sync::OnceLock::new),
             conv: k("conv1d.wgsl", SRC_CONV1D, &[], "main", &[U, R, R, R, RW])?,
             conv_state: k("conv1d.wgsl", SRC_CONV1D, &["STATE"], "main", &[U, R, RW])?,
             scan: k(
@@ -2288,14 +2290,28 @@ impl Kernels {
         }
         // Also for callers of the kernels without a config (which checks the same).
         kv.dtype.check_dims(p.d_qk as usize, p.d_v as usize)?;
-        if let Some(coop) = self
+        if let Some(cell) = self
             .attention_coop
             .as_ref()
             .filter(|_| allow_coop && kv.dtype == KvDtype::F16 && p.d_qk <= 64)
         {
+            let coop = match cell.get() {
+                Some(k) => k.clone(),
+                None => {
+                    let k = Arc::new(Kernel::new(
+                        rec.gpu(),
+                        "attention.wgsl",
+                        SRC_ATTENTION,
+                        "main_coop",
+                        &["KV_F16", "COOP"],
+                        &[U, R, R, R, RW],
+                    )?);
+                    cell.get_or_init(|| k).clone()
+                }
+            };
             // Blocks of 32 query rows per workgroup (CQB in attention.wgsl).
             return rec.dispatch(
-                coop,
+                &coop,
                 &p,
                 &[pbuf, kv.k, kv.v, out],
                 [p.n_heads, p.rows.div_ceil(32), 1],

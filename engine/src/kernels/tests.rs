@@ -719,7 +719,6 @@ fn split_product_sum_fused_into_the_norm() {
         let scratch = gpu
             .upload("parts", &vec![NAN; 16 * rows * (m + 8)])
             .unwrap();
-        let mut split = false;
         run(gpu, |rec| {
             let pp = ks
                 .matmul_prompt_partial(
@@ -737,13 +736,11 @@ fn split_product_sum_fused_into_the_norm() {
                 )
                 .unwrap()
                 .expect("a narrow product with long K splits on the GPU kernel family");
-            split = true;
             assert_eq!(pp.width(), m);
             let out = residual.then_some((&ub, 0, m));
             ks.rmsnorm_partials(rec, &scratch, pp, &gb, &yb, out, segs, 1e-6)
                 .unwrap();
         });
-        assert!(split);
         // Slice 0 of the scratch ([rows][ms]) holds finite partial sums.
         let ms = Kernels::parts_stride(m);
         let sc = read(gpu, &scratch, rows * ms);
@@ -1106,9 +1103,12 @@ fn attention_case(window: Option<usize>, seed: u64) {
     // Small heads; Hymba-1.5B's (d_qk 64, d_v 128: the prompt kernel's eight-wide key loads);
     // d_qk 40 (eight-wide loads plus a remainder).
     // Both KV storages: the f16 one against the same CPU attention over f16-rounded K/V.
+    // The last 70 of 150 positions, and all 150 (the first chunk: meta-token queries).
     for dtype in KV_DTYPES {
         for dims in [(6, 2, 16, 40), (10, 2, 64, 128), (4, 1, 40, 24)] {
-            attention_case_dims(window, seed, dims, dtype);
+            for rows in [70, 150] {
+                attention_case_dims(window, seed, dims, dtype, rows);
+            }
         }
     }
 }
@@ -1118,12 +1118,12 @@ fn attention_case_dims(
     seed: u64,
     (hq, hkv, dqk, dv): (usize, usize, usize, usize),
     dtype: KvDtype,
+    rows: usize,
 ) {
     let (gpu, ks) = env();
     let mut r = Rng::new(seed);
     let n_meta = 3;
-    let total = 150; // positions 0..150
-    let rows = 70; // queries are the last 70 positions
+    let total = 150; // positions 0..150; the queries are the last `rows` of them
     let pos0 = total - rows;
     let ring = match window {
         Some(w) => w + rows, // the chunk's keys plus the window before it
