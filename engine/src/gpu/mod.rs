@@ -188,9 +188,9 @@ impl Gpu {
         if coop_f16 {
             features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
             // SAFETY: wgpu asks callers of experimental features to accept that they may have
-            // bugs. Only the prompt GEMMs use it; the kernel tests, the golden tests (small
-            // shapes) and tests/prompt_gemms.rs (a model at real widths) check its results on
-            // every adapter that has it; HYMBA_NO_COOP=1 turns it off.
+            // bugs. Only the prompt GEMMs and the prompt attention use it; the kernel tests, the
+            // golden tests (small shapes) and tests/prompt_gemms.rs (a model at real widths)
+            // check its results on every adapter that has it; HYMBA_NO_COOP=1 turns it off.
             experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
         }
         let mut limits = adapter.limits();
