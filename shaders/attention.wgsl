@@ -301,28 +301,37 @@ fn f16x4(w: vec2<u32>) -> vec4<f16> {
     return vec4<f16>(vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)));
 }
 
+// The workgroup's key list: n_keys entries, the first n_meta_vis of them meta slots, then text
+// positions from lo; its KV head.
+struct KeyList {
+    n_keys: u32,
+    n_meta_vis: u32,
+    lo: u32,
+    kvh: u32,
+}
+
 // Key-list entry j: its position (0xffffffff past the list).
-fn coop_key_pos(j: u32, n_keys: u32, n_meta_vis: u32, lo: u32) -> u32 {
-    if (j >= n_keys) { return 0xffffffffu; }
-    if (j < n_meta_vis) { return j; }
-    return lo + (j - n_meta_vis);
+fn coop_key_pos(j: u32, kl: KeyList) -> u32 {
+    if (j >= kl.n_keys) { return 0xffffffffu; }
+    if (j < kl.n_meta_vis) { return j; }
+    return kl.lo + (j - kl.n_meta_vis);
 }
 
 // Item i of a key block starting at list entry kb: four f16 of key row i / 16, dimensions
 // 4 (i % 16) .. (zeros past the list and past d_qk), as two u32 words.
-fn coop_key_item(i: u32, kb: u32, n_keys: u32, n_meta_vis: u32, lo: u32, kvh: u32) -> vec2<u32> {
+fn coop_key_item(i: u32, kb: u32, kl: KeyList) -> vec2<u32> {
     let e4 = i % (CDQ / 4u);
-    let pos = coop_key_pos(kb + i / (CDQ / 4u), n_keys, n_meta_vis, lo);
+    let pos = coop_key_pos(kb + i / (CDQ / 4u), kl);
     if (pos == 0xffffffffu || e4 >= p.d_qk / 4u) { return vec2<u32>(0u); }
-    return kc[(kvh * p.cap + slot(pos)) * (p.d_qk / 4u) + e4];
+    return kc[(kl.kvh * p.cap + slot(pos)) * (p.d_qk / 4u) + e4];
 }
 
 // The same for values: four f16 of value row i / 32, columns 4 (i % 32) ...
-fn coop_value_item(i: u32, kb: u32, n_keys: u32, n_meta_vis: u32, lo: u32, kvh: u32) -> vec2<u32> {
+fn coop_value_item(i: u32, kb: u32, kl: KeyList) -> vec2<u32> {
     let e4 = i % (CDV / 4u);
-    let pos = coop_key_pos(kb + i / (CDV / 4u), n_keys, n_meta_vis, lo);
+    let pos = coop_key_pos(kb + i / (CDV / 4u), kl);
     if (pos == 0xffffffffu || e4 >= p.d_v / 4u) { return vec2<u32>(0u); }
-    return vc[(kvh * p.cap + slot(pos)) * (p.d_v / 4u) + e4];
+    return vc[(kl.kvh * p.cap + slot(pos)) * (p.d_v / 4u) + e4];
 }
 
 fn coop_put_key(i: u32, w: vec2<u32>) {
@@ -341,6 +350,71 @@ fn coop_put_value(i: u32, w: vec2<u32>) {
     vh[o + 1u] = v.y;
     vh[o + 2u] = v.z;
     vh[o + 3u] = v.w;
+}
+
+// A thread's share of a key block (items li + 256 u, u = 0..3), held in registers between its
+// load and its staging (a struct, not an array: NVIDIA's compiler keeps indexed private
+// arrays in local memory).
+struct CoopKeys {
+    a: vec2<u32>,
+    b: vec2<u32>,
+    c: vec2<u32>,
+    d: vec2<u32>,
+}
+
+// A thread's share of a value block (items li + 256 u, u = 0..7).
+struct CoopValues {
+    a: vec2<u32>,
+    b: vec2<u32>,
+    c: vec2<u32>,
+    d: vec2<u32>,
+    e: vec2<u32>,
+    f: vec2<u32>,
+    g: vec2<u32>,
+    h: vec2<u32>,
+}
+
+fn coop_load_keys(li: u32, kb: u32, kl: KeyList) -> CoopKeys {
+    return CoopKeys(
+        coop_key_item(li, kb, kl),
+        coop_key_item(li + 256u, kb, kl),
+        coop_key_item(li + 512u, kb, kl),
+        coop_key_item(li + 768u, kb, kl),
+    );
+}
+
+fn coop_load_values(li: u32, kb: u32, kl: KeyList) -> CoopValues {
+    return CoopValues(
+        coop_value_item(li, kb, kl),
+        coop_value_item(li + 256u, kb, kl),
+        coop_value_item(li + 512u, kb, kl),
+        coop_value_item(li + 768u, kb, kl),
+        coop_value_item(li + 1024u, kb, kl),
+        coop_value_item(li + 1280u, kb, kl),
+        coop_value_item(li + 1536u, kb, kl),
+        coop_value_item(li + 1792u, kb, kl),
+    );
+}
+
+// Stages key block kb: the positions into ckp, this thread's key items into kh. Call between
+// barriers.
+fn coop_put_keys(li: u32, kb: u32, kl: KeyList, k: CoopKeys) {
+    if (li < CKB) { ckp[li] = coop_key_pos(kb + li, kl); }
+    coop_put_key(li, k.a);
+    coop_put_key(li + 256u, k.b);
+    coop_put_key(li + 512u, k.c);
+    coop_put_key(li + 768u, k.d);
+}
+
+fn coop_put_values(li: u32, v: CoopValues) {
+    coop_put_value(li, v.a);
+    coop_put_value(li + 256u, v.b);
+    coop_put_value(li + 512u, v.c);
+    coop_put_value(li + 768u, v.d);
+    coop_put_value(li + 1024u, v.e);
+    coop_put_value(li + 1280u, v.f);
+    coop_put_value(li + 1536u, v.g);
+    coop_put_value(li + 1792u, v.h);
 }
 
 // Writes the half c of the output tile staged in sf (see the end of main_coop) into `out`.
@@ -405,24 +479,14 @@ fn main_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     // Pass 1: the running max and denominator of each query row. Each thread stages items li +
     // 256 u of a key block (4 of keys, 8 of values); the next block's are loaded into registers
     // while the current one is multiplied.
-    var k0 = coop_key_item(li, 0u, n_keys, n_meta_vis, lo, kvh);
-    var k1 = coop_key_item(li + 256u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var k2 = coop_key_item(li + 512u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var k3 = coop_key_item(li + 768u, 0u, n_keys, n_meta_vis, lo, kvh);
+    let kl = KeyList(n_keys, n_meta_vis, lo, kvh);
+    var kn = coop_load_keys(li, 0u, kl);
     for (var kb = 0u; kb < n_keys; kb += CKB) {
         workgroupBarrier();
-        if (li < CKB) { ckp[li] = coop_key_pos(kb + li, n_keys, n_meta_vis, lo); }
-        coop_put_key(li, k0);
-        coop_put_key(li + 256u, k1);
-        coop_put_key(li + 512u, k2);
-        coop_put_key(li + 768u, k3);
+        coop_put_keys(li, kb, kl, kn);
         workgroupBarrier();
         // The next block (or pass 2's first) into registers.
-        let kn = select(kb + CKB, 0u, kb + CKB >= n_keys);
-        k0 = coop_key_item(li, kn, n_keys, n_meta_vis, lo, kvh);
-        k1 = coop_key_item(li + 256u, kn, n_keys, n_meta_vis, lo, kvh);
-        k2 = coop_key_item(li + 512u, kn, n_keys, n_meta_vis, lo, kvh);
-        k3 = coop_key_item(li + 768u, kn, n_keys, n_meta_vis, lo, kvh);
+        kn = coop_load_keys(li, select(kb + CKB, 0u, kb + CKB >= n_keys), kl);
         var s = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
         s = coopMultiplyAdd(qa0, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ], SQ), s);
         s = coopMultiplyAdd(qa1, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ + 16u], SQ), s);
@@ -455,44 +519,15 @@ fn main_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let fv = (sg % 4u) * 32u;
     var o0 = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
     var o1 = o0;
-    var v0 = coop_value_item(li, 0u, n_keys, n_meta_vis, lo, kvh);
-    var v1 = coop_value_item(li + 256u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var v2 = coop_value_item(li + 512u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var v3 = coop_value_item(li + 768u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var v4 = coop_value_item(li + 1024u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var v5 = coop_value_item(li + 1280u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var v6 = coop_value_item(li + 1536u, 0u, n_keys, n_meta_vis, lo, kvh);
-    var v7 = coop_value_item(li + 1792u, 0u, n_keys, n_meta_vis, lo, kvh);
+    var vn = coop_load_values(li, 0u, kl);
     for (var kb = 0u; kb < n_keys; kb += CKB) {
         workgroupBarrier();
-        if (li < CKB) { ckp[li] = coop_key_pos(kb + li, n_keys, n_meta_vis, lo); }
-        coop_put_key(li, k0);
-        coop_put_key(li + 256u, k1);
-        coop_put_key(li + 512u, k2);
-        coop_put_key(li + 768u, k3);
-        coop_put_value(li, v0);
-        coop_put_value(li + 256u, v1);
-        coop_put_value(li + 512u, v2);
-        coop_put_value(li + 768u, v3);
-        coop_put_value(li + 1024u, v4);
-        coop_put_value(li + 1280u, v5);
-        coop_put_value(li + 1536u, v6);
-        coop_put_value(li + 1792u, v7);
+        coop_put_keys(li, kb, kl, kn);
+        coop_put_values(li, vn);
         workgroupBarrier();
-        let kn = kb + CKB;
-        if (kn < n_keys) {
-            k0 = coop_key_item(li, kn, n_keys, n_meta_vis, lo, kvh);
-            k1 = coop_key_item(li + 256u, kn, n_keys, n_meta_vis, lo, kvh);
-            k2 = coop_key_item(li + 512u, kn, n_keys, n_meta_vis, lo, kvh);
-            k3 = coop_key_item(li + 768u, kn, n_keys, n_meta_vis, lo, kvh);
-            v0 = coop_value_item(li, kn, n_keys, n_meta_vis, lo, kvh);
-            v1 = coop_value_item(li + 256u, kn, n_keys, n_meta_vis, lo, kvh);
-            v2 = coop_value_item(li + 512u, kn, n_keys, n_meta_vis, lo, kvh);
-            v3 = coop_value_item(li + 768u, kn, n_keys, n_meta_vis, lo, kvh);
-            v4 = coop_value_item(li + 1024u, kn, n_keys, n_meta_vis, lo, kvh);
-            v5 = coop_value_item(li + 1280u, kn, n_keys, n_meta_vis, lo, kvh);
-            v6 = coop_value_item(li + 1536u, kn, n_keys, n_meta_vis, lo, kvh);
-            v7 = coop_value_item(li + 1792u, kn, n_keys, n_meta_vis, lo, kvh);
+        if (kb + CKB < n_keys) {
+            kn = coop_load_keys(li, kb + CKB, kl);
+            vn = coop_load_values(li, kb + CKB, kl);
         }
         var s = coopLoadT<coop_mat16x16<f32, C>>(&cz[0], 16u);
         s = coopMultiplyAdd(qa0, coopLoad<coop_mat16x16<f16, B>>(&kh[fk * SQ], SQ), s);
