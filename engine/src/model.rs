@@ -1501,7 +1501,7 @@ impl Model {
         // Merge the two kinds of heads, out_proj into the residual.
         k.merge(rec, &ws.att, &ws.y, &w.pre_avg, &ws.m, rows, di, c.eps)?;
         // SwiGLU MLP, its norm fused with the sum of a split out_proj.
-        match self.gemm_partial(rec, &ws.m, 0, di, &w.out_proj, &ws.h, 0, d, rows, true)? {
+        match self.gemm_partial(rec, &ws.m, 0, di, &w.out_proj, rows)? {
             Some((pp, parts)) => k.rmsnorm_partials(
                 rec,
                 parts,
@@ -1527,16 +1527,11 @@ impl Model {
         let i2 = 2 * c.intermediate;
         self.gemm(rec, &ws.u, 0, d, &w.gate_up, &ws.gu, 0, i2, rows, false)?;
         k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
-        self.gemm_partial(rec, &ws.gu, 0, i2, &w.down, &ws.h, 0, d, rows, true)
+        self.gemm_partial(rec, &ws.gu, 0, i2, &w.down, rows)
     }
 
-    /// A prompt-chunk product without bias through [`Kernels::matmul_prompt`], with, for
-    /// products into the residual (out_proj, down), a dead workspace as scratch for K-split
-    /// partial results: for out_proj the in_proj output (dead from the merge until gate|up
-    /// writes it), for down (whose X is that gate|up output) `dt`, dead from the scan to the
-    /// next layer's x_proj (down's partial results wait there for the next layer's input norm;
-    /// x_proj borrows it after that, just before dt_proj). `forward_traced` reads neither after
-    /// the layer.
+    /// A prompt-chunk product without bias that does not write the residual (in_proj, gate|up,
+    /// the LM head): [`Kernels::matmul_prompt`] without K-split scratch.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -1551,17 +1546,22 @@ impl Model {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        match self.gemm_partial(
-            rec, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
-        )? {
-            Some((pp, parts)) => self.kernels.reduce_partials(rec, parts, pp, y),
-            None => Ok(()),
-        }
+        debug_assert!(
+            y != &self.ws.h,
+            "products into the residual take gemm_partial"
+        );
+        self.kernels.matmul_prompt(
+            rec, None, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
+        )
     }
 
-    /// [`Model::gemm`] without the final sum of a split product: its partial results and the
-    /// scratch buffer that holds them, or None when Y is written.
-    #[allow(clippy::too_many_arguments)]
+    /// A prompt-chunk product into the residual `h` (out_proj, down), with a dead workspace as
+    /// scratch for K-split partial results: for out_proj the in_proj output (dead from the merge
+    /// until gate|up writes it), for down (whose X is that gate|up output) `dt`, dead from the
+    /// scan to the next layer's x_proj (down's partial results wait there for the next layer's
+    /// input norm; x_proj borrows it after that, just before dt_proj). Returns the partial
+    /// results and their scratch when the product was split (the caller sums them into `h`),
+    /// None when it wrote `h` itself. `forward_traced` reads neither scratch after the layer.
     fn gemm_partial(
         &self,
         rec: &mut Recorder,
@@ -1569,26 +1569,28 @@ impl Model {
         x_off: usize,
         x_stride: usize,
         w: &Matrix,
-        y: &wgpu::Buffer,
-        y_off: usize,
-        y_stride: usize,
         rows: usize,
-        accumulate: bool,
     ) -> Result<Option<(crate::kernels::Partials, &wgpu::Buffer)>> {
-        // Scratch for the split partial results of the products into the residual: out_proj
-        // takes the in_proj output (dead from the merge until gate|up writes it), down the
-        // `dt` workspace (its X is that gate|up output).
-        let parts = (y == &self.ws.h).then(|| {
-            if x == &self.ws.gu {
-                &self.ws.dt
-            } else {
-                &self.ws.p
-            }
-        });
+        let parts = if x == &self.ws.gu {
+            &self.ws.dt
+        } else {
+            &self.ws.p
+        };
+        let d = self.cfg.hidden;
         let pending = self.kernels.matmul_prompt_partial(
-            rec, parts, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
+            rec,
+            Some(parts),
+            x,
+            x_off,
+            x_stride,
+            w,
+            &self.ws.h,
+            0,
+            d,
+            rows,
+            true,
         )?;
-        Ok(pending.zip(parts))
+        Ok(pending.map(|pp| (pp, parts)))
     }
 
     /// One decode step of a hybrid layer with fused kernels: 8 dispatches on GPUs, where the
