@@ -1310,29 +1310,7 @@ impl Model {
         let pw = split.total;
         // Input norm (with the previous layer's split down_proj summed into the residual
         // first) and the fused in_proj (q | k | v | x | z).
-        match pending {
-            Some((pp, parts)) => k.rmsnorm_partials(
-                rec,
-                parts,
-                pp,
-                &w.input_norm,
-                &ws.h,
-                Some((&ws.u, 0, d)),
-                (d, d),
-                c.eps,
-            )?,
-            None => k.rmsnorm(
-                rec,
-                Some((&ws.h, 0, d)),
-                &w.input_norm,
-                &ws.u,
-                0,
-                d,
-                rows,
-                d,
-                c.eps,
-            )?,
-        }
+        self.residual_norm(rec, pending, &w.input_norm, rows)?;
         self.gemm(rec, &ws.u, 0, d, &w.in_proj, &ws.p, 0, pw, rows, false)?;
         // Attention heads.
         let src = c.layers[l].kv_source(l);
@@ -1501,33 +1479,40 @@ impl Model {
         // Merge the two kinds of heads, out_proj into the residual.
         k.merge(rec, &ws.att, &ws.y, &w.pre_avg, &ws.m, rows, di, c.eps)?;
         // SwiGLU MLP, its norm fused with the sum of a split out_proj.
-        match self.gemm_partial(rec, &ws.m, 0, di, &w.out_proj, rows)? {
-            Some((pp, parts)) => k.rmsnorm_partials(
-                rec,
-                parts,
-                pp,
-                &w.pre_mlp_norm,
-                &ws.h,
-                Some((&ws.u, 0, d)),
-                (d, d),
-                c.eps,
-            )?,
-            None => k.rmsnorm(
-                rec,
-                Some((&ws.h, 0, d)),
-                &w.pre_mlp_norm,
-                &ws.u,
-                0,
-                d,
-                rows,
-                d,
-                c.eps,
-            )?,
-        }
+        let pending = self.gemm_partial(rec, &ws.m, 0, di, &w.out_proj, rows)?;
+        self.residual_norm(rec, pending, &w.pre_mlp_norm, rows)?;
         let i2 = 2 * c.intermediate;
         self.gemm(rec, &ws.u, 0, d, &w.gate_up, &ws.gu, 0, i2, rows, false)?;
         k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
         self.gemm_partial(rec, &ws.gu, 0, i2, &w.down, rows)
+    }
+
+    /// `u` = RMSNorm (weight `norm`) of the residual `h`, over `rows` rows; with `pending`, the
+    /// split partial results of the product into `h` are summed into it first, in the same
+    /// dispatch.
+    fn residual_norm(
+        &self,
+        rec: &mut Recorder,
+        pending: Option<(crate::kernels::Partials, &wgpu::Buffer)>,
+        norm: &wgpu::Buffer,
+        rows: usize,
+    ) -> Result<()> {
+        let (ws, d, eps) = (&self.ws, self.cfg.hidden, self.cfg.eps);
+        match pending {
+            Some((pp, parts)) => self.kernels.rmsnorm_partials(
+                rec,
+                parts,
+                pp,
+                norm,
+                &ws.h,
+                Some((&ws.u, 0, d)),
+                (d, d),
+                eps,
+            ),
+            None => self
+                .kernels
+                .rmsnorm(rec, Some((&ws.h, 0, d)), norm, &ws.u, 0, d, rows, d, eps),
+        }
     }
 
     /// A prompt-chunk product without bias that does not write the residual (in_proj, gate|up,
