@@ -115,7 +115,7 @@ fn run_case_on(
     fused: bool,
     rep: &mut Report,
 ) -> Model {
-    let split = gpu.weight_binding_limit < gpu.limits.max_storage_buffer_binding_size as u64;
+    let split = gpu.weight_binding_limit < gpu.limits.max_storage_buffer_binding_size;
     let name = format!(
         "{}[{:?}{}{}]",
         dir.file_name().unwrap().to_string_lossy(),

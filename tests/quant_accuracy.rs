@@ -8,9 +8,9 @@
 //! * `quantized_perplexity_tiny_shakespeare` (`--ignored`, a few minutes on lavapipe): perplexity of
 //!   the tiny-shakespeare model on its validation split (the last 111,537 characters of
 //!   `../shared/data/tinyshakespeare/input.txt`, or `$HYMBA_TINYSHAKESPEARE_TEXT`) in 256-token windows,
-//!   f32 vs q8 vs q4, plus top-1 agreement over every scored position, against the goals (q8: top-1
-//!   >= 98%, ppl within +1%; q4: top-1 >= 90%, ppl within +5%). `HYMBA_PPL_STRIDE=K` scores every
-//!   K-th window only, `HYMBA_PPL_WINDOWS=N` the first N.
+//!   f32 vs q8 vs q4, plus top-1 agreement over every scored position, against the goals (q8:
+//!   top-1 at least 98%, ppl within +1%; q4: top-1 at least 90%, ppl within +5%).
+//!   `HYMBA_PPL_STRIDE=K` scores every K-th window only, `HYMBA_PPL_WINDOWS=N` the first N.
 
 use hymba_engine::cache::Sequence;
 use hymba_engine::loader::Checkpoint;
@@ -62,8 +62,10 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// (name, checkpoint folder, [(prompt, generated ids)]).
-fn cases() -> Vec<(String, std::path::PathBuf, Vec<(Vec<u32>, Vec<u32>)>)> {
+/// One golden case: (name, checkpoint folder, [(prompt, generated ids)]).
+type Case = (String, std::path::PathBuf, Vec<(Vec<u32>, Vec<u32>)>);
+
+fn cases() -> Vec<Case> {
     let mut out = Vec::new();
     for dir in fixture_cases() {
         let case: serde_json::Value =

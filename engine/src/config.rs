@@ -206,7 +206,7 @@ impl HymbaConfig {
         if d == 0 || h == 0 || hkv == 0 || raw.num_hidden_layers == 0 || raw.vocab_size == 0 {
             return Err(bad("hidden_size, num_attention_heads, num_key_value_heads, num_hidden_layers and vocab_size must be positive".into()));
         }
-        if h % hkv != 0 {
+        if !h.is_multiple_of(hkv) {
             return Err(bad(format!(
                 "num_attention_heads {h} is not a multiple of num_key_value_heads {hkv}"
             )));
@@ -280,7 +280,7 @@ impl HymbaConfig {
             attn_hidden / h
         };
         let d_inner = raw.mamba_expand * d;
-        if d_inner % h != 0 {
+        if !d_inner.is_multiple_of(h) {
             return Err(bad(format!(
                 "mamba_expand*hidden_size = {d_inner} is not a multiple of num_attention_heads {h}"
             )));

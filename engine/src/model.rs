@@ -329,7 +329,7 @@ fn aggregate(v: Vec<(String, f64)>) -> Vec<(String, f64, usize)> {
 
 /// Whether the fused decode kernels cover this config (x_proj row in workgroup memory).
 fn cfg_fusable(c: &HymbaConfig) -> bool {
-    c.x_proj_rows() <= 640 && c.d_qk % 4 == 0 && c.d_v % 4 == 0 && c.d_state % 4 == 0
+    c.x_proj_rows() <= 640 && c.d_qk.is_multiple_of(4) && c.d_v.is_multiple_of(4) && c.d_state.is_multiple_of(4)
 }
 
 /// Widens words of two f16 each (element 2i in the low half, as `pack2x16float` stores them).
@@ -529,7 +529,7 @@ impl ModelBuilder {
         }
         let g = &*self.gpu;
         let cols: usize = shape[1..].iter().product();
-        let rows = if cols == 0 { 0 } else { data.len() / cols };
+        let rows = data.len().checked_div(cols).unwrap_or(0);
         let layer_part = name
             .strip_prefix("model.layers.")
             .and_then(|r| r.split_once('.'))

@@ -64,7 +64,7 @@ fn adapters_info(backend: &str) -> CliResult<()> {
         println!(
             "    limits: max_buffer_size {}, max_storage_buffer_binding_size {}, max_storage_buffers_per_shader_stage {}",
             human_bytes(l.max_buffer_size),
-            human_bytes(l.max_storage_buffer_binding_size as u64),
+            human_bytes(l.max_storage_buffer_binding_size),
             l.max_storage_buffers_per_shader_stage
         );
         println!(

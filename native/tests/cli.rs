@@ -645,9 +645,8 @@ fn chat_keeps_the_cache_and_prefills_only_new_tokens() {
     let r = reply_lines(&e);
     assert_eq!(p.len(), 2, "{e}");
     assert_eq!(r.len(), 2, "{e}");
-    assert_eq!(
+    assert!(
         out.lines().filter(|l| !l.trim().is_empty()).count() >= 1,
-        true,
         "{out}"
     );
     let tok = hymba_engine::tokenizer::Tokenizer::from_file(

@@ -196,7 +196,7 @@ impl Gpu {
         let mut limits = adapter.limits();
         if let Some(cap) = opts.max_storage_buffer_binding_size {
             limits.max_storage_buffer_binding_size =
-                (limits.max_storage_buffer_binding_size as u64).min(cap) as _;
+                limits.max_storage_buffer_binding_size.min(cap) as _;
         }
         if let Some(cap) = opts.max_buffer_size {
             limits.max_buffer_size = limits.max_buffer_size.min(cap);
@@ -213,7 +213,7 @@ impl Gpu {
             .map_err(|e| Error::Device(e.to_string()))?;
         // What the device really has (at least what was requested).
         let limits = device.limits();
-        let weight_binding_limit = (limits.max_storage_buffer_binding_size as u64)
+        let weight_binding_limit = limits.max_storage_buffer_binding_size
             .min(limits.max_buffer_size)
             .min(opts.weight_binding_cap.unwrap_or(u64::MAX));
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -248,7 +248,7 @@ impl Gpu {
 
     /// The name of the limit behind [`Gpu::weight_binding_limit`], for messages.
     pub fn weight_limit_name(&self) -> &'static str {
-        let binding = self.limits.max_storage_buffer_binding_size as u64;
+        let binding = self.limits.max_storage_buffer_binding_size;
         if self.weight_binding_limit < binding.min(self.limits.max_buffer_size) {
             "weight_binding_cap"
         } else if self.limits.max_buffer_size < binding {
@@ -259,11 +259,11 @@ impl Gpu {
     }
 
     fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
-        if bytes > self.limits.max_storage_buffer_binding_size as u64 {
+        if bytes > self.limits.max_storage_buffer_binding_size {
             return Err(Error::GpuLimit {
                 what: what.to_string(),
                 needed: bytes,
-                limit: self.limits.max_storage_buffer_binding_size as u64,
+                limit: self.limits.max_storage_buffer_binding_size,
                 limit_name: "max_storage_buffer_binding_size",
             });
         }

@@ -1566,8 +1566,8 @@ impl Kernels {
     ) -> Option<&Arc<Kernel>> {
         if self.coop_kernel(w, rows).is_none()
             || w.parts.len() != 1
-            || x_off % 4 != 0
-            || x_stride % 4 != 0
+            || !x_off.is_multiple_of(4)
+            || !x_stride.is_multiple_of(4)
         {
             return None;
         }
@@ -1586,7 +1586,7 @@ impl Kernels {
         y_off: usize,
         y_stride: usize,
     ) -> Option<&Arc<Kernel>> {
-        if w.rows < COOP_WIDE_MIN_M || y_off % 4 != 0 || y_stride % 4 != 0 {
+        if w.rows < COOP_WIDE_MIN_M || !y_off.is_multiple_of(4) || !y_stride.is_multiple_of(4) {
             return None;
         }
         self.coop2_any(w, rows, x_off, x_stride)

@@ -2439,7 +2439,7 @@ fn sampler_case(vocab: usize) {
             let amax = (0..vocab)
                 .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
                 .unwrap();
-            seen_v[amax] = (trial % 2) as u32;
+            seen_v[amax] = trial % 2;
             for _ in 0..20 {
                 seen_v[(r.next_u32() as usize) % vocab] = 1;
             }
