@@ -198,6 +198,9 @@ impl Engine {
         }
         let kernels = Kernels::new(&gpu).map_err(engine_error)?;
         gpu.finish().await.map_err(engine_error)?;
+        // The engine's API shares these as `Arc` (native callers may use threads); a browser
+        // tab runs them on one thread, where wgpu's WebGPU types are neither Send nor Sync.
+        #[allow(clippy::arc_with_non_send_sync)]
         Ok(Engine {
             inner: Rc::new(EngineInner {
                 gpu: Arc::new(gpu),
@@ -520,6 +523,7 @@ fn finish_reason(s: StopReason) -> &'static str {
 }
 
 /// One generation on `seq`: streams filtered text pieces to `on_token(piece, id)`.
+#[allow(clippy::too_many_arguments)]
 async fn run_generation(
     inner: &Rc<ModelInner>,
     model: &Model,
