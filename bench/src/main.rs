@@ -492,7 +492,10 @@ fn mma_throughput(gpu: &Gpu) {
 /// in one pass.
 fn copy_bandwidth(gpu: &Gpu, warmup: f64) -> Option<f64> {
     use hymba_engine::gpu::{BindKind, Kernel, Recorder};
-    let limit = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
+    let limit = gpu
+        .limits
+        .max_storage_buffer_binding_size
+        .min(gpu.limits.max_buffer_size);
     let bytes = (512u64 << 20).min(limit) / 16 * 16;
     let n = (bytes / 16) as u32;
     let kernel = std::sync::Arc::new(

@@ -329,7 +329,10 @@ fn aggregate(v: Vec<(String, f64)>) -> Vec<(String, f64, usize)> {
 
 /// Whether the fused decode kernels cover this config (x_proj row in workgroup memory).
 fn cfg_fusable(c: &HymbaConfig) -> bool {
-    c.x_proj_rows() <= 640 && c.d_qk.is_multiple_of(4) && c.d_v.is_multiple_of(4) && c.d_state.is_multiple_of(4)
+    c.x_proj_rows() <= 640
+        && c.d_qk.is_multiple_of(4)
+        && c.d_v.is_multiple_of(4)
+        && c.d_state.is_multiple_of(4)
 }
 
 /// Widens words of two f16 each (element 2i in the low half, as `pack2x16float` stores them).

@@ -213,7 +213,8 @@ impl Gpu {
             .map_err(|e| Error::Device(e.to_string()))?;
         // What the device really has (at least what was requested).
         let limits = device.limits();
-        let weight_binding_limit = limits.max_storage_buffer_binding_size
+        let weight_binding_limit = limits
+            .max_storage_buffer_binding_size
             .min(limits.max_buffer_size)
             .min(opts.weight_binding_cap.unwrap_or(u64::MAX));
         let errors = Arc::new(Mutex::new(Vec::new()));
