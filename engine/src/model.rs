@@ -149,6 +149,10 @@ struct BranchOutputs {
     y: wgpu::Buffer,
 }
 
+/// A K-split product's partial results not yet summed into its output, and the scratch buffer
+/// holding them (the residual `h` is complete only once they are summed).
+type PendingSum<'a> = (crate::kernels::Partials, &'a wgpu::Buffer);
+
 /// What a forward returns besides updating the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -1301,8 +1305,8 @@ impl Model {
         pos0: usize,
         rows: usize,
         decode: bool,
-        pending: Option<(crate::kernels::Partials, &'a wgpu::Buffer)>,
-    ) -> Result<Option<(crate::kernels::Partials, &'a wgpu::Buffer)>> {
+        pending: Option<PendingSum<'a>>,
+    ) -> Result<Option<PendingSum<'a>>> {
         let c = &self.cfg;
         let k = &self.kernels;
         let w = &self.layers[l];
@@ -1496,7 +1500,7 @@ impl Model {
     fn residual_norm(
         &self,
         rec: &mut Recorder,
-        pending: Option<(crate::kernels::Partials, &wgpu::Buffer)>,
+        pending: Option<PendingSum<'_>>,
         norm: &wgpu::Buffer,
         rows: usize,
     ) -> Result<()> {
@@ -1558,7 +1562,7 @@ impl Model {
         x_stride: usize,
         w: &Matrix,
         rows: usize,
-    ) -> Result<Option<(crate::kernels::Partials, &wgpu::Buffer)>> {
+    ) -> Result<Option<PendingSum<'_>>> {
         let parts = if x == &self.ws.gu {
             &self.ws.dt
         } else {
