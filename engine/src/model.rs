@@ -859,6 +859,15 @@ impl Model {
             (c * pw.max(2 * cfg.intermediate) * 4) as u64,
         )?;
         let xc = g.buffer("conv out | merged", (c * cfg.d_inner * 4) as u64)?;
+        // Floats of down's K-split partial results at full chunks (1 slice: none needed).
+        let down_parts = layers.first().map_or(0, |l| {
+            let splits = kernels.coop_splits(&l.down, c, 0, 2 * cfg.intermediate, u64::MAX);
+            if splits > 1 {
+                splits * c * Kernels::parts_stride(cfg.hidden)
+            } else {
+                0
+            }
+        });
         let ws = Workspace {
             h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
             u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
@@ -870,7 +879,10 @@ impl Model {
                 "x_proj out",
                 (c.max(X_PROJ_SLICES) * cfg.x_proj_rows() * 4) as u64,
             )?,
-            dt: g.buffer("dt", (c * cfg.d_inner * 4) as u64)?,
+            // Also the scratch of down's K-split partial results ([`Model::gemm_partial`]):
+            // room for as many slices as the tensor-core GEMM wants (5 on an H200 for
+            // Hymba-1.5B, where `dt`'s own size holds 2).
+            dt: g.buffer("dt | down partials", (c * cfg.d_inner).max(down_parts) as u64 * 4)?,
             y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
             m: xc,
             gu: p,
