@@ -667,7 +667,11 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 // copy TILE rows of X and TILE rows of W, CK deep, into workgroup memory as f16, four k per item.
 #ifdef COOP2
 const TILE: u32 = 128u;
+#ifdef COOP2_SG16
+const THREADS: u32 = 512u;
+#else
 const THREADS: u32 = 256u;
+#endif
 const CK: u32 = 32u;
 #else
 const TILE: u32 = 64u;
@@ -821,7 +825,11 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 // Grid: (ceil(m / 128), ceil(rows / 128), slices).
 // cs2: zeros for the accumulators' start (the first 256), then one 16 x 16 f32 staging fragment
 // per subgroup for edge tiles.
+#ifdef COOP2_SG16
+var<workgroup> cs2: array<f32, 256u + 16u * 256u>;
+#else
 var<workgroup> cs2: array<f32, 2304>;
+#endif
 
 // Edge tiles: the subgroup's staging fragment (rows t0.., W rows m0..) stored element by
 // element where inside Y. Contains barriers: call from uniform control flow.
@@ -836,6 +844,90 @@ fn coop2_edge(sg: u32, lane: u32, t0: u32, m0: u32) {
     workgroupBarrier();
 }
 
+#ifdef COOP2_SG16
+// gemm_coop2 with 16 subgroups (512 threads) per 128 x 128 tile, each subgroup a 32 x 32 part
+// as 2 x 2 fragments: twice the subgroups per SM, half the accumulators and staged items per
+// thread (the 8-subgroup form runs one workgroup per SM on an H200). Same staging, K steps,
+// splits and epilogue as the 8-subgroup form below.
+@compute @workgroup_size(512)
+fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
+    let mw = wid.x * 128u;
+    let tw = wid.y * 128u;
+    // subgroup sg: rows tw + (sg / 4) * 32 .., W rows mw + (sg % 4) * 32 ..
+    let st = (sg / 4u) * 32u;
+    let sm = (sg % 4u) * 32u;
+    let lane = li % 32u;
+    let kb = wid.z * p.kslice;
+    let ke = min(kb + p.kslice, p.k);
+    yslice = wid.z * p.ypart;
+    let full = (tw + 128u <= p.rows) & (mw + 128u <= p.m);
+    if (li < 256u) { cs2[li] = 0.0; }
+    workgroupBarrier();
+    var c00 = coopLoadT<coop_mat16x16<f32, C>>(&cs2[0], 16u);
+    var c01 = c00;
+    var c10 = c00;
+    var c11 = c00;
+    let ys = p.y_stride;
+    let y0 = p.y_off + wid.z * p.ypart + (tw + st) * p.y_stride + mw + sm;
+    let y1 = y0 + 16u * p.y_stride;
+    let i00 = y0;
+    let i01 = y0 + 16u;
+    let i10 = y1;
+    let i11 = y1 + 16u;
+    if (full & (p.accumulate != 0u)) {
+        c00 = coopLoadT<coop_mat16x16<f32, C>>(&y[i00], ys);
+        c01 = coopLoadT<coop_mat16x16<f32, C>>(&y[i01], ys);
+        c10 = coopLoadT<coop_mat16x16<f32, C>>(&y[i10], ys);
+        c11 = coopLoadT<coop_mat16x16<f32, C>>(&y[i11], ys);
+    }
+    var x0 = coop_x(li, 0u, tw, kb, ke);
+    var x1 = coop_x(li, 1u, tw, kb, ke);
+    var w0 = coop_w(li, 0u, mw, kb);
+    var w1 = coop_w(li, 1u, mw, kb);
+    for (var k0 = kb; k0 < ke; k0 += CK) {
+        coop_stage(li, 0u, x0, w0);
+        coop_stage(li, 1u, x1, w1);
+        workgroupBarrier();
+        let kn = k0 + CK;
+        if (kn < ke) {
+            x0 = coop_x(li, 0u, tw, kn, ke);
+            x1 = coop_x(li, 1u, tw, kn, ke);
+            w0 = coop_w(li, 0u, mw, kn);
+            w1 = coop_w(li, 1u, mw, kn);
+        }
+        for (var kk = 0u; kk < CK; kk += 16u) {
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax[st * SK + kk], SK);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&ax[(st + 16u) * SK + kk], SK);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&bw[sm * SK + kk], SK);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&bw[(sm + 16u) * SK + kk], SK);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+        }
+        workgroupBarrier();
+    }
+    if (full) {
+        coopStoreT(c00, &y[i00], ys);
+        coopStoreT(c01, &y[i01], ys);
+        coopStoreT(c10, &y[i10], ys);
+        coopStoreT(c11, &y[i11], ys);
+    } else {
+        let cs0 = 256u + sg * 256u;
+        let ta = tw + st;
+        let tb = ta + 16u;
+        let ma = mw + sm;
+        coopStoreT(c00, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, ta, ma);
+        coopStoreT(c01, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, ta, ma + 16u);
+        coopStoreT(c10, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, tb, ma);
+        coopStoreT(c11, &cs2[cs0], 16u);
+        coop2_edge(sg, lane, tb, ma + 16u);
+    }
+}
+#else
 @compute @workgroup_size(256)
 fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
     let mw = wid.x * 128u;
@@ -959,6 +1051,7 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         coop2_edge(sg, lane, tb, ma + 48u);
     }
 }
+#endif
 #endif
 
 #ifdef REDUCE

@@ -1323,7 +1323,21 @@ impl Kernels {
         let (gemm_coop, gemm_coop2) = if gpu.coop_f16 {
             (
                 Some(coop_family("gemm_coop", &["COOP"])?),
-                Some(coop_family("gemm_coop2", &["COOP", "COOP2", "XV4"])?),
+                Some(coop_family(
+                    "gemm_coop2",
+                    // 16 subgroups (512 threads) per tile where the device allows it: on an
+                    // H200 the 8-subgroup form runs one workgroup per SM, and this one took the
+                    // prompt chunk from 32.3 to 30.9 ms. HYMBA_COOP2_SG8=1 keeps the 8-subgroup
+                    // form (for A/B measurements).
+                    if std::env::var_os("HYMBA_COOP2_SG8").is_none()
+                        && gpu.device.limits().max_compute_invocations_per_workgroup >= 512
+                        && gpu.device.limits().max_compute_workgroup_size_x >= 512
+                    {
+                        &["COOP", "COOP2", "COOP2_SG16", "XV4"]
+                    } else {
+                        &["COOP", "COOP2", "XV4"]
+                    },
+                )?),
             )
         } else {
             (None, None)

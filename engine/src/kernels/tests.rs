@@ -2676,6 +2676,16 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
             SRC_MATMUL,
             vec!["SHADER_F16", "COOP", "COOP2", "XV4", "W_Q4"],
         ),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["SHADER_F16", "COOP", "COOP2", "COOP2_SG16", "XV4"],
+        ),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["SHADER_F16", "COOP", "COOP2", "COOP2_SG16", "XV4", "W_Q4"],
+        ),
         // prompt attention on cooperative matrices
         (
             "attention",
