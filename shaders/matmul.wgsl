@@ -668,11 +668,16 @@ fn gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
 #ifdef COOP2
 const TILE: u32 = 128u;
 #ifdef COOP2_SG16
+// 16 subgroups, K steps of 64: measured on an H200 against 32-deep steps, gate|up 7.06 -> 5.67
+// ms per 256-row chunk, pp512 f16 medians 7765 / 7943 -> 8768 / 8896 (two alternating runs).
+// Loading W as 8 f16 per thread (16-byte loads) instead of 4 gained nothing with 32-deep steps
+// and lost 9% of gate|up with 64-deep ones.
 const THREADS: u32 = 512u;
+const CK: u32 = 64u;
 #else
 const THREADS: u32 = 256u;
-#endif
 const CK: u32 = 32u;
+#endif
 #else
 const TILE: u32 = 64u;
 const THREADS: u32 = 128u;
@@ -824,31 +829,64 @@ fn gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 // and ypart multiples of 4 (16-byte aligned fragment rows). No bias.
 // Grid: (ceil(m / 128), ceil(rows / 128), slices).
 // cs2: zeros for the accumulators' start (the first 256), then one 16 x 16 f32 staging fragment
-// per subgroup for edge tiles.
-#ifdef COOP2_SG16
-var<workgroup> cs2: array<f32, 256u + 16u * 256u>;
-#else
+// per subgroup for edge tiles (the 16-subgroup form: 8 of them, used in two rounds).
 var<workgroup> cs2: array<f32, 2304>;
-#endif
 
-// Edge tiles: the subgroup's staging fragment (rows t0.., W rows m0..) stored element by
-// element where inside Y. Contains barriers: call from uniform control flow.
-fn coop2_edge(sg: u32, lane: u32, t0: u32, m0: u32) {
+// Edge tiles: staging fragment `slot` (rows t0.., W rows m0..) stored element by element where
+// inside Y, by the subgroups that are `on`. Contains barriers: call from uniform control flow.
+fn coop2_edge(slot: u32, on: bool, lane: u32, t0: u32, m0: u32) {
     workgroupBarrier();
-    for (var e = 0u; e < 8u; e++) {
-        let i = lane + e * 32u;
-        let t = t0 + i / 16u;
-        let m = m0 + i % 16u;
-        if (t < p.rows && m < p.m) { store(t, m, cs2[256u + sg * 256u + i]); }
+    if (on) {
+        for (var e = 0u; e < 8u; e++) {
+            let i = lane + e * 32u;
+            let t = t0 + i / 16u;
+            let m = m0 + i % 16u;
+            if (t < p.rows && m < p.m) { store(t, m, cs2[256u + slot * 256u + i]); }
+        }
     }
     workgroupBarrier();
 }
 
 #ifdef COOP2_SG16
+// The 16-subgroup form's share of one 64-deep K step, held in registers while the previous
+// step multiplies: 4 items of X (f32, 16-byte loads) and 4 of W (4 k each). Kept in a struct of
+// vectors, not an array (see coop_x).
+struct Sg16Step {
+    x0: vec4<f32>,
+    x1: vec4<f32>,
+    x2: vec4<f32>,
+    x3: vec4<f32>,
+    w0: vec4<f32>,
+    w1: vec4<f32>,
+    w2: vec4<f32>,
+    w3: vec4<f32>,
+}
+
+fn sg16_load(li: u32, t0: u32, m0: u32, k0: u32, ke: u32) -> Sg16Step {
+    return Sg16Step(
+        coop_x(li, 0u, t0, k0, ke),
+        coop_x(li, 1u, t0, k0, ke),
+        coop_x(li, 2u, t0, k0, ke),
+        coop_x(li, 3u, t0, k0, ke),
+        coop_w(li, 0u, m0, k0),
+        coop_w(li, 1u, m0, k0),
+        coop_w(li, 2u, m0, k0),
+        coop_w(li, 3u, m0, k0),
+    );
+}
+
+fn sg16_stage(li: u32, s: Sg16Step) {
+    coop_stage(li, 0u, s.x0, s.w0);
+    coop_stage(li, 1u, s.x1, s.w1);
+    coop_stage(li, 2u, s.x2, s.w2);
+    coop_stage(li, 3u, s.x3, s.w3);
+}
+
 // gemm_coop2 with 16 subgroups (512 threads) per 128 x 128 tile, each subgroup a 32 x 32 part
-// as 2 x 2 fragments: twice the subgroups per SM, half the accumulators and staged items per
-// thread (the 8-subgroup form runs one workgroup per SM on an H200). Same staging, K steps,
-// splits and epilogue as the 8-subgroup form below.
+// as 2 x 2 fragments: twice the subgroups per SM, half the accumulators per thread (the
+// 8-subgroup form runs one workgroup per SM on an H200), K steps twice as deep (within 48 KiB of
+// workgroup memory: the staged tiles 36 KiB, cs2 9 KiB). Same staging, splits and epilogue as
+// the 8-subgroup form below.
 @compute @workgroup_size(512)
 fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32, @builtin(subgroup_id) sg: u32) {
     let mw = wid.x * 128u;
@@ -880,20 +918,13 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         c10 = coopLoadT<coop_mat16x16<f32, C>>(&y[i10], ys);
         c11 = coopLoadT<coop_mat16x16<f32, C>>(&y[i11], ys);
     }
-    var x0 = coop_x(li, 0u, tw, kb, ke);
-    var x1 = coop_x(li, 1u, tw, kb, ke);
-    var w0 = coop_w(li, 0u, mw, kb);
-    var w1 = coop_w(li, 1u, mw, kb);
+    var st_next = sg16_load(li, tw, mw, kb, ke);
     for (var k0 = kb; k0 < ke; k0 += CK) {
-        coop_stage(li, 0u, x0, w0);
-        coop_stage(li, 1u, x1, w1);
+        sg16_stage(li, st_next);
         workgroupBarrier();
         let kn = k0 + CK;
         if (kn < ke) {
-            x0 = coop_x(li, 0u, tw, kn, ke);
-            x1 = coop_x(li, 1u, tw, kn, ke);
-            w0 = coop_w(li, 0u, mw, kn);
-            w1 = coop_w(li, 1u, mw, kn);
+            st_next = sg16_load(li, tw, mw, kn, ke);
         }
         for (var kk = 0u; kk < CK; kk += 16u) {
             let a0 = coopLoadT<coop_mat16x16<f16, A>>(&ax[st * SK + kk], SK);
@@ -913,18 +944,24 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         coopStoreT(c10, &y[i10], ys);
         coopStoreT(c11, &y[i11], ys);
     } else {
-        let cs0 = 256u + sg * 256u;
+        // Two rounds of 8 subgroups through the 8 staging fragments; the other 8 store to
+        // the zeros (free after the K loop), a race on values nobody reads.
         let ta = tw + st;
         let tb = ta + 16u;
         let ma = mw + sm;
-        coopStoreT(c00, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, ta, ma);
-        coopStoreT(c01, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, ta, ma + 16u);
-        coopStoreT(c10, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, tb, ma);
-        coopStoreT(c11, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, tb, ma + 16u);
+        let slot = sg % 8u;
+        for (var r = 0u; r < 2u; r++) {
+            let on = sg / 8u == r;
+            let cs0 = select(0u, 256u + slot * 256u, on);
+            coopStoreT(c00, &cs2[cs0], 16u);
+            coop2_edge(slot, on, lane, ta, ma);
+            coopStoreT(c01, &cs2[cs0], 16u);
+            coop2_edge(slot, on, lane, ta, ma + 16u);
+            coopStoreT(c10, &cs2[cs0], 16u);
+            coop2_edge(slot, on, lane, tb, ma);
+            coopStoreT(c11, &cs2[cs0], 16u);
+            coop2_edge(slot, on, lane, tb, ma + 16u);
+        }
     }
 }
 #else
@@ -1034,21 +1071,21 @@ fn gemm_coop2(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
         let tb = ta + 16u;
         let ma = mw + sm;
         coopStoreT(c00, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, ta, ma);
+        coop2_edge(sg, true, lane, ta, ma);
         coopStoreT(c01, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, ta, ma + 16u);
+        coop2_edge(sg, true, lane, ta, ma + 16u);
         coopStoreT(c02, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, ta, ma + 32u);
+        coop2_edge(sg, true, lane, ta, ma + 32u);
         coopStoreT(c03, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, ta, ma + 48u);
+        coop2_edge(sg, true, lane, ta, ma + 48u);
         coopStoreT(c10, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, tb, ma);
+        coop2_edge(sg, true, lane, tb, ma);
         coopStoreT(c11, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, tb, ma + 16u);
+        coop2_edge(sg, true, lane, tb, ma + 16u);
         coopStoreT(c12, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, tb, ma + 32u);
+        coop2_edge(sg, true, lane, tb, ma + 32u);
         coopStoreT(c13, &cs2[cs0], 16u);
-        coop2_edge(sg, lane, tb, ma + 48u);
+        coop2_edge(sg, true, lane, tb, ma + 48u);
     }
 }
 #endif

@@ -882,7 +882,10 @@ impl Model {
             // Also the scratch of down's K-split partial results ([`Model::gemm_partial`]):
             // room for as many slices as the tensor-core GEMM wants (5 on an H200 for
             // Hymba-1.5B, where `dt`'s own size holds 2).
-            dt: g.buffer("dt | down partials", (c * cfg.d_inner).max(down_parts) as u64 * 4)?,
+            dt: g.buffer(
+                "dt | down partials",
+                (c * cfg.d_inner).max(down_parts) as u64 * 4,
+            )?,
             y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
             m: xc,
             gu: p,

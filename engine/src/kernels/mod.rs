@@ -908,6 +908,10 @@ pub const COOP_WIDE_MIN_M: usize = 4096;
 pub const ATTENTION_COOP_WORKGROUP_BYTES: u32 =
     64 * 72 * 2 + 64 * 136 * 2 + 32 * 72 * 2 + 32 * 64 * 4 + 64 * 4 + 256 * 4;
 
+/// Workgroup memory of the 16-subgroup `gemm_coop2` (matmul.wgsl): the staged X and W tiles,
+/// 128 rows of 64 + 8 f16 each, and `cs2`.
+pub const COOP2_SG16_WORKGROUP_BYTES: u32 = 2 * 128 * 72 * 2 + 2304 * 4;
+
 /// Workgroups a narrow `gemm_coop2` product is split over K to reach (see
 /// [`Kernels::coop_splits`]): one per SM of an H100 / H200 (132). `gemm_coop2` runs one
 /// workgroup per SM there, so a product runs in waves of 132: on an H200 the producer layers'
@@ -1326,12 +1330,15 @@ impl Kernels {
                 Some(coop_family(
                     "gemm_coop2",
                     // 16 subgroups (512 threads) per tile where the device allows it: on an
-                    // H200 the 8-subgroup form runs one workgroup per SM, and this one took the
-                    // prompt chunk from 32.3 to 30.9 ms. HYMBA_COOP2_SG8=1 keeps the 8-subgroup
-                    // form (for A/B measurements).
+                    // H200 the 8-subgroup form runs one workgroup per SM, and this one (first
+                    // with 32-deep K steps as the 8-subgroup form) took the prompt chunk from
+                    // 32.3 to 30.9 ms, then 31.6 -> 28.6 ms with 64-deep steps.
+                    // HYMBA_COOP2_SG8=1 keeps the 8-subgroup form (for A/B measurements).
                     if std::env::var_os("HYMBA_COOP2_SG8").is_none()
                         && gpu.device.limits().max_compute_invocations_per_workgroup >= 512
                         && gpu.device.limits().max_compute_workgroup_size_x >= 512
+                        && gpu.device.limits().max_compute_workgroup_storage_size
+                            >= COOP2_SG16_WORKGROUP_BYTES
                     {
                         &["COOP", "COOP2", "COOP2_SG16", "XV4"]
                     } else {

@@ -2686,6 +2686,11 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
             SRC_MATMUL,
             vec!["SHADER_F16", "COOP", "COOP2", "COOP2_SG16", "XV4", "W_Q4"],
         ),
+        (
+            "matmul",
+            SRC_MATMUL,
+            vec!["SHADER_F16", "COOP", "COOP2", "COOP2_SG16", "XV4", "W_Q8"],
+        ),
         // prompt attention on cooperative matrices
         (
             "attention",
@@ -3140,4 +3145,52 @@ fn decode_step_sees_its_own_key_and_value_as_the_f16_cache_holds_them() {
             assert_eq!(&gv[s * dv..(s + 1) * dv], &round(&v_self)[..]);
         }
     }
+}
+
+/// Bytes of workgroup memory entry point `entry` of `src` (with `defs`) uses, from naga's
+/// module: the sizes of the workgroup variables its code reaches.
+fn workgroup_bytes_of(src: &str, defs: &[&str], entry: &str) -> u32 {
+    let code = format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\n{}",
+        crate::gpu::preprocess(src, defs)
+    );
+    let module = naga::front::wgsl::parse_str(&code)
+        .unwrap_or_else(|e| panic!("{entry}: {}", e.emit_to_string(&code)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{entry}: {e:?}"));
+    let ep = module
+        .entry_points
+        .iter()
+        .position(|e| e.name == entry)
+        .unwrap_or_else(|| panic!("no entry point {entry}"));
+    let uses = info.get_entry_point(ep);
+    module
+        .global_variables
+        .iter()
+        .filter(|(h, v)| v.space == naga::AddressSpace::WorkGroup && !uses[*h].is_empty())
+        .map(|(_, v)| module.types[v.ty].inner.size(module.to_ctx()))
+        .sum()
+}
+
+#[test]
+fn tensor_core_kernels_fit_the_workgroup_memory_they_are_gated_on() {
+    // The host picks the 16-subgroup gemm_coop2 and the prompt attention on tensor cores only
+    // where the device's workgroup memory holds what these constants say; a shader edit that
+    // grows them must move the constants too.
+    for dt in [&[][..], &["W_Q8"], &["W_Q4"]] {
+        let mut defs = vec!["SHADER_F16", "COOP", "COOP2", "COOP2_SG16", "XV4"];
+        defs.extend_from_slice(dt);
+        let used = workgroup_bytes_of(SRC_MATMUL, &defs, "gemm_coop2");
+        assert_eq!(used, COOP2_SG16_WORKGROUP_BYTES, "gemm_coop2 {defs:?}");
+    }
+    let used = workgroup_bytes_of(SRC_ATTENTION, &["KV_F16", "COOP"], "main_coop");
+    assert!(
+        used <= ATTENTION_COOP_WORKGROUP_BYTES,
+        "attention main_coop uses {used} bytes of workgroup memory, more than the {} it is gated on",
+        ATTENTION_COOP_WORKGROUP_BYTES
+    );
 }
