@@ -18,7 +18,7 @@ fn load(ck: &Checkpoint, dtype: DtypeChoice, kv_dtype: Option<KvDtype>) -> Model
             dtype,
             // Small chunks: the global layers start at 256 text slots and a 300-token prompt
             // makes them grow.
-            chunk: 64,
+            chunk: Some(64),
             kv_dtype,
             ..Default::default()
         },

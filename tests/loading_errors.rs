@@ -268,7 +268,7 @@ fn tensor_larger_than_a_gpu_binding_is_split_across_bindings() {
     let opts = ModelOptions {
         dtype: hymba_engine::model::DtypeChoice::F32,
         max_positions: Some(256),
-        chunk: 32,
+        chunk: Some(32),
         ..Default::default()
     };
     let model = pollster::block_on(Model::load(gpu, kernels, &ck, &opts, |_, _| {}))

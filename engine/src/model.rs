@@ -59,11 +59,22 @@ pub struct PreparedDecode {
     backup: bool,
 }
 
+/// Prefill chunk (positions) by default.
+pub const CHUNK_DEFAULT: usize = 256;
+
+/// Prefill chunk by default where the prompt GEMMs run on tensor cores (cooperative matrices):
+/// twice the tiles per product fill the SMs better. On an H200 pp512 f16 went from 9,267 to
+/// 10,920 tokens/s (best of 10) for 28 MiB more GPU memory (workspaces 35.9 -> 57.7 MiB, the
+/// sliding-window rings' chunk slack 6.6 MiB).
+pub const CHUNK_TENSOR_CORES: usize = 512;
+
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
     pub dtype: DtypeChoice,
-    /// Positions per prefill chunk (also sizes the sliding-window ring slack).
-    pub chunk: usize,
+    /// Positions per prefill chunk (also sizes the sliding-window ring slack and the prompt
+    /// workspaces). None: [`CHUNK_TENSOR_CORES`] where the prompt GEMMs run on tensor cores,
+    /// else [`CHUNK_DEFAULT`].
+    pub chunk: Option<usize>,
     /// Longest sequence in positions, meta tokens included (default: n_meta + max_position_embeddings).
     pub max_positions: Option<usize>,
     /// Decode with the fused kernels (8 dispatches per layer on GPUs, 9 on CPU adapters); false runs the prompt kernels
@@ -78,7 +89,7 @@ impl Default for ModelOptions {
     fn default() -> Self {
         ModelOptions {
             dtype: DtypeChoice::Auto,
-            chunk: 256,
+            chunk: None,
             max_positions: None,
             fused_decode: true,
             kv_dtype: None,
@@ -814,7 +825,21 @@ impl Model {
         opts: &ModelOptions,
         weight_report: Vec<TensorStorage>,
     ) -> Result<Model> {
-        let chunk = opts.chunk.max(cfg.n_meta).max(1);
+        let tensor_cores = layers.first().is_some_and(|l| {
+            let gu = 2 * cfg.intermediate;
+            kernels
+                .coop2_kernel(&l.gate_up, CHUNK_TENSOR_CORES, 0, cfg.hidden, 0, gu)
+                .is_some()
+        });
+        let chunk = opts
+            .chunk
+            .unwrap_or(if tensor_cores {
+                CHUNK_TENSOR_CORES
+            } else {
+                CHUNK_DEFAULT
+            })
+            .max(cfg.n_meta)
+            .max(1);
         let kv_dtype = opts.kv_dtype.unwrap_or(KvDtype::for_weights(dtype));
         kv_dtype.check_dims(cfg.d_qk, cfg.d_v)?;
         let max_positions = opts

@@ -5,7 +5,7 @@ use crate::{err, CliResult, InfoArgs, ModelArgs};
 use hymba_engine::config::{AttentionKind, HymbaConfig, KvRole};
 use hymba_engine::gpu::{describe_adapter, parse_backends, Gpu};
 use hymba_engine::kernels::{Matrix, WeightDtype};
-use hymba_engine::model::{group_weight_report, ModelOptions, TensorStorage};
+use hymba_engine::model::{group_weight_report, TensorStorage};
 
 pub fn human_bytes(b: u64) -> String {
     let f = b as f64;
@@ -188,7 +188,6 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
     let spec = a.model.as_deref().unwrap_or("builtin");
     let src = open_source(Some(spec), true)?;
     let c = &src.checkpoint.config;
-    let opts = ModelOptions::default();
     let max_positions = c.n_meta + c.max_position_embeddings;
     println!("model: {}", src.name);
     println!(
@@ -272,7 +271,7 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
         "cache for one sequence (KV {} because the weights are {}; prefill chunk {}):",
         kv.name(),
         lm.model.dtype.name(),
-        opts.chunk
+        lm.model.chunk
     );
     println!(
         "  new sequence: {} (measured from its buffers)",

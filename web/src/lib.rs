@@ -62,7 +62,8 @@ pub struct LoadOptions {
     pub dtype: Option<String>,
     /// Longest sequence in positions, meta tokens included.
     pub max_positions: Option<usize>,
-    /// Positions per prefill chunk.
+    /// Positions per prefill chunk (default: 512 where the prompt GEMMs run on tensor cores,
+    /// else 256).
     pub chunk: Option<usize>,
     /// A name to report in `info()`.
     pub name: Option<String>,

@@ -274,9 +274,7 @@ impl Engine {
             dtype,
             ..ModelOptions::default()
         };
-        if let Some(c) = opts.chunk {
-            mopts.chunk = c;
-        }
+        mopts.chunk = opts.chunk;
         mopts.max_positions = opts.max_positions;
         let expected = expected_tensors(&cfg).into_iter().collect();
         let builder = ModelBuilder::new(
