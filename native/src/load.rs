@@ -217,6 +217,7 @@ pub fn upload(src: Source, args: &ModelArgs, show_progress: bool) -> CliResult<L
     let kernels = Arc::new(Kernels::new(&gpu).map_err(err)?);
     let opts = ModelOptions {
         dtype: args.dtype_choice(),
+        chunk: args.prefill_chunk.map(|c| c as usize),
         ..ModelOptions::default()
     };
     let total = src.checkpoint.stored_bytes();

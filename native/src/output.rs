@@ -248,6 +248,7 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
         backend: a.backend.clone(),
         adapter: a.adapter,
         dtype: a.dtype.clone(),
+        prefill_chunk: a.prefill_chunk,
     };
     let lm = upload(src, &args, true)?;
     let c = &lm.model.cfg;

@@ -800,3 +800,23 @@ fn ctrl_c_stops_a_generation_cleanly() {
         "{err}"
     );
 }
+
+#[test]
+fn prefill_chunk_size_does_not_change_the_output() {
+    // A prompt of three 16-position chunks gives the same greedy tokens as one chunk.
+    let prompt = "To be, or not to be, that is the question: whether 'tis nobler in the mind to \
+                  suffer the slings and arrows of outrageous fortune";
+    let gen = |extra: &[&str]| -> Value {
+        let mut args = vec!["generate", "--max-tokens", "12", "--json"];
+        args.extend_from_slice(extra);
+        args.push(prompt);
+        serde_json::from_str(ok(&run(&args)).trim()).expect("one JSON object")
+    };
+    let whole = gen(&[]);
+    let chunked = gen(&["--prefill-chunk", "16"]);
+    assert!(whole["prompt_tokens"].as_u64().unwrap() > 2 * 16);
+    assert_eq!(whole["ids"], chunked["ids"]);
+    assert_eq!(whole["text"], chunked["text"]);
+    let e = failed(&run(&["generate", "--prefill-chunk", "0", "hi"]));
+    assert!(e.contains("--prefill-chunk"), "{e}");
+}
