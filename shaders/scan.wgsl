@@ -27,6 +27,8 @@ struct Params {
     x_off: u32,      // CONV_IN: element offset of the conv input x in the in_proj output row
     conv_k: u32,     // CONV_IN: conv kernel width
     xp_parts: u32,   // FUSED_DT: partial x_proj rows to sum (an x_proj GEMV split over K)
+    groups: u32,     // GROUPS: row groups scanned in parallel
+    group_rows: u32, // GROUPS: rows per group (the last may have fewer)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -94,6 +96,12 @@ fn norm_slice(li: u32, off: u32, width: u32, woff: u32) {
 #endif
 // y: [rows, d] f32 SSM branch output.
 @group(0) @binding(7) var<storage, read_write> y: array<f32>;
+#ifdef GROUPS
+// carry: the row groups' hand-over, f32: [groups + 1][d * n] states (slot 0: the state before
+// the chunk; slot 1 + g: group g's final state scanned from zero), then [groups][d] the sums of
+// dt over each group's rows.
+@group(0) @binding(8) var<storage, read_write> carry: array<f32>;
+#endif
 
 fn log1p_(u: f32) -> f32 {
     let v = 1.0 + u;
@@ -335,28 +343,37 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
 #ifdef PAR_STATES
 // One lane per (channel, state): n lanes per channel (n a power of two <= 32, subgroups of 32),
 // the sum over states by butterfly shuffles; the next row's inputs are loaded while the current
-// row is computed. Grid: (ceil(d * n / 64), 1, 1).
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = min(gid.x / p.n, p.d - 1u);
-    let i = gid.x % p.n;
-    let live = gid.x / p.n < p.d;
-    var h = state[c * p.n + i];
+// row is computed. Grid: (ceil(d * n / 64), 1, 1), or with GROUPS (ceil(d * n / 64), groups, 1).
+//
+// GROUPS: the chunk's rows split into `groups` runs of `group_rows`, scanned in parallel in two
+// passes. The state update is linear, h' = exp(dt * A) * h + dt * B * x, so a run of rows maps a
+// state h to exp(A * (sum of dt)) * h + H, H being the run scanned from zero. `local_pass`
+// computes each group's H and sum of dt; `main` composes the groups before its own (at most
+// groups - 1 steps) to get its true starting state, then scans its rows again writing y; the
+// last group writes the final state. Twice the arithmetic, groups times the parallelism: the
+// plain form runs d * n threads through all rows one after the other.
+
+// Scans rows [t0, t1) of lane (c, i) from state h and returns the state after them; writes y
+// when `out`, adds each row's dt to `dt_sum`. All lanes of a subgroup call it alike.
+var<private> dt_sum: f32;
+fn scan_rows(c: u32, i: u32, live: bool, h0: f32, t0: u32, t1: u32, out: bool) -> f32 {
+    var h = h0;
     let a = consts[c * p.n + i];
     let dtb = consts[p.d * p.n + c];
     let dd = consts[p.d * p.n + p.d + c];
-    var dtn = dtr[c];
-    var xn = xc[c];
-    var bn = xp[p.b_col + i];
-    var cn = xp[p.c_col + i];
-    var zn = pbuf[p.z_off + c];
-    for (var t = 0u; t < p.rows; t++) {
+    if (t0 >= t1) { return h; }
+    var dtn = dtr[t0 * p.d + c];
+    var xn = xc[t0 * p.d + c];
+    var bn = xp[t0 * p.xp_stride + p.b_col + i];
+    var cn = xp[t0 * p.xp_stride + p.c_col + i];
+    var zn = pbuf[p.z_off + t0 * p.z_stride + c];
+    for (var t = t0; t < t1; t++) {
         var dt = dtn + dtb;
         let xv = xn;
         let bv = bn;
         let cv = cn;
         let z = zn;
-        if (t + 1u < p.rows) {
+        if (t + 1u < t1) {
             dtn = dtr[(t + 1u) * p.d + c];
             xn = xc[(t + 1u) * p.d + c];
             bn = xp[(t + 1u) * p.xp_stride + p.b_col + i];
@@ -364,16 +381,66 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             zn = pbuf[p.z_off + (t + 1u) * p.z_stride + c];
         }
         if (dt <= 20.0) { dt = log1p_(exp(dt)); }
+        dt_sum += dt;
         h = exp(dt * a) * h + dt * bv * xv;
-        var acc = cv * h;
-        for (var o = p.n / 2u; o > 0u; o = o >> 1u) { acc += subgroupShuffleXor(acc, o); }
-        if (i == 0u && live) {
-            acc += dd * xv;
-            y[t * p.d + c] = acc * (z / (1.0 + exp(-z)));
+        if (out) {
+            var acc = cv * h;
+            for (var o = p.n / 2u; o > 0u; o = o >> 1u) { acc += subgroupShuffleXor(acc, o); }
+            if (i == 0u && live) {
+                acc += dd * xv;
+                y[t * p.d + c] = acc * (z / (1.0 + exp(-z)));
+            }
         }
     }
+    return h;
+}
+
+#ifdef GROUPS
+@compute @workgroup_size(64)
+fn local_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = min(gid.x / p.n, p.d - 1u);
+    let i = gid.x % p.n;
+    let live = gid.x / p.n < p.d;
+    let g = wid.y;
+    let dn = p.d * p.n;
+    let t0 = min(g * p.group_rows, p.rows);
+    let t1 = min(t0 + p.group_rows, p.rows);
+    dt_sum = 0.0;
+    let h = scan_rows(c, i, live, 0.0, t0, t1, false);
+    if (live) {
+        if (g == 0u) { carry[c * p.n + i] = state[c * p.n + i]; }
+        carry[(1u + g) * dn + c * p.n + i] = h;
+        if (i == 0u) { carry[(p.groups + 1u) * dn + g * p.d + c] = dt_sum; }
+    }
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let c = min(gid.x / p.n, p.d - 1u);
+    let i = gid.x % p.n;
+    let live = gid.x / p.n < p.d;
+    let g = wid.y;
+    let dn = p.d * p.n;
+    let a = consts[c * p.n + i];
+    var h = carry[c * p.n + i];
+    for (var j = 0u; j < g; j++) {
+        h = exp(a * carry[(p.groups + 1u) * dn + j * p.d + c]) * h + carry[(1u + j) * dn + c * p.n + i];
+    }
+    let t0 = min(g * p.group_rows, p.rows);
+    let t1 = min(t0 + p.group_rows, p.rows);
+    h = scan_rows(c, i, live, h, t0, t1, true);
+    if (live && g + 1u == p.groups) { state[c * p.n + i] = h; }
+}
+#else
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = min(gid.x / p.n, p.d - 1u);
+    let i = gid.x % p.n;
+    let live = gid.x / p.n < p.d;
+    let h = scan_rows(c, i, live, state[c * p.n + i], 0u, p.rows, true);
     if (live) { state[c * p.n + i] = h; }
 }
+#endif
 #else
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {

@@ -1505,6 +1505,9 @@ impl Model {
             &w.ssm_consts,
             &st.ssm,
             &ws.y,
+            // The normed layer input is dead from in_proj to the pre-MLP norm: it holds the
+            // row groups' hand-over.
+            Some(&ws.u),
             ScanParams {
                 rows: rows as u32,
                 d: di as u32,
@@ -1521,6 +1524,8 @@ impl Model {
                 x_off: 0,
                 conv_k: 0,
                 xp_parts: 1,
+                groups: 1,
+                group_rows: 0,
             },
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
@@ -1722,6 +1727,8 @@ impl Model {
             x_off: split.x as u32,
             conv_k: c.d_conv as u32,
             xp_parts: 1,
+            groups: 1,
+            group_rows: 0,
         };
         if k.cpu_adapter() {
             k.conv_step(

@@ -840,6 +840,9 @@ pub struct ScanParams {
     pub conv_k: u32,
     /// FUSED_DT: partial x_proj rows to sum (from `Kernels::x_proj_conv`; 1 = one whole row).
     pub xp_parts: u32,
+    /// Set by [`Kernels::scan`]: row groups scanned in parallel, and rows per group.
+    pub groups: u32,
+    pub group_rows: u32,
 }
 
 #[repr(C)]
@@ -907,6 +910,11 @@ pub const COOP_WIDE_MIN_M: usize = 4096;
 /// probabilities [32][72] f16, scores [32][64] f32, 64 key positions and 256 zeros.
 pub const ATTENTION_COOP_WORKGROUP_BYTES: u32 =
     64 * 72 * 2 + 64 * 136 * 2 + 32 * 72 * 2 + 32 * 64 * 4 + 64 * 4 + 256 * 4;
+
+/// Rows per group at least, and groups at most, of the prompt scan over row groups
+/// ([`Kernels::scan`]; scan.wgsl GROUPS).
+pub const SCAN_GROUP_MIN_ROWS: u32 = 32;
+pub const SCAN_GROUPS_MAX: u32 = 8;
 
 /// Workgroup memory of the 16-subgroup `gemm_coop2` (matmul.wgsl): the staged X and W tiles,
 /// 128 rows of 64 + 8 f16 each, and `cs2`.
@@ -1049,6 +1057,8 @@ pub struct Kernels {
     scan: Arc<Kernel>,
     /// The prompt scan with one lane per (channel, state), where subgroups are 32 wide.
     scan_states: Option<Arc<Kernel>>,
+    /// The same over row groups in parallel: `local_pass`, then `main` (scan.wgsl GROUPS).
+    scan_groups: Option<[Arc<Kernel>; 2]>,
     merge: Arc<Kernel>,
     swiglu: Arc<Kernel>,
     state_copy: Arc<Kernel>,
@@ -1501,6 +1511,20 @@ impl Kernels {
                     "main",
                     &[U, R, R, R, R, R, RW, RW],
                 )?)
+            } else {
+                None
+            },
+            scan_groups: if sg32 {
+                let g = |entry| {
+                    k(
+                        "scan.wgsl",
+                        SRC_SCAN,
+                        &["PAR_STATES", "GROUPS"],
+                        entry,
+                        &[U, R, R, R, R, R, RW, RW, RW],
+                    )
+                };
+                Some([g("local_pass")?, g("main")?])
             } else {
                 None
             },
@@ -2391,11 +2415,32 @@ impl Kernels {
         consts: &wgpu::Buffer,
         state: &wgpu::Buffer,
         y: &wgpu::Buffer,
+        carry: Option<&wgpu::Buffer>,
         p: ScanParams,
     ) -> Result<()> {
         // One lane per (channel, state) where subgroups of 32 can sum a channel's states.
         if let Some(k) = &self.scan_states {
             if p.n.is_power_of_two() && p.n <= 32 && p.n >= 2 {
+                // Long chunks: row groups in parallel, their hand-over in `carry`.
+                let (dn, d) = (p.d as u64 * p.n as u64, p.d as u64);
+                let fit = carry.map_or(0, |b| (b.size() / 4).saturating_sub(dn) / (dn + d));
+                let groups = (p.rows / SCAN_GROUP_MIN_ROWS)
+                    .min(SCAN_GROUPS_MAX)
+                    .min(fit.min(u32::MAX as u64) as u32);
+                if let (Some([local, apply]), Some(carry), true) =
+                    (&self.scan_groups, carry, groups > 1)
+                {
+                    let group_rows = p.rows.div_ceil(groups);
+                    let p = ScanParams {
+                        groups: p.rows.div_ceil(group_rows),
+                        group_rows,
+                        ..p
+                    };
+                    let grid = [(p.d * p.n).div_ceil(64), p.groups, 1];
+                    let b = [xc, dtr, xp, pbuf, consts, state, y, carry];
+                    rec.dispatch(local, &p, &b, grid)?;
+                    return rec.dispatch(apply, &p, &b, grid);
+                }
                 return rec.dispatch(
                     k,
                     &p,

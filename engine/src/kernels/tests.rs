@@ -1295,7 +1295,17 @@ fn selective_scan_chunk_and_step() {
     // than one of its blocks.
     let (gpu, ks) = env();
     let mut r = Rng::new(41);
-    for (rows, n) in [(13usize, 5usize), (1, 5), (70, 16), (37, 8), (1, 16)] {
+    // The last two cases are long enough for the scan over row groups where it runs (GPUs):
+    // 200 rows in 6 groups of 34 (the last 30), 97 rows in 3 of 33 (the last 31).
+    for (rows, n) in [
+        (13usize, 5usize),
+        (1, 5),
+        (70, 16),
+        (37, 8),
+        (1, 16),
+        (200, 16),
+        (97, 8),
+    ] {
         let (d, rank) = (70, 3);
         let xs = rank + 2 * n;
         let zw = 2 * d + 3;
@@ -1318,55 +1328,73 @@ fn selective_scan_chunk_and_step() {
         let bp = gpu.upload("xp", &xp).unwrap();
         let bz = gpu.upload("z", &pz).unwrap();
         let bc = gpu.upload("c", &consts).unwrap();
-        let bs = gpu.upload("s", &st).unwrap();
-        let by = gpu.upload("y", &vec![NAN; rows * d]).unwrap();
-        let params = ScanParams {
-            rows: rows as u32,
-            d: d as u32,
-            n: n as u32,
-            xp_stride: xs as u32,
-            b_col: rank as u32,
-            c_col: (rank + n) as u32,
-            z_off: z_off as u32,
-            z_stride: zw as u32,
-            rank: rank as u32,
-            wdt_stride: 0,
-            eps: 1e-6,
-            inner_norms: 0,
-            x_off: 0,
-            conv_k: 0,
-            xp_parts: 1,
-        };
-        run(gpu, |rec| {
-            ks.scan(rec, &bx, &bd, &bp, &bz, &bc, &bs, &by, params)
+        // Each case twice: without and with room for the row groups' hand-over (poisoned).
+        for grouped in [false, true] {
+            let bs = gpu.upload("s", &st).unwrap();
+            let by = gpu.upload("y", &vec![NAN; rows * d]).unwrap();
+            let carry = gpu.upload("carry", &vec![NAN; 9 * d * n + 8 * d]).unwrap();
+            let params = ScanParams {
+                rows: rows as u32,
+                d: d as u32,
+                n: n as u32,
+                xp_stride: xs as u32,
+                b_col: rank as u32,
+                c_col: (rank + n) as u32,
+                z_off: z_off as u32,
+                z_stride: zw as u32,
+                rank: rank as u32,
+                wdt_stride: 0,
+                eps: 1e-6,
+                inner_norms: 0,
+                x_off: 0,
+                conv_k: 0,
+                xp_parts: 1,
+                groups: 1,
+                group_rows: 0,
+            };
+            run(gpu, |rec| {
+                ks.scan(
+                    rec,
+                    &bx,
+                    &bd,
+                    &bp,
+                    &bz,
+                    &bc,
+                    &bs,
+                    &by,
+                    grouped.then_some(&carry),
+                    params,
+                )
                 .unwrap()
-        });
-        let got = read(gpu, &by, rows * d);
-        let got_s = read(gpu, &bs, d * n);
-        let mut want = vec![0f32; rows * d];
-        let mut h: Vec<f64> = st.iter().map(|&v| v as f64).collect();
-        for t in 0..rows {
-            for c in 0..d {
-                let mut dt = (dtr[t * d + c] + dtb[c]) as f64;
-                if dt <= 20.0 {
-                    dt = dt.exp().ln_1p();
+            });
+            let got = read(gpu, &by, rows * d);
+            let got_s = read(gpu, &bs, d * n);
+            let mut want = vec![0f32; rows * d];
+            let mut h: Vec<f64> = st.iter().map(|&v| v as f64).collect();
+            for t in 0..rows {
+                for c in 0..d {
+                    let mut dt = (dtr[t * d + c] + dtb[c]) as f64;
+                    if dt <= 20.0 {
+                        dt = dt.exp().ln_1p();
+                    }
+                    let x = xc[t * d + c] as f64;
+                    let mut y = 0f64;
+                    for i in 0..n {
+                        let a = -(a_log[c * n + i] as f64).exp();
+                        h[c * n + i] =
+                            (dt * a).exp() * h[c * n + i] + dt * xp[t * xs + rank + i] as f64 * x;
+                        y += xp[t * xs + rank + n + i] as f64 * h[c * n + i];
+                    }
+                    y += dd[c] as f64 * x;
+                    let z = pz[z_off + t * zw + c] as f64;
+                    want[t * d + c] = (y * z / (1.0 + (-z).exp())) as f32;
                 }
-                let x = xc[t * d + c] as f64;
-                let mut y = 0f64;
-                for i in 0..n {
-                    let a = -(a_log[c * n + i] as f64).exp();
-                    h[c * n + i] =
-                        (dt * a).exp() * h[c * n + i] + dt * xp[t * xs + rank + i] as f64 * x;
-                    y += xp[t * xs + rank + n + i] as f64 * h[c * n + i];
-                }
-                y += dd[c] as f64 * x;
-                let z = pz[z_off + t * zw + c] as f64;
-                want[t * d + c] = (y * z / (1.0 + (-z).exp())) as f32;
             }
+            let want_s: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+            let what = format!("scan, {rows} rows, n {n}, grouped {grouped}");
+            assert_close(&what, &got, &want, 1e-4, 1e-4);
+            assert_close(&format!("{what}: state"), &got_s, &want_s, 1e-4, 1e-4);
         }
-        let want_s: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-        assert_close("scan", &got, &want, 1e-4, 1e-4);
-        assert_close("scan state", &got_s, &want_s, 1e-4, 1e-4);
     }
 }
 
@@ -2153,6 +2181,8 @@ fn conv_fused_case(ks: &Kernels, d: usize, kw: usize, seed: u64) {
         x_off: x_off as u32,
         conv_k: kw as u32,
         xp_parts: 1,
+        groups: 1,
+        group_rows: 0,
     };
     let cp = ConvParams {
         rows: 1,
@@ -2312,6 +2342,8 @@ fn scan_fused_case(ks: &Kernels, d: usize, n: usize, rank: usize, seed: u64) {
         x_off: 0,
         conv_k: 0,
         xp_parts: 1,
+        groups: 1,
+        group_rows: 0,
     };
     run(gpu, |rec| {
         ks.rmsnorm(rec, None, &n0, &xp1, 0, xs, 1, rank, 1e-6)
@@ -2322,7 +2354,7 @@ fn scan_fused_case(ks: &Kernels, d: usize, n: usize, rank: usize, seed: u64) {
             .unwrap();
         ks.matmul(rec, &xp1, 0, xs, &mat, None, &dtb, 0, d, 1, false)
             .unwrap();
-        ks.scan(rec, &bxc, &dtb, &xp1, &bz, &bc, &s1, &y1, sp)
+        ks.scan(rec, &bxc, &dtb, &xp1, &bz, &bc, &s1, &y1, None, sp)
             .unwrap();
         ks.scan_fused(
             rec,
@@ -2648,6 +2680,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ("scan", SRC_SCAN, vec!["FUSED_DT"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT", "SUBGROUP32"]),
         ("scan", SRC_SCAN, vec!["PAR_STATES"]),
+        ("scan", SRC_SCAN, vec!["PAR_STATES", "GROUPS"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT", "CONV_IN", "SUBGROUP32"]),
         (
             "matmul",
