@@ -342,7 +342,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
 #else
 #ifdef PAR_STATES
 // One lane per (channel, state): n lanes per channel (n a power of two <= 32, subgroups of 32),
-// the sum over states by butterfly shuffles; the next row's inputs are loaded while the current
+// the sum over states by butterfly shuffles; the next row's B and C are loaded while the current
 // row is computed. Grid: (ceil(d * n / 64), 1, 1), or with GROUPS (ceil(d * n / 64), groups, 1).
 //
 // GROUPS: the chunk's rows split into `groups` runs of `group_rows`, scanned in parallel in two
@@ -354,41 +354,56 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(local_invocation
 // plain form runs d * n threads through all rows one after the other.
 
 // Scans rows [t0, t1) of lane (c, i) from state h and returns the state after them; writes y
-// when `out`, adds each row's dt to `dt_sum`. All lanes of a subgroup call it alike.
+// when `out`, adds each row's dt to `dt_sum`. All lanes of a subgroup call it alike. The
+// per-channel work of a row (dt's softplus, the gate's silu, x) is the same for the channel's n
+// lanes, so it is computed n rows at a time, lane i taking row t + i, and handed to each row
+// by a shuffle: one exp / log per lane per n rows instead of per row. Measured on an H200 (512-row
+// chunk, 8 groups): main + local_pass 4.99 + 1.79 -> 4.26 + 1.55 ms per chunk.
 var<private> dt_sum: f32;
-fn scan_rows(c: u32, i: u32, live: bool, h0: f32, t0: u32, t1: u32, out: bool) -> f32 {
+fn scan_rows(c: u32, i: u32, lane: u32, live: bool, h0: f32, t0: u32, t1: u32, out: bool) -> f32 {
     var h = h0;
     let a = consts[c * p.n + i];
     let dtb = consts[p.d * p.n + c];
     let dd = consts[p.d * p.n + p.d + c];
     if (t0 >= t1) { return h; }
-    var dtn = dtr[t0 * p.d + c];
-    var xn = xc[t0 * p.d + c];
+    // this channel's first lane in the subgroup (its n lanes are consecutive)
+    let base = lane & ~(p.n - 1u);
     var bn = xp[t0 * p.xp_stride + p.b_col + i];
     var cn = xp[t0 * p.xp_stride + p.c_col + i];
-    var zn = pbuf[p.z_off + t0 * p.z_stride + c];
-    for (var t = t0; t < t1; t++) {
-        var dt = dtn + dtb;
-        let xv = xn;
-        let bv = bn;
-        let cv = cn;
-        let z = zn;
-        if (t + 1u < t1) {
-            dtn = dtr[(t + 1u) * p.d + c];
-            xn = xc[(t + 1u) * p.d + c];
-            bn = xp[(t + 1u) * p.xp_stride + p.b_col + i];
-            cn = xp[(t + 1u) * p.xp_stride + p.c_col + i];
-            zn = pbuf[p.z_off + (t + 1u) * p.z_stride + c];
+    for (var t = t0; t < t1; t += p.n) {
+        let r = t + i;
+        var dtr_ = 0.0;
+        var xr = 0.0;
+        var gr = 0.0;
+        if (r < t1) {
+            dtr_ = dtr[r * p.d + c] + dtb;
+            if (dtr_ <= 20.0) { dtr_ = log1p_(exp(dtr_)); }
+            xr = xc[r * p.d + c];
+            if (out) {
+                let z = pbuf[p.z_off + r * p.z_stride + c];
+                gr = z / (1.0 + exp(-z));
+            }
         }
-        if (dt <= 20.0) { dt = log1p_(exp(dt)); }
-        dt_sum += dt;
-        h = exp(dt * a) * h + dt * bv * xv;
-        if (out) {
-            var acc = cv * h;
-            for (var o = p.n / 2u; o > 0u; o = o >> 1u) { acc += subgroupShuffleXor(acc, o); }
-            if (i == 0u && live) {
-                acc += dd * xv;
-                y[t * p.d + c] = acc * (z / (1.0 + exp(-z)));
+        let m = min(p.n, t1 - t);
+        for (var j = 0u; j < m; j++) {
+            let tt = t + j;
+            let dt = subgroupShuffle(dtr_, base + j);
+            let xv = subgroupShuffle(xr, base + j);
+            let gz = subgroupShuffle(gr, base + j);
+            let bv = bn;
+            let cv = cn;
+            if (tt + 1u < t1) {
+                bn = xp[(tt + 1u) * p.xp_stride + p.b_col + i];
+                cn = xp[(tt + 1u) * p.xp_stride + p.c_col + i];
+            }
+            dt_sum += dt;
+            h = exp(dt * a) * h + dt * bv * xv;
+            if (out) {
+                var acc = cv * h;
+                for (var o = p.n / 2u; o > 0u; o = o >> 1u) { acc += subgroupShuffleXor(acc, o); }
+                if (i == 0u && live) {
+                    y[tt * p.d + c] = (acc + dd * xv) * gz;
+                }
             }
         }
     }
@@ -397,7 +412,7 @@ fn scan_rows(c: u32, i: u32, live: bool, h0: f32, t0: u32, t1: u32, out: bool) -
 
 #ifdef GROUPS
 @compute @workgroup_size(64)
-fn local_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn local_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let c = min(gid.x / p.n, p.d - 1u);
     let i = gid.x % p.n;
     let live = gid.x / p.n < p.d;
@@ -406,7 +421,7 @@ fn local_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_
     let t0 = min(g * p.group_rows, p.rows);
     let t1 = min(t0 + p.group_rows, p.rows);
     dt_sum = 0.0;
-    let h = scan_rows(c, i, live, 0.0, t0, t1, false);
+    let h = scan_rows(c, i, lane, live, 0.0, t0, t1, false);
     if (live) {
         if (g == 0u) { carry[c * p.n + i] = state[c * p.n + i]; }
         carry[(1u + g) * dn + c * p.n + i] = h;
@@ -415,7 +430,7 @@ fn local_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_
 }
 
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let c = min(gid.x / p.n, p.d - 1u);
     let i = gid.x % p.n;
     let live = gid.x / p.n < p.d;
@@ -428,16 +443,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
     }
     let t0 = min(g * p.group_rows, p.rows);
     let t1 = min(t0 + p.group_rows, p.rows);
-    h = scan_rows(c, i, live, h, t0, t1, true);
+    h = scan_rows(c, i, lane, live, h, t0, t1, true);
     if (live && g + 1u == p.groups) { state[c * p.n + i] = h; }
 }
 #else
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let c = min(gid.x / p.n, p.d - 1u);
     let i = gid.x % p.n;
     let live = gid.x / p.n < p.d;
-    let h = scan_rows(c, i, live, state[c * p.n + i], 0u, p.rows, true);
+    let h = scan_rows(c, i, lane, live, state[c * p.n + i], 0u, p.rows, true);
     if (live) { state[c * p.n + i] = h; }
 }
 #endif
