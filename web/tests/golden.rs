@@ -15,6 +15,8 @@
 //! Run: see scripts/test-all.sh (wasm-bindgen-test-runner + chromedriver, headless
 //! Chromium with WebGPU on SwiftShader).
 #![cfg(target_arch = "wasm32")]
+// The engine takes Arc<Gpu>; on wasm32 wgpu's types are neither Send nor Sync.
+#![allow(clippy::arc_with_non_send_sync)]
 
 use hymba_engine::gpu::{Gpu, GpuOptions};
 use hymba_engine::kernels::Kernels;
@@ -97,6 +99,8 @@ fn expected(bytes: &[u8]) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
 }
 
 /// Largest |got - want| and whether every element is within atol + rtol·|want|.
+// `!(e <= tol)` is meant: a NaN error must count as out of tolerance.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn compare(got: &[f32], want: &[f32], atol: f32, rtol: f32) -> (f32, Option<usize>) {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let mut worst = 0f32;
