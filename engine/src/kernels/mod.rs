@@ -2404,6 +2404,10 @@ impl Kernels {
         )
     }
 
+    /// The selective scan over `p.rows` rows (a prompt chunk, or one step): y, and `state`
+    /// updated in place. With `carry` (scratch of at least 2 states + 1 channel vector, f32;
+    /// not read before it is written) long chunks run as up to [`SCAN_GROUPS_MAX`] row groups
+    /// in parallel, as many as fit in it.
     #[allow(clippy::too_many_arguments)]
     pub fn scan(
         &self,
