@@ -2595,6 +2595,26 @@ fn workgroup_gemvs_compile_on_first_use() {
     }
 }
 
+/// `src` with `defs` as the native shader-f16 text (and the cooperative-matrix extension with
+/// COOP), parsed and validated by naga; panics naming `what` and the error.
+fn naga_validated(what: &str, src: &str, defs: &[&str]) -> (naga::Module, naga::valid::ModuleInfo) {
+    let coop = if defs.contains(&"COOP") {
+        "enable wgpu_cooperative_matrix;\n"
+    } else {
+        ""
+    };
+    let code = format!("enable f16;\n{coop}{}", crate::gpu::preprocess(src, defs));
+    let module = naga::front::wgsl::parse_str(&code)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&code)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    (module, info)
+}
+
 #[test]
 fn every_kernel_variant_compiles_with_native_f16_too() {
     // The shared device may lack shader-f16; validate the native-f16 text with naga directly.
@@ -2748,20 +2768,7 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ),
     ];
     for (file, src, defs) in all {
-        let coop = if defs.contains(&"COOP") {
-            "enable wgpu_cooperative_matrix;\n"
-        } else {
-            ""
-        };
-        let code = format!("enable f16;\n{coop}{}", crate::gpu::preprocess(src, &defs));
-        let module = naga::front::wgsl::parse_str(&code)
-            .unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&code)));
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{file}: {e:?}"));
+        let (module, info) = naga_validated(file, src, &defs);
         // The Vulkan backend's translation (a native GPU run would otherwise be the first to
         // meet a naga SPIR-V writer failure).
         naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
@@ -3183,18 +3190,7 @@ fn decode_step_sees_its_own_key_and_value_as_the_f16_cache_holds_them() {
 /// Bytes of workgroup memory entry point `entry` of `src` (with `defs`) uses, from naga's
 /// module: the sizes of the workgroup variables its code reaches.
 fn workgroup_bytes_of(src: &str, defs: &[&str], entry: &str) -> u32 {
-    let code = format!(
-        "enable f16;\nenable wgpu_cooperative_matrix;\n{}",
-        crate::gpu::preprocess(src, defs)
-    );
-    let module = naga::front::wgsl::parse_str(&code)
-        .unwrap_or_else(|e| panic!("{entry}: {}", e.emit_to_string(&code)));
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{entry}: {e:?}"));
+    let (module, info) = naga_validated(entry, src, defs);
     let ep = module
         .entry_points
         .iter()
