@@ -130,3 +130,98 @@ fn f16_kv_cache_holds_the_f32_cache_rounded() {
         );
     }
 }
+
+/// A conversation: a prompt, decode steps, a second prompt, more decode steps. The first decode
+/// step shrinks the sliding-window rings to the window + 1 (the prompt chunk's slack given
+/// back) and gives back the prompt workspace; the second prompt grows the rings again (they
+/// have wrapped by then). Decode steps see one position less of the window than prompt rows
+/// (the reference's rule), so the check is the same conversation with 16-position chunks,
+/// whose rings move between other sizes (16 + 64 and 65 text slots against 64 + 64 and 65):
+/// every logit row must agree. (Both runs move their rings the same way; what a move keeps
+/// is checked slot by slot in `cache::tests`, and against the official outputs by the golden
+/// decode tests, whose c2 prompt is longer than its window.)
+#[test]
+fn rings_shrink_for_decode_and_grow_for_the_next_prompt() {
+    let ck = builtin();
+    let m = load(&ck, DtypeChoice::F32, None);
+    let (gpu, kernels) = gpu();
+    let r = pollster::block_on(Model::load(
+        gpu,
+        kernels,
+        &ck,
+        &ModelOptions {
+            dtype: DtypeChoice::F32,
+            chunk: Some(16),
+            ..Default::default()
+        },
+        |_, _| {},
+    ))
+    .unwrap();
+    let v = m.cfg.vocab_size as u32;
+    let window = m
+        .cfg
+        .layers
+        .iter()
+        .find_map(|l| match l.attention {
+            hymba_engine::config::AttentionKind::SlidingWindow { window } => Some(window),
+            _ => None,
+        })
+        .expect("the built-in model has sliding-window layers");
+    let ids = |n: u32, seed: u32| -> Vec<u32> { (0..n).map(|i| (i * 37 + seed) % v).collect() };
+    let (a, steps1, b, steps2) = (ids(120, 5), ids(7, 11), ids(100, 17), ids(5, 23));
+    let (mut s, mut rs) = (m.new_sequence().unwrap(), r.new_sequence().unwrap());
+    let mut worst = 0f32;
+    let mut check = |got: &[f32], want: &[f32], what: &str| {
+        let c = hymba_tests::compare(got, want, 2e-4, 1e-4);
+        assert!(c.1, "{what}: max error {} at {}", c.0, c.2);
+        worst = worst.max(c.0);
+    };
+    let got = pollster::block_on(m.forward(&mut s, &a, Logits::Last, None)).unwrap();
+    let want = pollster::block_on(r.forward(&mut rs, &a, Logits::Last, None)).unwrap();
+    check(&got, &want, "first prompt");
+    assert!(
+        m.prompt_workspace_rows() > 0,
+        "a 120-token prompt has a prompt workspace"
+    );
+    let kv_prompt = s.kv_bytes();
+    for &id in &steps1 {
+        let got = pollster::block_on(m.decode_logits(&mut s, id)).unwrap();
+        let want = pollster::block_on(r.decode_logits(&mut rs, id)).unwrap();
+        check(&got, &want, "decode after the first prompt");
+    }
+    assert_eq!(
+        m.prompt_workspace_rows(),
+        0,
+        "decoding gave the prompt workspace back"
+    );
+    let kv_decode = s.kv_bytes();
+    assert!(
+        kv_decode < kv_prompt,
+        "rings shrank for decoding: {kv_prompt} -> {kv_decode} B"
+    );
+    assert_eq!(
+        kv_decode,
+        rs.kv_bytes(),
+        "both decode with window + 1 slots"
+    );
+    let got = pollster::block_on(m.forward(&mut s, &b, Logits::All, None)).unwrap();
+    let want = pollster::block_on(r.forward(&mut rs, &b, Logits::All, None)).unwrap();
+    check(&got, &want, "second prompt, every row");
+    assert_eq!(
+        s.kv_bytes(),
+        kv_prompt,
+        "the second prompt grew the rings back"
+    );
+    for &id in &steps2 {
+        let got = pollster::block_on(m.decode_logits(&mut s, id)).unwrap();
+        let want = pollster::block_on(r.decode_logits(&mut rs, id)).unwrap();
+        check(&got, &want, "decode after the second prompt");
+    }
+    assert_eq!(s.kv_bytes(), kv_decode);
+    let at = s.position() - m.cfg.n_meta;
+    assert!(
+        at > 3 * window,
+        "the rings wrapped: {at} positions, window {window}"
+    );
+    println!("every logit row within {worst:.2e} of the 16-position-chunk run's");
+}

@@ -54,4 +54,33 @@ fn reported_gpu_bytes_account_for_the_allocator() {
         gap < 256 * 1024 && gap * 100 < held,
         "the allocator holds {gap} B the report does not account for"
     );
+
+    // The first decode step gives back the prompt workspace and the sliding-window rings'
+    // chunk slack: the allocator must hold that much less, and the report still add up.
+    assert!(
+        model.prompt_workspace_rows() > 0,
+        "the prompt left its workspace"
+    );
+    let (act0, cache0) = (model.activation_bytes(), seq.cache_bytes());
+    pollster::block_on(model.decode_logits(&mut seq, 7)).unwrap();
+    pollster::block_on(model.gpu.finish()).unwrap();
+    let held2 = gpu
+        .device
+        .generate_allocator_report()
+        .unwrap()
+        .total_allocated_bytes
+        - before;
+    let (act1, cache1) = (model.activation_bytes(), seq.cache_bytes());
+    println!(
+        "after a decode step: allocator +{held2} B; activations {act0} -> {act1} B, cache {cache0} -> {cache1} B"
+    );
+    assert_eq!(model.prompt_workspace_rows(), 0);
+    assert!(act1 < act0 && cache1 < cache0, "nothing was given back");
+    let freed = (act0 - act1) + (cache0 - cache1);
+    assert!(
+        held2 + freed <= held + 64 * 1024,
+        "the report says {freed} B were given back; the allocator went from {held} to {held2} B"
+    );
+    let reported2 = model.weight_bytes() + act1 + cache1;
+    assert!(reported2 <= held2 && held2 - reported2 < 256 * 1024);
 }

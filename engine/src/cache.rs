@@ -6,8 +6,10 @@
 //!   [n_kv_heads, cap, d_qk] and values [n_kv_heads, cap, d_v], stored as the
 //!   model's [`KvDtype`]: f32 for f32-weight models, f16 (two per u32 word)
 //!   otherwise. Global layers have a growing buffer; sliding-window layers a ring
-//!   of `window + prefill chunk` text slots after the meta-token slots. KV
-//!   consumers have no cache of their own and read their producer's.
+//!   of text slots after the meta-token slots: `window + prefill chunk` while a
+//!   prompt is processed, `window + 1` once decoding starts (the prompt chunk's
+//!   slack is given back; see [`Sequence::compact_rings`]). KV consumers have no
+//!   cache of their own and read their producer's.
 //!
 //! Slots: position p < n_meta lives in slot p; text position p in slot
 //! `n_meta + (p - n_meta) % ring`.
@@ -25,6 +27,8 @@ pub struct KvCache {
     /// Text slots (ring length for sliding-window layers, capacity for global ones).
     pub ring: usize,
     pub global: bool,
+    /// Sliding-window layers: the window (positions); 0 for global layers.
+    pub window: usize,
     pub dtype: KvDtype,
 }
 
@@ -87,9 +91,9 @@ impl Sequence {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for (i, role) in cfg.layers.iter().enumerate() {
             let kv = if role.owns_kv() {
-                let (ring, global) = match role.attention {
-                    AttentionKind::Global => (global_cap, true),
-                    AttentionKind::SlidingWindow { window } => (window + chunk, false),
+                let (ring, global, window) = match role.attention {
+                    AttentionKind::Global => (global_cap, true, 0),
+                    AttentionKind::SlidingWindow { window } => (window + chunk, false, window),
                 };
                 let cap = cfg.n_meta + ring;
                 Some(KvCache {
@@ -103,6 +107,7 @@ impl Sequence {
                     )?,
                     ring,
                     global,
+                    window,
                     dtype: kv_dtype,
                 })
             } else {
@@ -208,64 +213,115 @@ impl Sequence {
         Ok(())
     }
 
-    /// Makes sure global layers can hold `positions` positions, growing (and copying) as needed.
+    /// Makes room for a forward of `rows` positions per chunk up to `positions` positions in
+    /// all: global layers grow (doubling) until they hold `positions`, sliding-window rings
+    /// until they hold the window plus one chunk (the chunk's keys are written before its
+    /// queries read the window behind them). Buffers are replaced and their contents moved.
     pub(crate) fn ensure_capacity(
         &mut self,
         gpu: &Gpu,
         cfg: &HymbaConfig,
         positions: usize,
+        rows: usize,
         max_text: usize,
     ) -> Result<()> {
         let need_text = positions.saturating_sub(cfg.n_meta);
-        let mut grew = false;
+        let text = self.pos.saturating_sub(cfg.n_meta);
+        let mut moved = false;
         for (i, l) in self.layers.iter_mut().enumerate() {
             let Some(kv) = l.kv.as_mut() else { continue };
-            if !kv.global || kv.ring >= need_text {
-                continue;
-            }
-            let new_ring = (kv.ring * 2).max(need_text).min(max_text.max(need_text));
-            let old_cap = cfg.n_meta + kv.ring;
-            let new_cap = cfg.n_meta + new_ring;
-            // Bytes of one key / value row in the cache's storage (copies move whole rows, so
-            // the f16 form's u32 words are never split: d_qk and d_v are multiples of 4).
-            let (kr, vr) = (cfg.d_qk * kv.dtype.bytes(), cfg.d_v * kv.dtype.bytes());
-            let nk = gpu.buffer(
-                &format!("layer {i} keys"),
-                (cfg.n_kv_heads * new_cap * kr) as u64,
-            )?;
-            let nv = gpu.buffer(
-                &format!("layer {i} values"),
-                (cfg.n_kv_heads * new_cap * vr) as u64,
-            )?;
-            let mut enc = gpu.device.create_command_encoder(&Default::default());
-            for h in 0..cfg.n_kv_heads {
-                enc.copy_buffer_to_buffer(
-                    &kv.k,
-                    (h * old_cap * kr) as u64,
-                    &nk,
-                    (h * new_cap * kr) as u64,
-                    (old_cap * kr) as u64,
-                );
-                enc.copy_buffer_to_buffer(
-                    &kv.v,
-                    (h * old_cap * vr) as u64,
-                    &nv,
-                    (h * new_cap * vr) as u64,
-                    (old_cap * vr) as u64,
-                );
-            }
-            gpu.queue.submit([enc.finish()]);
-            kv.k = nk;
-            kv.v = nv;
-            kv.ring = new_ring;
-            grew = true;
+            let new_ring = match (kv.global, kv.window) {
+                (true, _) if kv.ring < need_text => {
+                    (kv.ring * 2).max(need_text).min(max_text.max(need_text))
+                }
+                (false, w) if kv.ring < w + rows => w + rows,
+                _ => continue,
+            };
+            relayout(gpu, cfg, i, kv, new_ring, text)?;
+            moved = true;
         }
-        if grew {
+        if moved {
             self.layout_gen += 1;
             self.decode = None;
         }
         Ok(())
     }
+
+    /// Shrinks every sliding-window ring that still has a prompt chunk's slack to the window
+    /// plus the one position a decode step writes (what `Model` does before a decode step):
+    /// for Hymba-1.5B with 512-position chunks, 14 rings of 1024 + 512 text slots become
+    /// 1024 + 1, 12.3 MiB less of f16 keys and values. A later prompt grows them again.
+    pub(crate) fn compact_rings(&mut self, gpu: &Gpu, cfg: &HymbaConfig) -> Result<()> {
+        let text = self.pos.saturating_sub(cfg.n_meta);
+        let mut moved = false;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let Some(kv) = l.kv.as_mut() else { continue };
+            if !kv.global && kv.ring > kv.window + 1 {
+                relayout(gpu, cfg, i, kv, kv.window + 1, text)?;
+                moved = true;
+            }
+        }
+        if moved {
+            self.layout_gen += 1;
+            self.decode = None;
+        }
+        Ok(())
+    }
+}
+
+/// Moves layer `i`'s keys and values into new buffers of `new_ring` text slots: the meta-token
+/// slots, and the newest `text` positions that both rings hold, each from its slot in the old
+/// ring to its slot in the new one (runs of consecutive slots, one copy per run and head).
+fn relayout(
+    gpu: &Gpu,
+    cfg: &HymbaConfig,
+    i: usize,
+    kv: &mut KvCache,
+    new_ring: usize,
+    text: usize,
+) -> Result<()> {
+    let nm = cfg.n_meta;
+    let (old_cap, new_cap) = (nm + kv.ring, nm + new_ring);
+    // Bytes of one key / value row in the cache's storage (copies move whole rows, so the f16
+    // form's u32 words are never split: d_qk and d_v are multiples of 4).
+    let (kr, vr) = kv_rows(cfg, kv);
+    let nk = gpu.buffer(
+        &format!("layer {i} keys"),
+        (cfg.n_kv_heads * new_cap * kr) as u64,
+    )?;
+    let nv = gpu.buffer(
+        &format!("layer {i} values"),
+        (cfg.n_kv_heads * new_cap * vr) as u64,
+    )?;
+    // (old slot, new slot, slots)
+    let mut runs = vec![(0, 0, nm)];
+    let keep = text.min(kv.ring).min(new_ring);
+    let mut t = text - keep;
+    while t < text {
+        let (os, ns) = (t % kv.ring, t % new_ring);
+        let n = (text - t).min(kv.ring - os).min(new_ring - ns);
+        runs.push((nm + os, nm + ns, n));
+        t += n;
+    }
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    for h in 0..cfg.n_kv_heads {
+        for &(os, ns, n) in runs.iter().filter(|r| r.2 > 0) {
+            for (src, dst, row) in [(&kv.k, &nk, kr), (&kv.v, &nv, vr)] {
+                enc.copy_buffer_to_buffer(
+                    src,
+                    ((h * old_cap + os) * row) as u64,
+                    dst,
+                    ((h * new_cap + ns) * row) as u64,
+                    (n * row) as u64,
+                );
+            }
+        }
+    }
+    gpu.queue.submit([enc.finish()]);
+    kv.k = nk;
+    kv.v = nv;
+    kv.ring = new_ring;
+    Ok(())
 }
 
 /// The meta-token prefix: the conv / SSM states and the meta-token key / value slots that every
@@ -422,7 +478,7 @@ mod tests {
         let mut sizes = Vec::new();
         for dtype in [KvDtype::F32, KvDtype::F16] {
             let mut s = Sequence::new(&gpu, &cfg, chunk, global_cap0, dtype).unwrap();
-            s.ensure_capacity(&gpu, &cfg, cfg.n_meta + 8000, max_text)
+            s.ensure_capacity(&gpu, &cfg, cfg.n_meta + 8000, chunk, max_text)
                 .unwrap();
             let (kv, all) = (s.kv_bytes(), s.cache_bytes());
             eprintln!(
@@ -442,5 +498,80 @@ mod tests {
         let per_slot = 5 * (64 + 128) * 4;
         let want32 = (3 * (128 + 8000) + 14 * (128 + 1024 + 256)) * per_slot;
         assert_eq!(kv32, want32 as u64);
+        // Once decoding, the rings give the chunk's slack back: 1024 + 1 text slots.
+        let mut s = Sequence::new(&gpu, &cfg, chunk, global_cap0, KvDtype::F32).unwrap();
+        s.ensure_capacity(&gpu, &cfg, cfg.n_meta + 8000, chunk, max_text)
+            .unwrap();
+        s.compact_rings(&gpu, &cfg).unwrap();
+        let want = (3 * (128 + 8000) + 14 * (128 + 1024 + 1)) * per_slot;
+        assert_eq!(s.kv_bytes(), want as u64);
+    }
+
+    /// Moving a ring keeps every position both rings hold in its slot (meta slots included),
+    /// whether it grows or shrinks and wherever the ring has wrapped: contents are written per
+    /// slot, moved, and read back.
+    #[test]
+    fn ring_moves_keep_the_newest_positions_in_their_slots() {
+        let cfg = HymbaConfig::from_json_str(
+            include_str!("../../tests/configs/hymba-1.5b-config.json"),
+            "hymba-1.5b-config.json",
+        )
+        .unwrap();
+        let gpu = pollster::block_on(Gpu::new(&GpuOptions::default())).unwrap();
+        let (nm, w, heads) = (cfg.n_meta, 1024, cfg.n_kv_heads);
+        // (text positions filled, ring before, ring after)
+        for (text, from, to) in [
+            (5000, w + 300, w + 1),
+            (1100, w + 300, w + 1),
+            (700, w + 1, w + 300),
+            (5000, w + 1, w + 512),
+            (0, w + 64, w + 1),
+        ] {
+            let mut s = Sequence::new(&gpu, &cfg, from - w, 512, KvDtype::F32).unwrap();
+            s.pos = nm + text;
+            let i = cfg
+                .layers
+                .iter()
+                .position(|l| l.owns_kv() && !matches!(l.attention, AttentionKind::Global))
+                .unwrap();
+            let kv = s.layers[i].kv.as_mut().unwrap();
+            assert_eq!(kv.ring, from);
+            // Key word (h, slot, 0) of the position in that slot, or a marker for slots not
+            // holding one of the ring's newest positions.
+            let value = |h: usize, pos: usize| (h * 100_000 + pos) as f32;
+            let fill = |ring: usize| {
+                let cap = nm + ring;
+                let mut k = vec![-1.0f32; heads * cap * cfg.d_qk];
+                for h in 0..heads {
+                    for p in 0..nm {
+                        k[(h * cap + p) * cfg.d_qk] = value(h, p);
+                    }
+                    for t in text.saturating_sub(ring)..text {
+                        k[(h * cap + nm + t % ring) * cfg.d_qk] = value(h, nm + t);
+                    }
+                }
+                k
+            };
+            gpu.queue
+                .write_buffer(&kv.k, 0, bytemuck::cast_slice(&fill(from)));
+            relayout(&gpu, &cfg, i, kv, to, text).unwrap();
+            let got =
+                pollster::block_on(gpu.read_f32(&kv.k, 0, (heads * (nm + to) * cfg.d_qk) as u64))
+                    .unwrap();
+            let keep = text.min(from).min(to);
+            let cap = nm + to;
+            for h in 0..heads {
+                for p in 0..nm {
+                    assert_eq!(got[(h * cap + p) * cfg.d_qk], value(h, p), "meta slot {p}");
+                }
+                for t in text - keep..text {
+                    assert_eq!(
+                        got[(h * cap + nm + t % to) * cfg.d_qk],
+                        value(h, nm + t),
+                        "text {text}, ring {from} -> {to}: head {h}, position {t}"
+                    );
+                }
+            }
+        }
     }
 }

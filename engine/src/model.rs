@@ -13,8 +13,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::kernels::{
     AttentionDecodeParams, AttentionParams, ConvParams, Kernels, KvDtype, Matrix, Prologue,
-    RopeParams, SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT, NO_WINDOW,
-    X_PROJ_SLICES,
+    RopeParams, SampleParams, ScanInput, ScanParams, WeightDtype, DECODE_KEYS_PER_SPLIT,
+    GEMV_MAX_ROWS, NO_WINDOW, X_PROJ_SLICES,
 };
 use crate::loader::{expected_tensors, Checkpoint};
 use crate::sampling::SamplingParams;
@@ -120,8 +120,9 @@ struct LayerWeights {
     down: Matrix,
 }
 
-/// Activation buffers for one chunk of rows.
+/// Activation buffers for up to `rows` positions at a time: a prompt chunk, or a decode step.
 struct Workspace {
+    rows: usize,
     h: wgpu::Buffer,
     u: wgpu::Buffer,
     p: wgpu::Buffer,
@@ -134,12 +135,90 @@ struct Workspace {
     m: wgpu::Buffer,
     /// [rows, 2 * intermediate]: gate then up. The same buffer as `p`.
     gu: wgpu::Buffer,
+    /// Logits of every row [rows, vocab], created on the first `Logits::All` (scoring, tests):
+    /// at 32k vocabulary and 256-row chunks it is 31 MiB that generation never uses.
+    logits_all: std::sync::OnceLock<wgpu::Buffer>,
+}
+
+impl Workspace {
+    fn new(
+        g: &Gpu,
+        cfg: &HymbaConfig,
+        kernels: &Kernels,
+        layers: &[LayerWeights],
+        rows: usize,
+    ) -> Result<Workspace> {
+        let c = rows;
+        let pw = (0..cfg.n_layers)
+            .map(|i| cfg.in_proj_rows(i))
+            .max()
+            .unwrap();
+        // Buffers whose contents are never live at once share memory: the in_proj output is
+        // dead once the layer's branches have run, before the MLP writes gate|up; the conv
+        // output is dead once the scan has run, before the merge writes its output. (No
+        // dispatch binds both of a pair.)
+        let p = g.buffer(
+            "in_proj out | mlp gate|up",
+            (c * pw.max(2 * cfg.intermediate) * 4) as u64,
+        )?;
+        let xc = g.buffer("conv out | merged", (c * cfg.d_inner * 4) as u64)?;
+        // Floats of down's K-split partial results at full chunks (1 slice: none needed).
+        let down_parts = layers.first().map_or(0, |l| {
+            let splits = kernels.coop_splits(&l.down, c, 0, 2 * cfg.intermediate, u64::MAX);
+            if splits > 1 {
+                splits * c * Kernels::parts_stride(cfg.hidden)
+            } else {
+                0
+            }
+        });
+        Ok(Workspace {
+            rows,
+            h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
+            u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
+            p: p.clone(),
+            att: g.buffer("attention out", (c * cfg.d_inner * 4) as u64)?,
+            xc: xc.clone(),
+            // A prompt chunk's rows, or a decode step's partial rows (x_proj split over K).
+            xp: g.buffer(
+                "x_proj out",
+                (c.max(X_PROJ_SLICES) * cfg.x_proj_rows() * 4) as u64,
+            )?,
+            // Also the scratch of down's K-split partial results ([`Model::gemm_partial`]):
+            // room for as many slices as the tensor-core GEMM wants (5 on an H200 for
+            // Hymba-1.5B, where `dt`'s own size holds 2).
+            dt: g.buffer(
+                "dt | down partials",
+                (c * cfg.d_inner).max(down_parts) as u64 * 4,
+            )?,
+            y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
+            m: xc,
+            gu: p,
+            logits_all: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Bytes of GPU memory held (each shared buffer once).
+    fn bytes(&self) -> u64 {
+        debug_assert!(
+            self.gu == self.p && self.m == self.xc,
+            "shared workspaces counted once"
+        );
+        [
+            &self.h, &self.u, &self.p, &self.att, &self.xc, &self.xp, &self.dt, &self.y,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum::<u64>()
+            + self.logits_all.get().map(|l| l.size()).unwrap_or(0)
+    }
+}
+
+/// What a decode step writes besides its [`Workspace`] rows, kept for the model's lifetime.
+struct StepBuffers {
+    /// The decode step's workspace ([`GEMV_MAX_ROWS`] rows; prompts that short use it too).
+    ws: Arc<Workspace>,
     /// One row of logits [vocab]: what decoding and a prompt's last position need.
     logits: wgpu::Buffer,
-    /// Logits of every row of a chunk [rows, vocab], created on the first `Logits::All`
-    /// (scoring, tests): at 32k vocabulary and 256-row chunks it is 31 MiB that generation
-    /// never uses.
-    logits_all: std::sync::OnceLock<wgpu::Buffer>,
     /// Decode attention partials [n_heads, max splits, 2 + d_v].
     part: wgpu::Buffer,
     /// Per-layer outputs of a decode step's two branches (see [`BranchOutputs`]).
@@ -195,7 +274,11 @@ pub struct Model {
     final_norm: wgpu::Buffer,
     cos_sin: wgpu::Buffer,
     layers: Vec<LayerWeights>,
-    ws: Workspace,
+    step: StepBuffers,
+    /// The prompt workspace: created for a prompt longer than the decode step's workspace,
+    /// sized to its chunk (at most `chunk` rows), kept for the prompts that follow and given
+    /// back when decoding starts (58 MiB for Hymba-1.5B at 512-row chunks).
+    prompt_ws: std::sync::Mutex<Option<Arc<Workspace>>>,
     pub chunk: usize,
     pub max_positions: usize,
     global_cap0: usize,
@@ -870,52 +953,9 @@ impl Model {
         }
         let g = &*gpu;
         let cos_sin = g.upload("rope cos/sin", &cs)?;
-        let c = chunk;
-        let pw = (0..cfg.n_layers)
-            .map(|i| cfg.in_proj_rows(i))
-            .max()
-            .unwrap();
-        // Buffers whose contents are never live at once share memory: the in_proj output is
-        // dead once the layer's branches have run, before the MLP writes gate|up; the conv
-        // output is dead once the scan has run, before the merge writes its output. (No
-        // dispatch binds both of a pair.)
-        let p = g.buffer(
-            "in_proj out | mlp gate|up",
-            (c * pw.max(2 * cfg.intermediate) * 4) as u64,
-        )?;
-        let xc = g.buffer("conv out | merged", (c * cfg.d_inner * 4) as u64)?;
-        // Floats of down's K-split partial results at full chunks (1 slice: none needed).
-        let down_parts = layers.first().map_or(0, |l| {
-            let splits = kernels.coop_splits(&l.down, c, 0, 2 * cfg.intermediate, u64::MAX);
-            if splits > 1 {
-                splits * c * Kernels::parts_stride(cfg.hidden)
-            } else {
-                0
-            }
-        });
-        let ws = Workspace {
-            h: g.buffer("h", (c * cfg.hidden * 4) as u64)?,
-            u: g.buffer("u", (c * cfg.hidden * 4) as u64)?,
-            p: p.clone(),
-            att: g.buffer("attention out", (c * cfg.d_inner * 4) as u64)?,
-            xc: xc.clone(),
-            // A prompt chunk's rows, or a decode step's partial rows (x_proj split over K).
-            xp: g.buffer(
-                "x_proj out",
-                (c.max(X_PROJ_SLICES) * cfg.x_proj_rows() * 4) as u64,
-            )?,
-            // Also the scratch of down's K-split partial results ([`Model::gemm_partial`]):
-            // room for as many slices as the tensor-core GEMM wants (5 on an H200 for
-            // Hymba-1.5B, where `dt`'s own size holds 2).
-            dt: g.buffer(
-                "dt | down partials",
-                (c * cfg.d_inner).max(down_parts) as u64 * 4,
-            )?,
-            y: g.buffer("ssm out", (c * cfg.d_inner * 4) as u64)?,
-            m: xc,
-            gu: p,
+        let step = StepBuffers {
+            ws: Arc::new(Workspace::new(g, &cfg, &kernels, &layers, GEMV_MAX_ROWS)?),
             logits: g.buffer("logits", (cfg.vocab_size * 4) as u64)?,
-            logits_all: std::sync::OnceLock::new(),
             part: g.buffer(
                 "attention partials",
                 (cfg.n_heads * max_positions.div_ceil(DECODE_KEYS_PER_SPLIT) * (2 + cfg.d_v) * 4)
@@ -961,7 +1001,8 @@ impl Model {
             final_norm,
             cos_sin,
             layers,
-            ws,
+            step,
+            prompt_ws: std::sync::Mutex::new(None),
             chunk,
             max_positions,
             global_cap0,
@@ -991,6 +1032,8 @@ impl Model {
         if model.cfg.n_meta > 0 {
             model.prefix = Some(crate::cache::Prefix::read(&model.gpu, &model.cfg, &prefix).await?);
         }
+        // The meta-token rows' prompt workspace is not needed until a prompt comes.
+        model.release_prompt_workspace();
         Ok(model)
     }
 
@@ -1011,44 +1054,85 @@ impl Model {
         self.weight_report.iter().map(|t| t.bytes).sum()
     }
 
-    /// Bytes of a sequence's cache once it holds `tokens` user tokens, measured: an empty
-    /// sequence's buffers are grown as a prompt of that length grows them (the global layers'
-    /// KV doubles as needed), their sizes summed, and the sequence dropped.
+    /// Bytes of a sequence's cache once it holds `tokens` user tokens and decodes, measured: an
+    /// empty sequence's buffers are grown as a prompt of that length grows them (the global
+    /// layers' KV doubles as needed), the sliding-window rings shrunk as the first decode step
+    /// shrinks them, their sizes summed, and the sequence dropped.
     pub fn cache_bytes_for(&self, tokens: usize) -> Result<u64> {
         let mut s = self.empty_sequence()?;
         s.ensure_capacity(
             &self.gpu,
             &self.cfg,
             self.cfg.n_meta + tokens,
+            self.chunk.min(tokens.max(1)),
             self.max_positions - self.cfg.n_meta,
         )?;
+        s.compact_rings(&self.gpu, &self.cfg)?;
         Ok(s.cache_bytes())
     }
 
     /// Bytes of the model's other GPU buffers, measured from them: the activation workspaces
-    /// (each shared buffer once), the decode branch outputs and the RoPE table. Weights
+    /// (each shared buffer once; the prompt workspace while it is alive), the decode step's
+    /// logits, attention partials and branch outputs, and the RoPE table. Weights
     /// ([`Model::weight_bytes`]) and each sequence's cache (`Sequence::cache_bytes`) come on
     /// top. (The meta-token prefix new sequences start from is in host memory:
     /// [`Model::prefix_host_bytes`].)
     pub fn activation_bytes(&self) -> u64 {
-        let ws = &self.ws;
-        let mut b: u64 = [
-            &ws.h, &ws.u, &ws.p, &ws.att, &ws.xc, &ws.xp, &ws.dt, &ws.y, &ws.logits, &ws.part,
-        ]
-        .iter()
-        .map(|b| b.size())
-        .sum();
-        debug_assert!(
-            ws.gu == ws.p && ws.m == ws.xc,
-            "shared workspaces counted once"
-        );
-        b += ws.logits_all.get().map(|l| l.size()).unwrap_or(0);
-        b += ws
-            .branch
-            .iter()
-            .map(|o| o.xp.size() + o.att.size() + o.y.size())
-            .sum::<u64>();
-        b + self.cos_sin.size()
+        let st = &self.step;
+        let prompt = self
+            .prompt_ws
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |w| w.bytes());
+        st.ws.bytes()
+            + prompt
+            + st.logits.size()
+            + st.part.size()
+            + st.branch
+                .iter()
+                .map(|o| o.xp.size() + o.att.size() + o.y.size())
+                .sum::<u64>()
+            + self.cos_sin.size()
+    }
+
+    /// Rows of the prompt workspace alive now (0: none; it is created by a prompt longer than
+    /// [`GEMV_MAX_ROWS`] positions and given back by the next decode step).
+    pub fn prompt_workspace_rows(&self) -> usize {
+        self.prompt_ws
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |w| w.rows)
+    }
+
+    /// Gives the prompt workspace back (the GPU frees it once the work that uses it is done).
+    /// Decode steps do this themselves; the next long prompt creates it again.
+    pub fn release_prompt_workspace(&self) {
+        self.prompt_ws.lock().unwrap().take();
+    }
+
+    /// The workspace for a forward of `rows` positions per chunk: the decode step's for a few
+    /// rows, else the prompt workspace, created (or replaced by a larger one) as needed.
+    fn workspace_for(&self, rows: usize) -> Result<Arc<Workspace>> {
+        if rows <= self.step.ws.rows {
+            return Ok(self.step.ws.clone());
+        }
+        let mut slot = self.prompt_ws.lock().unwrap();
+        if let Some(w) = slot.as_ref().filter(|w| w.rows >= rows) {
+            return Ok(w.clone());
+        }
+        // Drop a smaller one first, so the two are never held at once.
+        *slot = None;
+        let w = Arc::new(Workspace::new(
+            &self.gpu,
+            &self.cfg,
+            &self.kernels,
+            &self.layers,
+            rows,
+        )?);
+        *slot = Some(w.clone());
+        Ok(w)
     }
 
     /// Every weight buffer on the GPU: what it holds, its storage dtype, logical shape and
@@ -1156,12 +1240,16 @@ impl Model {
         if total_rows == 0 {
             return Ok(Vec::new());
         }
+        let chunk_rows = total_rows.min(self.chunk);
         seq.ensure_capacity(
             &self.gpu,
             &self.cfg,
             seq.pos + total_rows,
+            chunk_rows,
             self.max_positions - self.cfg.n_meta,
         )?;
+        let ws = self.workspace_for(chunk_rows)?;
+        let ws = &*ws;
         seq.undoable = None;
         // Mark prompt tokens for the repetition penalty.
         for &id in ids {
@@ -1187,11 +1275,13 @@ impl Model {
             };
             let pos0 = seq.pos;
             if let Some(tr) = trace.as_deref_mut() {
-                self.forward_traced(seq, pos0, rows, meta_here, tr).await?;
+                self.forward_traced(ws, seq, pos0, rows, meta_here, tr)
+                    .await?;
             } else {
                 let mut rec = Recorder::new(&self.gpu);
                 self.record_chunk(
                     &mut rec,
+                    ws,
                     seq,
                     pos0,
                     rows,
@@ -1211,13 +1301,13 @@ impl Model {
                     if rows > skip {
                         if trace.is_some() {
                             let mut rec = Recorder::new(&self.gpu);
-                            self.record_head(&mut rec, rows, 0, rows)?;
+                            self.record_head(&mut rec, ws, 0, rows)?;
                             rec.finish().run(&self.gpu);
                         }
                         out.extend(
                             self.gpu
                                 .read_f32(
-                                    self.logits_for(rows)?,
+                                    self.logits_for(ws, rows)?,
                                     (skip * v) as u64,
                                     ((rows - skip) * v) as u64,
                                 )
@@ -1228,11 +1318,11 @@ impl Model {
                 Logits::Last => {
                     if trace.is_some() {
                         let mut rec = Recorder::new(&self.gpu);
-                        self.record_head(&mut rec, rows, rows - 1, 1)?;
+                        self.record_head(&mut rec, ws, rows - 1, 1)?;
                         rec.finish().run(&self.gpu);
                     }
                     if rows > meta_here {
-                        out.extend(self.gpu.read_f32(&self.ws.logits, 0, v as u64).await?);
+                        out.extend(self.gpu.read_f32(&self.step.logits, 0, v as u64).await?);
                     }
                 }
                 Logits::None => {}
@@ -1244,33 +1334,39 @@ impl Model {
         Ok(out)
     }
 
-    /// The logits buffer for `n` rows: the one-row buffer, or the chunk-rows one (created on
-    /// first use).
-    fn logits_for(&self, n: usize) -> Result<&wgpu::Buffer> {
+    /// The logits buffer for `n` rows: the one-row buffer, or the workspace's rows one
+    /// (created on first use).
+    fn logits_for<'a>(&'a self, ws: &'a Workspace, n: usize) -> Result<&'a wgpu::Buffer> {
         if n <= 1 {
-            return Ok(&self.ws.logits);
+            return Ok(&self.step.logits);
         }
-        if let Some(b) = self.ws.logits_all.get() {
+        if let Some(b) = ws.logits_all.get() {
             return Ok(b);
         }
         let b = self.gpu.buffer(
             "logits of every row",
-            (self.chunk * self.cfg.vocab_size * 4) as u64,
+            (ws.rows * self.cfg.vocab_size * 4) as u64,
         )?;
-        Ok(self.ws.logits_all.get_or_init(|| b))
+        Ok(ws.logits_all.get_or_init(|| b))
     }
 
     /// Final norm + LM head for `n` rows starting at row `first` of the chunk, into logits rows
     /// 0..n (of the one-row logits buffer when n = 1, else of the chunk-rows one).
-    fn record_head(&self, rec: &mut Recorder, _rows: usize, first: usize, n: usize) -> Result<()> {
+    fn record_head(
+        &self,
+        rec: &mut Recorder,
+        ws: &Workspace,
+        first: usize,
+        n: usize,
+    ) -> Result<()> {
         let c = &self.cfg;
         let k = &self.kernels;
-        let logits = self.logits_for(n)?;
+        let logits = self.logits_for(ws, n)?;
         k.rmsnorm(
             rec,
-            Some((&self.ws.h, first * c.hidden, c.hidden)),
+            Some((&ws.h, first * c.hidden, c.hidden)),
             &self.final_norm,
-            &self.ws.u,
+            &ws.u,
             0,
             c.hidden,
             n,
@@ -1279,7 +1375,8 @@ impl Model {
         )?;
         self.gemm(
             rec,
-            &self.ws.u,
+            ws,
+            &ws.u,
             0,
             c.hidden,
             self.lm_head(),
@@ -1296,6 +1393,7 @@ impl Model {
     fn record_chunk(
         &self,
         rec: &mut Recorder,
+        ws: &Workspace,
         seq: &Sequence,
         pos0: usize,
         rows: usize,
@@ -1313,22 +1411,22 @@ impl Model {
             &self.embed,
             &self.meta,
             meta_rows,
-            &self.ws.h,
+            &ws.h,
             rows,
         )?;
         // A layer's split down_proj leaves its partial results for the next layer's input norm
         // to sum into the residual; after the last layer they are summed on their own.
         let mut pending = None;
         for l in 0..c.n_layers {
-            pending = self.record_layer(rec, seq, l, pos0, rows, decode, pending)?;
+            pending = self.record_layer(rec, ws, seq, l, pos0, rows, decode, pending)?;
         }
         if let Some((pp, parts)) = pending {
-            self.kernels.reduce_partials(rec, parts, pp, &self.ws.h)?;
+            self.kernels.reduce_partials(rec, parts, pp, &ws.h)?;
         }
         match logits {
             Logits::None => Ok(()),
-            Logits::All => self.record_head(rec, rows, 0, rows),
-            Logits::Last => self.record_head(rec, rows, rows - 1, 1),
+            Logits::All => self.record_head(rec, ws, 0, rows),
+            Logits::Last => self.record_head(rec, ws, rows - 1, 1),
         }
     }
 
@@ -1340,6 +1438,7 @@ impl Model {
     fn record_layer<'a>(
         &'a self,
         rec: &mut Recorder,
+        ws: &'a Workspace,
         seq: &Sequence,
         l: usize,
         pos0: usize,
@@ -1350,15 +1449,14 @@ impl Model {
         let c = &self.cfg;
         let k = &self.kernels;
         let w = &self.layers[l];
-        let ws = &self.ws;
         let d = c.hidden;
         let di = c.d_inner;
         let split = c.in_proj_split(l);
         let pw = split.total;
         // Input norm (with the previous layer's split down_proj summed into the residual
         // first) and the fused in_proj (q | k | v | x | z).
-        self.residual_norm(rec, pending, &w.input_norm, rows)?;
-        self.gemm(rec, &ws.u, 0, d, &w.in_proj, &ws.p, 0, pw, rows, false)?;
+        self.residual_norm(rec, ws, pending, &w.input_norm, rows)?;
+        self.gemm(rec, ws, &ws.u, 0, d, &w.in_proj, &ws.p, 0, pw, rows, false)?;
         // Attention heads.
         let src = c.layers[l].kv_source(l);
         let kv = seq.layers[src]
@@ -1531,12 +1629,12 @@ impl Model {
         // Merge the two kinds of heads, out_proj into the residual.
         k.merge(rec, &ws.att, &ws.y, &w.pre_avg, &ws.m, rows, di, c.eps)?;
         // SwiGLU MLP, its norm fused with the sum of a split out_proj.
-        let pending = self.gemm_partial(rec, &ws.m, 0, di, &w.out_proj, rows)?;
-        self.residual_norm(rec, pending, &w.pre_mlp_norm, rows)?;
+        let pending = self.gemm_partial(rec, ws, &ws.m, 0, di, &w.out_proj, rows)?;
+        self.residual_norm(rec, ws, pending, &w.pre_mlp_norm, rows)?;
         let i2 = 2 * c.intermediate;
-        self.gemm(rec, &ws.u, 0, d, &w.gate_up, &ws.gu, 0, i2, rows, false)?;
+        self.gemm(rec, ws, &ws.u, 0, d, &w.gate_up, &ws.gu, 0, i2, rows, false)?;
         k.swiglu(rec, &ws.gu, rows, c.intermediate)?;
-        self.gemm_partial(rec, &ws.gu, 0, i2, &w.down, rows)
+        self.gemm_partial(rec, ws, &ws.gu, 0, i2, &w.down, rows)
     }
 
     /// `u` = RMSNorm (weight `norm`) of the residual `h`, over `rows` rows; with `pending`, the
@@ -1545,11 +1643,12 @@ impl Model {
     fn residual_norm(
         &self,
         rec: &mut Recorder,
+        ws: &Workspace,
         pending: Option<PendingSum<'_>>,
         norm: &wgpu::Buffer,
         rows: usize,
     ) -> Result<()> {
-        let (ws, d, eps) = (&self.ws, self.cfg.hidden, self.cfg.eps);
+        let (d, eps) = (self.cfg.hidden, self.cfg.eps);
         match pending {
             Some((pp, parts)) => self.kernels.rmsnorm_partials(
                 rec,
@@ -1573,6 +1672,7 @@ impl Model {
     fn gemm(
         &self,
         rec: &mut Recorder,
+        ws: &Workspace,
         x: &wgpu::Buffer,
         x_off: usize,
         x_stride: usize,
@@ -1583,10 +1683,7 @@ impl Model {
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
-        debug_assert!(
-            y != &self.ws.h,
-            "products into the residual take gemm_partial"
-        );
+        debug_assert!(y != &ws.h, "products into the residual take gemm_partial");
         self.kernels.matmul_prompt(
             rec, None, x, x_off, x_stride, w, y, y_off, y_stride, rows, accumulate,
         )
@@ -1599,20 +1696,18 @@ impl Model {
     /// input norm; x_proj borrows it after that, just before dt_proj). Returns the partial
     /// results and their scratch when the product was split (the caller sums them into `h`),
     /// None when it wrote `h` itself. `forward_traced` reads neither scratch after the layer.
-    fn gemm_partial(
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_partial<'a>(
         &self,
         rec: &mut Recorder,
+        ws: &'a Workspace,
         x: &wgpu::Buffer,
         x_off: usize,
         x_stride: usize,
         w: &Matrix,
         rows: usize,
-    ) -> Result<Option<PendingSum<'_>>> {
-        let parts = if x == &self.ws.gu {
-            &self.ws.dt
-        } else {
-            &self.ws.p
-        };
+    ) -> Result<Option<PendingSum<'a>>> {
+        let parts = if x == &ws.gu { &ws.dt } else { &ws.p };
         let d = self.cfg.hidden;
         let pending = self.kernels.matmul_prompt_partial(
             rec,
@@ -1621,7 +1716,7 @@ impl Model {
             x_off,
             x_stride,
             w,
-            &self.ws.h,
+            &ws.h,
             0,
             d,
             rows,
@@ -1643,7 +1738,8 @@ impl Model {
         let c = &self.cfg;
         let k = &self.kernels;
         let w = &self.layers[l];
-        let ws = &self.ws;
+        let ws = &*self.step.ws;
+        let sb = &self.step;
         let d = c.hidden;
         let di = c.d_inner;
         let split = c.in_proj_split(l);
@@ -1692,16 +1788,16 @@ impl Model {
         };
         // This layer's branch outputs: its own buffers on GPUs (see BranchOutputs).
         let gpu_path = !k.cpu_adapter();
-        let (att, y) = match ws.branch.get(l) {
+        let (att, y) = match sb.branch.get(l) {
             Some(bo) => (&bo.att, &bo.y),
             None => (&ws.att, &ws.y),
         };
         for _ in 0..self.reps(DecodeStage::AttentionSplit) {
-            k.attention_blocks(rec, &ws.p, &self.cos_sin, kv.buffers(), &ws.part, ap)?;
+            k.attention_blocks(rec, &ws.p, &self.cos_sin, kv.buffers(), &sb.part, ap)?;
         }
         if !gpu_path {
             for _ in 0..self.reps(DecodeStage::AttentionCombine) {
-                k.attention_combine(rec, &ws.part, att, ap)?;
+                k.attention_combine(rec, &sb.part, att, ap)?;
             }
         }
         // SSM branch. On GPUs: x_proj with the step's conv in its prologue (no barrier before
@@ -1760,7 +1856,7 @@ impl Model {
                 sp,
             )?;
         } else {
-            let xp = &ws.branch[l].xp;
+            let xp = &sb.branch[l].xp;
             let mut xp_parts = 1;
             for _ in 0..self.reps(DecodeStage::XProj) {
                 xp_parts = k.x_proj_conv(
@@ -1773,7 +1869,7 @@ impl Model {
                     ScanInput::ConvStep {
                         w: &w.conv,
                         state: &st.conv,
-                        readable: &ws.part,
+                        readable: &sb.part,
                     },
                     &w.dt_proj,
                     xp,
@@ -1786,7 +1882,7 @@ impl Model {
                 )?;
             }
             for _ in 0..self.reps(DecodeStage::AttentionCombine) {
-                k.attention_combine(rec, &ws.part, att, ap)?;
+                k.attention_combine(rec, &sb.part, att, ap)?;
             }
         }
         for _ in 0..self.reps(DecodeStage::OutProj) {
@@ -1844,6 +1940,7 @@ impl Model {
 
     async fn forward_traced(
         &self,
+        ws: &Workspace,
         seq: &mut Sequence,
         pos0: usize,
         rows: usize,
@@ -1866,33 +1963,29 @@ impl Model {
             &self.embed,
             &self.meta,
             meta_rows,
-            &self.ws.h,
+            &ws.h,
             rows,
         )?;
         rec.finish().run(g);
         for l in 0..n {
-            tr.hidden[l].extend(g.read_f32(&self.ws.h, 0, (rows * c.hidden) as u64).await?);
+            tr.hidden[l].extend(g.read_f32(&ws.h, 0, (rows * c.hidden) as u64).await?);
             let mut rec = Recorder::new(g);
             if let Some((pp, parts)) =
-                self.record_layer(&mut rec, seq, l, pos0, rows, false, None)?
+                self.record_layer(&mut rec, ws, seq, l, pos0, rows, false, None)?
             {
-                self.kernels
-                    .reduce_partials(&mut rec, parts, pp, &self.ws.h)?;
+                self.kernels.reduce_partials(&mut rec, parts, pp, &ws.h)?;
             }
             rec.finish().run(g);
-            tr.attn_out[l].extend(
-                g.read_f32(&self.ws.att, 0, (rows * c.d_inner) as u64)
-                    .await?,
-            );
-            tr.ssm_out[l].extend(g.read_f32(&self.ws.y, 0, (rows * c.d_inner) as u64).await?);
+            tr.attn_out[l].extend(g.read_f32(&ws.att, 0, (rows * c.d_inner) as u64).await?);
+            tr.ssm_out[l].extend(g.read_f32(&ws.y, 0, (rows * c.d_inner) as u64).await?);
         }
-        tr.hidden[n].extend(g.read_f32(&self.ws.h, 0, (rows * c.hidden) as u64).await?);
+        tr.hidden[n].extend(g.read_f32(&ws.h, 0, (rows * c.hidden) as u64).await?);
         let mut rec = Recorder::new(g);
         self.kernels.rmsnorm(
             &mut rec,
-            Some((&self.ws.h, 0, c.hidden)),
+            Some((&ws.h, 0, c.hidden)),
             &self.final_norm,
-            &self.ws.u,
+            &ws.u,
             0,
             c.hidden,
             rows,
@@ -1901,7 +1994,7 @@ impl Model {
         )?;
         rec.finish().run(g);
         tr.final_norm
-            .extend(g.read_f32(&self.ws.u, 0, (rows * c.hidden) as u64).await?);
+            .extend(g.read_f32(&ws.u, 0, (rows * c.hidden) as u64).await?);
         Ok(())
     }
 
@@ -1927,7 +2020,7 @@ impl Model {
         let mut rec = Recorder::new(&self.gpu);
         self.kernels.sample(
             &mut rec,
-            &self.ws.logits,
+            &self.step.logits,
             &seq.seen,
             &seq.tok_state,
             self.sample_params(sp),
@@ -1964,7 +2057,7 @@ impl Model {
                 &self.embed,
                 &self.meta,
                 0,
-                &self.ws.h,
+                &self.step.ws.h,
                 1,
             )?;
             for l in 0..c.n_layers {
@@ -1972,12 +2065,12 @@ impl Model {
             }
             self.kernels.gemv_pro(
                 rec,
-                &self.ws.h,
+                &self.step.ws.h,
                 0,
                 c.hidden,
                 self.lm_head(),
                 Prologue::Norm(&self.final_norm, c.eps),
-                &self.ws.logits,
+                &self.step.logits,
                 0,
                 c.vocab_size,
                 1,
@@ -1986,6 +2079,7 @@ impl Model {
         } else {
             self.record_chunk(
                 rec,
+                &self.step.ws,
                 seq,
                 seq.pos,
                 1,
@@ -1999,7 +2093,7 @@ impl Model {
         if sample {
             self.kernels.sample(
                 rec,
-                &self.ws.logits,
+                &self.step.logits,
                 &seq.seen,
                 &seq.tok_state,
                 self.sample_params(sp),
@@ -2058,10 +2152,14 @@ impl Model {
         if backup {
             seq.ensure_backup(&self.gpu)?;
         }
+        // Decoding needs neither the prompt workspace nor the rings' prompt-chunk slack.
+        self.release_prompt_workspace();
+        seq.compact_rings(&self.gpu, &self.cfg)?;
         seq.ensure_capacity(
             &self.gpu,
             &self.cfg,
             seq.pos + 1,
+            1,
             self.max_positions - self.cfg.n_meta,
         )?;
         let key = seq.layout_gen * 4 + sample as u64 * 2 + backup as u64;
@@ -2180,13 +2278,16 @@ impl Model {
             &self.gpu,
             &self.cfg,
             seq.pos + rows,
+            rows,
             self.max_positions - self.cfg.n_meta,
         )?;
+        let ws = self.workspace_for(rows)?;
         self.gpu.write(&seq.ids, 0, &ids[..rows]);
         seq.undoable = None;
         let mut rec = Recorder::new(&self.gpu);
         self.record_chunk(
             &mut rec,
+            &ws,
             seq,
             seq.pos,
             rows,
@@ -2211,7 +2312,7 @@ impl Model {
     /// Reads the last logits row computed.
     pub async fn read_logits(&self) -> Result<Vec<f32>> {
         self.gpu
-            .read_f32(&self.ws.logits, 0, self.cfg.vocab_size as u64)
+            .read_f32(&self.step.logits, 0, self.cfg.vocab_size as u64)
             .await
     }
 

@@ -275,7 +275,7 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
         lm.model.chunk
     );
     println!(
-        "  new sequence: {} (measured from its buffers)",
+        "  new sequence: {} (measured from its buffers; its sliding-window rings hold a prefill chunk more than the window until the first decode step)",
         human_bytes(fixed)
     );
     // Each row is measured too: a sequence's buffers grown to hold that many tokens.
@@ -286,7 +286,7 @@ fn model_info(a: &InfoArgs) -> CliResult<()> {
             ""
         };
         println!(
-            "  {:>6} tokens: {} (measured: a sequence grown to hold them){}",
+            "  {:>6} tokens: {} (measured: a sequence grown to hold them, as decoding holds it){}",
             n,
             human_bytes(lm.model.cache_bytes_for(n).map_err(err)?),
             note
