@@ -68,10 +68,36 @@ struct Args {
     /// Save the random model as a Hugging Face folder here and exit.
     #[arg(long)]
     save: Option<std::path::PathBuf>,
+    /// Measure a chain of Hymba-1.5B's four decode GEMVs per layer (f16 weights, 16 layers) as
+    /// one dispatch per GEMV against one persistent dispatch per token whose workgroups meet at
+    /// a grid barrier between GEMVs (`shaders/bench_grid.wgsl`), for each workgroup count
+    /// given (all of them must be resident at once, or the probe hangs), and exit. Not run on
+    /// CPU adapters.
+    #[arg(long, value_delimiter = ',')]
+    grid_probe: Vec<u32>,
+    /// Layers in the grid probe's chain (1 to 16).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=16))]
+    grid_layers: u32,
 }
 
 fn main() {
     let a = Args::parse();
+    let backends = parse_backends(&a.backend).unwrap_or_else(|| die("unknown backend"));
+    let new_gpu = || {
+        Arc::new(
+            pollster::block_on(Gpu::new(&GpuOptions {
+                backends,
+                ..Default::default()
+            }))
+            .unwrap_or_else(|e| die(e)),
+        )
+    };
+    if !a.grid_probe.is_empty() {
+        let gpu = new_gpu();
+        println!("adapter: {}", describe_adapter(&gpu.info));
+        grid_probe(&gpu, &a.grid_probe, a.grid_layers, a.warmup);
+        return;
+    }
     let ck = match &a.model {
         Some(d) => Checkpoint::open_dir(d).unwrap_or_else(|e| die(e)),
         None => {
@@ -92,14 +118,7 @@ fn main() {
         eprintln!("saved to {}", dir.display());
         return;
     }
-    let backends = parse_backends(&a.backend).unwrap_or_else(|| die("unknown backend"));
-    let gpu = Arc::new(
-        pollster::block_on(Gpu::new(&GpuOptions {
-            backends,
-            ..Default::default()
-        }))
-        .unwrap_or_else(|e| die(e)),
-    );
+    let gpu = new_gpu();
     let kernels = Arc::new(Kernels::new(&gpu).unwrap_or_else(|e| die(e)));
     let adapter = describe_adapter(&gpu.info);
     println!("adapter: {adapter}");
@@ -264,6 +283,9 @@ fn main() {
             let mut s = model.new_sequence().unwrap();
             pollster::block_on(model.forward(&mut s, &ids(ctx - 1, 3), Logits::Last, None))
                 .unwrap();
+            // GPU memory right after the prompt, before the first decode step gives back the
+            // prompt workspace and the rings' chunk slack: the peak of this context.
+            let after_prompt = memory_line(&model, &s);
             // streamed: Model::generate itself (its last prompt token, then n decode steps,
             // each token read back; the step feeding a token is submitted before it is read).
             let g = pollster::block_on(model.generate(
@@ -334,25 +356,13 @@ fn main() {
                     model.kv_dtype.name()
                 ),
             );
-            // GPU memory while this context's sequence is alive: the allocator's total, and
-            // what the engine's own accounting says it is made of.
-            if let Some(r) = model.gpu.device.generate_allocator_report() {
-                let mib = |b: u64| b as f64 / 1048576.0;
-                let (w, act, cache) = (
-                    model.weight_bytes(),
-                    model.activation_bytes(),
-                    s.cache_bytes(),
-                );
-                let total = r.total_allocated_bytes;
-                println!(
-                    "gpu memory @ {ctx}: allocator {:.1} MiB = weights {:.1} + {:.1} MiB (workspaces {:.1}, this sequence's cache {:.1}, unaccounted {:.1})",
-                    mib(total),
-                    mib(w),
-                    mib(total.saturating_sub(w)),
-                    mib(act),
-                    mib(cache),
-                    (total as f64 - (w + act + cache) as f64) / 1048576.0
-                );
+            // GPU memory while this context's sequence is alive and decoding: the allocator's
+            // total, and what the engine's own accounting says it is made of.
+            if let Some(peak) = after_prompt {
+                println!("gpu memory @ {ctx} after the prompt: {peak}");
+            }
+            if let Some(now) = memory_line(&model, &s) {
+                println!("gpu memory @ {ctx} decoding: {now}");
             }
         }
         if let Some(r) = model.gpu.device.generate_allocator_report() {
@@ -363,6 +373,29 @@ fn main() {
             );
         }
     }
+}
+
+/// The GPU allocator's total while `s` is the only sequence alive, against the engine's own
+/// accounting of weights, workspaces and this sequence's cache (None without an allocator report).
+fn memory_line(model: &Model, s: &hymba_engine::cache::Sequence) -> Option<String> {
+    let r = model.gpu.device.generate_allocator_report()?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let (w, act, cache) = (
+        model.weight_bytes(),
+        model.activation_bytes(),
+        s.cache_bytes(),
+    );
+    let total = r.total_allocated_bytes;
+    Some(format!(
+        "allocator {:.1} MiB = weights {:.1} + {:.1} MiB (workspaces {:.1}, this sequence's cache {:.1}, unaccounted {:.1}; allocator blocks {:.1} MiB)",
+        mib(total),
+        mib(w),
+        mib(total.saturating_sub(w)),
+        mib(act),
+        mib(cache),
+        (total as f64 - (w + act + cache) as f64) / 1048576.0,
+        mib(r.total_reserved_bytes)
+    ))
 }
 
 /// Queued decode time per token (seconds, best of 3 runs of `n` tokens) after `prompt`.
@@ -483,6 +516,164 @@ fn mma_throughput(gpu: &Gpu) {
             "tensor-core throughput ({what}): {:.1} TFLOP/s (WGSL cooperative matrices 16x16x16 f16 -> f32, {groups} x 4 subgroups x {iters} rounds of 8)",
             flops / best / 1e12
         );
+    }
+}
+
+/// See `Args::grid_probe`. Prints, per form, the time per token of the chain of `layers` layers
+/// (best of 3 runs of 20 tokens, after `warmup` seconds of the dispatch-per-GEMV form) and
+/// whether the persistent form's output equals the dispatch-per-GEMV form's bit for bit.
+fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
+    use hymba_engine::gpu::{BindKind, Kernel, Recorder};
+    use std::sync::Arc;
+    let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+    const LAYER_W: u64 = 5_734_400; // vec4<u32> per layer (bench_grid.wgsl)
+    const ACT: u64 = 12_928 + 11_008;
+    const TOKENS: usize = 20;
+    let src = include_str!("../../shaders/bench_grid.wgsl");
+    let rw = BindKind::ReadWrite;
+    let k = |entry: &str, defs: &[&str], binds: &[BindKind]| -> Arc<Kernel> {
+        Arc::new(
+            Kernel::new(gpu, "bench_grid.wgsl", src, entry, defs, binds).unwrap_or_else(|e| die(e)),
+        )
+    };
+    let plain = [BindKind::Uniform, rw, rw];
+    let grid = [BindKind::Uniform, rw, rw, rw];
+    let fill = k("fill", &[], &plain);
+    let chain = k("main", &[], &plain);
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct P {
+        layers: u32,
+        phase: u32,
+        groups: u32,
+        base: u32,
+    }
+    let w = gpu
+        .buffer("grid probe weights", layers as u64 * LAYER_W * 16)
+        .unwrap_or_else(|e| die(e));
+    let act0 = gpu
+        .buffer("grid probe h", ACT * 4)
+        .unwrap_or_else(|e| die(e));
+    let act = gpu
+        .buffer("grid probe activations", ACT * 4)
+        .unwrap_or_else(|e| die(e));
+    let sync = gpu
+        .buffer("grid probe barrier", 16)
+        .unwrap_or_else(|e| die(e));
+    let n_fill = (layers as u64 * LAYER_W).div_ceil(256) as u32;
+    let mut rec = Recorder::new(gpu);
+    let p0 = P {
+        layers,
+        phase: 0,
+        groups: 0,
+        base: 0,
+    };
+    rec.dispatch(&fill, &p0, &[&w, &act0], [32768, n_fill.div_ceil(32768), 1])
+        .unwrap_or_else(|e| die(e));
+    rec.finish().run(gpu);
+    let ms = [8960u32, 1600, 11008, 1600];
+    let chain_prog = |tokens: usize| {
+        let mut rec = Recorder::new(gpu);
+        for _ in 0..tokens {
+            for g in 0..4 * layers {
+                let p = P { phase: g, ..p0 };
+                rec.dispatch(
+                    &chain,
+                    &p,
+                    &[&w, &act],
+                    [ms[g as usize % 4].div_ceil(8), 1, 1],
+                )
+                .unwrap_or_else(|e| die(e));
+            }
+        }
+        rec.finish()
+    };
+    let reset = |b: &wgpu::Buffer| {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&act0, 0, b, 0, ACT * 4);
+        enc.clear_buffer(&sync, 0, None);
+        gpu.queue.submit([enc.finish()]);
+    };
+    let read_h = || pollster::block_on(gpu.read_f32(&act, 0, 1600)).unwrap_or_else(|e| die(e));
+    let time = |run: &dyn Fn()| -> f64 {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            pollster::block_on(gpu.finish()).ok();
+            let t = Instant::now();
+            run();
+            pollster::block_on(gpu.finish()).ok();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best / TOKENS as f64
+    };
+    // Warm-up, then the reference output of one token and the chain's time.
+    let one = chain_prog(1);
+    let many = chain_prog(TOKENS);
+    let t = Instant::now();
+    while t.elapsed().as_secs_f64() < warmup {
+        many.run(gpu);
+        pollster::block_on(gpu.finish()).ok();
+    }
+    reset(&act);
+    one.run(gpu);
+    let want = read_h();
+    let bytes = layers as f64 * LAYER_W as f64 * 16.0;
+    let report = |what: &str, secs: f64, note: &str| {
+        println!(
+            "grid probe, {layers} layers x 4 GEMVs (f16, {:.2} GB): {what}: {:.1} us per token, {:.2} us per GEMV, {:.0} GB/s{note}",
+            bytes / 1e9,
+            secs * 1e6,
+            secs * 1e6 / (4 * layers) as f64,
+            bytes / secs / 1e9
+        );
+    };
+    report("one dispatch per GEMV", time(&|| many.run(gpu)), "");
+    for &g in groups {
+        for (name, defs) in [
+            ("grid barrier", &["GRID"][..]),
+            ("grid barrier + prefetch", &["GRID", "PREFETCH"][..]),
+        ] {
+            let kern = k("main", defs, &grid);
+            if cpu {
+                println!("grid probe: {name} compiled, not run on a CPU adapter (its workgroups do not all run at once)");
+                continue;
+            }
+            let prog = |tokens: usize| {
+                let mut rec = Recorder::new(gpu);
+                for t in 0..tokens {
+                    let base = (t as u32) * (4 * layers - 1) * g;
+                    let p = P {
+                        groups: g,
+                        base,
+                        ..p0
+                    };
+                    rec.dispatch(&kern, &p, &[&w, &act, &sync], [g, 1, 1])
+                        .unwrap_or_else(|e| die(e));
+                }
+                rec.finish()
+            };
+            let (one, many) = (prog(1), prog(TOKENS));
+            reset(&act);
+            one.run(gpu);
+            let got = read_h();
+            let same = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() == b.to_bits())
+                .count();
+            let secs = time(&|| {
+                reset(&act);
+                many.run(gpu);
+            });
+            report(
+                &format!("{name}, {g} workgroups"),
+                secs,
+                &format!(
+                    "; output {same}/1600 equal to the chain's (h[0] {} vs {})",
+                    got[0], want[0]
+                ),
+            );
+        }
     }
 }
 
