@@ -15,10 +15,13 @@
 // loads j, j + 32, ...), reduced with subgroupAdd: both forms compute every row the same way,
 // so their outputs are equal bit for bit when the barrier works.
 //
-// Variants (defines): GRID (the persistent form; activations are atomics, read and written
-// with atomicLoad / atomicStore so no workgroup reads a stale cached copy), PREFETCH (with GRID:
-// each subgroup loads the first 16-byte chunks of its first row of the next GEMV before waiting
-// at the barrier; weights do not depend on the activations).
+// Each stage normalizes its input to unit RMS while staging it (as the model's norms do), so
+// the values stay in range over the chain.
+//
+// Variants (defines): GRID (the persistent form; activations are atomics, read with atomicLoad
+// and written with atomicStore so that no workgroup reads a stale cached copy), PLAIN (with
+// GRID: activations read with plain loads, which may be stale; the output check says whether
+// they were), EMPTY (with GRID: the barriers alone, no GEMV: what one grid barrier costs).
 
 struct Params {
     layers: u32,   // layers in the chain
@@ -34,6 +37,10 @@ struct Params {
 #ifdef GRID
 // act: activations as f32 bits: h at 0, P at 2048, O at 11264, G at 12928 (atomics: see top).
 @group(0) @binding(2) var<storage, read_write> act: array<atomic<u32>>;
+#ifdef PLAIN
+// The same buffer as act, read with plain loads.
+@group(0) @binding(4) var<storage, read_write> act_plain: array<u32>;
+#endif
 // sync: [0] the grid barrier's arrival counter.
 @group(0) @binding(3) var<storage, read_write> sync: array<atomic<u32>>;
 #else
@@ -54,10 +61,14 @@ const LAYER_W: u32 = 5734400u;
 var<workgroup> xs: array<f32, 5504>;
 
 fn act_load(i: u32) -> f32 {
+#ifdef PLAIN
+    return bitcast<f32>(act_plain[i]);
+#else
 #ifdef GRID
     return bitcast<f32>(atomicLoad(&act[i]));
 #else
     return act[i];
+#endif
 #endif
 }
 
@@ -100,44 +111,62 @@ fn dot8(wv: vec4<u32>, c: u32) -> f32 {
     return dot(vec4<f32>(a, b), x0) + dot(vec4<f32>(e, f), x1);
 }
 
-// Stages X of `gv` in workgroup memory (SwiGLU applied for down). Contains barriers.
-fn stage(gv: Gemv, li: u32) {
+var<workgroup> red: array<f32, 8>;
+
+// Stages X of `gv` in workgroup memory (SwiGLU applied for down), scaled to unit RMS.
+// Contains barriers.
+fn stage(gv: Gemv, li: u32, lane: u32) {
+    var ss = 0.0;
     for (var c = li; c < gv.k; c += 256u) {
+        var v: f32;
         if gv.swiglu {
             let g = act_load(gv.x_at + c);
             let u = act_load(gv.x_at + FF + c);
-            xs[c] = g / (1.0 + exp(-g)) * u;
+            v = g / (1.0 + exp(-g)) * u;
         } else {
-            xs[c] = act_load(gv.x_at + c);
+            v = act_load(gv.x_at + c);
         }
+        xs[c] = v;
+        ss += v * v;
+    }
+    let s = subgroupAdd(ss);
+    if lane == 0u { red[li / 32u] = s; }
+    workgroupBarrier();
+    var t = 0.0;
+    for (var i = 0u; i < 8u; i++) { t += red[i]; }
+    let scale = inverseSqrt(t / f32(gv.k) + 1e-6);
+    for (var c = li; c < gv.k; c += 256u) {
+        xs[c] *= scale;
     }
     workgroupBarrier();
 }
 
-// Rows first, first + stride, ... of `gv`, one per subgroup `sg` at a time; `pre`: the first
-// row's first 16-byte chunks already loaded (PREFETCH).
-fn rows(gv: Gemv, first: u32, stride: u32, lane: u32, pre: array<vec4<u32>, 8>, have_pre: bool) {
+// Rows first, first + stride, ... of `gv`: each subgroup takes two rows per iteration (all
+// their loads issued before the sums need them).
+fn rows(gv: Gemv, first: u32, stride: u32, lane: u32) {
     let kc = gv.k / 8u;
     var row = first;
-    var use_pre = have_pre;
     loop {
         if row >= gv.m { break; }
-        var acc = 0.0;
+        let row2 = row + stride;
+        let two = row2 < gv.m;
         let wr = gv.w_at + row * kc;
-        var j = 0u;
-        if use_pre {
-            for (; j < 8u; j++) {
-                let c = lane + 32u * j;
-                if c < kc { acc += dot8(pre[j], 8u * c); }
-            }
-            use_pre = false;
-        }
-        for (var c = lane + 32u * j; c < kc; c += 32u) {
-            acc += dot8(w[wr + c], 8u * c);
+        let wr2 = gv.w_at + select(row, row2, two) * kc;
+        var acc = 0.0;
+        var acc2 = 0.0;
+        for (var c = lane; c < kc; c += 32u) {
+            let a = w[wr + c];
+            let b = w[wr2 + c];
+            acc += dot8(a, 8u * c);
+            acc2 += dot8(b, 8u * c);
         }
         let s = subgroupAdd(acc);
-        if lane == 0u { act_store(gv.y_at + row, s); }
-        row += stride;
+        let s2 = subgroupAdd(acc2);
+        if lane == 0u {
+            act_store(gv.y_at + row, s);
+            if two { act_store(gv.y_at + row2, s2); }
+        }
+        row += 2u * stride;
     }
 }
 
@@ -161,29 +190,16 @@ fn grid_barrier(n: u32, li: u32) {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
         @builtin(subgroup_invocation_id) lane: u32) {
-    let sg = li / 32u;
-    let first = wid.x * 8u + sg;
+    let first = wid.x * 8u + li / 32u;
     let stride = p.groups * 8u;
-    var pre: array<vec4<u32>, 8>;
-    var have_pre = false;
     let n = 4u * p.layers;
     for (var g = 0u; g < n; g++) {
+#ifndef EMPTY
         let gv = gemv_of(g);
-        stage(gv, li);
-        rows(gv, first, stride, lane, pre, have_pre);
-        if g + 1u < n {
-#ifdef PREFETCH
-            let nx = gemv_of(g + 1u);
-            if first < nx.m {
-                let kc = nx.k / 8u;
-                let wr = nx.w_at + first * kc;
-                for (var j = 0u; j < 8u; j++) {
-                    let c = lane + 32u * j;
-                    if c < kc { pre[j] = w[wr + c]; }
-                }
-                have_pre = true;
-            }
+        stage(gv, li, lane);
+        rows(gv, first, stride, lane);
 #endif
+        if g + 1u < n {
             grid_barrier(g + 1u, li);
         }
     }
@@ -193,9 +209,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
         @builtin(subgroup_invocation_id) lane: u32) {
     let gv = gemv_of(p.phase);
-    stage(gv, li);
-    var pre: array<vec4<u32>, 8>;
-    rows(gv, wid.x * 8u + li / 32u, 1u << 30u, lane, pre, false);
+    stage(gv, li, lane);
+    rows(gv, wid.x * 8u + li / 32u, p.groups * 8u, lane);
 }
 
 // Fills the weights with a hash in [-a, a] with a = 1.7 / sqrt(k) per matrix (about unit-variance

@@ -71,8 +71,8 @@ struct Args {
     /// Measure a chain of Hymba-1.5B's four decode GEMVs per layer (f16 weights, 16 layers) as
     /// one dispatch per GEMV against one persistent dispatch per token whose workgroups meet at
     /// a grid barrier between GEMVs (`shaders/bench_grid.wgsl`), for each workgroup count
-    /// given (all of them must be resident at once, or the probe hangs), and exit. Not run on
-    /// CPU adapters.
+    /// given (all of them must be resident at once, or the probe hangs), and exit. On CPU
+    /// adapters only 1 workgroup is run.
     #[arg(long, value_delimiter = ',')]
     grid_probe: Vec<u32>,
     /// Layers in the grid probe's chain (1 to 16).
@@ -525,21 +525,9 @@ fn mma_throughput(gpu: &Gpu) {
 fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
     use hymba_engine::gpu::{BindKind, Kernel, Recorder};
     use std::sync::Arc;
-    let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
     const LAYER_W: u64 = 5_734_400; // vec4<u32> per layer (bench_grid.wgsl)
     const ACT: u64 = 12_928 + 11_008;
     const TOKENS: usize = 20;
-    let src = include_str!("../../shaders/bench_grid.wgsl");
-    let rw = BindKind::ReadWrite;
-    let k = |entry: &str, defs: &[&str], binds: &[BindKind]| -> Arc<Kernel> {
-        Arc::new(
-            Kernel::new(gpu, "bench_grid.wgsl", src, entry, defs, binds).unwrap_or_else(|e| die(e)),
-        )
-    };
-    let plain = [BindKind::Uniform, rw, rw];
-    let grid = [BindKind::Uniform, rw, rw, rw];
-    let fill = k("fill", &[], &plain);
-    let chain = k("main", &[], &plain);
     #[repr(C)]
     #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
     struct P {
@@ -548,49 +536,60 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
         groups: u32,
         base: u32,
     }
-    let w = gpu
-        .buffer("grid probe weights", layers as u64 * LAYER_W * 16)
-        .unwrap_or_else(|e| die(e));
-    let act0 = gpu
-        .buffer("grid probe h", ACT * 4)
-        .unwrap_or_else(|e| die(e));
-    let act = gpu
-        .buffer("grid probe activations", ACT * 4)
-        .unwrap_or_else(|e| die(e));
-    let sync = gpu
-        .buffer("grid probe barrier", 16)
-        .unwrap_or_else(|e| die(e));
-    let n_fill = (layers as u64 * LAYER_W).div_ceil(256) as u32;
-    let mut rec = Recorder::new(gpu);
+    let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+    let src = include_str!("../../shaders/bench_grid.wgsl");
+    let rw = BindKind::ReadWrite;
+    let kernel = |defs: &[&str], entry: &str, n_buf: usize| -> Arc<Kernel> {
+        let mut binds = vec![BindKind::Uniform];
+        binds.extend(std::iter::repeat_n(rw, n_buf));
+        Arc::new(
+            Kernel::new(gpu, "bench_grid.wgsl", src, entry, defs, &binds)
+                .unwrap_or_else(|e| die(e)),
+        )
+    };
+    let buffer = |name: &str, bytes: u64| gpu.buffer(name, bytes).unwrap_or_else(|e| die(e));
+    let w = buffer("grid probe weights", layers as u64 * LAYER_W * 16);
+    let act0 = buffer("grid probe h", ACT * 4);
+    let act = buffer("grid probe activations", ACT * 4);
+    let sync = buffer("grid probe barrier", 16);
     let p0 = P {
         layers,
         phase: 0,
         groups: 0,
         base: 0,
     };
-    rec.dispatch(&fill, &p0, &[&w, &act0], [32768, n_fill.div_ceil(32768), 1])
-        .unwrap_or_else(|e| die(e));
+    let n_fill = (layers as u64 * LAYER_W).div_ceil(256) as u32;
+    let mut rec = Recorder::new(gpu);
+    rec.dispatch(
+        &kernel(&[], "fill", 2),
+        &p0,
+        &[&w, &act0],
+        [32768, n_fill.div_ceil(32768), 1],
+    )
+    .unwrap_or_else(|e| die(e));
     rec.finish().run(gpu);
+    // One dispatch per GEMV: ceil(m / 16) workgroups of 8 subgroups, two rows each.
+    let chain = kernel(&[], "main", 2);
     let ms = [8960u32, 1600, 11008, 1600];
     let chain_prog = |tokens: usize| {
         let mut rec = Recorder::new(gpu);
         for _ in 0..tokens {
             for g in 0..4 * layers {
-                let p = P { phase: g, ..p0 };
-                rec.dispatch(
-                    &chain,
-                    &p,
-                    &[&w, &act],
-                    [ms[g as usize % 4].div_ceil(8), 1, 1],
-                )
-                .unwrap_or_else(|e| die(e));
+                let gx = ms[g as usize % 4].div_ceil(16);
+                let p = P {
+                    phase: g,
+                    groups: gx,
+                    ..p0
+                };
+                rec.dispatch(&chain, &p, &[&w, &act], [gx, 1, 1])
+                    .unwrap_or_else(|e| die(e));
             }
         }
         rec.finish()
     };
-    let reset = |b: &wgpu::Buffer| {
+    let reset = || {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&act0, 0, b, 0, ACT * 4);
+        enc.copy_buffer_to_buffer(&act0, 0, &act, 0, ACT * 4);
         enc.clear_buffer(&sync, 0, None);
         gpu.queue.submit([enc.finish()]);
     };
@@ -606,17 +605,6 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
         }
         best / TOKENS as f64
     };
-    // Warm-up, then the reference output of one token and the chain's time.
-    let one = chain_prog(1);
-    let many = chain_prog(TOKENS);
-    let t = Instant::now();
-    while t.elapsed().as_secs_f64() < warmup {
-        many.run(gpu);
-        pollster::block_on(gpu.finish()).ok();
-    }
-    reset(&act);
-    one.run(gpu);
-    let want = read_h();
     let bytes = layers as f64 * LAYER_W as f64 * 16.0;
     let report = |what: &str, secs: f64, note: &str| {
         println!(
@@ -627,33 +615,60 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
             bytes / secs / 1e9
         );
     };
-    report("one dispatch per GEMV", time(&|| many.run(gpu)), "");
+    // Warm-up, then the reference output of one token, then the chain's time.
+    let (one, many) = (chain_prog(1), chain_prog(TOKENS));
+    let t = Instant::now();
+    while t.elapsed().as_secs_f64() < warmup {
+        many.run(gpu);
+        pollster::block_on(gpu.finish()).ok();
+    }
+    reset();
+    one.run(gpu);
+    let want = read_h();
+    let rms = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
+    report(
+        "one dispatch per GEMV",
+        time(&|| {
+            reset();
+            many.run(gpu);
+        }),
+        &format!("; output h rms {rms:.3} (h[0] {})", want[0]),
+    );
     for &g in groups {
         for (name, defs) in [
             ("grid barrier", &["GRID"][..]),
-            ("grid barrier + prefetch", &["GRID", "PREFETCH"][..]),
+            (
+                "grid barrier, plain activation loads",
+                &["GRID", "PLAIN"][..],
+            ),
+            ("grid barriers alone, no GEMVs", &["GRID", "EMPTY"][..]),
         ] {
-            let kern = k("main", defs, &grid);
-            if cpu {
-                println!("grid probe: {name} compiled, not run on a CPU adapter (its workgroups do not all run at once)");
+            let plain = defs.contains(&"PLAIN");
+            let kern = kernel(defs, "main", if plain { 4 } else { 3 });
+            if cpu && g > 1 {
+                println!("grid probe: {name}: compiled, not run with {g} workgroups on a CPU adapter (they do not all run at once)");
                 continue;
             }
             let prog = |tokens: usize| {
                 let mut rec = Recorder::new(gpu);
                 for t in 0..tokens {
-                    let base = (t as u32) * (4 * layers - 1) * g;
                     let p = P {
                         groups: g,
-                        base,
+                        base: t as u32 * (4 * layers - 1) * g,
                         ..p0
                     };
-                    rec.dispatch(&kern, &p, &[&w, &act, &sync], [g, 1, 1])
+                    let binds: &[&wgpu::Buffer] = if plain {
+                        &[&w, &act, &sync, &act]
+                    } else {
+                        &[&w, &act, &sync]
+                    };
+                    rec.dispatch(&kern, &p, binds, [g, 1, 1])
                         .unwrap_or_else(|e| die(e));
                 }
                 rec.finish()
             };
             let (one, many) = (prog(1), prog(TOKENS));
-            reset(&act);
+            reset();
             one.run(gpu);
             let got = read_h();
             let same = got
@@ -662,17 +677,18 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
                 .filter(|(a, b)| a.to_bits() == b.to_bits())
                 .count();
             let secs = time(&|| {
-                reset(&act);
+                reset();
                 many.run(gpu);
             });
-            report(
-                &format!("{name}, {g} workgroups"),
-                secs,
-                &format!(
-                    "; output {same}/1600 equal to the chain's (h[0] {} vs {})",
-                    got[0], want[0]
-                ),
-            );
+            let note = if defs.contains(&"EMPTY") {
+                format!(
+                    "; {:.2} us per barrier",
+                    secs * 1e6 / (4 * layers - 1) as f64
+                )
+            } else {
+                format!("; output {same}/1600 equal to the chain's bit for bit")
+            };
+            report(&format!("{name}, {g} workgroups"), secs, &note);
         }
     }
 }
