@@ -568,14 +568,14 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
     )
     .unwrap_or_else(|e| die(e));
     rec.finish().run(gpu);
-    // One dispatch per GEMV: ceil(m / 16) workgroups of 8 subgroups, two rows each.
+    // One dispatch per GEMV: ceil(m / 8) workgroups of 8 rows each.
     let chain = kernel(&[], "main", 2);
     let ms = [8960u32, 1600, 11008, 1600];
     let chain_prog = |tokens: usize| {
         let mut rec = Recorder::new(gpu);
         for _ in 0..tokens {
             for g in 0..4 * layers {
-                let gx = ms[g as usize % 4].div_ceil(16);
+                let gx = ms[g as usize % 4].div_ceil(8);
                 let p = P {
                     phase: g,
                     groups: gx,
@@ -626,6 +626,65 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
     one.run(gpu);
     let want = read_h();
     let rms = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
+    // With one layer, each GEMV against the CPU, from the input the GPU gave it (worst
+    // relative error per GEMV).
+    let cpu_check = |all: &[f32]| -> Option<[f32; 4]> {
+        if layers != 1 {
+            return None;
+        }
+        let h0 = pollster::block_on(gpu.read_f32(&act0, 0, 1600)).unwrap_or_else(|e| die(e));
+        let words = pollster::block_on(gpu.read_u32(&w, 0, LAYER_W * 4)).unwrap_or_else(|e| die(e));
+        let wt = |i: usize| -> f32 {
+            let v = words[i / 2];
+            half::f16::from_bits(if i % 2 == 0 {
+                v as u16
+            } else {
+                (v >> 16) as u16
+            })
+            .to_f32()
+        };
+        let silu = |g: f32| g / (1.0 + (-g).exp());
+        let (pa, oa, ga) = (2048usize, 11264usize, 12928usize);
+        let swi: Vec<f32> = (0..5504)
+            .map(|c| silu(all[ga + c]) * all[ga + 5504 + c])
+            .collect();
+        let o_in = 8960 * 1600;
+        let gu_in = o_in + 1600 * 3200;
+        let dn_in = gu_in + 11008 * 1600;
+        // (m, k, weight offset in halves, input, output)
+        let stages: [(usize, usize, usize, &[f32], &[f32]); 4] = [
+            (8960, 1600, 0, &h0, &all[pa..pa + 8960]),
+            (1600, 3200, o_in, &all[pa..pa + 3200], &all[oa..oa + 1600]),
+            (
+                11008,
+                1600,
+                gu_in,
+                &all[oa..oa + 1600],
+                &all[ga..ga + 11008],
+            ),
+            (1600, 5504, dn_in, &swi, &all[..1600]),
+        ];
+        let mut worst = [0f32; 4];
+        for (i, (m, k, at, x, y)) in stages.into_iter().enumerate() {
+            let sc = 1.0 / ((x.iter().map(|v| v * v).sum::<f32>() / k as f32) + 1e-6).sqrt();
+            for (r, &got) in y.iter().enumerate().take(m) {
+                let dot: f32 = (0..k).map(|c| wt(at + r * k + c) * x[c] * sc).sum();
+                let e = (dot - got).abs() / (1.0 + dot.abs());
+                if e > 1e-3 && std::env::var("GRID_DEBUG").is_ok() {
+                    println!("GEMV {i} row {r}: cpu {dot} gpu {got}");
+                }
+                worst[i] = worst[i].max(e);
+            }
+        }
+        Some(worst)
+    };
+    let read_all = || pollster::block_on(gpu.read_f32(&act, 0, ACT)).unwrap_or_else(|e| die(e));
+    if let Some(e) = cpu_check(&read_all()) {
+        println!("grid probe: one dispatch per GEMV against the CPU: worst relative error per GEMV {e:?}");
+        if !e.iter().all(|&x| x < 1e-4) {
+            die("grid probe: the chain's GEMVs are wrong");
+        }
+    }
     report(
         "one dispatch per GEMV",
         time(&|| {
@@ -671,6 +730,13 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
             reset();
             one.run(gpu);
             let got = read_h();
+            if !defs.contains(&"EMPTY") {
+                if let Some(e) = cpu_check(&read_all()) {
+                    println!(
+                        "grid probe: {name} against the CPU: worst relative error per GEMV {e:?}"
+                    );
+                }
+            }
             let same = got
                 .iter()
                 .zip(&want)
@@ -686,7 +752,12 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
                     secs * 1e6 / (4 * layers - 1) as f64
                 )
             } else {
-                format!("; output {same}/1600 equal to the chain's bit for bit")
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                format!("; output {same}/1600 equal to the chain's bit for bit (max difference {diff:.2e})")
             };
             report(&format!("{name}, {g} workgroups"), secs, &note);
         }
