@@ -11,9 +11,12 @@
 //   out_proj O[1600]  = W_out . P[0..3200]
 //   gate|up  G[11008] = W_gu  . O
 //   down     h[1600]  = W_dn  . (silu(G[0..5504]) * G[5504..11008])
-// K is spread over the workgroup (thread i owning columns 8i .. 8i + 7, and 2048 and 4096 on),
-// X kept in registers, 8 rows at a time (as the engine's gemv_wide does): both forms compute
-// every row the same way, so their outputs are equal bit for bit when the barrier works.
+// Each row of W is one subgroup's (eight weights per 16-byte load, lane j taking loads j,
+// j + subgroup size, ...; X staged in workgroup memory as vec4), reduced with subgroupAdd:
+// both forms compute every row the same way, so their outputs are equal bit for bit when the
+// barrier works. (A form with K across the workgroup and X in registers, as the engine's
+// gemv_wide, ran at 35 us per GEMV on the H200 here: its register arrays, indexed in loops,
+// went to local memory.)
 //
 // Each stage normalizes its input to unit RMS while staging it (as the model's norms do), so
 // the values stay in range over the chain.
@@ -99,11 +102,16 @@ fn gemv_of(g: u32) -> Gemv {
     }
 }
 
-// Eight weights (one 16-byte load) times eight inputs.
-fn dot8(wv: vec4<u32>, x0: vec4<f32>, x1: vec4<f32>) -> f32 {
+// X of the GEMV being computed, after its RMS scale: [k / 4] vec4<f32>.
+var<workgroup> xs: array<vec4<f32>, 1376>;
+// Per subgroup: the RMS reduction's partial sums.
+var<workgroup> red: array<f32, 64>;
+
+// Eight weights (one 16-byte load) times inputs 8c .. 8c + 7.
+fn dot8(wv: vec4<u32>, c: u32) -> f32 {
     let a = vec4<f32>(unpack2x16float(wv.x), unpack2x16float(wv.y));
     let b = vec4<f32>(unpack2x16float(wv.z), unpack2x16float(wv.w));
-    return dot(a, x0) + dot(b, x1);
+    return dot(a, xs[2u * c]) + dot(b, xs[2u * c + 1u]);
 }
 
 // Input element c of `gv` (SwiGLU applied for down), before the RMS scale.
@@ -116,58 +124,53 @@ fn x_at(gv: Gemv, c: u32) -> f32 {
     return act_load(gv.x_at + c);
 }
 
-// Per row of a batch of 8 and subgroup (subgroups of 4 lanes or more): partial sums; the
-// first of them also the RMS reduction's.
-var<workgroup> red: array<f32, 512>;
-
-// Rows row0 .. row1 of `gv`, K across the workgroup: thread li owns the 8-column chunks li,
-// li + 256 and li + 512 (K <= 6144) and keeps X there in registers (scaled to unit RMS);
-// 8 rows at a time, every weight load of the batch issued before the sums, each row's 256
-// partial sums reduced by subgroupAdd and then in workgroup memory. Contains barriers.
-fn gemv_rows(gv: Gemv, row0: u32, row1: u32, li: u32, lane: u32, sgs: u32) {
-    let kc = gv.k / 8u;
-    let nsg = 256u / sgs;
-    let sg = li / sgs;
-    var x: array<vec4<f32>, 6>;
+// Stages X of `gv` in workgroup memory, scaled to unit RMS. Contains barriers.
+fn stage(gv: Gemv, li: u32, lane: u32, sgs: u32) {
     var ss = 0.0;
-    for (var j = 0u; j < 3u; j++) {
-        let c = li + 256u * j;
-        if c < kc {
-            let e = 8u * c;
-            x[2u * j] = vec4<f32>(x_at(gv, e), x_at(gv, e + 1u), x_at(gv, e + 2u), x_at(gv, e + 3u));
-            x[2u * j + 1u] = vec4<f32>(x_at(gv, e + 4u), x_at(gv, e + 5u), x_at(gv, e + 6u), x_at(gv, e + 7u));
-            ss += dot(x[2u * j], x[2u * j]) + dot(x[2u * j + 1u], x[2u * j + 1u]);
-        }
+    for (var q = li; q < gv.k / 4u; q += 256u) {
+        let e = 4u * q;
+        let v = vec4<f32>(x_at(gv, e), x_at(gv, e + 1u), x_at(gv, e + 2u), x_at(gv, e + 3u));
+        xs[q] = v;
+        ss += dot(v, v);
     }
     let s = subgroupAdd(ss);
-    if lane == 0u { red[sg] = s; }
+    if lane == 0u { red[li / sgs] = s; }
     workgroupBarrier();
     var t = 0.0;
-    for (var i = 0u; i < nsg; i++) { t += red[i]; }
+    for (var i = 0u; i < 256u / sgs; i++) { t += red[i]; }
     let scale = inverseSqrt(t / f32(gv.k) + 1e-6);
-    for (var j = 0u; j < 6u; j++) { x[j] *= scale; }
+    for (var q = li; q < gv.k / 4u; q += 256u) {
+        xs[q] *= scale;
+    }
     workgroupBarrier();
-    for (var r = row0; r < row1; r += 8u) {
-        var acc: array<f32, 8>;
-        for (var i = 0u; i < 8u; i++) {
-            let row = min(r + i, row1 - 1u);
-            let wr = gv.w_at + row * kc;
-            for (var j = 0u; j < 3u; j++) {
-                let c = li + 256u * j;
-                if c < kc { acc[i] += dot8(w[wr + c], x[2u * j], x[2u * j + 1u]); }
-            }
+}
+
+// Rows first, first + stride, ... of `gv`: one subgroup per row (lane j taking the 16-byte
+// chunks j, j + sgs, ...), two rows per iteration with all their loads issued before the sums.
+fn rows(gv: Gemv, first: u32, stride: u32, lane: u32, sgs: u32) {
+    let kc = gv.k / 8u;
+    var row = first;
+    loop {
+        if row >= gv.m { break; }
+        let row2 = row + stride;
+        let two = row2 < gv.m;
+        let wr = gv.w_at + row * kc;
+        let wr2 = gv.w_at + select(row, row2, two) * kc;
+        var acc = 0.0;
+        var acc2 = 0.0;
+        for (var c = lane; c < kc; c += sgs) {
+            let a = w[wr + c];
+            let b = w[wr2 + c];
+            acc += dot8(a, c);
+            acc2 += dot8(b, c);
         }
-        for (var i = 0u; i < 8u; i++) {
-            let v = subgroupAdd(acc[i]);
-            if lane == 0u { red[nsg * i + sg] = v; }
+        let s = subgroupAdd(acc);
+        let s2 = subgroupAdd(acc2);
+        if lane == 0u {
+            act_store(gv.y_at + row, s);
+            if two { act_store(gv.y_at + row2, s2); }
         }
-        workgroupBarrier();
-        if li < 8u && r + li < row1 {
-            var y = 0.0;
-            for (var q = 0u; q < nsg; q++) { y += red[nsg * li + q]; }
-            act_store(gv.y_at + r + li, y);
-        }
-        workgroupBarrier();
+        row += 2u * stride;
     }
 }
 
@@ -191,12 +194,13 @@ fn grid_barrier(n: u32, li: u32) {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
         @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sgs: u32) {
+    let nsg = 256u / sgs;
     let n = 4u * p.layers;
     for (var g = 0u; g < n; g++) {
 #ifndef EMPTY
         let gv = gemv_of(g);
-        let per = (gv.m + p.groups - 1u) / p.groups;
-        gemv_rows(gv, min(wid.x * per, gv.m), min(wid.x * per + per, gv.m), li, lane, sgs);
+        stage(gv, li, lane, sgs);
+        rows(gv, wid.x * nsg + li / sgs, p.groups * nsg, lane, sgs);
 #endif
         if g + 1u < n {
             grid_barrier(g + 1u, li);
@@ -208,7 +212,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32,
         @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_size) sgs: u32) {
     let gv = gemv_of(p.phase);
-    gemv_rows(gv, wid.x * 8u, min(wid.x * 8u + 8u, gv.m), li, lane, sgs);
+    let nsg = 256u / sgs;
+    stage(gv, li, lane, sgs);
+    rows(gv, wid.x * nsg + li / sgs, p.groups * nsg, lane, sgs);
 }
 
 // Fills the weights with a hash in [-a, a] with a = 1.7 / sqrt(k) per matrix (about unit-variance

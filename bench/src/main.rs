@@ -568,14 +568,15 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
     )
     .unwrap_or_else(|e| die(e));
     rec.finish().run(gpu);
-    // One dispatch per GEMV: ceil(m / 8) workgroups of 8 rows each.
+    // One dispatch per GEMV: ceil(m / 16) workgroups of 8 subgroups, two rows each (with
+    // subgroups of 32; more rows per subgroup where they are narrower).
     let chain = kernel(&[], "main", 2);
     let ms = [8960u32, 1600, 11008, 1600];
     let chain_prog = |tokens: usize| {
         let mut rec = Recorder::new(gpu);
         for _ in 0..tokens {
             for g in 0..4 * layers {
-                let gx = ms[g as usize % 4].div_ceil(8);
+                let gx = ms[g as usize % 4].div_ceil(16);
                 let p = P {
                     phase: g,
                     groups: gx,
@@ -636,7 +637,7 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
         let words = pollster::block_on(gpu.read_u32(&w, 0, LAYER_W * 4)).unwrap_or_else(|e| die(e));
         let wt = |i: usize| -> f32 {
             let v = words[i / 2];
-            half::f16::from_bits(if i % 2 == 0 {
+            half::f16::from_bits(if i.is_multiple_of(2) {
                 v as u16
             } else {
                 (v >> 16) as u16
@@ -652,7 +653,8 @@ fn grid_probe(gpu: &Gpu, groups: &[u32], layers: u32, warmup: f64) {
         let gu_in = o_in + 1600 * 3200;
         let dn_in = gu_in + 11008 * 1600;
         // (m, k, weight offset in halves, input, output)
-        let stages: [(usize, usize, usize, &[f32], &[f32]); 4] = [
+        type Stage<'a> = (usize, usize, usize, &'a [f32], &'a [f32]);
+        let stages: [Stage; 4] = [
             (8960, 1600, 0, &h0, &all[pa..pa + 8960]),
             (1600, 3200, o_in, &all[pa..pa + 3200], &all[oa..oa + 1600]),
             (
