@@ -73,7 +73,7 @@ pub struct ModelArgs {
     /// Weight storage on the GPU: auto = f32 up to 1 GiB of f32 weights, f16 above; q8 / q4 = block-quantized 8 / 4-bit matrices. A folder written by `hymba quantize` loads only as its own q8 / q4 (auto picks it)
     #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "q8", "q4"])]
     pub dtype: String,
-    /// Prompt positions per prefill step; default: 512 where the prompt matrix products run on tensor cores (cooperative matrices), else 256. Smaller uses less GPU memory (256 instead of 512: 28 MiB less for Hymba-1.5B) and prefills more slowly
+    /// Prompt positions per prefill step; default: 512 where the prompt matrix products run on tensor cores (cooperative matrices), else 256. Smaller uses less GPU memory while a prompt is read (256 instead of 512: 28 MiB less for Hymba-1.5B; given back when decoding starts) and prefills more slowly
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=8192))]
     pub prefill_chunk: Option<u32>,
 }
