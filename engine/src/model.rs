@@ -197,6 +197,13 @@ impl Workspace {
         })
     }
 
+    /// Natively the model (and its workspaces) may be shared by threads; on wasm32 wgpu's
+    /// handles are neither `Send` nor `Sync`, and the `Arc` only counts references.
+    #[allow(clippy::arc_with_non_send_sync)]
+    fn shared(self) -> Arc<Workspace> {
+        Arc::new(self)
+    }
+
     /// Bytes of GPU memory held (each shared buffer once).
     fn bytes(&self) -> u64 {
         debug_assert!(
@@ -954,7 +961,7 @@ impl Model {
         let g = &*gpu;
         let cos_sin = g.upload("rope cos/sin", &cs)?;
         let step = StepBuffers {
-            ws: Arc::new(Workspace::new(g, &cfg, &kernels, &layers, GEMV_MAX_ROWS)?),
+            ws: Workspace::new(g, &cfg, &kernels, &layers, GEMV_MAX_ROWS)?.shared(),
             logits: g.buffer("logits", (cfg.vocab_size * 4) as u64)?,
             part: g.buffer(
                 "attention partials",
@@ -1124,13 +1131,7 @@ impl Model {
         }
         // Drop a smaller one first, so the two are never held at once.
         *slot = None;
-        let w = Arc::new(Workspace::new(
-            &self.gpu,
-            &self.cfg,
-            &self.kernels,
-            &self.layers,
-            rows,
-        )?);
+        let w = Workspace::new(&self.gpu, &self.cfg, &self.kernels, &self.layers, rows)?.shared();
         *slot = Some(w.clone());
         Ok(w)
     }
