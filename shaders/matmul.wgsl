@@ -167,14 +167,8 @@ fn store(t: u32, m: u32, v: f32) {
     y[i] = r;
 }
 
-// Threads per row of W in `gemv` (32, 64, 128 or 256; the host's GEMV_TPR define) and rows
-// of W per workgroup pass. A workgroup always computes 8 * p.passes rows: with TPR > 32 it
-// takes TPR / 32 times the passes of RPW rows.
-#ifndef GEMV_TPR
-#define GEMV_TPR 32
-#endif
-const TPR: u32 = u32(GEMV_TPR);
-const RPW: u32 = 256u / TPR;
+const TPR: u32 = 32u;   // threads per row of W
+const RPW: u32 = 8u;    // rows of W per workgroup pass (one per 32-lane group)
 var<workgroup> red: array<f32, 256>;
 var<workgroup> red2: array<f32, 256>;
 
@@ -276,16 +270,7 @@ var<workgroup> xsh: array<vec4<f32>, XSH / 4>;
 
 fn lane_sum(li: u32, lane: u32, v: f32) -> f32 {
 #ifdef SUBGROUP32
-    let s = subgroupAdd(v);
-    if (TPR == 32u) { return s; }
-    // A row's TPR / 32 subgroups: their sums through workgroup memory.
-    if (li % 32u == 0u) { red[li / 32u] = s; }
-    workgroupBarrier();
-    let first = (li / TPR) * (TPR / 32u);
-    var t = 0.0;
-    for (var i = 0u; i < TPR / 32u; i++) { t += red[first + i]; }
-    workgroupBarrier();
-    return t;
+    return subgroupAdd(v);
 #else
     red[li] = v;
     workgroupBarrier();
@@ -368,9 +353,9 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
     return vec3<f32>(sc, rs);
 }
 
-// Each group of TPR lanes computes two rows of W at a time (RPW rows apart) where the workgroup
-// has two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are
-// in flight per iteration.
+// Each 32-lane group computes two rows of W at a time (RPW rows apart) where the workgroup has
+// two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are in
+// flight per iteration.
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r = li / TPR;
@@ -387,11 +372,10 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let pro = prologue(li, xb, k0, n8, staged);
     let sc = pro.xy;
     let rs = pro.z;
-    let passes = p.passes * (TPR / 32u);
-    for (var ps = 0u; ps < passes; ps += 2u) {
-        let row0 = (wid.x * passes + ps) * RPW + r;
+    for (var ps = 0u; ps < p.passes; ps += 2u) {
+        let row0 = (wid.x * p.passes + ps) * RPW + r;
         let row1 = row0 + RPW;
-        let two = ps + 1u < passes;
+        let two = ps + 1u < p.passes;
         // Out-of-range rows read row m - 1 (keeps loads in bounds and control flow uniform).
         let wb0 = min(row0, p.m - 1u) * (p.kp4 / 2u) + c0;
         let wb1 = min(row1, p.m - 1u) * (p.kp4 / 2u) + c0;

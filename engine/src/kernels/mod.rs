@@ -1207,12 +1207,6 @@ impl Kernels {
          -> Result<Arc<Kernel>> {
             Ok(Arc::new(Kernel::new(gpu, file, src, entry, defs, b)?))
         };
-        // Measurement switch: threads per row of W in the long-K `gemv` (the XSH = xsh[1]
-        // variant: out_proj, down, x_proj), 32 by default; with 32-lane subgroups only.
-        let tpr_long = std::env::var("HYMBA_GEMV_TPR_LONG")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|t| [64, 128, 256].contains(t) && sg32);
         let mut gemv = Vec::new();
         let mut gemv_wide = Vec::new();
         for dt in ["W_F32", "PACKED_F16", "W_Q8", "W_Q4"] {
@@ -1236,9 +1230,6 @@ impl Kernels {
                     }
                     if sg32 {
                         d.push("SUBGROUP32".into());
-                    }
-                    if let Some(t) = tpr_long.filter(|_| n == xsh[1]) {
-                        d.push(format!("GEMV_TPR={t}"));
                     }
                     LazyKernel::new("gemv", d, binds)
                 };

@@ -2696,28 +2696,6 @@ fn every_kernel_variant_compiles_with_native_f16_too() {
         ),
         ("matmul", SRC_MATMUL, vec!["W_F32", "PRO_MERGE"]),
         ("matmul", SRC_MATMUL, vec!["SHADER_F16", "PRO_SWIGLU"]),
-        // more threads per row in the long-K gemv (HYMBA_GEMV_TPR_LONG)
-        (
-            "matmul",
-            SRC_MATMUL,
-            vec![
-                "W_F32",
-                "PRO_MERGE",
-                "SUBGROUP32",
-                "XSH=5632",
-                "GEMV_TPR=128",
-            ],
-        ),
-        (
-            "matmul",
-            SRC_MATMUL,
-            vec!["PRO_SWIGLU", "SUBGROUP32", "XSH=5632", "GEMV_TPR=64"],
-        ),
-        (
-            "matmul",
-            SRC_MATMUL,
-            vec!["W_Q8", "XSH=5632", "GEMV_TPR=256"],
-        ),
         ("conv1d", SRC_CONV1D, vec!["STEP"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT"]),
         ("scan", SRC_SCAN, vec!["FUSED_DT", "SUBGROUP32"]),
