@@ -54,7 +54,11 @@ fi
 WB_VERSION="$(grep -A1 '^name = "wasm-bindgen"$' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')"
 if ! wasm-bindgen --version 2>/dev/null | grep -q "$WB_VERSION"; then
     echo "== installing wasm-bindgen-cli $WB_VERSION (about 3.5 min)"
-    cargo install wasm-bindgen-cli --version "$WB_VERSION" --locked
+    # Its own lock file first; where the registry lacks a version it pins (seen here: a
+    # webpki-roots release the crates.io mirror does not carry), the newest compatible ones.
+    cargo install wasm-bindgen-cli --version "$WB_VERSION" --locked \
+        || { echo "== --locked failed: installing wasm-bindgen-cli $WB_VERSION with fresh dependency resolution"; \
+             cargo install wasm-bindgen-cli --version "$WB_VERSION"; }
 fi
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR_WEB="$PWD/target-web"
