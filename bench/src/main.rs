@@ -68,7 +68,7 @@ struct Args {
     /// Save the random model as a Hugging Face folder here and exit.
     #[arg(long)]
     save: Option<std::path::PathBuf>,
-    /// Measure a chain of Hymba-1.5B's four decode GEMVs per layer (f16 weights, 16 layers) as
+    /// Measure a chain of Hymba-1.5B's four decode GEMVs per layer (f16 weights, --grid-layers) as
     /// one dispatch per GEMV against one persistent dispatch per token whose workgroups meet at
     /// a grid barrier between GEMVs (`shaders/bench_grid.wgsl`), for each workgroup count
     /// given (all of them must be resident at once, or the probe hangs), and exit. On CPU
