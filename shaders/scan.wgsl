@@ -411,21 +411,30 @@ fn scan_rows(c: u32, i: u32, lane: u32, live: bool, h0: f32, t0: u32, t1: u32, o
 }
 
 #ifdef GROUPS
+// Index in `carry` of state slot `slot` (0: the chunk's starting state, 1 + g: group g's H),
+// lane (c, i); and of group g's sum of dt for channel c.
+fn carry_h(slot: u32, c: u32, i: u32) -> u32 { return (slot * p.d + c) * p.n + i; }
+fn carry_dt(g: u32, c: u32) -> u32 { return (p.groups + 1u) * p.d * p.n + g * p.d + c; }
+
+// Rows [x, y) of row group g.
+fn group_span(g: u32) -> vec2<u32> {
+    let t0 = min(g * p.group_rows, p.rows);
+    return vec2<u32>(t0, min(t0 + p.group_rows, p.rows));
+}
+
 @compute @workgroup_size(64)
 fn local_pass(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let c = min(gid.x / p.n, p.d - 1u);
     let i = gid.x % p.n;
     let live = gid.x / p.n < p.d;
     let g = wid.y;
-    let dn = p.d * p.n;
-    let t0 = min(g * p.group_rows, p.rows);
-    let t1 = min(t0 + p.group_rows, p.rows);
+    let span = group_span(g);
     dt_sum = 0.0;
-    let h = scan_rows(c, i, lane, live, 0.0, t0, t1, false);
+    let h = scan_rows(c, i, lane, live, 0.0, span.x, span.y, false);
     if (live) {
-        if (g == 0u) { carry[c * p.n + i] = state[c * p.n + i]; }
-        carry[(1u + g) * dn + c * p.n + i] = h;
-        if (i == 0u) { carry[(p.groups + 1u) * dn + g * p.d + c] = dt_sum; }
+        if (g == 0u) { carry[carry_h(0u, c, i)] = state[c * p.n + i]; }
+        carry[carry_h(1u + g, c, i)] = h;
+        if (i == 0u) { carry[carry_dt(g, c)] = dt_sum; }
     }
 }
 
@@ -435,15 +444,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
     let i = gid.x % p.n;
     let live = gid.x / p.n < p.d;
     let g = wid.y;
-    let dn = p.d * p.n;
     let a = consts[c * p.n + i];
-    var h = carry[c * p.n + i];
+    var h = carry[carry_h(0u, c, i)];
     for (var j = 0u; j < g; j++) {
-        h = exp(a * carry[(p.groups + 1u) * dn + j * p.d + c]) * h + carry[(1u + j) * dn + c * p.n + i];
+        h = exp(a * carry[carry_dt(j, c)]) * h + carry[carry_h(1u + j, c, i)];
     }
-    let t0 = min(g * p.group_rows, p.rows);
-    let t1 = min(t0 + p.group_rows, p.rows);
-    h = scan_rows(c, i, lane, live, h, t0, t1, true);
+    let span = group_span(g);
+    h = scan_rows(c, i, lane, live, h, span.x, span.y, true);
     if (live && g + 1u == p.groups) { state[c * p.n + i] = h; }
 }
 #else

@@ -1623,8 +1623,7 @@ impl Model {
                 x_off: 0,
                 conv_k: 0,
                 xp_parts: 1,
-                groups: 1,
-                group_rows: 0,
+                ..Default::default()
             },
         )?;
         // Merge the two kinds of heads, out_proj into the residual.
@@ -1824,8 +1823,7 @@ impl Model {
             x_off: split.x as u32,
             conv_k: c.d_conv as u32,
             xp_parts: 1,
-            groups: 1,
-            group_rows: 0,
+            ..Default::default()
         };
         if k.cpu_adapter() {
             k.conv_step(

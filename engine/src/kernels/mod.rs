@@ -821,7 +821,7 @@ pub struct ConvParams {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
 pub struct ScanParams {
     pub rows: u32,
     pub d: u32,
@@ -840,7 +840,8 @@ pub struct ScanParams {
     pub conv_k: u32,
     /// FUSED_DT: partial x_proj rows to sum (from `Kernels::x_proj_conv`; 1 = one whole row).
     pub xp_parts: u32,
-    /// Set by [`Kernels::scan`]: row groups scanned in parallel, and rows per group.
+    /// Set by [`Kernels::scan`] (callers leave them at their defaults): row groups scanned in
+    /// parallel, and rows per group (1 and 0 without groups).
     pub groups: u32,
     pub group_rows: u32,
 }
@@ -2428,6 +2429,11 @@ impl Kernels {
                 // Long chunks: row groups in parallel, their hand-over in `carry`.
                 let (dn, d) = (p.d as u64 * p.n as u64, p.d as u64);
                 let fit = carry.map_or(0, |b| (b.size() / 4).saturating_sub(dn) / (dn + d));
+                let p = ScanParams {
+                    groups: 1,
+                    group_rows: 0,
+                    ..p
+                };
                 let groups = (p.rows / SCAN_GROUP_MIN_ROWS)
                     .min(SCAN_GROUPS_MAX)
                     .min(fit.min(u32::MAX as u64) as u32);
@@ -2453,6 +2459,11 @@ impl Kernels {
                 );
             }
         }
+        let p = ScanParams {
+            groups: 1,
+            group_rows: 0,
+            ..p
+        };
         rec.dispatch(
             &self.scan,
             &p,

@@ -1349,8 +1349,7 @@ fn selective_scan_chunk_and_step() {
                 x_off: 0,
                 conv_k: 0,
                 xp_parts: 1,
-                groups: 1,
-                group_rows: 0,
+                ..Default::default()
             };
             run(gpu, |rec| {
                 ks.scan(
@@ -2181,8 +2180,7 @@ fn conv_fused_case(ks: &Kernels, d: usize, kw: usize, seed: u64) {
         x_off: x_off as u32,
         conv_k: kw as u32,
         xp_parts: 1,
-        groups: 1,
-        group_rows: 0,
+        ..Default::default()
     };
     let cp = ConvParams {
         rows: 1,
@@ -2342,8 +2340,7 @@ fn scan_fused_case(ks: &Kernels, d: usize, n: usize, rank: usize, seed: u64) {
         x_off: 0,
         conv_k: 0,
         xp_parts: 1,
-        groups: 1,
-        group_rows: 0,
+        ..Default::default()
     };
     run(gpu, |rec| {
         ks.rmsnorm(rec, None, &n0, &xp1, 0, xs, 1, rank, 1e-6)
