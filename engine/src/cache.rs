@@ -459,18 +459,26 @@ mod tests {
     use super::*;
     use crate::gpu::GpuOptions;
 
+    /// Hymba-1.5B's real config and the test GPU.
+    fn hymba_15b() -> (HymbaConfig, Gpu) {
+        let cfg = HymbaConfig::from_json_str(
+            include_str!("../../tests/configs/hymba-1.5b-config.json"),
+            "hymba-1.5b-config.json",
+        )
+        .unwrap();
+        (
+            cfg,
+            pollster::block_on(Gpu::new(&GpuOptions::default())).unwrap(),
+        )
+    }
+
     /// Hymba-1.5B's real layout (3 global and 14 sliding-window KV-owning layers, 5 KV heads,
     /// d_qk 64, d_v 128, 128 meta tokens) at 8000 tokens of context, as the engine allocates it
     /// (prefill chunk 256): the f16 KV buffers are exactly half the f32 ones, measured from the
     /// buffers after the global layers grew.
     #[test]
     fn hymba_15b_kv_cache_at_8k_context_halves_in_f16() {
-        let cfg = HymbaConfig::from_json_str(
-            include_str!("../../tests/configs/hymba-1.5b-config.json"),
-            "hymba-1.5b-config.json",
-        )
-        .unwrap();
-        let gpu = pollster::block_on(Gpu::new(&GpuOptions::default())).unwrap();
+        let (cfg, gpu) = hymba_15b();
         let chunk: usize = 256;
         let max_text = cfg.max_position_embeddings;
         // As Model::assemble sizes a global layer's first buffer.
@@ -512,12 +520,7 @@ mod tests {
     /// slot, moved, and read back.
     #[test]
     fn ring_moves_keep_the_newest_positions_in_their_slots() {
-        let cfg = HymbaConfig::from_json_str(
-            include_str!("../../tests/configs/hymba-1.5b-config.json"),
-            "hymba-1.5b-config.json",
-        )
-        .unwrap();
-        let gpu = pollster::block_on(Gpu::new(&GpuOptions::default())).unwrap();
+        let (cfg, gpu) = hymba_15b();
         let (nm, w, heads) = (cfg.n_meta, 1024, cfg.n_kv_heads);
         // (text positions filled, ring before, ring after)
         for (text, from, to) in [
