@@ -50,17 +50,13 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 // X: [rows, x_stride] f32, row-major, starting at x_off.
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-// w4(i): elements 4i..4i+3 of W flattened. w8(i): the chunk of elements 8i..8i+7 as loaded
-// (type W8; 16-byte loads for f16), converted by w8lo / w8hi (its elements 0..3 / 4..7). No
-// arithmetic touches a W8 until one of those, so a chunk can be loaded well before its use.
+// w4(i): elements 4i..4i+3 of W flattened; w8(i): elements 8i..8i+7 (16-byte loads for f16).
 #ifdef W_F32
 // W: [m, kp4] vec4<f32>, row-major (PyTorch Linear layout [out, in]).
 @group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;
 fn w4(i: u32) -> vec4<f32> { return w[i]; }
-struct W8 { a: vec4<f32>, b: vec4<f32> }
-fn w8(i: u32) -> W8 { return W8(w[2u * i], w[2u * i + 1u]); }
-fn w8lo(r: W8) -> vec4<f32> { return r.a; }
-fn w8hi(r: W8) -> vec4<f32> { return r.b; }
+fn w8a(i: u32) -> vec4<f32> { return w[2u * i]; }
+fn w8b(i: u32) -> vec4<f32> { return w[2u * i + 1u]; }
 #else
 #ifdef W_Q8
 // W: block-quantized int8 (layout: `quantize` in engine/src/kernels/mod.rs). Rows padded to
@@ -77,13 +73,10 @@ fn dq8(v: u32) -> vec4<f32> {
     return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(v << 24u, v << 16u, v << 8u, v)) >> vec4<u32>(24u));
 }
 fn w4(i: u32) -> vec4<f32> { return dq8(w[i]) * wscale(i / 8u); }
-// Chunk i: quant words 2i, 2i + 1; scale word of block i / 4, and the shift of its half.
-struct W8 { q: vec2<u32>, sw: u32, sh: u32 }
-fn w8(i: u32) -> W8 {
-    return W8(vec2<u32>(w[2u * i], w[2u * i + 1u]), w[p.m * p.kp4 + i / 8u], 16u * ((i / 4u) & 1u));
-}
-fn w8lo(r: W8) -> vec4<f32> { return dq8(r.q.x) * unpack2x16float(r.sw >> r.sh).x; }
-fn w8hi(r: W8) -> vec4<f32> { return dq8(r.q.y) * unpack2x16float(r.sw >> r.sh).x; }
+var<private> w8v: u32;
+var<private> w8s: f32;
+fn w8a(i: u32) -> vec4<f32> { w8s = wscale(i / 4u); w8v = w[2u * i + 1u]; return dq8(w[2u * i]) * w8s; }
+fn w8b(i: u32) -> vec4<f32> { return dq8(w8v) * w8s; }
 #else
 #ifdef W_Q4
 // W: block-quantized 4-bit (layout: `quantize` in engine/src/kernels/mod.rs). Rows padded to
@@ -99,20 +92,17 @@ fn dq4(v: u32) -> vec4<f32> {
     return vec4<f32>((vec4<u32>(v, v >> 4u, v >> 8u, v >> 12u) & vec4<u32>(15u))) - vec4<f32>(8.0);
 }
 fn w4(i: u32) -> vec4<f32> { return dq4(w[i / 2u] >> (16u * (i & 1u))) * wscale(i / 8u); }
-// Chunk i: quant word i; scale word of block i / 4, and the shift of its half.
-struct W8 { q: u32, sw: u32, sh: u32 }
-fn w8(i: u32) -> W8 { return W8(w[i], w[p.m * (p.kp4 / 2u) + i / 8u], 16u * ((i / 4u) & 1u)); }
-fn w8lo(r: W8) -> vec4<f32> { return dq4(r.q) * unpack2x16float(r.sw >> r.sh).x; }
-fn w8hi(r: W8) -> vec4<f32> { return dq4(r.q >> 16u) * unpack2x16float(r.sw >> r.sh).x; }
+var<private> w8v: u32;
+var<private> w8s: f32;
+fn w8a(i: u32) -> vec4<f32> { w8s = wscale(i / 4u); w8v = w[i]; return dq4(w8v) * w8s; }
+fn w8b(i: u32) -> vec4<f32> { return dq4(w8v >> 16u) * w8s; }
 #else
 #ifdef SHADER_F16
 // W: [m, kp4] vec4<f16>, row-major.
 @group(0) @binding(2) var<storage, read> w: array<vec4<f16>>;
 fn w4(i: u32) -> vec4<f32> { return vec4<f32>(w[i]); }
-struct W8 { a: vec4<f16>, b: vec4<f16> }
-fn w8(i: u32) -> W8 { return W8(w[2u * i], w[2u * i + 1u]); }
-fn w8lo(r: W8) -> vec4<f32> { return vec4<f32>(r.a); }
-fn w8hi(r: W8) -> vec4<f32> { return vec4<f32>(r.b); }
+fn w8a(i: u32) -> vec4<f32> { return vec4<f32>(w[2u * i]); }
+fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(w[2u * i + 1u]); }
 #else
 // W: [m, kp4 / 2] eight halves packed in four u32, row-major (no shader-f16, or PACKED_F16:
 // the host then leaves SHADER_F16 unset to get 16-byte loads).
@@ -122,10 +112,9 @@ fn w4(i: u32) -> vec4<f32> {
     if ((i & 1u) == 0u) { return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
     return vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w));
 }
-struct W8 { v: vec4<u32> }
-fn w8(i: u32) -> W8 { return W8(w[i]); }
-fn w8lo(r: W8) -> vec4<f32> { return vec4<f32>(unpack2x16float(r.v.x), unpack2x16float(r.v.y)); }
-fn w8hi(r: W8) -> vec4<f32> { return vec4<f32>(unpack2x16float(r.v.z), unpack2x16float(r.v.w)); }
+var<private> w8v: vec4<u32>;
+fn w8a(i: u32) -> vec4<f32> { w8v = w[i]; return vec4<f32>(unpack2x16float(w8v.x), unpack2x16float(w8v.y)); }
+fn w8b(i: u32) -> vec4<f32> { return vec4<f32>(unpack2x16float(w8v.z), unpack2x16float(w8v.w)); }
 #endif
 #endif
 #endif
@@ -364,20 +353,9 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
     return vec3<f32>(sc, rs);
 }
 
-// Four chunks of a row against the staged X: chunk c and the chunks c1..c3 (clamped into the
-// row, weighted by m1..m3: 0 for a clamped one).
-fn dot4(q0: W8, q1: W8, q2: W8, q3: W8, c: u32, c1: u32, c2: u32, c3: u32, m1: f32, m2: f32, m3: f32) -> f32 {
-    return (dot(w8lo(q0), xsh[2u * c]) + dot(w8hi(q0), xsh[2u * c + 1u]))
-        + m1 * (dot(w8lo(q1), xsh[2u * c1]) + dot(w8hi(q1), xsh[2u * c1 + 1u]))
-        + m2 * (dot(w8lo(q2), xsh[2u * c2]) + dot(w8hi(q2), xsh[2u * c2 + 1u]))
-        + m3 * (dot(w8lo(q3), xsh[2u * c3]) + dot(w8hi(q3), xsh[2u * c3 + 1u]));
-}
-
 // Each 32-lane group computes two rows of W at a time (RPW rows apart) where the workgroup has
 // two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are in
-// flight per iteration. With PRELOAD the first pass's first four chunks of both rows are loaded
-// before the prologue, so the weight stream starts while X is read and reduced (the loads do
-// not depend on X); the arithmetic and its order are the same either way.
+// flight per iteration.
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r = li / TPR;
@@ -391,31 +369,6 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     yslice = wid.z * p.ypart;
     let n8 = (min(p.kslice, p.k - k0) + 7u) / 8u;
     let staged = n8 * 8u <= XSH;
-#ifdef PRELOAD
-    // Row index math as in the loop below, for pass 0 (out-of-range rows read row m - 1).
-    let f_row = wid.x * p.passes * RPW + r;
-    let f_wb0 = min(f_row, p.m - 1u) * (p.kp4 / 2u) + c0;
-    let f_wb1 = min(f_row + RPW, p.m - 1u) * (p.kp4 / 2u) + c0;
-    let f_c = min(lane, n8 - 1u);
-    let f_c1 = min(lane + TPR, n8 - 1u);
-    let f_c2 = min(lane + 2u * TPR, n8 - 1u);
-    let f_c3 = min(lane + 3u * TPR, n8 - 1u);
-    let f0 = w8(f_wb0 + f_c);
-    let f1 = w8(f_wb0 + f_c1);
-    let f2 = w8(f_wb0 + f_c2);
-    let f3 = w8(f_wb0 + f_c3);
-    // The second row only where the workgroup has a second pass (else it is never used).
-    var g0 = f0;
-    var g1 = f1;
-    var g2 = f2;
-    var g3 = f3;
-    if (1u < p.passes) {
-        g0 = w8(f_wb1 + f_c);
-        g1 = w8(f_wb1 + f_c1);
-        g2 = w8(f_wb1 + f_c2);
-        g3 = w8(f_wb1 + f_c3);
-    }
-#endif
     let pro = prologue(li, xb, k0, n8, staged);
     let sc = pro.xy;
     let rs = pro.z;
@@ -431,47 +384,52 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         if (staged) {
             // Four chunks per row per iteration, all loads issued before the math; chunks past
             // the row are clamped to its last chunk and masked out.
-            var c = lane;
-#ifdef PRELOAD
-            if (ps == 0u && c < n8) {
-                let m1 = select(0.0, 1.0, c + TPR < n8);
-                let m2 = select(0.0, 1.0, c + 2u * TPR < n8);
-                let m3 = select(0.0, 1.0, c + 3u * TPR < n8);
-                if (two) { acc1 += dot4(g0, g1, g2, g3, c, f_c1, f_c2, f_c3, m1, m2, m3); }
-                acc0 += dot4(f0, f1, f2, f3, c, f_c1, f_c2, f_c3, m1, m2, m3);
-                c += 4u * TPR;
-            }
-#endif
-            for (; c < n8; c += 4u * TPR) {
+            for (var c = lane; c < n8; c += 4u * TPR) {
                 let c1 = min(c + TPR, n8 - 1u);
                 let c2 = min(c + 2u * TPR, n8 - 1u);
                 let c3 = min(c + 3u * TPR, n8 - 1u);
-                let q0 = w8(wb0 + c);
-                let q1 = w8(wb0 + c1);
-                let q2 = w8(wb0 + c2);
-                let q3 = w8(wb0 + c3);
+                let a0 = w8a(wb0 + c);
+                let b0 = w8b(wb0 + c);
+                let a1 = w8a(wb0 + c1);
+                let b1 = w8b(wb0 + c1);
+                let a2 = w8a(wb0 + c2);
+                let b2 = w8b(wb0 + c2);
+                let a3 = w8a(wb0 + c3);
+                let b3 = w8b(wb0 + c3);
                 let m1 = select(0.0, 1.0, c + TPR < n8);
                 let m2 = select(0.0, 1.0, c + 2u * TPR < n8);
                 let m3 = select(0.0, 1.0, c + 3u * TPR < n8);
                 if (two) {
-                    let e0 = w8(wb1 + c);
-                    let e1 = w8(wb1 + c1);
-                    let e2 = w8(wb1 + c2);
-                    let e3 = w8(wb1 + c3);
-                    acc1 += dot4(e0, e1, e2, e3, c, c1, c2, c3, m1, m2, m3);
+                    let d0 = w8a(wb1 + c);
+                    let e0 = w8b(wb1 + c);
+                    let d1 = w8a(wb1 + c1);
+                    let e1 = w8b(wb1 + c1);
+                    let d2 = w8a(wb1 + c2);
+                    let e2 = w8b(wb1 + c2);
+                    let d3 = w8a(wb1 + c3);
+                    let e3 = w8b(wb1 + c3);
+                    acc1 += (dot(d0, xsh[2u * c]) + dot(e0, xsh[2u * c + 1u]))
+                        + m1 * (dot(d1, xsh[2u * c1]) + dot(e1, xsh[2u * c1 + 1u]))
+                        + m2 * (dot(d2, xsh[2u * c2]) + dot(e2, xsh[2u * c2 + 1u]))
+                        + m3 * (dot(d3, xsh[2u * c3]) + dot(e3, xsh[2u * c3 + 1u]));
                 }
-                acc0 += dot4(q0, q1, q2, q3, c, c1, c2, c3, m1, m2, m3);
+                acc0 += (dot(a0, xsh[2u * c]) + dot(b0, xsh[2u * c + 1u]))
+                    + m1 * (dot(a1, xsh[2u * c1]) + dot(b1, xsh[2u * c1 + 1u]))
+                    + m2 * (dot(a2, xsh[2u * c2]) + dot(b2, xsh[2u * c2 + 1u]))
+                    + m3 * (dot(a3, xsh[2u * c3]) + dot(b3, xsh[2u * c3 + 1u]));
             }
         } else {
             for (var c = lane; c < n8; c += TPR) {
                 let kk = k0 + c * 8u;
                 let xa = vec4<f32>(xv(xb, kk, sc), xv(xb, kk + 1u, sc), xv(xb, kk + 2u, sc), xv(xb, kk + 3u, sc));
                 let xc = vec4<f32>(xv(xb, kk + 4u, sc), xv(xb, kk + 5u, sc), xv(xb, kk + 6u, sc), xv(xb, kk + 7u, sc));
-                let q0 = w8(wb0 + c);
-                acc0 += dot(w8lo(q0), xa) + dot(w8hi(q0), xc);
+                let a0 = w8a(wb0 + c);
+                let b0 = w8b(wb0 + c);
+                acc0 += dot(a0, xa) + dot(b0, xc);
                 if (two) {
-                    let q1 = w8(wb1 + c);
-                    acc1 += dot(w8lo(q1), xa) + dot(w8hi(q1), xc);
+                    let a1 = w8a(wb1 + c);
+                    let b1 = w8b(wb1 + c);
+                    acc1 += dot(a1, xa) + dot(b1, xc);
                 }
             }
         }
@@ -527,8 +485,9 @@ fn total(slot: u32) -> vec4<f32> {
 // zero where clamped).
 fn rowdot(row: u32, q: u32, xa: vec4<f32>, xc: vec4<f32>) -> f32 {
     let wb = min(row, p.m - 1u) * (p.kp4 / 2u);
-    let c = w8(wb + q);
-    return dot(w8lo(c), xa) + dot(w8hi(c), xc);
+    let a = w8a(wb + q);
+    let b = w8b(wb + q);
+    return dot(a, xa) + dot(b, xc);
 }
 
 @compute @workgroup_size(256)
@@ -1150,8 +1109,9 @@ fn gemm_reduce(@builtin(global_invocation_id) gid: vec3<u32>) {
 // gemv_row: one thread per output row and no workgroup barriers, for CPU adapters (lavapipe,
 // SwiftShader), where barriers cost a context switch per invocation. Each thread computes the
 // prologue's RMS scales itself. Same bindings and parameters as gemv; 8 * passes rows per
-// workgroup of 32. Grid: (ceil(m / (8 * passes)), rows). Weights are read through w8, so every
-// storage variant works (W_F32, f16, W_Q8, W_Q4).
+// workgroup of 32. Grid: (ceil(m / (8 * passes)), rows). Weights are read through w8a / w8b, so
+// every storage variant works (W_F32, f16, W_Q8, W_Q4; the q8 / q4 readers' private state is
+// per invocation).
 fn xv_row(xb: u32, k: u32, sa: f32, sb: f32) -> f32 {
     if (k >= p.k) { return 0.0; }
 #ifdef PRO_NORM
@@ -1205,9 +1165,8 @@ fn gemv_row(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
     var acc = vec4<f32>(0.0);
     for (var c = 0u; c < n8; c++) {
         let kk = c * 8u;
-        let q = w8(wb + c);
-        let wa = w8lo(q);
-        let wbv = w8hi(q);
+        let wa = w8a(wb + c);
+        let wbv = w8b(wb + c);
         acc += wa * vec4<f32>(xv_row(xb, kk, sa, sb), xv_row(xb, kk + 1u, sa, sb), xv_row(xb, kk + 2u, sa, sb), xv_row(xb, kk + 3u, sa, sb));
         acc += wbv * vec4<f32>(xv_row(xb, kk + 4u, sa, sb), xv_row(xb, kk + 5u, sa, sb), xv_row(xb, kk + 6u, sa, sb), xv_row(xb, kk + 7u, sa, sb));
     }
