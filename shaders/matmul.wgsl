@@ -356,6 +356,11 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
 // Each 32-lane group computes two rows of W at a time (RPW rows apart) where the workgroup has
 // two or more passes, four 16-byte chunks of each, so up to eight weight loads per lane are in
 // flight per iteration.
+#ifdef ONE_ROW
+const ROWS_AT_ONCE: u32 = 1u;
+#else
+const ROWS_AT_ONCE: u32 = 2u;
+#endif
 @compute @workgroup_size(256)
 fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r = li / TPR;
@@ -372,10 +377,10 @@ fn gemv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let pro = prologue(li, xb, k0, n8, staged);
     let sc = pro.xy;
     let rs = pro.z;
-    for (var ps = 0u; ps < p.passes; ps += 2u) {
+    for (var ps = 0u; ps < p.passes; ps += ROWS_AT_ONCE) {
         let row0 = (wid.x * p.passes + ps) * RPW + r;
         let row1 = row0 + RPW;
-        let two = ps + 1u < p.passes;
+        let two = ROWS_AT_ONCE == 2u && ps + 1u < p.passes;
         // Out-of-range rows read row m - 1 (keeps loads in bounds and control flow uniform).
         let wb0 = min(row0, p.m - 1u) * (p.kp4 / 2u) + c0;
         let wb1 = min(row1, p.m - 1u) * (p.kp4 / 2u) + c0;
