@@ -1921,12 +1921,7 @@ impl Kernels {
             let gx = part_rows.div_ceil(4 * passes as usize) as u32;
             return Ok((k.get(gpu)?, passes, gx));
         }
-        let mut passes = gemv_passes(part_rows);
-        if w.dtype == WeightDtype::F32 && passes > 1 {
-            if let Some(n) = std::env::var("HYMBA_GEMV_F32_PASSES").ok().and_then(|v| v.parse().ok()) {
-                passes = n;
-            }
-        }
+        let passes = gemv_passes(part_rows);
         Ok((
             self.gemv_kernel(gpu, w, pro)?,
             passes,
