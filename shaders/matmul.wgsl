@@ -1,8 +1,9 @@
 // Matrix products against a weight matrix: Y[t, m] (+)= sum_k X[t, k] * W[m, k] (+ bias[m]).
 //
 // Entry points:
-//   gemv  - few rows (decode): one workgroup of 256 threads = 8 rows of W x 32 threads per row,
-//           grid (ceil(m / 8), rows).
+//   gemv  - few rows (decode): one workgroup of 256 threads = 8 rows of W x 32 threads per row
+//           per pass, `passes` passes (8 * passes rows), grid (ceil(m / (8 * passes)), rows,
+//           K slices).
 //   gemv_wide - (define WIDE) few rows, K <= 2048: K across the workgroup's 256 threads, eight
 //           rows of W at a time.
 //   gemm  - prompt chunks: 64x64 output tiles, 16-deep k steps through workgroup memory,
