@@ -256,6 +256,21 @@ fn x2raw(xb: u32, k: u32) -> f32 {
     if (k >= p.k) { return 0.0; }
     return x2[xb + k];
 }
+fn x2raw4(xb: u32, k: u32) -> vec4<f32> {
+    return vec4<f32>(x2raw(xb, k), x2raw(xb, k + 1u), x2raw(xb, k + 2u), x2raw(xb, k + 3u));
+}
+// The two norm weights at k..k + 3: [0] attention branch, [1] SSM branch (zeros past K).
+fn merge_aux1(k: u32) -> vec2<f32> {
+    if (k >= p.k) { return vec2<f32>(0.0); }
+    return vec2<f32>(aux[k], aux[p.k + k]);
+}
+fn merge_aux4(k: u32) -> array<vec4<f32>, 2> {
+    let e0 = merge_aux1(k);
+    let e1 = merge_aux1(k + 1u);
+    let e2 = merge_aux1(k + 2u);
+    let e3 = merge_aux1(k + 3u);
+    return array<vec4<f32>, 2>(vec4<f32>(e0.x, e1.x, e2.x, e3.x), vec4<f32>(e0.y, e1.y, e2.y, e3.y));
+}
 #endif
 
 fn xv4(xb: u32, k: u32, sc: vec2<f32>) -> vec4<f32> {
@@ -324,7 +339,40 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
     }
     rs = inverseSqrt(wg_sum2(li, s1, 0.0).x / f32(p.k) + p.eps);
 #else
+    // Whether the merge prologue below staged the row already.
+    var merged = false;
 #ifdef PRO_MERGE
+#ifndef MERGE_TWO_PASS
+    if (staged && n4 <= 1024u && k0 == 0u) {
+        // One pass (K <= 4096; the merge is never split over K): each thread loads its (up to)
+        // four 4-wide chunks of both branches and of both norm weights, all before the
+        // reduction, and stages the merged chunks from registers once the scales are known.
+        let k1 = select(p.k, (li + 256u) * 4u, li + 256u < n4);
+        let k2 = select(p.k, (li + 512u) * 4u, li + 512u < n4);
+        let k3 = select(p.k, (li + 768u) * 4u, li + 768u < n4);
+        let a0 = xraw4(xb, li * 4u);
+        let a1 = xraw4(xb, k1);
+        let a2 = xraw4(xb, k2);
+        let a3 = xraw4(xb, k3);
+        let b0 = x2raw4(xb, li * 4u);
+        let b1 = x2raw4(xb, k1);
+        let b2 = x2raw4(xb, k2);
+        let b3 = x2raw4(xb, k3);
+        let u0 = merge_aux4(li * 4u);
+        let u1 = merge_aux4(k1);
+        let u2 = merge_aux4(k2);
+        let u3 = merge_aux4(k3);
+        let ss = wg_sum2(li, (dot(a0, a0) + dot(a1, a1)) + (dot(a2, a2) + dot(a3, a3)),
+            (dot(b0, b0) + dot(b1, b1)) + (dot(b2, b2) + dot(b3, b3)));
+        sc = vec2<f32>(inverseSqrt(ss.x / f32(p.k) + p.eps), inverseSqrt(ss.y / f32(p.k) + p.eps));
+        // As xv: (aux[k] * (x * sc.x) + aux[K + k] * (x2 * sc.y)) / 2, four k at a time.
+        if (li < n4) { xsh[li] = (u0[0] * (a0 * sc.x) + u0[1] * (b0 * sc.y)) / 2.0; }
+        if (li + 256u < n4) { xsh[li + 256u] = (u1[0] * (a1 * sc.x) + u1[1] * (b1 * sc.y)) / 2.0; }
+        if (li + 512u < n4) { xsh[li + 512u] = (u2[0] * (a2 * sc.x) + u2[1] * (b2 * sc.y)) / 2.0; }
+        if (li + 768u < n4) { xsh[li + 768u] = (u3[0] * (a3 * sc.x) + u3[1] * (b3 * sc.y)) / 2.0; }
+        merged = true;
+    } else {
+#endif
     var sa = vec4<f32>(0.0);
     var sb = vec4<f32>(0.0);
     for (var k = li; k < p.k; k += 1024u) {
@@ -335,8 +383,11 @@ fn prologue(li: u32, xb: u32, k0: u32, n8: u32, staged: bool) -> vec3<f32> {
     }
     let ss = wg_sum2(li, (sa.x + sa.y) + (sa.z + sa.w), (sb.x + sb.y) + (sb.z + sb.w));
     sc = vec2<f32>(inverseSqrt(ss.x / f32(p.k) + p.eps), inverseSqrt(ss.y / f32(p.k) + p.eps));
+#ifndef MERGE_TWO_PASS
+    }
 #endif
-    if (staged) {
+#endif
+    if (staged && !merged) {
         for (var c = li; c < n4; c += 1024u) {
             // Sub-chunks past the slice compute nothing (an index past K returns zeros).
             let v0 = xv4(xb, k0 + c * 4u, sc);

@@ -1580,12 +1580,15 @@ fn gemv_with_fused_prologues() {
         gemv_pro_case(dtype, 2, 1, 29, 70, 85 + i as u64);
         gemv_pro_case(dtype, 2, 1, 19, 8400, 87 + i as u64);
         gemv_pro_case(dtype, 0, 1, 4300, 40, 89 + i as u64);
-        // odd and even numbers of 8-row passes per workgroup (rows in pairs), the RMS-norm
+        // odd and even numbers of 8-row passes per workgroup, the RMS-norm
         // prologue staged and unstaged, SwiGLU with several passes
         gemv_pro_case(dtype, 0, 1, 6500, 64, 91 + i as u64);
         gemv_pro_case(dtype, 0, 1, 23, 7000, 93 + i as u64);
         gemv_pro_case(dtype, 2, 1, 4500, 50, 95 + i as u64);
         gemv_pro_case(dtype, 1, 1, 9000, 40, 97 + i as u64);
+        // the merge's one-pass prologue at out_proj's K (3200; K over 4096 takes two passes,
+        // the K = 5000 case below)
+        gemv_pro_case(dtype, 1, 2, 41, 3200, 115 + i as u64);
         // K over one register block of weights (2048) but staged; tall enough for 2 passes
         gemv_pro_case(dtype, 0, 1, 50, 3000, 99 + i as u64);
         gemv_pro_case(dtype, 2, 1, 40, 2500, 101 + i as u64);
