@@ -1232,9 +1232,6 @@ impl Kernels {
                     if sg32 {
                         d.push("SUBGROUP32".into());
                     }
-                    if std::env::var_os("HYMBA_MERGE_TWO_PASS").is_some() {
-                        d.push("MERGE_TWO_PASS".into());
-                    }
                     LazyKernel::new("gemv", d, binds)
                 };
                 per_pro.push([mk(xsh[0]), mk(xsh[1])]);
